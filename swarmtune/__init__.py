@@ -1,0 +1,1 @@
+from swarmtune.version import __version__  # noqa: F401

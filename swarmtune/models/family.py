@@ -1,0 +1,75 @@
+"""What swarmtune needs to know about one model family, and the registry keyed by `model_type`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to build, run and load one family's decoder blocks and client-side parts.
+
+    Checkpoint keys are the ones Hugging Face checkpoints use on disk; `block_prefix` is
+    formatted with the block index (``"model.layers.{}."``).
+    """
+
+    model_type: str
+    block_class: Callable[[PretrainedConfig, int], nn.Module]
+    block_prefix: str
+    embed_key: str
+    final_norm_prefix: str
+    lm_head_key: str = "lm_head.weight"
+    embed_norm_prefix: str | None = None
+    # Builds per-span helpers (rotary embedding); called once per span on the target device.
+    make_position_module: Callable[[PretrainedConfig], nn.Module | None] = lambda config: None
+    # Returns the keyword arguments for each block of a span for one call.
+    layer_inputs: Callable[..., list[dict]] = None  # type: ignore[assignment]
+    # Maps one block's checkpoint tensors (keys relative to the block) to the module's names.
+    convert_block_state: Callable[[StateDict, PretrainedConfig], StateDict] = lambda state, config: state
+    # Linear layers inside a block that LoRA may target, by their path inside the block.
+    lora_targets: tuple[str, ...] = ()
+    final_norm_class: Callable[[PretrainedConfig], nn.Module] = None  # type: ignore[assignment]
+    embed_norm_class: Callable[[PretrainedConfig], nn.Module] | None = None
+    extra: dict = field(default_factory=dict)
+
+    def block_key_prefix(self, index: int) -> str:
+        return self.block_prefix.format(index)
+
+    def run_block(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        out = block(hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    _REGISTRY[family.model_type] = family
+    return family
+
+
+def supported_model_types() -> list[str]:
+    _load_builtin_families()
+    return sorted(_REGISTRY)
+
+
+def get_family(model_type: str) -> Family:
+    """The family for an HF `model_type`, or a clear error naming the supported ones."""
+    _load_builtin_families()
+    try:
+        return _REGISTRY[model_type]
+    except KeyError:
+        raise ValueError(
+            f"Unsupported model_type {model_type!r}: swarmtune supports {', '.join(supported_model_types())}"
+        ) from None
+
+
+def _load_builtin_families() -> None:
+    from swarmtune.models import bloom, rotary  # noqa: F401  (registers on import)

@@ -1,0 +1,70 @@
+"""A preallocated KV cache for one span of blocks, duck-typed for transformers attention modules."""
+
+from __future__ import annotations
+
+import torch
+
+
+class SpanKVCache:
+    """Keys and values for blocks [start, end), allocated once for `max_length` tokens.
+
+    transformers' attention layers call ``cache.update(key, value, layer_idx)``; this writes the
+    new entries after the ones already stored and returns views over everything so far. The
+    span advances `length` once every block has run (`advance`), so all blocks of a step see the
+    same offset.
+    """
+
+    def __init__(
+        self,
+        start: int,
+        end: int,
+        batch_size: int,
+        max_length: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        self.start, self.end = start, end
+        self.max_length = max_length
+        self.length = 0
+        shape = (end - start, batch_size, num_kv_heads, max_length, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def nbytes_for(num_blocks: int, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int,
+                   dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_blocks * batch_size * num_kv_heads * max_length * head_dim * itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        new = key.shape[-2]
+        end = self.length + new
+        if end > self.max_length:
+            raise ValueError(f"KV cache overflow: {end} tokens > max_length {self.max_length}")
+        i = layer_idx - self.start
+        self.keys[i, :, :, self.length:end] = key
+        self.values[i, :, :, self.length:end] = value
+        return self.keys[i, :, :, :end], self.values[i, :, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens
+
+    def reorder(self, batch_indices: torch.Tensor) -> None:
+        """Select batch rows (beam search): row i becomes the old row batch_indices[i]."""
+        idx = batch_indices.to(self.keys.device)
+        self.keys = self.keys.index_select(1, idx)
+        self.values = self.values.index_select(1, idx)
+
+    # Used by transformers when it inspects a cache (e.g. for masks); we build masks ourselves.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length

@@ -1,0 +1,83 @@
+"""Rotary-embedding decoder families: llama, mistral, qwen2, qwen3 and mixtral (MoE).
+
+Their blocks share one calling convention in transformers 5.x: hidden states, an additive mask,
+(cos, sin) position embeddings and a cache object with ``update``. Only the block class, the
+mask window and (for mixtral) the checkpoint layout differ.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PretrainedConfig
+from transformers.models.llama import modeling_llama
+from transformers.models.mistral import modeling_mistral
+from transformers.models.mixtral import modeling_mixtral
+from transformers.models.qwen2 import modeling_qwen2
+from transformers.models.qwen3 import modeling_qwen3
+
+from swarmtune.models.family import Family, StateDict, register
+from swarmtune.models.masks import causal_mask
+
+ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _layer_window(config: PretrainedConfig, layer_idx: int) -> int | None:
+    """The sliding window of one layer, following each family's config conventions."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return config.sliding_window if layer_types[layer_idx] == "sliding_attention" else None
+    return getattr(config, "sliding_window", None)
+
+
+def layer_inputs(span, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 cache) -> list[dict]:
+    position_embeddings = span.position_module(hidden, position_ids)
+    masks: dict[int | None, torch.Tensor] = {}
+    out = []
+    for layer_idx in range(span.start, span.end):
+        window = _layer_window(span.config, layer_idx)
+        if window not in masks:
+            masks[window] = causal_mask(attention_mask, hidden.shape[1], hidden.dtype, window)
+        out.append(dict(attention_mask=masks[window], position_ids=position_ids,
+                        position_embeddings=position_embeddings, cache=cache))
+    return out
+
+
+def _rotary_family(model_type: str, module, prefix: str, **kwargs) -> Family:
+    return register(Family(
+        model_type=model_type,
+        block_class=getattr(module, f"{prefix}DecoderLayer"),
+        block_prefix="model.layers.{}.",
+        embed_key="model.embed_tokens.weight",
+        final_norm_prefix="model.norm.",
+        final_norm_class=lambda config: getattr(module, f"{prefix}RMSNorm")(config.hidden_size,
+                                                                           eps=config.rms_norm_eps),
+        make_position_module=lambda config: getattr(module, f"{prefix}RotaryEmbedding")(config=config),
+        layer_inputs=layer_inputs,
+        **kwargs,
+    ))
+
+
+def _mixtral_block_state(state: StateDict, config: PretrainedConfig) -> StateDict:
+    """Per-expert w1/w2/w3 tensors on disk -> the fused expert tensors of transformers 5.x modules."""
+    if not any(key.startswith("block_sparse_moe.") for key in state):
+        return state
+    out = {k: v for k, v in state.items() if not k.startswith("block_sparse_moe.")}
+    experts = range(config.num_local_experts)
+
+    def expert(i: int, name: str) -> torch.Tensor:
+        return state[f"block_sparse_moe.experts.{i}.{name}.weight"]
+
+    out["mlp.gate.weight"] = state["block_sparse_moe.gate.weight"]
+    out["mlp.experts.gate_up_proj"] = torch.stack([torch.cat([expert(i, "w1"), expert(i, "w3")]) for i in experts])
+    out["mlp.experts.down_proj"] = torch.stack([expert(i, "w2") for i in experts])
+    return out
+
+
+LLAMA = _rotary_family("llama", modeling_llama, "Llama", lora_targets=ATTENTION + MLP)
+MISTRAL = _rotary_family("mistral", modeling_mistral, "Mistral", lora_targets=ATTENTION + MLP)
+QWEN2 = _rotary_family("qwen2", modeling_qwen2, "Qwen2", lora_targets=ATTENTION + MLP)
+QWEN3 = _rotary_family("qwen3", modeling_qwen3, "Qwen3", lora_targets=ATTENTION + MLP)
+MIXTRAL = _rotary_family("mixtral", modeling_mixtral, "Mixtral", lora_targets=ATTENTION,
+                         convert_block_state=_mixtral_block_state)

@@ -1,0 +1,79 @@
+"""A contiguous span of decoder blocks that runs on its own, as a server holds it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from swarmtune.models.family import Family
+from swarmtune.models.kv_cache import SpanKVCache
+
+
+class SpanModel(nn.Module):
+    """Blocks [start, end) plus what they need to run outside the full model (rotary embeddings).
+
+    `forward` takes the hidden states of the new tokens, the 2D padding mask of all tokens so far
+    (past and new), optional position ids (default: consecutive after the cache, as transformers
+    does) and an optional KV cache. `prompts` ([num_blocks, batch, prefix_len, hidden]) are deep
+    prompts: added to the first prefix_len positions before each block.
+    """
+
+    def __init__(self, family: Family, config: PretrainedConfig, start: int, end: int, blocks: nn.ModuleList,
+                 position_module: nn.Module | None, dtype: torch.dtype):
+        super().__init__()
+        self.family, self.config = family, config
+        self.start, self.end = start, end
+        self.compute_dtype = dtype
+        self.blocks = blocks
+        self.position_module = position_module
+
+    @property
+    def num_blocks(self) -> int:
+        return self.end - self.start
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: SpanKVCache | None = None,
+        prompts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch, length = hidden.shape[:2]
+        past = cache.length if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=hidden.device)
+        if position_ids is None:
+            position_ids = torch.arange(past, past + length, device=hidden.device).expand(batch, length)
+        per_layer = self.family.layer_inputs(self, hidden, attention_mask, position_ids, cache)
+        for i, (block, kwargs) in enumerate(zip(self.blocks, per_layer)):
+            if prompts is not None:
+                hidden = add_deep_prompt(hidden, prompts[i], past)
+            hidden = self.family.run_block(block, hidden, kwargs)
+        if cache is not None:
+            cache.advance(length)
+        return hidden
+
+    def make_cache(self, batch_size: int, max_length: int) -> SpanKVCache:
+        heads, head_dim = kv_shape(self.config)
+        device = next(self.blocks.parameters()).device
+        return SpanKVCache(self.start, self.end, batch_size, max_length, heads, head_dim, self.compute_dtype, device)
+
+
+def add_deep_prompt(hidden: torch.Tensor, prompt: torch.Tensor, past: int) -> torch.Tensor:
+    """Add `prompt` ([batch, prefix_len, hidden]) at absolute positions [0, prefix_len) of the sequence."""
+    prefix = prompt.shape[1]
+    if past >= prefix:
+        return hidden
+    n = min(prefix - past, hidden.shape[1])
+    head = hidden[:, :n] + prompt[:, past:past + n].to(hidden.dtype)
+    return torch.cat([head, hidden[:, n:]], dim=1)
+
+
+def kv_shape(config: PretrainedConfig) -> tuple[int, int]:
+    """(number of KV heads, head dim) of one block's cache."""
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return kv_heads, head_dim
