@@ -55,6 +55,10 @@ class SpanModel(nn.Module):
             cache.advance(length)
         return hidden
 
+    def make_cache_nbytes(self, batch_size: int, max_length: int) -> int:
+        return SpanKVCache.nbytes_for(self.num_blocks, batch_size, max_length, *kv_shape(self.config),
+                                      self.compute_dtype)
+
     def make_cache(self, batch_size: int, max_length: int) -> SpanKVCache:
         heads, head_dim = kv_shape(self.config)
         device = next(self.blocks.parameters()).device
