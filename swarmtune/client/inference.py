@@ -1,0 +1,235 @@
+"""Client side of generation: an inference session over a chain of servers, with the dual attention cache.
+
+Servers keep the KV caches (server-side cache); the client keeps every input it has sent to
+each span (client-side cache). When a server fails mid-session, the client routes its blocks
+to other servers, replays the stored inputs there to rebuild their caches, and carries on: the
+generated tokens are the same as without the failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from swarmtune import wire
+from swarmtune.client.connection import SwarmConnection
+from swarmtune.client.routing import Hop, NoServersError, inference_route
+from swarmtune.client.rpc import InferenceStream, ServerFailure
+
+logger = logging.getLogger(__name__)
+
+
+class _History:
+    """A growing [batch, length, hidden] record of what one span received (its client-side cache)."""
+
+    def __init__(self, first: torch.Tensor | None = None):
+        self.data = first
+
+    def append(self, x: torch.Tensor) -> None:
+        self.data = x if self.data is None else torch.cat([self.data, x], dim=1)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.data is not None:
+            self.data = self.data[index]
+
+
+class _SpanSession:
+    """This client's session with one server for blocks [hop.start, hop.end)."""
+
+    def __init__(self, session: InferenceSession, hop: Hop, history: _History):
+        self.session, self.hop, self.history = session, hop, history
+        self.pending_reorder: torch.Tensor | None = None
+        self.stream = InferenceStream(session.connection.p2p, hop.peer_id)
+
+    def open(self) -> None:
+        s = self.session
+        meta = {"type": "open", "start": self.hop.start, "end": self.hop.end, "max_length": s.max_length,
+                "batch_size": s.batch_size}
+        tensors = {}
+        if s.adapter is not None:
+            meta["lora"] = {"adapter": s.adapter, "keys": [], "scale": 1.0}
+        elif s.lora is not None:
+            keys = s.lora.keys_in(self.hop.start, self.hop.end)
+            if keys:
+                meta["lora"] = {"keys": keys, "scale": s.lora.scale, "dropout": 0.0}
+                for i, key in enumerate(keys):
+                    a, b = s.lora.pair(key)
+                    tensors[f"lora.A.{i}"], tensors[f"lora.B.{i}"] = a.detach(), b.detach()
+        if s.prompts is not None:
+            tensors["prompts"] = s.prompts[self.hop.start:self.hop.end].expand(-1, s.batch_size, -1, -1)
+        data = wire.pack(meta, tensors)
+        s.bytes_sent += len(data)
+        self.session.connection.run(self.stream.exchange(data, s.config.connect_timeout),
+                                    timeout=s.config.connect_timeout + 5)
+
+    def step(self, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
+             reorder: torch.Tensor | None, step: int) -> torch.Tensor:
+        s = self.session
+        tensors = {"hidden": hidden, "attention_mask": mask, "position_ids": position_ids}
+        if reorder is not None:
+            tensors["reorder"] = reorder
+        data = wire.pack({"step": step}, tensors)
+        s.bytes_sent += len(data)
+        timeout = s.config.step_timeout
+        _, reply = s.connection.run(self.stream.exchange(data, timeout), timeout=timeout + 5)
+        out = reply.get("hidden")
+        if out is None or out.shape != hidden.shape:
+            raise ServerFailure(self.hop.peer_id, f"bad step output shape {None if out is None else list(out.shape)}")
+        if not bool(torch.isfinite(out).all()):
+            raise ServerFailure(self.hop.peer_id, "step output contains NaN or infinite values")
+        return out.to(hidden.dtype)
+
+    def close(self) -> None:
+        self.session.connection.loop.call_soon_threadsafe(self.stream.close)
+
+
+class InferenceSession:
+    """Generation state for one batch across the swarm; `step` runs new tokens' hidden states through all blocks."""
+
+    def __init__(self, connection: SwarmConnection, max_length: int, batch_size: int, lora=None, prompts=None,
+                 adapter: str | None = None, start: int = 0, end: int | None = None):
+        self.connection, self.config = connection, connection.config
+        self.max_length, self.batch_size = max_length, batch_size
+        self.lora, self.prompts, self.adapter = lora, prompts, adapter
+        self.start, self.end = start, connection.view.num_blocks if end is None else end
+        self.spans: list[_SpanSession] = []
+        self.mask: torch.Tensor | None = None          # [batch, length] of every token so far
+        self.positions: torch.Tensor | None = None     # [batch, length]
+        self.length = 0
+        self.steps = 0
+        self.bytes_sent = 0
+        self.recoveries: list[float] = []
+        self._failures = 0
+        self.closed = False
+
+    # ---- public API ------------------------------------------------------------------------------
+
+    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states of `hidden.shape[1]` new tokens after all blocks; `attention_mask` covers the new tokens."""
+        if self.closed:
+            raise RuntimeError("the inference session is closed")
+        batch, new = hidden.shape[:2]
+        if batch != self.batch_size:
+            raise ValueError(f"session was opened for batch {self.batch_size}, got {batch}")
+        if self.length + new > self.max_length:
+            raise ValueError(f"session max_length {self.max_length} exceeded ({self.length} + {new} tokens)")
+        mask = attention_mask if attention_mask is not None else torch.ones(batch, new, dtype=torch.long)
+        if position_ids is None:
+            position_ids = torch.arange(self.length, self.length + new).expand(batch, new)
+        mask, position_ids = mask.long().cpu(), position_ids.long().cpu()
+        self._failures = 0
+        if not self.spans:
+            self._open_chain(self.start, self.end, 0, _History())
+        h, index = hidden.detach().cpu(), 0
+        while index < len(self.spans):
+            span = self.spans[index]
+            try:
+                out = span.step(h, mask, position_ids, span.pending_reorder, self.steps)
+            except ServerFailure as e:
+                self._recover(index, e)
+                continue
+            span.pending_reorder = None
+            span.history.append(h)
+            h, index = out, index + 1
+        self.mask = mask if self.mask is None else torch.cat([self.mask, mask], dim=1)
+        self.positions = position_ids if self.positions is None else torch.cat([self.positions, position_ids], 1)
+        self.length += new
+        self.steps += 1
+        return h.to(hidden.dtype)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Beam search: row i continues the old row index[i] (sent to each server with its next step)."""
+        index = index.long().cpu()
+        for span in self.spans:
+            span.pending_reorder = index if span.pending_reorder is None else span.pending_reorder[index]
+            span.history.reorder(index)
+        if self.mask is not None:
+            self.mask, self.positions = self.mask[index], self.positions[index]
+
+    def close(self) -> None:
+        if not self.closed:
+            for span in self.spans:
+                span.close()
+            self.closed = True
+
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- routing and recovery --------------------------------------------------------------------
+
+    def _open_chain(self, start: int, end: int, index: int, history: _History) -> int:
+        """Open sessions on a fresh chain for blocks [start, end) at position `index`; returns its length."""
+        deadline = time.monotonic() + self.config.retry_budget
+        delay = 0.2
+        while True:
+            try:
+                hops = inference_route(self.connection.view, start, end, self.connection.bans,
+                                       rtt=self.connection.rtts.get)
+            except NoServersError as e:
+                if time.monotonic() + delay > deadline:
+                    raise NoServersError(e.blocks, self.connection.prefix) from None
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
+                self.connection.refresh()
+                continue
+            opened = []
+            for i, hop in enumerate(hops):
+                span = _SpanSession(self, hop, history if i == 0 else _History())
+                try:
+                    span.open()
+                except ServerFailure as e:
+                    for other in opened:
+                        other.close()
+                    self._ban(hop, e)
+                    break
+                opened.append(span)
+            else:
+                self.spans[index:index] = opened
+                return len(opened)
+
+    def _ban(self, hop: Hop, error: ServerFailure) -> None:
+        self._failures += 1
+        if self._failures > self.config.max_retries:
+            raise RuntimeError(f"inference step failed {self._failures} times; giving up (last: {error})")
+        duration = self.connection.bans.ban(hop.peer_id)
+        logger.warning(f"server {hop.peer_id} failed on blocks {hop.start}:{hop.end} ({error.reason}); "
+                       f"banned for {duration:.0f} s")
+
+    def _replace(self, index: int, error: ServerFailure) -> int:
+        old = self.spans.pop(index)
+        old.close()
+        self._ban(old.hop, error)
+        return self._open_chain(old.hop.start, old.hop.end, index, old.history)
+
+    def _recover(self, index: int, error: ServerFailure) -> None:
+        """Replace span `index` (its server failed) and rebuild the replacements' caches from its history."""
+        failed_at = time.monotonic()
+        old_hop = self.spans[index].hop
+        count = self._replace(index, error)
+        if self.length > 0:
+            self._replay(index, count)
+        took = time.monotonic() - failed_at
+        self.recoveries.append(took)
+        logger.warning(f"blocks {old_hop.start}:{old_hop.end} moved to "
+                       f"{', '.join(str(s.hop) for s in self.spans[index:index + count])}; "
+                       f"replayed {self.length} tokens in {took:.2f} s")
+
+    def _replay(self, first: int, count: int) -> None:
+        """Feed the stored inputs of span `first` through the `count` new spans in one prefill step."""
+        h, i, last = self.spans[first].history.data, first, first + count
+        while i < last:
+            span = self.spans[i]
+            if i > first:
+                span.history = _History(h)
+            try:
+                out = span.step(h, self.mask, self.positions, None, -1)
+            except ServerFailure as e:
+                last += self._replace(i, e) - 1
+                continue
+            h, i = out, i + 1

@@ -1,0 +1,175 @@
+"""SwarmForCausalLM: a causal LM whose blocks run on the swarm, used like a transformers model.
+
+Embeddings, final norm and LM head are local; the blocks are a `RemoteSequential` for forward
+and backward, and an `InferenceSession` during generation. `generate()` is transformers' own:
+the session is exposed to it as a `Cache`, so greedy, sampling, beam search, stopping criteria
+and streamers all behave exactly as on a local model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from transformers import Cache, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from swarmtune import records
+from swarmtune.client.config import ClientConfig
+from swarmtune.client.connection import SwarmConnection
+from swarmtune.client.inference import InferenceSession
+from swarmtune.client.sequential import RemoteSequential
+from swarmtune.models import ClientParts, load_client_parts, load_config, parse_dtype
+
+logger = logging.getLogger(__name__)
+
+
+class RemoteCache(Cache):
+    """An inference session seen by transformers' generation loop as a KV cache."""
+
+    is_compileable = False
+
+    def __init__(self, session: InferenceSession):
+        super().__init__(layers=[])
+        self.session = session
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.session.length
+
+    def get_max_length(self) -> int:
+        return self.session.max_length
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.session.length + query_length, 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.session.reorder(beam_idx)
+
+    def __len__(self) -> int:
+        return 1
+
+
+class SwarmForCausalLM(PreTrainedModel, GenerationMixin):
+    base_model_prefix = "swarm"
+    _supports_cache_class = True
+    _is_stateful = False
+    _supports_sdpa = True  # attention runs on servers; this only satisfies transformers' config checks
+
+    def __init__(self, config: PretrainedConfig, parts: ClientParts, connection: SwarmConnection,
+                 model_name: str = ""):
+        super().__init__(config)
+        self.parts = parts
+        self.connection = connection
+        self.model_name = model_name
+        self.remote = RemoteSequential(connection)
+        self.lora = None           # a ClientLora applied to every remote call (set by tuning or adapters)
+        self.prompts = None        # deep prompts [num_blocks, 1, prefix, hidden] for every remote call
+        self.adapter: str | None = None  # a server-hosted adapter to use instead of client LoRA
+        self._session: InferenceSession | None = None
+
+    @classmethod
+    def from_pretrained(cls, model: str, initial_peers: list[str] | None = None, dtype: str | torch.dtype = "fp32",
+                        client_config: ClientConfig | None = None, dht_prefix: str | None = None,
+                        revision: str | None = None, attn_implementation: str = "sdpa", **kwargs) -> SwarmForCausalLM:
+        """Local parts of `model` (a checkpoint directory or hub id) plus a connection to the swarm serving it."""
+        config = load_config(model, attn_implementation, revision)
+        client_config = client_config or ClientConfig()
+        if initial_peers is not None:
+            client_config.initial_peers = list(initial_peers)
+        prefix = dht_prefix or client_config.dht_prefix or records.dht_prefix(model)
+        parts = load_client_parts(model, parse_dtype(dtype), revision=revision, config=config)
+        connection = SwarmConnection(client_config, prefix, config.num_hidden_layers)
+        return cls(config, parts, connection, model_name=model)
+
+    # ---- transformers plumbing ---------------------------------------------------------------------
+
+    def get_input_embeddings(self):
+        return self.parts.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.parts.lm_head
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts.embed_tokens.weight.dtype
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length) -> None:
+        if model_kwargs.get("cache") is not None:
+            return
+        if self._session is not None:  # inside `inference_session()`: continue it
+            model_kwargs["cache"] = RemoteCache(self._session)
+            return
+        beams = max(generation_config.num_beams, generation_config.num_return_sequences)
+        session = self.open_session(max_cache_length, batch_size * beams)
+        model_kwargs["cache"] = RemoteCache(session)
+        self._generate_sessions.append(session)
+
+    def generate(self, *args, **kwargs):
+        self._generate_sessions: list[InferenceSession] = []
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            for session in self._generate_sessions:
+                session.close()
+
+    # ---- sessions --------------------------------------------------------------------------------
+
+    def open_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
+        return InferenceSession(self.connection, max_length, batch_size, lora=self.lora, prompts=self.prompts,
+                                adapter=self.adapter)
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int, batch_size: int = 1):
+        """Keep one session across `generate()` calls: later calls continue after the cached prefix."""
+        if self._session is not None:
+            raise RuntimeError("an inference session is already open on this model")
+        session = self.open_session(max_length, batch_size)
+        self._session = session
+        try:
+            yield session
+        finally:
+            self._session = None
+            session.close()
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, return_dict: bool = True, logits_to_keep: int = 0,
+                **kwargs) -> CausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Give exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.parts.embed_tokens(input_ids)
+        hidden = self.parts.prepare_hidden(inputs_embeds)
+        if isinstance(cache, RemoteCache):
+            new = hidden.shape[1]
+            mask = attention_mask[:, -new:] if attention_mask is not None else None
+            hidden = cache.session.step(hidden, mask, position_ids)
+        else:
+            hidden = self.remote(hidden, attention_mask, position_ids, self.prompts, self.lora)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.parts.logits(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+    def close(self) -> None:
+        self.connection.close()

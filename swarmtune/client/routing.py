@@ -1,0 +1,107 @@
+"""Choosing which servers run which blocks: a chain of hops covering [start, end).
+
+Training spreads load: among the servers covering the next block, pick at random weighted by
+announced throughput (and by how far the server reaches, since each hop costs a round trip).
+Inference minimises latency: a shortest path over block boundaries, where a hop costs the
+measured round trip to the server plus its compute time for those blocks.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from swarmtune.client.swarm_view import Bans, SwarmView
+from swarmtune.records import ServerInfo
+
+DEFAULT_RTT = 0.05  # seconds, assumed for servers not measured yet
+
+
+class NoServersError(RuntimeError):
+    """Some blocks have no live, unbanned server."""
+
+    def __init__(self, blocks: list[int], model: str = ""):
+        self.blocks = blocks
+        super().__init__(f"No live server holds block(s) {_ranges(blocks)}{' of ' + model if model else ''}: "
+                         f"wait for servers to join or start one with python -m swarmtune.server --blocks ...")
+
+
+@dataclass(frozen=True)
+class Hop:
+    server: ServerInfo
+    start: int
+    end: int
+
+    @property
+    def peer_id(self) -> str:
+        return self.server.peer_id
+
+    def __str__(self) -> str:
+        return f"{self.peer_id[-8:]}[{self.start}:{self.end}]"
+
+
+def training_route(view: SwarmView, start: int, end: int, bans: Bans | None = None,
+                   rng: random.Random | None = None, randomness: float = 1.0) -> list[Hop]:
+    rng = rng or random.Random()
+    hops, block = [], start
+    while block < end:
+        candidates = view.covering(block, bans)
+        if not candidates:
+            raise NoServersError(view.uncovered(block, end, bans))
+        scores = [s.throughput * (min(s.end, end) - block) for s in candidates]
+        if randomness <= 0:
+            server = candidates[max(range(len(candidates)), key=scores.__getitem__)]
+        else:
+            server = rng.choices(candidates, weights=[x ** (1 / randomness) for x in scores])[0]
+        hops.append(Hop(server, block, min(server.end, end)))
+        block = hops[-1].end
+    return hops
+
+
+def inference_route(view: SwarmView, start: int, end: int, bans: Bans | None = None,
+                    rtt: Callable[[str], float | None] = lambda peer: None) -> list[Hop]:
+    """The chain with the least expected time per step (network round trips + compute)."""
+    best: dict[int, float] = {start: 0.0}
+    back: dict[int, Hop] = {}
+    queue = [(0.0, start)]
+    servers = [s for s in view.servers.values() if not (bans and bans.banned(s.peer_id))]
+    while queue:
+        cost, block = heapq.heappop(queue)
+        if block == end:
+            break
+        if cost > best.get(block, float("inf")):
+            continue
+        for s in servers:
+            if not s.start <= block < s.end:
+                continue
+            step_time = 1.0 / (s.inference_rps * (s.end - s.start))
+            measured = rtt(s.peer_id)
+            hop_cost = (DEFAULT_RTT if measured is None else measured)
+            for stop in range(block + 1, min(s.end, end) + 1):
+                total = cost + hop_cost + step_time * (stop - block)
+                if total < best.get(stop, float("inf")):
+                    best[stop], back[stop] = total, Hop(s, block, stop)
+                    heapq.heappush(queue, (total, stop))
+    if end not in best:
+        raise NoServersError(view.uncovered(start, end, bans) or [start])
+    hops, block = [], end
+    while block != start:
+        hops.append(back[block])
+        block = back[block].start
+    return hops[::-1]
+
+
+def _ranges(blocks: list[int]) -> str:
+    if not blocks:
+        return "?"
+    out, first, prev = [], blocks[0], blocks[0]
+    for b in blocks[1:] + [None]:
+        if b is not None and b == prev + 1:
+            prev = b
+            continue
+        out.append(f"{first}" if first == prev else f"{first}:{prev + 1}")
+        if b is not None:
+            first = prev = b
+    return ", ".join(out)

@@ -1,0 +1,130 @@
+"""Calling one server: request/response RPCs and inference streams, with every failure as ServerFailure."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from swarmtune import wire
+
+SERVICE = "BlockServicer"
+
+
+class ServerFailure(RuntimeError):
+    """A server did not deliver: unreachable, too slow, an error reply, or a bad result."""
+
+    def __init__(self, peer_id: str, reason: str):
+        self.peer_id, self.reason = peer_id, reason
+        super().__init__(f"server {peer_id} failed: {reason}")
+
+
+class ServerRejected(ServerFailure):
+    """The server answered with an error about the request itself (e.g. unknown LoRA digest)."""
+
+
+def _handle(method: str) -> str:
+    return f"{SERVICE}.rpc_{method}"
+
+
+def _decode(peer_id: str, data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
+    try:
+        meta, tensors = wire.unpack(data)
+    except wire.WireError as e:
+        raise ServerFailure(peer_id, f"unreadable reply: {e}") from None
+    if "error" in meta:
+        raise ServerRejected(peer_id, str(meta["error"]))
+    return meta, tensors
+
+
+async def call(p2p: P2P, peer_id: str, method: str, data: bytes, timeout: float) -> tuple[dict, dict]:
+    """Send one message to `method` (forward, backward, info) and decode the reply.
+
+    Messages that fit one frame go as a unary RPC; larger ones (or ones with large replies,
+    `method + "_stream"`) stream in frames.
+    """
+    peer = PeerID.from_base58(peer_id)
+    try:
+        if method.endswith("_stream"):
+            reply = await asyncio.wait_for(_call_stream(p2p, peer, method, data), timeout)
+        else:
+            response = await asyncio.wait_for(p2p.call_protobuf_handler(
+                peer, _handle(method), runtime_pb2.ExpertRequest(metadata=data), runtime_pb2.ExpertResponse), timeout)
+            reply = response.metadata
+    except asyncio.TimeoutError:
+        raise ServerFailure(peer_id, f"timeout after {timeout:g} s") from None
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        raise ServerFailure(peer_id, f"{type(e).__name__}: {e}") from None
+    return _decode(peer_id, reply)
+
+
+async def _call_stream(p2p: P2P, peer: PeerID, method: str, data: bytes) -> bytes:
+    async def requests():
+        for frame in wire.frames(data):
+            yield runtime_pb2.ExpertRequest(metadata=frame)
+
+    responses = await p2p.iterate_protobuf_handler(peer, _handle(method), requests(), runtime_pb2.ExpertResponse)
+    reassembler = wire.Reassembler()
+    async for response in responses:
+        message = reassembler.add(response.metadata)
+        if message is not None:
+            return message
+    raise ConnectionError("the stream closed before the reply was complete")
+
+
+class InferenceStream:
+    """One open rpc_inference stream: send a message, await its reply, in order."""
+
+    def __init__(self, p2p: P2P, peer_id: str):
+        self.p2p, self.peer_id = p2p, peer_id
+        self._outbox: asyncio.Queue = asyncio.Queue()
+        self._responses: AsyncIterator | None = None
+        self._reassembler = wire.Reassembler()
+        self.closed = False
+
+    async def _requests(self):
+        while True:
+            frame = await self._outbox.get()
+            if frame is None:
+                return
+            yield runtime_pb2.ExpertRequest(metadata=frame)
+
+    async def exchange(self, data: bytes, timeout: float) -> tuple[dict, dict]:
+        """Send one message and wait for its reply."""
+        try:
+            return await asyncio.wait_for(self._exchange(data), timeout)
+        except ServerFailure:
+            self.close()
+            raise
+        except asyncio.TimeoutError:
+            self.close()
+            raise ServerFailure(self.peer_id, f"timeout after {timeout:g} s") from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.close()
+            raise ServerFailure(self.peer_id, f"{type(e).__name__}: {e}") from None
+
+    async def _exchange(self, data: bytes) -> tuple[dict, dict]:
+        if self.closed:
+            raise ConnectionError("stream is closed")
+        for frame in wire.frames(data):
+            self._outbox.put_nowait(frame)
+        if self._responses is None:
+            self._responses = await self.p2p.iterate_protobuf_handler(
+                PeerID.from_base58(self.peer_id), _handle("inference"), self._requests(), runtime_pb2.ExpertResponse)
+        async for response in self._responses:
+            message = self._reassembler.add(response.metadata)
+            if message is not None:
+                return _decode(self.peer_id, message)
+        raise ConnectionError("the server closed the session")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._outbox.put_nowait(None)

@@ -1,0 +1,277 @@
+"""All remote blocks as one autograd-aware module, with fault-tolerant replay.
+
+Forward walks the chain span by span, keeping each span's input. If a server fails (no answer,
+timeout, error reply, wrong shape or non-finite output), it is banned for a while and only that
+span is re-run on other servers. Backward asks each span's server for gradients w.r.t. its
+input, deep prompts and LoRA tensors, recomputing the span's forward there; if that server is
+gone, the span is re-routed (possibly over several servers) and replayed from its saved input.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from swarmtune import wire
+from swarmtune.client import rpc
+from swarmtune.client.connection import SwarmConnection
+from swarmtune.client.routing import Hop, NoServersError, training_route
+from swarmtune.client.rpc import ServerFailure, ServerRejected
+from swarmtune.tuning.lora import ClientLora
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SpanArgs:
+    """What every span request carries besides the hidden states."""
+
+    attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    prompts: torch.Tensor | None = None        # [num_blocks, batch, prefix, hidden] deep prompts
+    lora: ClientLora | None = None
+    seed: int = 0
+    offset: int = 0                            # the block that prompts[0] belongs to
+
+    def tensors(self, start: int, end: int) -> dict[str, torch.Tensor]:
+        out = {}
+        if self.attention_mask is not None:
+            out["attention_mask"] = self.attention_mask
+        if self.position_ids is not None:
+            out["position_ids"] = self.position_ids
+        if self.prompts is not None:
+            out["prompts"] = self.prompts[start - self.offset:end - self.offset]
+        return out
+
+
+@dataclass
+class TransferStats:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    lora_bytes_sent: int = 0
+    requests: int = 0
+    failures: int = 0
+    replays: list[float] = field(default_factory=list)
+
+
+class Replayer:
+    """Runs span requests over the swarm, re-routing around failed servers within a retry budget."""
+
+    def __init__(self, connection: SwarmConnection, rng: random.Random | None = None):
+        self.connection = connection
+        self.config = connection.config
+        self.rng = rng or random.Random()
+        self.stats = TransferStats()
+        self._lora_sent: set[tuple[str, str]] = set()  # (peer, digest) pairs the server holds
+
+    # ---- one request to one server ----------------------------------------------------------------
+
+    def _lora_meta(self, args: SpanArgs, hop: Hop, force_tensors: bool) -> tuple[dict | None, dict]:
+        if args.lora is None:
+            return None, {}
+        keys = args.lora.keys_in(hop.start, hop.end)
+        if not keys:
+            return None, {}
+        digest = args.lora.digest(keys)
+        meta = dict(keys=keys, scale=args.lora.scale, dropout=args.lora.dropout, seed=args.seed, digest=digest)
+        if not force_tensors and (hop.peer_id, digest) in self._lora_sent:
+            return meta, {}
+        tensors = {}
+        for i, key in enumerate(keys):
+            a, b = args.lora.pair(key)
+            tensors[f"lora.A.{i}"], tensors[f"lora.B.{i}"] = a.detach(), b.detach()
+        return meta, tensors
+
+    def call_span(self, method: str, hop: Hop, hidden: torch.Tensor, args: SpanArgs,
+                  grad_output: torch.Tensor | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+        """One forward or backward request; raises ServerFailure (including bad outputs)."""
+        force = False
+        for _ in range(2):  # a second try if the server forgot our LoRA digest
+            lora_meta, lora_tensors = self._lora_meta(args, hop, force)
+            meta = {"start": hop.start, "end": hop.end}
+            if lora_meta is not None:
+                meta["lora"] = lora_meta
+            tensors = {"hidden": self._to_wire(hidden), **args.tensors(hop.start, hop.end), **lora_tensors}
+            if grad_output is not None:
+                tensors["grad_output"] = self._to_wire(grad_output)
+            data = wire.pack(meta, tensors)
+            reply_bytes = len(data) + sum(t.numel() * 4 for t in lora_tensors.values())
+            streamed = max(len(data), reply_bytes if method == "backward" else len(data)) > wire.CHUNK_BYTES
+            self.stats.bytes_sent += len(data)
+            self.stats.lora_bytes_sent += sum(t.numel() * t.element_size() for t in lora_tensors.values())
+            self.stats.requests += 1
+            try:
+                reply_meta, reply = self.connection.run(rpc.call(
+                    self.connection.p2p, hop.peer_id, method + ("_stream" if streamed else ""), data,
+                    self.config.request_timeout), timeout=self.config.request_timeout + 5)
+            except ServerRejected as e:
+                if "unknown LoRA digest" in e.reason and not force:
+                    self._lora_sent.discard((hop.peer_id, lora_meta["digest"]))
+                    force = True
+                    continue
+                raise
+            if lora_meta is not None:
+                self._lora_sent.add((hop.peer_id, lora_meta["digest"]))
+            self.stats.bytes_received += sum(t.numel() * t.element_size() for t in reply.values())
+            return reply_meta, reply
+        raise ServerFailure(hop.peer_id, "kept rejecting our LoRA digest")
+
+    def _to_wire(self, t: torch.Tensor) -> torch.Tensor:
+        dtype = self.config.wire_dtype
+        return t.detach().to(getattr(torch, dtype)) if dtype else t.detach()
+
+    # ---- routing with retries ---------------------------------------------------------------------
+
+    def next_hop(self, block: int, end: int, deadline: float) -> Hop:
+        """The first hop of a fresh training route from `block`, waiting (bounded) for servers to appear."""
+        delay = 0.2
+        while True:
+            try:
+                return training_route(self.connection.view, block, end, self.connection.bans, self.rng,
+                                      self.config.routing_randomness)[0]
+            except NoServersError as e:
+                if time.monotonic() + delay > deadline:
+                    raise NoServersError(e.blocks, self.connection.prefix) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                self.connection.refresh()
+
+    def fail(self, hop: Hop, error: ServerFailure, what: str) -> float:
+        self.stats.failures += 1
+        duration = self.connection.bans.ban(hop.peer_id)
+        logger.warning(f"server {hop.peer_id} failed on blocks {hop.start}:{hop.end} during {what} "
+                       f"({error.reason}); banned for {duration:.0f} s")
+        return duration
+
+    def run_span(self, method: str, block: int, end: int, hidden: torch.Tensor, args: SpanArgs,
+                 grad_output: torch.Tensor | None = None, prefer: Hop | None = None) -> tuple[Hop, dict]:
+        """Run `method` on some server for a span starting at `block`, retrying on other servers.
+
+        With `prefer`, that exact hop is tried first (backward wants the forward's servers).
+        """
+        deadline = time.monotonic() + self.config.retry_budget
+        failed_at = None
+        for attempt in range(self.config.max_retries):
+            hop = prefer if prefer is not None and attempt == 0 else self.next_hop(block, end, deadline)
+            try:
+                _, reply = self.call_span(method, hop, hidden, args, grad_output)
+                expected = "hidden" if method == "forward" else "grad_hidden"
+                _check_output(hop, reply.get(expected), hidden.shape, expected)
+                self.connection.bans.forgive(hop.peer_id)
+                if failed_at is not None:
+                    took = time.monotonic() - failed_at
+                    self.stats.replays.append(took)
+                    logger.warning(f"replayed blocks {hop.start}:{hop.end} on {hop.peer_id} in {took:.2f} s")
+                return hop, reply
+            except ServerFailure as e:
+                failed_at = failed_at or time.monotonic()
+                self.fail(hop, e, method)
+        raise RuntimeError(f"blocks {block}:{end}: {self.config.max_retries} attempts failed; giving up")
+
+
+def _check_output(hop: Hop, t: torch.Tensor | None, shape: torch.Size, name: str) -> None:
+    if t is None:
+        raise ServerFailure(hop.peer_id, f"reply lacks '{name}'")
+    if t.shape != shape:
+        raise ServerFailure(hop.peer_id, f"'{name}' has shape {list(t.shape)}, expected {list(shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ServerFailure(hop.peer_id, f"'{name}' contains NaN or infinite values")
+
+
+class _RemoteBlocks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, replayer: Replayer, start: int, end: int, args: SpanArgs, hidden: torch.Tensor,
+                prompts: torch.Tensor | None, *lora_params: torch.Tensor) -> torch.Tensor:
+        inputs, hops = [], []
+        h, block = hidden.detach(), start
+        while block < end:
+            hop, reply = replayer.run_span("forward", block, end, h, args)
+            inputs.append(h)
+            hops.append(hop)
+            h = reply["hidden"].to(hidden.dtype)
+            block = hop.end
+        ctx.replayer, ctx.args, ctx.hops, ctx.inputs = replayer, args, hops, inputs
+        ctx.has_prompts, ctx.num_lora = prompts is not None, len(lora_params)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        replayer, args = ctx.replayer, ctx.args
+        grad_prompts = torch.zeros_like(args.prompts) if ctx.has_prompts else None
+        grad_lora = {key: [torch.zeros_like(p) for p in args.lora.pair(key)] for key in args.lora.keys} \
+            if ctx.num_lora else {}
+        grad = grad_output.contiguous()
+        for hop, h in zip(reversed(ctx.hops), reversed(ctx.inputs)):
+            grad = _backward_span(replayer, hop.start, hop.end, h, grad, args, grad_prompts, grad_lora, prefer=hop)
+        lora_grads = [g for key in args.lora.keys for g in grad_lora[key]] if ctx.num_lora else []
+        return (None, None, None, None, grad.to(grad_output.dtype), grad_prompts, *lora_grads)
+
+
+def _backward_span(replayer: Replayer, start: int, end: int, h: torch.Tensor, grad: torch.Tensor, args: SpanArgs,
+                   grad_prompts: torch.Tensor | None, grad_lora: dict, prefer: Hop | None) -> torch.Tensor:
+    """Gradient w.r.t. the input of blocks [start, end), accumulating prompt and LoRA gradients.
+
+    Tries `prefer` (the forward's server) first. If the best replacement covers only part of the
+    span, the span is split there: the first part is replayed forward from the saved input to
+    recover the activations at the split, and each part is back-propagated on its own.
+    """
+    deadline = time.monotonic() + replayer.config.retry_budget
+    for _ in range(replayer.config.max_retries):
+        usable = prefer is not None and not replayer.connection.bans.banned(prefer.peer_id)
+        hop = prefer if usable else replayer.next_hop(start, end, deadline)
+        prefer = None
+        if hop.end < end:
+            first, fwd = replayer.run_span("forward", start, hop.end, h, args, prefer=hop)
+            grad = _backward_span(replayer, first.end, end, fwd["hidden"].to(h.dtype), grad, args, grad_prompts,
+                                  grad_lora, prefer=None)
+            return _backward_span(replayer, start, first.end, h, grad, args, grad_prompts, grad_lora, prefer=first)
+        try:
+            reply = replayer.call_span("backward", hop, h, args, grad)[1]
+            _check_output(hop, reply.get("grad_hidden"), h.shape, "grad_hidden")
+            _accumulate(hop, reply, args, grad_prompts, grad_lora)
+        except ServerFailure as e:
+            replayer.fail(hop, e, "backward")
+            continue
+        replayer.connection.bans.forgive(hop.peer_id)
+        return reply["grad_hidden"].to(h.dtype)
+    raise RuntimeError(f"blocks {start}:{end}: {replayer.config.max_retries} backward attempts failed; giving up")
+
+
+def _accumulate(hop: Hop, reply: dict, args: SpanArgs, grad_prompts: torch.Tensor | None, grad_lora: dict) -> None:
+    if grad_prompts is not None:
+        g = reply.get("grad_prompts")
+        expected = grad_prompts[hop.start - args.offset:hop.end - args.offset]
+        if g is None or g.shape != expected.shape:
+            raise ServerFailure(hop.peer_id, "missing or misshapen prompt gradient")
+        expected += g.to(grad_prompts.dtype)
+    if args.lora is not None:
+        for i, key in enumerate(args.lora.keys_in(hop.start, hop.end)):
+            for j, ab in enumerate("AB"):
+                g = reply.get(f"grad.lora.{ab}.{i}")
+                if g is None or g.shape != grad_lora[key][j].shape or not bool(torch.isfinite(g).all()):
+                    raise ServerFailure(hop.peer_id, f"missing or bad LoRA gradient for {key}")
+                grad_lora[key][j] += g.to(grad_lora[key][j].dtype)
+
+
+class RemoteSequential(nn.Module):
+    """Blocks [start, end) of the swarm's model as a module: hidden states in, hidden states out."""
+
+    def __init__(self, connection: SwarmConnection, start: int = 0, end: int | None = None,
+                 rng: random.Random | None = None):
+        super().__init__()
+        self.connection = connection
+        self.start = start
+        self.end = connection.view.num_blocks if end is None else end
+        self.replayer = Replayer(connection, rng)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, prompts: torch.Tensor | None = None,
+                lora: ClientLora | None = None) -> torch.Tensor:
+        args = SpanArgs(attention_mask, position_ids, prompts, lora, seed=random.getrandbits(31), offset=self.start)
+        lora_params = lora.flat_parameters(lora.keys) if lora is not None else []
+        return _RemoteBlocks.apply(self.replayer, self.start, self.end, args, hidden, prompts, *lora_params)

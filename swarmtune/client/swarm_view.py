@@ -1,0 +1,82 @@
+"""The client's picture of the swarm: which live servers hold which blocks, minus banned ones."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from hivemind.dht.node import DHTNode
+
+from swarmtune import records
+from swarmtune.records import ServerInfo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Bans:
+    """Servers that failed recently, each banned for an exponentially growing time."""
+
+    base: float = 2.0
+    max: float = 300.0
+    until: dict[str, float] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+
+    def ban(self, peer_id: str) -> float:
+        count = self.failures.get(peer_id, 0)
+        duration = min(self.max, self.base * 2 ** count)
+        self.failures[peer_id] = count + 1
+        self.until[peer_id] = time.monotonic() + duration
+        return duration
+
+    def banned(self, peer_id: str) -> bool:
+        return self.until.get(peer_id, 0.0) > time.monotonic()
+
+    def forgive(self, peer_id: str) -> None:
+        """A successful request resets the backoff."""
+        self.failures.pop(peer_id, None)
+
+
+async def fetch_servers(dht: DHTNode, prefix: str, num_blocks: int) -> dict[str, ServerInfo]:
+    """All valid, online server records for the model's blocks, keyed by peer id."""
+    keys = [records.block_key(prefix, i) for i in range(num_blocks)]
+    found = await dht.get_many(keys, sufficient_expiration_time=float("inf"))
+    servers: dict[str, ServerInfo] = {}
+    for key in keys:
+        entry = found.get(key)
+        if entry is None or not hasattr(entry.value, "items"):
+            continue
+        for peer_id, item in entry.value.items():
+            info = ServerInfo.from_record(peer_id, getattr(item, "value", None))
+            if info is None:
+                logger.debug(f"ignoring a malformed or foreign record under {key}/{peer_id!r}")
+                continue
+            if info.state == "online":
+                servers[info.peer_id] = info
+    return servers
+
+
+async def fetch_model_info(dht: DHTNode, prefix: str) -> records.ModelInfo | None:
+    entry = await dht.get(prefix, latest=True)
+    value = getattr(entry, "value", None)
+    if not isinstance(value, dict) or value.get("protocol") != records.PROTOCOL_VERSION:
+        return None
+    try:
+        return records.ModelInfo(int(value["num_blocks"]), str(value["model_id"]), str(value.get("model_type", "")))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+@dataclass
+class SwarmView:
+    num_blocks: int
+    servers: dict[str, ServerInfo] = field(default_factory=dict)
+    updated: float = 0.0
+
+    def covering(self, block: int, bans: Bans | None = None) -> list[ServerInfo]:
+        return [s for s in self.servers.values()
+                if s.start <= block < s.end and not (bans and bans.banned(s.peer_id))]
+
+    def uncovered(self, start: int, end: int, bans: Bans | None = None) -> list[int]:
+        return [b for b in range(start, end) if not self.covering(b, bans)]

@@ -1,0 +1,43 @@
+"""python -m swarmtune.dht: a bootstrap peer that other peers join; prints its multiaddrs and runs until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+from swarmtune.p2p import NetworkOptions, start_dht, start_p2p, visible_maddrs
+
+
+async def run(opts: NetworkOptions) -> None:
+    p2p = await start_p2p(opts)
+    dht = await start_dht(p2p, opts)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    for addr in await visible_maddrs(p2p):
+        print(f"MADDR {addr}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await asyncio.wait_for(dht.shutdown(), 5)
+        await p2p.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m swarmtune.dht", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--identity", default=None, help="private key file, for a stable peer id and address")
+    p.add_argument("--initial-peers", nargs="*", default=[])
+    p.add_argument("--announce-maddrs", nargs="*", default=[])
+    p.add_argument("--public", action="store_true", help="enable NAT traversal (port mapping, AutoNAT, relays)")
+    args = p.parse_args(argv)
+    asyncio.run(run(NetworkOptions(host=args.host, port=args.port, identity_path=args.identity,
+                                   initial_peers=args.initial_peers, announce_maddrs=args.announce_maddrs,
+                                   public=args.public)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Starting hivemind's libp2p daemon and DHT node with the settings swarmtune relies on.
+
+Local swarms (tests, benchmarks, the demo) listen on 127.0.0.1 only and switch off everything
+that probes the network (NAT port mapping, AutoNAT, relays). A public server opts into those
+with `public=True`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+# bf16 tensors must not be widened to fp32 by hivemind's serializer (swarmtune's own wire format
+# does not use it, but DHT values and any hivemind internals should agree).
+os.environ.setdefault("USE_LEGACY_BFLOAT16", "0")
+
+from hivemind.dht.node import DHTNode  # noqa: E402
+from hivemind.p2p import P2P  # noqa: E402
+
+
+@dataclass
+class NetworkOptions:
+    host: str = "127.0.0.1"
+    port: int = 0
+    initial_peers: list[str] = field(default_factory=list)
+    announce_maddrs: list[str] = field(default_factory=list)
+    identity_path: str | None = None
+    public: bool = False
+    startup_timeout: float = 30.0
+
+    def host_maddrs(self) -> list[str]:
+        kind = "ip6" if ":" in self.host else "ip4"
+        return [f"/{kind}/{self.host}/tcp/{self.port}"]
+
+
+async def start_p2p(opts: NetworkOptions) -> P2P:
+    """A libp2p daemon bound as `opts` says; raises if it does not come up within the timeout.
+
+    The daemon runs in a session of its own, so a Ctrl-C or SIGTERM sent to our process group
+    reaches only us, and we can still withdraw from the DHT before stopping it.
+    """
+    with _daemon_in_own_session():
+        return await asyncio.wait_for(_create_p2p(opts), opts.startup_timeout + 5)
+
+
+@contextlib.contextmanager
+def _daemon_in_own_session():
+    original = asyncio.subprocess.create_subprocess_exec
+
+    def create(*args, **kwargs):
+        return original(*args, **kwargs, start_new_session=True)
+
+    asyncio.subprocess.create_subprocess_exec = create
+    try:
+        yield
+    finally:
+        asyncio.subprocess.create_subprocess_exec = original
+
+
+async def _create_p2p(opts: NetworkOptions) -> P2P:
+    return await P2P.create(
+        initial_peers=opts.initial_peers or None,
+        host_maddrs=opts.host_maddrs(),
+        announce_maddrs=opts.announce_maddrs or None,
+        identity_path=opts.identity_path,
+        nat_port_map=opts.public,
+        auto_nat=opts.public,
+        use_relay=opts.public,
+        use_auto_relay=opts.public,
+        startup_timeout=opts.startup_timeout,
+    )
+
+
+async def start_dht(p2p: P2P, opts: NetworkOptions, client_mode: bool = False, **kwargs) -> DHTNode:
+    """A DHT node over `p2p`; raises TimeoutError rather than hanging when bootstrap peers are unreachable."""
+    return await asyncio.wait_for(DHTNode.create(
+        p2p=p2p, initial_peers=opts.initial_peers or None, client_mode=client_mode, **kwargs
+    ), opts.startup_timeout)
+
+
+async def visible_maddrs(p2p: P2P) -> list[str]:
+    return [f"{addr}/p2p/{p2p.peer_id}" if "/p2p/" not in str(addr) else str(addr)
+            for addr in await p2p.get_visible_maddrs()]

@@ -1,0 +1,100 @@
+"""What servers announce on the DHT, and how such records are read back safely.
+
+Per block, the DHT key ``"{prefix}.{block}"`` holds one subkey per server (its peer id) with a
+`ServerInfo`; the key ``"{prefix}"`` holds a `ModelInfo`. Records expire unless refreshed.
+Readers validate every record: anything malformed, of another protocol version or offline is
+skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+PROTOCOL_VERSION = 1
+STATES = ("joining", "online", "offline")
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    peer_id: str
+    start: int
+    end: int
+    state: str = "online"
+    throughput: float = 1.0          # forward tokens/s per block: what training routes by
+    inference_rps: float = 1.0       # single-token steps/s for the whole span
+    dtype: str = "float32"
+    quant: str = "none"
+    cache_tokens_left: int = 0
+    adapters: tuple[str, ...] = ()
+    version: str = ""
+    addrs: tuple[str, ...] = ()      # multiaddrs clients may dial directly
+    protocol: int = PROTOCOL_VERSION
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.start, self.end
+
+    def to_record(self) -> dict:
+        return dataclasses.asdict(self) | {"adapters": list(self.adapters), "addrs": list(self.addrs)}
+
+    @classmethod
+    def from_record(cls, peer_id: str, record) -> ServerInfo | None:
+        """A validated ServerInfo, or None if the record is malformed or foreign."""
+        if not isinstance(record, dict) or record.get("protocol") != PROTOCOL_VERSION:
+            return None
+        try:
+            info = cls(
+                peer_id=str(peer_id),
+                start=_int(record["start"]), end=_int(record["end"]),
+                state=record["state"],
+                throughput=_positive(record["throughput"]), inference_rps=_positive(record["inference_rps"]),
+                dtype=str(record["dtype"]), quant=str(record["quant"]),
+                cache_tokens_left=_int(record["cache_tokens_left"]),
+                adapters=tuple(str(a) for a in record.get("adapters", ())),
+                version=str(record.get("version", "")),
+                addrs=tuple(str(a) for a in record.get("addrs", ())),
+                extra=dict(record.get("extra") or {}),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+        if info.state not in STATES or not 0 <= info.start < info.end or record.get("peer_id") != peer_id:
+            return None
+        return info
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    num_blocks: int
+    model_id: str
+    model_type: str = ""
+
+    def to_record(self) -> dict:
+        return dataclasses.asdict(self) | {"protocol": PROTOCOL_VERSION}
+
+
+def _int(x) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"expected int, got {type(x)}")
+    return x
+
+
+def _positive(x) -> float:
+    x = float(x)
+    if not math.isfinite(x) or x <= 0:
+        raise ValueError("expected a positive finite number")
+    return x
+
+
+def dht_prefix(model: str) -> str:
+    """The DHT namespace of a model: its repository or directory name, made key-safe."""
+    name = os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model.split("/")[-1]
+    return re.sub(r"[^A-Za-z0-9_-]", "-", name)
+
+
+def block_key(prefix: str, block: int) -> str:
+    return f"{prefix}.{block}"

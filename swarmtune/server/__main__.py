@@ -1,0 +1,78 @@
+"""python -m swarmtune.server --model PATH_OR_ID --initial-peers MADDR ... --blocks A:B"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from swarmtune.p2p import NetworkOptions
+from swarmtune.server.requests import Limits
+from swarmtune.server.server import Server, ServerConfig
+
+
+def parse_span(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--blocks must look like START:END, got {text!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"--blocks {text}: need 0 <= START < END")
+    return start, end
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m swarmtune.server", description="Serve a span of frozen blocks.")
+    p.add_argument("--model", required=True, help="local checkpoint directory or Hugging Face model id")
+    p.add_argument("--blocks", type=parse_span, required=True, help="the span to serve, START:END")
+    p.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of peers already in the swarm")
+    p.add_argument("--new-swarm", action="store_true", help="start a new swarm, this server being its bootstrap")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for a public server)")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--announce-maddrs", nargs="*", default=[], help="public multiaddrs to announce")
+    p.add_argument("--public", action="store_true",
+                   help="enable NAT traversal (port mapping, AutoNAT, relays) for servers behind NAT")
+    p.add_argument("--identity", default=None, help="private key file: a stable peer id across restarts")
+    p.add_argument("--dht-prefix", default=None, help="swarm namespace of the model (default: its name)")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--cache-mb", type=float, default=256, help="KV cache budget in MiB")
+    p.add_argument("--update-period", type=float, default=15.0, help="seconds between DHT announcements")
+    p.add_argument("--expiration", type=float, default=45.0, help="lifetime of an announcement in seconds")
+    p.add_argument("--throughput", type=float, default=None, help="announced tokens/s per block (default: measure)")
+    p.add_argument("--session-timeout", type=float, default=60.0, help="close inference sessions idle this long")
+    p.add_argument("--max-batch", type=int, default=Limits.max_batch)
+    p.add_argument("--max-tokens", type=int, default=Limits.max_tokens, help="batch x length per request")
+    p.add_argument("--max-length", type=int, default=Limits.max_length, help="tokens per inference session")
+    p.add_argument("--max-message-mb", type=float, default=Limits.max_message_bytes / 2**20)
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    if not args.initial_peers and not args.new_swarm:
+        raise SystemExit("give --initial-peers of an existing swarm, or --new-swarm to start one")
+    network = NetworkOptions(host=args.host, port=args.port, initial_peers=list(args.initial_peers),
+                             announce_maddrs=list(args.announce_maddrs), identity_path=args.identity,
+                             public=args.public)
+    limits = Limits(max_batch=args.max_batch, max_tokens=args.max_tokens, max_length=args.max_length,
+                    max_message_bytes=int(args.max_message_mb * 2**20))
+    return ServerConfig(
+        model=args.model, blocks=args.blocks, network=network, dtype=args.dtype, device=args.device,
+        dht_prefix=args.dht_prefix, attn_implementation=args.attn_implementation, revision=args.revision,
+        num_threads=args.num_threads, cache_bytes=int(args.cache_mb * 2**20), update_period=args.update_period,
+        expiration=args.expiration, throughput=args.throughput, limits=limits, session_timeout=args.session_timeout,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(Server(config_from_args(args)).run())
+
+
+if __name__ == "__main__":
+    main()

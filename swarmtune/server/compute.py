@@ -1,0 +1,59 @@
+"""The computations a server runs on its span, on the compute thread."""
+
+from __future__ import annotations
+
+import torch
+
+from swarmtune.models.span import SpanModel
+from swarmtune.server import lora as lora_lib
+from swarmtune.server.lora import LoraSet
+
+
+def _seeded(lora: LoraSet | None, seed: int) -> LoraSet | None:
+    """A LoRA set whose dropout draws the same masks in a forward and in its backward recomputation."""
+    if lora is None or lora.dropout == 0:
+        return lora
+    generator = torch.Generator().manual_seed(seed)
+    return LoraSet(lora.weights, lora.scale, lora.dropout, generator)
+
+
+def forward(span: SpanModel, hidden, attention_mask, position_ids, prompts, lora: LoraSet | None,
+            seed: int = 0) -> torch.Tensor:
+    dtype = span.compute_dtype
+    device = next(span.parameters()).device
+    with torch.inference_mode(), lora_lib.activate(_seeded(lora, seed)):
+        out = span(hidden.to(device, dtype), _to(attention_mask, device), _to(position_ids, device),
+                   prompts=_to(prompts, device, dtype))
+    return out.to("cpu", hidden.dtype)
+
+
+def backward(span: SpanModel, hidden, attention_mask, position_ids, prompts, lora: LoraSet | None,
+             grad_output, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+    """Recompute the span's forward and return grads w.r.t. hidden, prompts and the LoRA tensors."""
+    dtype = span.compute_dtype
+    device = next(span.parameters()).device
+    with torch.enable_grad():
+        h = hidden.to(device, dtype).requires_grad_(True)
+        p = _to(prompts, device, dtype)
+        if p is not None:
+            p.requires_grad_(True)
+        lora_tensors = []
+        if lora is not None:
+            weights = {k: (a.detach().requires_grad_(True), b.detach().requires_grad_(True))
+                       for k, (a, b) in lora.weights.items()}
+            lora = LoraSet(weights, lora.scale, lora.dropout)
+            lora_tensors = lora.tensors()
+        with lora_lib.activate(_seeded(lora, seed)):
+            out = span(h, _to(attention_mask, device), _to(position_ids, device), prompts=p)
+        inputs = [h] + ([p] if p is not None else []) + lora_tensors
+        grads = torch.autograd.grad(out, inputs, grad_outputs=grad_output.to(device, out.dtype), allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+    grad_hidden = grads[0].to("cpu", hidden.dtype)
+    grad_prompts = grads[1].to("cpu", prompts.dtype) if p is not None else None
+    return grad_hidden, grad_prompts, [g.to("cpu", torch.float32) for g in grads[1 + (p is not None):]]
+
+
+def _to(t: torch.Tensor | None, device, dtype=None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    return t.to(device, dtype) if dtype is not None else t.to(device)

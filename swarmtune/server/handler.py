@@ -1,0 +1,303 @@
+"""The RPCs a server answers, over hivemind's P2P: info, forward, backward and inference sessions.
+
+Each RPC carries one `wire` message. Unary RPCs take messages that fit one frame; the `_stream`
+variants take and return any size, in frames. Every failure becomes an error reply naming the
+problem, and the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
+from typing import AsyncIterator  # noqa: UP035  (hivemind detects streaming RPCs by typing.AsyncIterator hints)
+
+import torch
+from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.proto import runtime_pb2
+
+from swarmtune import wire
+from swarmtune.models.span import SpanModel
+from swarmtune.server import compute
+from swarmtune.server.executor import BACKWARD, FORWARD, INFERENCE, PriorityExecutor
+from swarmtune.server.lora import LoraSet
+from swarmtune.server.requests import (
+    Limits,
+    RequestError,
+    SpanRequest,
+    build_lora,
+    check_hidden,
+    check_mask,
+    check_positions,
+    check_prompts,
+    get_int,
+    need,
+    parse_lora,
+    parse_span,
+    parse_span_request,
+)
+from swarmtune.server.sessions import CacheBudget, InferenceSession
+
+logger = logging.getLogger(__name__)
+MAX_POSITION = 1 << 24
+
+
+@dataclass
+class HandlerConfig:
+    limits: Limits
+    session_timeout: float = 60.0     # idle inference sessions are closed after this long
+    alloc_timeout: float = 10.0       # how long a session waits for KV memory
+    lora_cache_per_peer: int = 4      # adapter versions remembered per client (digest reuse)
+
+
+def _response(meta: dict, tensors: dict | None = None) -> bytes:
+    return wire.pack(meta, tensors)
+
+
+def _error(message: str) -> bytes:
+    return wire.pack({"error": message})
+
+
+class BlockServicer(ServicerBase):
+    """Serves blocks [span.start, span.end) of one model."""
+
+    def __init__(self, span: SpanModel, executor: PriorityExecutor, budget: CacheBudget, config: HandlerConfig,
+                 info: dict, hosted_adapters: dict[str, LoraSet] | None = None):
+        self.span = span
+        self.executor = executor
+        self.budget = budget
+        self.config = config
+        self.limits = config.limits
+        self.info = info
+        self.hosted_adapters = hosted_adapters or {}
+        self.hidden_size = span.config.hidden_size
+        self.slots = _lora_slots(span)
+        self.subspans: dict[tuple[int, int], SpanModel] = {}
+        self.lora_cache: dict[str, OrderedDict[str, LoraSet]] = defaultdict(OrderedDict)
+        self.sessions_per_peer: dict[str, int] = defaultdict(int)
+        self.active_sessions = 0
+        self.stats = defaultdict(int)
+        self._last_request: dict[str, list[float]] = defaultdict(list)
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def subspan(self, start: int, end: int) -> SpanModel:
+        if (start, end) == (self.span.start, self.span.end):
+            return self.span
+        if (start, end) not in self.subspans:
+            offset = self.span.start
+            self.subspans[(start, end)] = SpanModel(
+                self.span.family, self.span.config, start, end,
+                self.span.blocks[start - offset:end - offset], self.span.position_module, self.span.compute_dtype)
+        return self.subspans[(start, end)]
+
+    def _check_rate(self, peer: str) -> None:
+        """A sliding one-second window per peer."""
+        now = time.monotonic()
+        recent = [t for t in self._last_request[peer] if now - t < 1.0]
+        need(len(recent) < self.limits.requests_per_second_per_peer,
+             f"rate limit: more than {self.limits.requests_per_second_per_peer:g} requests/s from this peer")
+        recent.append(now)
+        self._last_request[peer] = recent
+
+    def resolve_lora(self, peer: str, lora_meta: dict | None, tensors: list[torch.Tensor] | None,
+                     start: int, end: int) -> LoraSet | None:
+        """The request's adapter: hosted by name, sent now, or remembered from an earlier request by digest."""
+        if lora_meta is None:
+            return None
+        if "adapter" in lora_meta:
+            name = lora_meta["adapter"]
+            need(name in self.hosted_adapters, f"adapter {name!r} is not hosted here "
+                                               f"(hosted: {sorted(self.hosted_adapters)})")
+            return self.hosted_adapters[name]
+        digest = lora_meta.get("digest")
+        cache = self.lora_cache[peer]
+        if tensors is None:
+            need(digest in cache, f"unknown LoRA digest {digest!r}: send the adapter tensors")
+            cache.move_to_end(digest)
+            lora = cache[digest]
+        else:
+            device = next(self.span.parameters()).device
+            lora = build_lora(lora_meta, tensors, self.slots, (start, end), self.limits, self.span.compute_dtype,
+                              device)
+            if digest is not None:
+                cache[digest] = lora
+                while len(cache) > self.config.lora_cache_per_peer:
+                    cache.popitem(last=False)
+        if lora.scale != lora_meta["scale"] or lora.dropout != lora_meta.get("dropout", 0.0):
+            lora = LoraSet(lora.weights, float(lora_meta["scale"]), float(lora_meta.get("dropout", 0.0)))
+        return lora
+
+    def _parse(self, data: bytes, peer: str, backward: bool) -> tuple[SpanRequest, LoraSet | None, int]:
+        meta, tensors = wire.unpack(data, self.limits.max_message_bytes)
+        req = parse_span_request(meta, tensors, (self.span.start, self.span.end), self.hidden_size, MAX_POSITION,
+                                 self.limits, backward=backward)
+        lora = self.resolve_lora(peer, req.lora_meta, req.lora_tensors, req.start, req.end)
+        seed = int(req.lora_meta.get("seed", 0)) if req.lora_meta else 0
+        return req, lora, seed
+
+    async def _forward(self, data: bytes, peer: str) -> bytes:
+        req, lora, seed = self._parse(data, peer, backward=False)
+        out = await self.executor.submit(FORWARD, compute.forward, self.subspan(req.start, req.end), req.hidden,
+                                         req.attention_mask, req.position_ids, req.prompts, lora, seed)
+        self.stats["forward"] += 1
+        return _response({"ok": True}, {"hidden": out})
+
+    async def _backward(self, data: bytes, peer: str) -> bytes:
+        req, lora, seed = self._parse(data, peer, backward=True)
+        grad_hidden, grad_prompts, grad_lora = await self.executor.submit(
+            BACKWARD, compute.backward, self.subspan(req.start, req.end), req.hidden, req.attention_mask,
+            req.position_ids, req.prompts, lora, req.grad_output, seed)
+        tensors = {"grad_hidden": grad_hidden}
+        if grad_prompts is not None:
+            tensors["grad_prompts"] = grad_prompts
+        if req.lora_meta is not None and "adapter" not in req.lora_meta:
+            for i in range(len(grad_lora) // 2):
+                tensors[f"grad.lora.A.{i}"], tensors[f"grad.lora.B.{i}"] = grad_lora[2 * i], grad_lora[2 * i + 1]
+        self.stats["backward"] += 1
+        return _response({"ok": True}, tensors)
+
+    async def _guarded(self, handler, data: bytes, context: P2PContext) -> bytes:
+        peer = str(context.remote_id)
+        try:
+            self._check_rate(peer)
+            return await handler(data, peer)
+        except (RequestError, wire.WireError) as e:
+            self.stats["rejected"] += 1
+            return _error(str(e))
+        except Exception as e:
+            logger.exception("request failed")
+            self.stats["failed"] += 1
+            return _error(f"server error: {type(e).__name__}: {e}")
+
+    # ---- unary RPCs -------------------------------------------------------------------------------
+
+    async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        meta = dict(self.info, cache_bytes_free=self.budget.free, active_sessions=self.active_sessions,
+                    stats=dict(self.stats))
+        return runtime_pb2.ExpertResponse(metadata=_response(meta))
+
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return runtime_pb2.ExpertResponse(metadata=await self._guarded(self._forward, request.metadata, context))
+
+    async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext
+                           ) -> runtime_pb2.ExpertResponse:
+        return runtime_pb2.ExpertResponse(metadata=await self._guarded(self._backward, request.metadata, context))
+
+    # ---- streaming RPCs ---------------------------------------------------------------------------
+
+    async def _stream(self, handler, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+                      ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        try:
+            data = await _read_message(requests, wire.Reassembler(self.limits.max_message_bytes))
+            need(data is not None, "the stream ended before a whole message arrived")
+            reply = await self._guarded(handler, data, context)
+        except (RequestError, wire.WireError) as e:
+            reply = _error(str(e))
+        for frame in wire.frames(reply):
+            yield runtime_pb2.ExpertResponse(metadata=frame)
+
+    async def rpc_forward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+                                 ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async for response in self._stream(self._forward, requests, context):
+            yield response
+
+    async def rpc_backward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+                                  ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async for response in self._stream(self._backward, requests, context):
+            yield response
+
+    async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+                            ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A generation session: an 'open' message, then steps, each answered with the span's output."""
+        peer = str(context.remote_id)
+        reassembler = wire.Reassembler(self.limits.max_message_bytes)
+        session, reserved = None, 0
+        try:
+            data = await asyncio.wait_for(_read_message(requests, reassembler), self.config.session_timeout)
+            if data is None:
+                return
+            session, reserved = await self._open_session(data, peer)
+            yield _frame_response({"ok": True, "opened": True})
+            while True:
+                data = await asyncio.wait_for(_read_message(requests, reassembler), self.config.session_timeout)
+                if data is None:
+                    return
+                self._check_rate(peer)
+                reply = await self._inference_step(session, data)
+                for frame in wire.frames(reply):
+                    yield runtime_pb2.ExpertResponse(metadata=frame)
+        except asyncio.TimeoutError:
+            yield _frame_response({"error": f"session idle for more than {self.config.session_timeout:.0f} s"})
+        except (RequestError, wire.WireError) as e:
+            self.stats["rejected"] += 1
+            yield _frame_response({"error": str(e)})
+        except Exception as e:
+            logger.exception("inference session failed")
+            yield _frame_response({"error": f"server error: {type(e).__name__}: {e}"})
+        finally:
+            if session is not None:
+                session.cache = None
+                self.sessions_per_peer[peer] -= 1
+                self.active_sessions -= 1
+            if reserved:
+                await self.budget.release(reserved)
+
+    async def _open_session(self, data: bytes, peer: str) -> tuple[InferenceSession, int]:
+        meta, tensors = wire.unpack(data, self.limits.max_message_bytes)
+        need(meta.get("type") == "open", "the first message of a session must be of type 'open'")
+        start, end = parse_span(meta, (self.span.start, self.span.end))
+        batch = get_int(meta, "batch_size", 1, self.limits.max_batch)
+        max_length = get_int(meta, "max_length", 1, self.limits.max_length)
+        need(self.sessions_per_peer[peer] < self.limits.max_sessions_per_peer,
+             f"too many open sessions from this peer (limit {self.limits.max_sessions_per_peer})")
+        lora_meta, lora_tensors = parse_lora(meta, tensors)
+        lora = self.resolve_lora(peer, lora_meta, lora_tensors, start, end)
+        prompts = check_prompts(tensors.get("prompts"), end - start, batch, self.hidden_size, max_length)
+        span = self.subspan(start, end)
+        nbytes = span.make_cache_nbytes(batch, max_length)
+        await self.budget.acquire(nbytes, self.config.alloc_timeout)
+        try:
+            session = InferenceSession(span, batch, max_length, lora, prompts)
+        except BaseException:
+            await self.budget.release(nbytes)
+            raise
+        self.sessions_per_peer[peer] += 1
+        self.active_sessions += 1
+        return session, nbytes
+
+    async def _inference_step(self, session: InferenceSession, data: bytes) -> bytes:
+        meta, tensors = wire.unpack(data, self.limits.max_message_bytes)
+        hidden = check_hidden(tensors.get("hidden"), "hidden", self.hidden_size, self.limits)
+        batch, length = hidden.shape[:2]
+        mask = check_mask(tensors.get("attention_mask"), batch, length)
+        pos = check_positions(tensors.get("position_ids"), batch, length, MAX_POSITION)
+        reorder = tensors.get("reorder")
+        if reorder is not None:
+            need(reorder.dtype in (torch.int64, torch.int32) and list(reorder.shape) == [batch],
+                 f"'reorder' must be an integer tensor of shape [{batch}]")
+        out = await self.executor.submit(INFERENCE, session.step, hidden, mask, pos, reorder)
+        self.stats["inference_steps"] += 1
+        return _response({"ok": True, "step": meta.get("step"), "length": session.length}, {"hidden": out})
+
+
+async def _read_message(requests: AsyncIterator, reassembler: wire.Reassembler) -> bytes | None:
+    """The next whole message from a stream of frames, or None when the stream ends between messages."""
+    async for request in requests:
+        data = reassembler.add(request.metadata)
+        if data is not None:
+            return data
+    return None
+
+
+def _frame_response(meta: dict) -> runtime_pb2.ExpertResponse:
+    return runtime_pb2.ExpertResponse(metadata=wire.frames(_response(meta))[0])
+
+
+def _lora_slots(span: SpanModel) -> dict[str, tuple[int, int]]:
+    """LoRA slot key -> (in_features, out_features) of the wrapped layer."""
+    from swarmtune.server.lora import LoraSlot
+
+    return {m.key: (m.base.in_features, m.base.out_features) for m in span.modules() if isinstance(m, LoraSlot)}

@@ -1,0 +1,204 @@
+"""LocalSwarm: a bootstrap peer and one server process per span, all on 127.0.0.1.
+
+Used by tests, benchmarks and the embedded default of the entry points. Every process it starts
+is stopped when the context exits; every wait has a timeout and fails with the process's log.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+
+import psutil
+
+from swarmtune import records
+
+
+class ProcessFailed(RuntimeError):
+    pass
+
+
+class _Process:
+    """A child process whose stdout is logged to a file and scanned for marker lines."""
+
+    def __init__(self, args: list[str], log_path: str, env: dict | None = None):
+        self.log_path = log_path
+        self.lines: collections.deque[str] = collections.deque(maxlen=200)
+        self.markers: dict[str, list[str]] = collections.defaultdict(list)
+        self._changed = threading.Condition()
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=env, start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self) -> None:
+        with open(self.log_path, "a") as log:
+            for line in self.proc.stdout:
+                log.write(line)
+                log.flush()
+                with self._changed:
+                    self.lines.append(line.rstrip())
+                    word = line.split(" ", 1)[0]
+                    if word.isupper():
+                        self.markers[word].append(line.rstrip().split(" ", 1)[-1])
+                    self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_marker(self, marker: str, timeout: float, what: str) -> list[str]:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not self.markers.get(marker):
+                if self.proc.poll() is not None:
+                    raise ProcessFailed(f"{what} exited with code {self.proc.returncode}:\n{self.tail()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ProcessFailed(f"{what} did not start within {timeout:.0f} s:\n{self.tail()}")
+                self._changed.wait(min(left, 0.5))
+            return list(self.markers[marker])
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(list(self.lines)[-n:])
+
+    def _family(self) -> list[psutil.Process]:
+        try:
+            parent = psutil.Process(self.pid)
+            return [parent, *parent.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill(self) -> None:
+        """SIGKILL the process and everything it started (its p2pd): as if its machine died."""
+        for p in self._family():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        self._reap()
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, then SIGKILL whatever is left after `timeout`."""
+        family = self._family()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout)
+        _, alive = psutil.wait_procs([p for p in family if p.is_running()], timeout=3)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        self._reap()
+        return self.proc.returncode
+
+    def suspend(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    def _reap(self) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        self._reader.join(timeout=5)
+
+
+class ServerProcess(_Process):
+    def __init__(self, span: tuple[int, int], args: list[str], log_path: str, env: dict | None = None):
+        super().__init__(args, log_path, env)
+        self.span = span
+        self.peer_id: str | None = None
+        self.maddrs: list[str] = []
+
+
+class LocalSwarm:
+    """``with LocalSwarm(model, spans=[(0, 4), (4, 8)]) as swarm: ...`` starts, then stops, a loopback swarm.
+
+    `server_options` become command-line options of every server (``cache_mb=64`` ->
+    ``--cache-mb 64``; ``True`` -> a bare flag); `per_server` gives extra options per span.
+    """
+
+    def __init__(self, model: str, spans: Sequence[tuple[int, int]], dht_prefix: str | None = None,
+                 start_timeout: float = 180.0, log_dir: str | None = None,
+                 per_server: Sequence[dict] | None = None, **server_options):
+        self.model, self.spans = model, [tuple(s) for s in spans]
+        self.dht_prefix = dht_prefix or records.dht_prefix(model)
+        self.start_timeout = start_timeout
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix="swarmtune-swarm-")
+        self.per_server = list(per_server) if per_server else [{} for _ in self.spans]
+        self.server_options = {"num_threads": 1, "update_period": 5.0, "expiration": 15.0, **server_options}
+        self.bootstrap: _Process | None = None
+        self.servers: list[ServerProcess] = []
+        self.initial_peers: list[str] = []
+
+    def __enter__(self) -> LocalSwarm:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        args = [sys.executable, "-m", "swarmtune.dht", "--host", "127.0.0.1"]
+        self.bootstrap = _Process(args, os.path.join(self.log_dir, "dht.log"), _env())
+        self.initial_peers = self.bootstrap.wait_marker("MADDR", self.start_timeout, "the bootstrap DHT peer")
+        pending = [self._launch(span, extra) for span, extra in zip(self.spans, self.per_server)]
+        for server in pending:
+            self._wait_ready(server)
+
+    def add_server(self, span: tuple[int, int], wait: bool = True, **options) -> ServerProcess:
+        server = self._launch(tuple(span), options)
+        if wait:
+            self._wait_ready(server)
+        return server
+
+    def _launch(self, span: tuple[int, int], extra: dict) -> ServerProcess:
+        args = [sys.executable, "-m", "swarmtune.server", "--model", self.model, "--blocks", f"{span[0]}:{span[1]}",
+                "--dht-prefix", self.dht_prefix, "--host", "127.0.0.1", "--initial-peers", *self.initial_peers]
+        for key, value in {**self.server_options, **extra}.items():
+            flag = "--" + key.replace("_", "-")
+            if value is True:
+                args.append(flag)
+            elif isinstance(value, (list, tuple)):
+                args += [flag, *map(str, value)]
+            elif value is not None and value is not False:
+                args += [flag, str(value)]
+        log = os.path.join(self.log_dir, f"server-{len(self.servers)}-{span[0]}-{span[1]}.log")
+        server = ServerProcess(span, args, log, _env())
+        self.servers.append(server)
+        return server
+
+    def _wait_ready(self, server: ServerProcess) -> None:
+        line = server.wait_marker("SERVING", self.start_timeout, f"server for blocks {server.span[0]}:{server.span[1]}")
+        server.peer_id = line[0].rsplit(" ", 1)[-1]
+        server.maddrs = server.markers.get("MADDR", [])
+
+    def close(self) -> None:
+        for server in self.servers:
+            if server.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(server.pid, signal.SIGCONT)  # a suspended server cannot handle SIGTERM
+            server.stop()
+        if self.bootstrap is not None:
+            self.bootstrap.stop()
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

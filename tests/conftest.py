@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random-weight models of every family, and loopback swarms shared per session.
+
+Nothing here touches a network beyond 127.0.0.1, and every process started is stopped in teardown.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from swarmtune.tiny_model import make_tiny_model  # noqa: E402
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom"]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """tiny_models(family, layers=6) -> path of a cached tiny checkpoint of that family."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    made: dict[tuple, str] = {}
+
+    def get(family: str, layers: int = 6, hidden: int = 64) -> str:
+        key = (family, layers, hidden)
+        if key not in made:
+            made[key] = make_tiny_model(family, str(root / f"{family}-{layers}-{hidden}"), layers=layers,
+                                        hidden=hidden)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> str:
+    return tiny_models("llama")
+
+
+def reference_model(path: str):
+    """The same checkpoint as a plain local transformers model (fp32, eval mode)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    attn = "eager" if AutoConfig.from_pretrained(path).model_type == "bloom" else "sdpa"
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def llama_swarm(tiny_llama):
+    """Three servers splitting a 6-block llama unevenly, shared by every test that only reads from it."""
+    from swarmtune.swarm import LocalSwarm
+
+    with LocalSwarm(tiny_llama, spans=[(0, 1), (1, 4), (4, 6)]) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="session")
+def llama_client(llama_swarm, tiny_llama):
+    from swarmtune.client.model import SwarmForCausalLM
+
+    model = SwarmForCausalLM.from_pretrained(tiny_llama, initial_peers=llama_swarm.initial_peers)
+    yield model
+    model.close()
