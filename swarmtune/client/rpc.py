@@ -40,16 +40,17 @@ def _decode(peer_id: str, data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
-async def call(p2p: P2P, peer_id: str, method: str, data: bytes, timeout: float) -> tuple[dict, dict]:
+async def call(p2p: P2P, peer_id: str, method: str, data: bytes, timeout: float,
+               stream: bool = False) -> tuple[dict, dict]:
     """Send one message to `method` (forward, backward, info) and decode the reply.
 
-    Messages that fit one frame go as a unary RPC; larger ones (or ones with large replies,
-    `method + "_stream"`) stream in frames.
+    Messages that fit one frame go as a unary RPC; larger ones, or ones whose reply may be large
+    (`stream=True`), go through the streaming variant in frames.
     """
     peer = PeerID.from_base58(peer_id)
     try:
-        if method.endswith("_stream"):
-            reply = await asyncio.wait_for(_call_stream(p2p, peer, method, data), timeout)
+        if stream or len(data) > wire.CHUNK_BYTES:
+            reply = await asyncio.wait_for(_call_stream(p2p, peer, method + "_stream", data), timeout)
         else:
             response = await asyncio.wait_for(p2p.call_protobuf_handler(
                 peer, _handle(method), runtime_pb2.ExpertRequest(metadata=data), runtime_pb2.ExpertResponse), timeout)

@@ -48,6 +48,11 @@ class SpanArgs:
             out["prompts"] = self.prompts[start - self.offset:end - self.offset]
         return out
 
+    def lora_nbytes(self, start: int, end: int) -> int:
+        if self.lora is None:
+            return 0
+        return sum(p.numel() * 4 for p in self.lora.flat_parameters(self.lora.keys_in(start, end)))
+
 
 @dataclass
 class TransferStats:
@@ -100,15 +105,15 @@ class Replayer:
             if grad_output is not None:
                 tensors["grad_output"] = self._to_wire(grad_output)
             data = wire.pack(meta, tensors)
-            reply_bytes = len(data) + sum(t.numel() * 4 for t in lora_tensors.values())
-            streamed = max(len(data), reply_bytes if method == "backward" else len(data)) > wire.CHUNK_BYTES
+            # a backward reply also carries LoRA gradients, even when the request sent only a digest
+            reply_bytes = len(data) + (args.lora_nbytes(hop.start, hop.end) if method == "backward" else 0)
             self.stats.bytes_sent += len(data)
             self.stats.lora_bytes_sent += sum(t.numel() * t.element_size() for t in lora_tensors.values())
             self.stats.requests += 1
             try:
                 reply_meta, reply = self.connection.run(rpc.call(
-                    self.connection.p2p, hop.peer_id, method + ("_stream" if streamed else ""), data,
-                    self.config.request_timeout), timeout=self.config.request_timeout + 5)
+                    self.connection.p2p, hop.peer_id, method, data, self.config.request_timeout,
+                    stream=reply_bytes > wire.CHUNK_BYTES), timeout=self.config.request_timeout + 5)
             except ServerRejected as e:
                 if "unknown LoRA digest" in e.reason and not force:
                     self._lora_sent.discard((hop.peer_id, lora_meta["digest"]))

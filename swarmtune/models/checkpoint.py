@@ -40,11 +40,41 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_config(model: str, attn_implementation: str = "sdpa", revision: str | None = None) -> PretrainedConfig:
-    """The model's config with an explicit attention implementation (transformers needs one for lone blocks)."""
-    config = AutoConfig.from_pretrained(model, revision=revision)
+    """The model's config with an explicit attention implementation (transformers needs one for lone blocks).
+
+    For a hub id only config.json is fetched, through the same huggingface_hub call as the shards.
+    """
+    source = model if os.path.isdir(model) else hub_file(model, "config.json", revision)
+    config = AutoConfig.from_pretrained(source)
     config._attn_implementation = attn_implementation
+    # What a local transformers model picks for MoE experts (mixtral); lone blocks would get None.
+    config._experts_implementation = "grouped_mm"
     get_family(config.model_type)  # fail early on unsupported families
     return config
+
+
+def hub_file(repo: str, filename: str, revision: str | None = None) -> str:
+    """Local path of one file of a hub repository, downloaded (or taken from the cache) alone."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo, filename, revision=revision)
+    except Exception as e:
+        raise CheckpointError(f"Cannot fetch {filename} from {repo}: {e}") from e
+
+
+def hub_files(repo: str, revision: str | None = None) -> set[str]:
+    """File names of a hub repository; offline, whichever of the index or single file is already cached."""
+    from huggingface_hub import list_repo_files, try_to_load_from_cache
+
+    try:
+        return set(list_repo_files(repo, revision=revision))
+    except Exception as e:
+        cached = {name for name in (INDEX_FILE, SINGLE_FILE)
+                  if isinstance(try_to_load_from_cache(repo, name, revision=revision), str)}
+        if cached:
+            return cached
+        raise CheckpointError(f"Cannot list the files of {repo}: {e}") from e
 
 
 class Checkpoint:
@@ -61,35 +91,24 @@ class Checkpoint:
             if not os.path.exists(path):
                 raise CheckpointError(f"Checkpoint file is missing: {path}")
             return path
-        from huggingface_hub import hf_hub_download
-
-        try:
-            return hf_hub_download(self.model, filename, revision=self.revision)
-        except Exception as e:
-            raise CheckpointError(f"Cannot fetch {filename} from {self.model}: {e}") from e
+        return hub_file(self.model, filename, self.revision)
 
     def _read_weight_map(self) -> dict[str, str]:
-        files = self._list_files()
+        files = set(os.listdir(self.model)) if self.is_local else hub_files(self.model, self.revision)
         if INDEX_FILE in files:
-            with open(self._path(INDEX_FILE)) as f:
-                return dict(json.load(f)["weight_map"])
-        shards = sorted(f for f in files if f.endswith(".safetensors"))
+            return _read_index(self._path(INDEX_FILE))
+        # Without an index: the single file if there is one (ignoring e.g. adapter files beside it),
+        # else every shard's header.
+        shards = [SINGLE_FILE] if SINGLE_FILE in files else sorted(f for f in files if f.endswith(".safetensors"))
         if not shards:
             raise CheckpointError(f"No safetensors weights in {self.model} (found: {sorted(files)[:10]})")
         return {key: shard for shard in shards for key in _shard_keys(self._path(shard))}
-
-    def _list_files(self) -> set[str]:
-        if self.is_local:
-            return set(os.listdir(self.model))
-        from huggingface_hub import list_repo_files
-
-        return set(list_repo_files(self.model, revision=self.revision))
 
     def resolve(self, key: str) -> str | None:
         """The stored name of `key`, allowing for checkpoints saved from the base model (no 'model.' prefix)."""
         if key in self.weight_map:
             return key
-        stripped = key.split(".", 1)[1]
+        stripped = key.partition(".")[2]
         return stripped if stripped in self.weight_map else None
 
     def read(self, keys: list[str]) -> StateDict:
@@ -120,6 +139,14 @@ class Checkpoint:
         return found
 
 
+def _read_index(path: str) -> dict[str, str]:
+    try:
+        with open(path) as f:
+            return dict(json.load(f)["weight_map"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"Cannot read checkpoint index {path}: {e!r}") from e
+
+
 def _shard_keys(path: str) -> list[str]:
     try:
         with safe_open(path, framework="pt") as f:
@@ -140,7 +167,10 @@ def _materialize(module: nn.Module, state: StateDict, dtype: torch.dtype, device
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise CheckpointError(f"{what}: missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
-    module.load_state_dict(state, assign=True)
+    try:
+        module.load_state_dict(state, assign=True)
+    except RuntimeError as e:  # shape mismatches between the config and the stored tensors
+        raise CheckpointError(f"{what}: {e}") from e
     return module
 
 
@@ -219,11 +249,13 @@ def load_client_parts(
 
     embed_weight = ckpt.read([family.embed_key])[family.embed_key]
     embed_tokens = nn.Embedding.from_pretrained(embed_weight.to(device=device, dtype=dtype), freeze=True)
-    lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+    # On meta first: a 250k-vocab head would otherwise be allocated and randomly initialised for nothing.
+    lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
     if tied:
         lm_head.weight = embed_tokens.weight
     else:
-        lm_head.weight = nn.Parameter(ckpt.read([family.lm_head_key])[family.lm_head_key].to(device, dtype))
+        head = ckpt.read([family.lm_head_key])[family.lm_head_key]
+        lm_head.weight = nn.Parameter(head.to(device=device, dtype=dtype), requires_grad=False)
     with torch.device("meta"):
         final_norm = family.final_norm_class(config)
         embed_norm = family.embed_norm_class(config) if family.embed_norm_class else None

@@ -34,11 +34,12 @@ def layer_inputs(span, hidden: torch.Tensor, attention_mask: torch.Tensor, posit
                  cache) -> list[dict]:
     position_embeddings = span.position_module(hidden, position_ids)
     masks: dict[int | None, torch.Tensor] = {}
+    boolean = span.config._attn_implementation == "sdpa"
     out = []
     for layer_idx in range(span.start, span.end):
         window = _layer_window(span.config, layer_idx)
         if window not in masks:
-            masks[window] = causal_mask(attention_mask, hidden.shape[1], hidden.dtype, window)
+            masks[window] = causal_mask(attention_mask, hidden.shape[1], hidden.dtype, window, boolean)
         out.append(dict(attention_mask=masks[window], position_ids=position_ids,
                         position_embeddings=position_embeddings, cache=cache))
     return out
