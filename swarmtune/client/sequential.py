@@ -72,6 +72,7 @@ class Replayer:
         self.config = connection.config
         self.rng = rng or random.Random()
         self.stats = TransferStats()
+        self.last_route: list[Hop] = []  # the hops of the latest forward pass
         self._lora_sent: set[tuple[str, str]] = set()  # (peer, digest) pairs the server holds
 
     # ---- one request to one server ----------------------------------------------------------------
@@ -201,6 +202,7 @@ class _RemoteBlocks(torch.autograd.Function):
             h = reply["hidden"].to(hidden.dtype)
             block = hop.end
         ctx.replayer, ctx.args, ctx.hops, ctx.inputs = replayer, args, hops, inputs
+        replayer.last_route = list(hops)
         ctx.has_prompts, ctx.num_lora = prompts is not None, len(lora_params)
         return h
 

@@ -46,6 +46,7 @@ def load_config(model: str, attn_implementation: str = "sdpa", revision: str | N
     """
     source = model if os.path.isdir(model) else hub_file(model, "config.json", revision)
     config = AutoConfig.from_pretrained(source)
+    config._name_or_path = model  # the hub id, as transformers records it, not the cached file's path
     config._attn_implementation = attn_implementation
     # What a local transformers model picks for MoE experts (mixtral); lone blocks would get None.
     config._experts_implementation = "grouped_mm"

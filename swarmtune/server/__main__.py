@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=Limits.max_tokens, help="batch x length per request")
     p.add_argument("--max-length", type=int, default=Limits.max_length, help="tokens per inference session")
     p.add_argument("--max-message-mb", type=float, default=Limits.max_message_bytes / 2**20)
+    p.add_argument("--fault", default=None, help="testing only: misbehave on purpose (delay=S,nan,shape,perturb=X)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -65,6 +66,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         dht_prefix=args.dht_prefix, attn_implementation=args.attn_implementation, revision=args.revision,
         num_threads=args.num_threads, cache_bytes=int(args.cache_mb * 2**20), update_period=args.update_period,
         expiration=args.expiration, throughput=args.throughput, limits=limits, session_timeout=args.session_timeout,
+        faults=args.fault,
     )
 
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator  # noqa: UP035  (hivemind detects streaming RPCs by typing.AsyncIterator hints)
 
 import torch
@@ -22,6 +22,7 @@ from swarmtune import wire
 from swarmtune.models.span import SpanModel
 from swarmtune.server import compute
 from swarmtune.server.executor import BACKWARD, FORWARD, INFERENCE, PriorityExecutor
+from swarmtune.server.faults import Faults
 from swarmtune.server.lora import LoraSet
 from swarmtune.server.requests import (
     Limits,
@@ -50,6 +51,7 @@ class HandlerConfig:
     session_timeout: float = 60.0     # idle inference sessions are closed after this long
     alloc_timeout: float = 10.0       # how long a session waits for KV memory
     lora_cache_per_peer: int = 4      # adapter versions remembered per client (digest reuse)
+    faults: Faults = field(default_factory=Faults)  # test-only misbehaviour
 
 
 def _response(meta: dict, tensors: dict | None = None) -> bytes:
@@ -140,17 +142,19 @@ class BlockServicer(ServicerBase):
 
     async def _forward(self, data: bytes, peer: str) -> bytes:
         req, lora, seed = self._parse(data, peer, backward=False)
+        await self.config.faults.wait()
         out = await self.executor.submit(FORWARD, compute.forward, self.subspan(req.start, req.end), req.hidden,
                                          req.attention_mask, req.position_ids, req.prompts, lora, seed)
         self.stats["forward"] += 1
-        return _response({"ok": True}, {"hidden": out})
+        return _response({"ok": True}, {"hidden": self.config.faults.corrupt(out)})
 
     async def _backward(self, data: bytes, peer: str) -> bytes:
         req, lora, seed = self._parse(data, peer, backward=True)
+        await self.config.faults.wait()
         grad_hidden, grad_prompts, grad_lora = await self.executor.submit(
             BACKWARD, compute.backward, self.subspan(req.start, req.end), req.hidden, req.attention_mask,
             req.position_ids, req.prompts, lora, req.grad_output, seed)
-        tensors = {"grad_hidden": grad_hidden}
+        tensors = {"grad_hidden": self.config.faults.corrupt(grad_hidden)}
         if grad_prompts is not None:
             tensors["grad_prompts"] = grad_prompts
         if req.lora_meta is not None and "adapter" not in req.lora_meta:
@@ -278,9 +282,11 @@ class BlockServicer(ServicerBase):
         if reorder is not None:
             need(reorder.dtype in (torch.int64, torch.int32) and list(reorder.shape) == [batch],
                  f"'reorder' must be an integer tensor of shape [{batch}]")
+        await self.config.faults.wait()
         out = await self.executor.submit(INFERENCE, session.step, hidden, mask, pos, reorder)
         self.stats["inference_steps"] += 1
-        return _response({"ok": True, "step": meta.get("step"), "length": session.length}, {"hidden": out})
+        return _response({"ok": True, "step": meta.get("step"), "length": session.length},
+                         {"hidden": self.config.faults.corrupt(out)})
 
 
 async def _read_message(requests: AsyncIterator, reassembler: wire.Reassembler) -> bytes | None:

@@ -16,6 +16,7 @@ from swarmtune.models.family import get_family
 from swarmtune.p2p import NetworkOptions, start_dht, start_p2p, visible_maddrs
 from swarmtune.records import ModelInfo, ServerInfo
 from swarmtune.server.executor import PriorityExecutor
+from swarmtune.server.faults import Faults
 from swarmtune.server.handler import BlockServicer, HandlerConfig
 from swarmtune.server.lora import wrap_targets
 from swarmtune.server.requests import Limits
@@ -43,6 +44,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     session_timeout: float = 60.0
     alloc_timeout: float = 10.0
+    faults: str | None = None         # test-only misbehaviour, see swarmtune.server.faults
 
 
 class Server:
@@ -96,7 +98,8 @@ class Server:
         self.p2p = await start_p2p(cfg.network)
         self.dht = await start_dht(self.p2p, cfg.network)
         self.maddrs = await visible_maddrs(self.p2p)
-        handler_config = HandlerConfig(cfg.limits, cfg.session_timeout, cfg.alloc_timeout)
+        handler_config = HandlerConfig(cfg.limits, cfg.session_timeout, cfg.alloc_timeout,
+                                       faults=Faults.parse(cfg.faults))
         info = dict(model=cfg.model, start=span.start, end=span.end, dtype=str(span.compute_dtype),
                     version=__version__, peer_id=str(self.p2p.peer_id))
         self.servicer = BlockServicer(span, self.executor, CacheBudget(cfg.cache_bytes), handler_config, info)
