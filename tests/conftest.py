@@ -65,3 +65,16 @@ def llama_client(llama_swarm, tiny_llama):
     model = SwarmForCausalLM.from_pretrained(tiny_llama, initial_peers=llama_swarm.initial_peers)
     yield model
     model.close()
+
+
+@pytest.fixture(scope="session")
+def bloom_client(tiny_models):
+    """A swarm of the paper's family (ALiBi positions) with its client: (model, checkpoint path)."""
+    from swarmtune.client.model import SwarmForCausalLM
+    from swarmtune.swarm import LocalSwarm
+
+    path = tiny_models("bloom")
+    with LocalSwarm(path, spans=[(0, 3), (3, 4), (4, 6)]) as swarm:
+        model = SwarmForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
+        yield model, path
+        model.close()

@@ -16,7 +16,6 @@ from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.client.routing import NoServersError
 from swarmtune.client.rpc import ServerRejected
 from swarmtune.client.sequential import RemoteSequential
-from swarmtune.swarm import LocalSwarm
 from tests.conftest import reference_model
 
 TOL = 1e-5
@@ -60,15 +59,6 @@ def test_unpadded_forward_matches_local(llama_client, tiny_llama):
     ids = torch.randint(3, llama_client.config.vocab_size, (3, 7))
     with torch.no_grad():
         assert (llama_client(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max() <= TOL
-
-
-@pytest.fixture(scope="module")
-def bloom_client(tiny_models):
-    path = tiny_models("bloom")
-    with LocalSwarm(path, spans=[(0, 3), (3, 4), (4, 6)]) as swarm:
-        model = SwarmForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
-        yield model, path
-        model.close()
 
 
 def test_bloom_matches_local(bloom_client):

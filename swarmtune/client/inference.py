@@ -16,7 +16,7 @@ import torch
 from swarmtune import wire
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.routing import Hop, NoServersError, inference_route
-from swarmtune.client.rpc import InferenceStream, ServerFailure
+from swarmtune.client.rpc import InferenceStream, Refusals, ServerFailure
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class InferenceSession:
         self.steps = 0
         self.bytes_sent = 0
         self.recoveries: list[float] = []
-        self._failures = 0
+        self._failures, self._refusals = 0, Refusals()
         self.closed = False
 
     # ---- public API ------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ class InferenceSession:
         if position_ids is None:
             position_ids = torch.arange(self.length, self.length + new).expand(batch, new)
         mask, position_ids = mask.long().cpu(), position_ids.long().cpu()
-        self._failures = 0
+        self._failures, self._refusals = 0, Refusals()
         if not self.spans:
             self._open_chain(self.start, self.end, 0, _History())
         h, index = hidden.detach().cpu(), 0
@@ -200,6 +200,7 @@ class InferenceSession:
         duration = self.connection.bans.ban(hop.peer_id)
         logger.warning(f"server {hop.peer_id} failed on blocks {hop.start}:{hop.end} ({error.reason}); "
                        f"banned for {duration:.0f} s")
+        self._refusals.check(error, len(self.connection.view.covering(hop.start, self.connection.bans)))
 
     def _replace(self, index: int, error: ServerFailure) -> int:
         old = self.spans.pop(index)

@@ -9,6 +9,7 @@ and streamers all behave exactly as on a local model.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 
 import torch
@@ -66,6 +67,8 @@ class SwarmForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: PretrainedConfig, parts: ClientParts, connection: SwarmConnection,
                  model_name: str = ""):
+        config = copy.deepcopy(config)
+        config._experts_implementation = "eager"  # experts (MoE) run on servers: skip transformers' kernel checks
         super().__init__(config)
         self.parts = parts
         self.connection = connection

@@ -23,7 +23,32 @@ class ServerFailure(RuntimeError):
 
 
 class ServerRejected(ServerFailure):
-    """The server answered with an error about the request itself (e.g. unknown LoRA digest)."""
+    """The server answered with an error reply; `retry` says whether another server (or later) may succeed."""
+
+    def __init__(self, peer_id: str, reason: str, retry: bool = True):
+        super().__init__(peer_id, reason)
+        self.retry = retry
+
+
+class RequestRefused(RuntimeError):
+    """Servers refused the request itself (malformed, or larger than they allow): retrying will not help."""
+
+
+class Refusals:
+    """Tracks servers that refused a request as invalid.
+
+    One such verdict could be a faulty server, so the client tries another; a second server
+    agreeing, or having no other server to try, ends the retries with the servers' message.
+    """
+
+    def __init__(self):
+        self.peers: set[str] = set()
+
+    def check(self, error: ServerFailure, alternatives: int) -> None:
+        if isinstance(error, ServerRejected) and not error.retry:
+            self.peers.add(error.peer_id)
+            if len(self.peers) >= 2 or alternatives == 0:
+                raise RequestRefused(f"the swarm refused the request: {error.reason}") from error
 
 
 def _handle(method: str) -> str:
@@ -36,7 +61,7 @@ def _decode(peer_id: str, data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
     except wire.WireError as e:
         raise ServerFailure(peer_id, f"unreadable reply: {e}") from None
     if "error" in meta:
-        raise ServerRejected(peer_id, str(meta["error"]))
+        raise ServerRejected(peer_id, str(meta["error"]), bool(meta.get("retry", True)))
     return meta, tensors
 
 

@@ -21,7 +21,7 @@ from swarmtune import wire
 from swarmtune.client import rpc
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.routing import Hop, NoServersError, training_route
-from swarmtune.client.rpc import ServerFailure, ServerRejected
+from swarmtune.client.rpc import Refusals, ServerFailure, ServerRejected
 from swarmtune.tuning.lora import ClientLora
 
 logger = logging.getLogger(__name__)
@@ -147,12 +147,13 @@ class Replayer:
                 delay = min(delay * 2, 5.0)
                 self.connection.refresh()
 
-    def fail(self, hop: Hop, error: ServerFailure, what: str) -> float:
+    def fail(self, hop: Hop, error: ServerFailure, what: str, refusals: Refusals) -> None:
+        """Ban the server; stop retrying if servers agree the request itself is invalid."""
         self.stats.failures += 1
         duration = self.connection.bans.ban(hop.peer_id)
         logger.warning(f"server {hop.peer_id} failed on blocks {hop.start}:{hop.end} during {what} "
                        f"({error.reason}); banned for {duration:.0f} s")
-        return duration
+        refusals.check(error, len(self.connection.view.covering(hop.start, self.connection.bans)))
 
     def run_span(self, method: str, block: int, end: int, hidden: torch.Tensor, args: SpanArgs,
                  grad_output: torch.Tensor | None = None, prefer: Hop | None = None) -> tuple[Hop, dict]:
@@ -161,7 +162,7 @@ class Replayer:
         With `prefer`, that exact hop is tried first (backward wants the forward's servers).
         """
         deadline = time.monotonic() + self.config.retry_budget
-        failed_at = None
+        failed_at, refusals = None, Refusals()
         for attempt in range(self.config.max_retries):
             hop = prefer if prefer is not None and attempt == 0 else self.next_hop(block, end, deadline)
             try:
@@ -176,7 +177,7 @@ class Replayer:
                 return hop, reply
             except ServerFailure as e:
                 failed_at = failed_at or time.monotonic()
-                self.fail(hop, e, method)
+                self.fail(hop, e, method, refusals)
         raise RuntimeError(f"blocks {block}:{end}: {self.config.max_retries} attempts failed; giving up")
 
 
@@ -228,6 +229,7 @@ def _backward_span(replayer: Replayer, start: int, end: int, h: torch.Tensor, gr
     recover the activations at the split, and each part is back-propagated on its own.
     """
     deadline = time.monotonic() + replayer.config.retry_budget
+    refusals = Refusals()
     for _ in range(replayer.config.max_retries):
         usable = prefer is not None and not replayer.connection.bans.banned(prefer.peer_id)
         hop = prefer if usable else replayer.next_hop(start, end, deadline)
@@ -242,7 +244,7 @@ def _backward_span(replayer: Replayer, start: int, end: int, h: torch.Tensor, gr
             _check_output(hop, reply.get("grad_hidden"), h.shape, "grad_hidden")
             _accumulate(hop, reply, args, grad_prompts, grad_lora)
         except ServerFailure as e:
-            replayer.fail(hop, e, "backward")
+            replayer.fail(hop, e, "backward", refusals)
             continue
         replayer.connection.bans.forgive(hop.peer_id)
         return reply["grad_hidden"].to(h.dtype)

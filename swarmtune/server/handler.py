@@ -27,6 +27,7 @@ from swarmtune.server.lora import LoraSet
 from swarmtune.server.requests import (
     Limits,
     RequestError,
+    ServerBusy,
     SpanRequest,
     build_lora,
     check_hidden,
@@ -58,8 +59,8 @@ def _response(meta: dict, tensors: dict | None = None) -> bytes:
     return wire.pack(meta, tensors)
 
 
-def _error(message: str) -> bytes:
-    return wire.pack({"error": message})
+def _error(message: str, retry: bool = False) -> bytes:
+    return wire.pack({"error": message, "retry": retry})
 
 
 class BlockServicer(ServicerBase):
@@ -99,8 +100,9 @@ class BlockServicer(ServicerBase):
         """A sliding one-second window per peer."""
         now = time.monotonic()
         recent = [t for t in self._last_request[peer] if now - t < 1.0]
-        need(len(recent) < self.limits.requests_per_second_per_peer,
-             f"rate limit: more than {self.limits.requests_per_second_per_peer:g} requests/s from this peer")
+        if len(recent) >= self.limits.requests_per_second_per_peer:
+            raise ServerBusy(f"rate limit: more than {self.limits.requests_per_second_per_peer:g} requests/s "
+                             f"from this peer")
         recent.append(now)
         self._last_request[peer] = recent
 
@@ -170,11 +172,11 @@ class BlockServicer(ServicerBase):
             return await handler(data, peer)
         except (RequestError, wire.WireError) as e:
             self.stats["rejected"] += 1
-            return _error(str(e))
+            return _error(str(e), getattr(e, "retry", False))
         except Exception as e:
             logger.exception("request failed")
             self.stats["failed"] += 1
-            return _error(f"server error: {type(e).__name__}: {e}")
+            return _error(f"server error: {type(e).__name__}: {e}", retry=True)
 
     # ---- unary RPCs -------------------------------------------------------------------------------
 
@@ -224,7 +226,7 @@ class BlockServicer(ServicerBase):
             if data is None:
                 return
             session, reserved = await self._open_session(data, peer)
-            yield _frame_response({"ok": True, "opened": True})
+            yield _frame(_response({"ok": True, "opened": True}))
             while True:
                 data = await asyncio.wait_for(_read_message(requests, reassembler), self.config.session_timeout)
                 if data is None:
@@ -234,20 +236,20 @@ class BlockServicer(ServicerBase):
                 for frame in wire.frames(reply):
                     yield runtime_pb2.ExpertResponse(metadata=frame)
         except asyncio.TimeoutError:
-            yield _frame_response({"error": f"session idle for more than {self.config.session_timeout:.0f} s"})
+            yield _frame(_error(f"session idle for more than {self.config.session_timeout:.0f} s", retry=True))
         except (RequestError, wire.WireError) as e:
             self.stats["rejected"] += 1
-            yield _frame_response({"error": str(e)})
+            yield _frame(_error(str(e), getattr(e, "retry", False)))
         except Exception as e:
             logger.exception("inference session failed")
-            yield _frame_response({"error": f"server error: {type(e).__name__}: {e}"})
+            yield _frame(_error(f"server error: {type(e).__name__}: {e}", retry=True))
         finally:
             if session is not None:
                 session.cache = None
                 self.sessions_per_peer[peer] -= 1
                 self.active_sessions -= 1
             if reserved:
-                await self.budget.release(reserved)
+                self.budget.release(reserved)
 
     async def _open_session(self, data: bytes, peer: str) -> tuple[InferenceSession, int]:
         meta, tensors = wire.unpack(data, self.limits.max_message_bytes)
@@ -255,8 +257,8 @@ class BlockServicer(ServicerBase):
         start, end = parse_span(meta, (self.span.start, self.span.end))
         batch = get_int(meta, "batch_size", 1, self.limits.max_batch)
         max_length = get_int(meta, "max_length", 1, self.limits.max_length)
-        need(self.sessions_per_peer[peer] < self.limits.max_sessions_per_peer,
-             f"too many open sessions from this peer (limit {self.limits.max_sessions_per_peer})")
+        if self.sessions_per_peer[peer] >= self.limits.max_sessions_per_peer:
+            raise ServerBusy(f"too many open sessions from this peer (limit {self.limits.max_sessions_per_peer})")
         lora_meta, lora_tensors = parse_lora(meta, tensors)
         lora = self.resolve_lora(peer, lora_meta, lora_tensors, start, end)
         prompts = check_prompts(tensors.get("prompts"), end - start, batch, self.hidden_size, max_length)
@@ -266,7 +268,7 @@ class BlockServicer(ServicerBase):
         try:
             session = InferenceSession(span, batch, max_length, lora, prompts)
         except BaseException:
-            await self.budget.release(nbytes)
+            self.budget.release(nbytes)
             raise
         self.sessions_per_peer[peer] += 1
         self.active_sessions += 1
@@ -298,8 +300,9 @@ async def _read_message(requests: AsyncIterator, reassembler: wire.Reassembler) 
     return None
 
 
-def _frame_response(meta: dict) -> runtime_pb2.ExpertResponse:
-    return runtime_pb2.ExpertResponse(metadata=wire.frames(_response(meta))[0])
+def _frame(message: bytes) -> runtime_pb2.ExpertResponse:
+    """A short message (a status or an error) as one stream frame."""
+    return runtime_pb2.ExpertResponse(metadata=wire.frames(message)[0])
 
 
 def _lora_slots(span: SpanModel) -> dict[str, tuple[int, int]]:

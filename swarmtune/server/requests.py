@@ -19,6 +19,14 @@ INDEX_DTYPES = (torch.int64, torch.int32)
 class RequestError(ValueError):
     """The request is malformed or over a limit; the message goes back to the client."""
 
+    retry = False  # would the same request succeed on another server, or later?
+
+
+class ServerBusy(RequestError):
+    """The request is fine but this server has no capacity for it right now."""
+
+    retry = True
+
 
 @dataclass
 class Limits:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import torch
@@ -10,16 +11,20 @@ import torch
 from swarmtune.models.span import SpanModel
 from swarmtune.server import lora as lora_lib
 from swarmtune.server.lora import LoraSet
-from swarmtune.server.requests import RequestError
+from swarmtune.server.requests import RequestError, ServerBusy
 
 
 class CacheBudget:
-    """Bytes of KV cache the server may hold; sessions wait (bounded) for room."""
+    """Bytes of KV cache the server may hold; sessions wait (bounded) for room.
+
+    Used from the event loop only, so plain counters suffice; `release` is synchronous so that
+    a session's cleanup cannot be interrupted halfway.
+    """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.used = 0
-        self._changed = asyncio.Condition()
+        self._freed = asyncio.Event()
 
     @property
     def free(self) -> int:
@@ -29,18 +34,20 @@ class CacheBudget:
         if nbytes > self.max_bytes:
             raise RequestError(f"the session needs {nbytes} bytes of KV cache but this server's whole cache "
                                f"budget is {self.max_bytes} bytes: ask for a shorter max_length or smaller batch")
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: self.used + nbytes <= self.max_bytes), timeout)
-            except asyncio.TimeoutError:
-                raise RequestError(f"no room for {nbytes} bytes of KV cache after waiting {timeout:.0f} s "
-                                   f"({self.free} of {self.max_bytes} bytes free)") from None
-            self.used += nbytes
+        deadline = time.monotonic() + timeout
+        while self.used + nbytes > self.max_bytes:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ServerBusy(f"no room for {nbytes} bytes of KV cache after waiting {timeout:.0f} s "
+                                 f"({self.free} of {self.max_bytes} bytes free)")
+            self._freed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), left)
+        self.used += nbytes
 
-    async def release(self, nbytes: int) -> None:
-        async with self._changed:
-            self.used -= nbytes
-            self._changed.notify_all()
+    def release(self, nbytes: int) -> None:
+        self.used -= nbytes
+        self._freed.set()
 
 
 class InferenceSession:

@@ -1,0 +1,132 @@
+"""Inference sessions survive dying servers (dual attention cache), respect KV budgets and do not leak."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+import torch
+from transformers import AutoTokenizer
+from transformers.generation.streamers import BaseStreamer
+
+from swarmtune import wire
+from swarmtune.client import rpc
+from swarmtune.client.config import ClientConfig
+from swarmtune.client.inference import InferenceSession
+from swarmtune.client.model import SwarmForCausalLM
+from swarmtune.client.rpc import RequestRefused
+from swarmtune.swarm import LocalSwarm
+from tests.conftest import reference_model
+
+PROMPT = "The swarm is a group of computers that"
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_llama):
+    with LocalSwarm(tiny_llama, spans=[(0, 3), (3, 6)], per_server=[{"cache_mb": 1}, {}]) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama):
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_llama, tokenizer):
+    inputs = tokenizer([PROMPT], return_tensors="pt")
+    return reference_model(tiny_llama).generate(**inputs, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+
+
+@pytest.fixture
+def client(swarm, tiny_llama):
+    config = ClientConfig(initial_peers=swarm.initial_peers, step_timeout=5.0, ban_base=1.0)
+    model = SwarmForCausalLM.from_pretrained(tiny_llama, client_config=config)
+    yield model
+    model.close()
+
+
+@pytest.fixture
+def victim(swarm):
+    """A server for all blocks: inference routing prefers one hop over two, so sessions start on it."""
+    server = swarm.add_server((0, 6))
+    yield server
+    if server.proc.poll() is None:
+        server.resume()
+    server.stop()
+
+
+def test_server_killed_between_generate_calls(victim, client, tokenizer, expected):
+    inputs = tokenizer([PROMPT], return_tensors="pt")
+    with client.inference_session(max_length=64) as session:
+        first = client.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        assert [s.hop.peer_id for s in session.spans] == [victim.peer_id]
+        victim.kill()
+        second = client.generate(first, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        assert victim.peer_id not in [s.hop.peer_id for s in session.spans]
+        assert len(session.recoveries) == 1
+    assert torch.equal(second, expected)
+
+
+class _KillAfter(BaseStreamer):
+    def __init__(self, server, tokens: int):
+        self.server, self.tokens, self.seen = server, tokens, 0
+
+    def put(self, value):
+        self.seen += 1
+        if self.seen == self.tokens:
+            self.server.kill()
+
+    def end(self):
+        pass
+
+
+def test_server_killed_during_generate(victim, client, tokenizer, expected):
+    inputs = tokenizer([PROMPT], return_tensors="pt")
+    out = client.generate(**inputs, max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                          streamer=_KillAfter(victim, 8))
+    assert victim.proc.poll() is not None
+    assert torch.equal(out, expected)
+
+
+def test_server_hangs_during_generate(victim, client, tokenizer, expected):
+    inputs = tokenizer([PROMPT], return_tensors="pt")
+    streamer = _KillAfter(victim, 8)
+    streamer.server = type("Hang", (), {"kill": victim.suspend})()
+    out = client.generate(**inputs, max_new_tokens=24, min_new_tokens=24, do_sample=False, streamer=streamer)
+    assert torch.equal(out, expected)
+
+
+def test_session_larger_than_cache_budget_is_refused(client):
+    # the 0:3 server has 1 MiB of KV cache; 4 x 4096 tokens need far more
+    with pytest.raises(RequestRefused, match="cache budget"):
+        with client.inference_session(max_length=4096, batch_size=4) as session:
+            session.step(torch.zeros(4, 1, client.config.hidden_size))
+
+
+def _server_state(model: SwarmForCausalLM, peer_id: str) -> dict:
+    conn = model.connection
+    meta, _ = conn.run(rpc.call(conn.p2p, peer_id, "info", wire.pack({}), 10), timeout=15)
+    return meta
+
+
+def test_many_sessions_do_not_leak(client, swarm):
+    server = swarm.servers[1]
+    hidden = torch.randn(1, 4, client.config.hidden_size)
+
+    def run_sessions(count: int) -> None:
+        for _ in range(count):
+            with InferenceSession(client.connection, max_length=16, batch_size=1, start=3, end=6) as session:
+                session.step(hidden)
+
+    run_sessions(50)  # warm up allocator pools and caches
+    baseline = psutil.Process(server.pid).memory_info().rss
+    run_sessions(500)
+    deadline = time.monotonic() + 10  # the last close reaches the server asynchronously
+    while (state := _server_state(client, server.peer_id))["active_sessions"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert state["active_sessions"] == 0
+    assert state["cache_bytes_free"] == 256 << 20
+    growth = psutil.Process(server.pid).memory_info().rss - baseline
+    assert growth < 30 << 20, f"server RSS grew by {growth / 2**20:.1f} MiB over 500 sessions"
