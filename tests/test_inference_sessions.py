@@ -100,9 +100,9 @@ def test_server_hangs_during_generate(victim, client, tokenizer, expected):
 
 def test_session_larger_than_cache_budget_is_refused(client):
     # the 0:3 server has 1 MiB of KV cache; 4 x 4096 tokens need far more
-    with pytest.raises(RequestRefused, match="cache budget"):
-        with client.inference_session(max_length=4096, batch_size=4) as session:
-            session.step(torch.zeros(4, 1, client.config.hidden_size))
+    with pytest.raises(RequestRefused, match="cache budget"), \
+            client.inference_session(max_length=4096, batch_size=4) as session:
+        session.step(torch.zeros(4, 1, client.config.hidden_size))
 
 
 def _server_state(model: SwarmForCausalLM, peer_id: str) -> dict:

@@ -158,6 +158,7 @@ def _shard_keys(path: str) -> list[str]:
 
 @lru_cache(maxsize=8)
 def open_checkpoint(model: str, revision: str | None = None) -> Checkpoint:
+    """A cached Checkpoint: loading a span and the client parts lists the files and parses the index once."""
     return Checkpoint(model, revision)
 
 
