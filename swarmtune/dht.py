@@ -7,6 +7,7 @@ import asyncio
 import signal
 
 from swarmtune.p2p import NetworkOptions, start_dht, start_p2p, visible_maddrs
+from swarmtune.security import Membership
 
 
 async def run(opts: NetworkOptions) -> None:
@@ -33,10 +34,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--initial-peers", nargs="*", default=[])
     p.add_argument("--announce-maddrs", nargs="*", default=[])
     p.add_argument("--public", action="store_true", help="enable NAT traversal (port mapping, AutoNAT, relays)")
+    p.add_argument("--swarm-key", default=None, help="private swarm: file with the shared swarm key")
+    p.add_argument("--allowed-peers", nargs="*", default=None, help="private swarm: peer ids allowed to take part")
     args = p.parse_args(argv)
+    membership = Membership.from_options(args.swarm_key, args.allowed_peers)
     asyncio.run(run(NetworkOptions(host=args.host, port=args.port, identity_path=args.identity,
                                    initial_peers=args.initial_peers, announce_maddrs=args.announce_maddrs,
-                                   public=args.public)))
+                                   public=args.public, membership=membership)))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ os.environ.setdefault("USE_LEGACY_BFLOAT16", "0")
 
 from hivemind.dht.node import DHTNode  # noqa: E402
 from hivemind.p2p import P2P  # noqa: E402
+from hivemind.utils.auth import AuthRole, AuthRPCWrapper  # noqa: E402
+
+from swarmtune.security import Identity, Membership, PeerSignatureValidator  # noqa: E402
 
 
 @dataclass
@@ -27,8 +30,10 @@ class NetworkOptions:
     initial_peers: list[str] = field(default_factory=list)
     announce_maddrs: list[str] = field(default_factory=list)
     identity_path: str | None = None
+    check_identity: bool = True       # make sure no other peer already uses this identity
     public: bool = False
     startup_timeout: float = 30.0
+    membership: Membership = field(default_factory=Membership)
 
     def host_maddrs(self) -> list[str]:
         kind = "ip6" if ":" in self.host else "ip4"
@@ -65,6 +70,7 @@ async def _create_p2p(opts: NetworkOptions) -> P2P:
         host_maddrs=opts.host_maddrs(),
         announce_maddrs=opts.announce_maddrs or None,
         identity_path=opts.identity_path,
+        check_if_identity_free=opts.check_identity,
         nat_port_map=opts.public,
         auto_nat=opts.public,
         use_relay=opts.public,
@@ -73,11 +79,45 @@ async def _create_p2p(opts: NetworkOptions) -> P2P:
     )
 
 
-async def start_dht(p2p: P2P, opts: NetworkOptions, client_mode: bool = False, **kwargs) -> DHTNode:
-    """A DHT node over `p2p`; raises TimeoutError rather than hanging when bootstrap peers are unreachable."""
-    return await asyncio.wait_for(DHTNode.create(
-        p2p=p2p, initial_peers=opts.initial_peers or None, client_mode=client_mode, **kwargs
+async def start_dht(p2p: P2P, opts: NetworkOptions, client_mode: bool = False,
+                    identity: Identity | None = None) -> DHTNode:
+    """A DHT node over `p2p` that accepts only signed records (and, in a private swarm, only members).
+
+    Raises TimeoutError rather than hanging when bootstrap peers are unreachable.
+    """
+    members = opts.membership
+    node = await asyncio.wait_for(DHTNode.create(
+        p2p=p2p, initial_peers=opts.initial_peers or None, client_mode=client_mode,
+        record_validator=PeerSignatureValidator(identity, members.allowed_peers), authorizer=members.authorizer(),
     ), opts.startup_timeout)
+    if members.allowed_peers is not None and not client_mode:
+        await _admit_only(node, members)
+    return node
+
+
+async def _admit_only(node: DHTNode, members: Membership) -> None:
+    """Re-register the DHT's handlers so that peers outside the allowlist get no answer."""
+    protocol = node.protocol
+    await protocol.remove_p2p_handlers(protocol.p2p)
+    inner = AuthRPCWrapper(protocol, AuthRole.SERVICER, protocol.authorizer)
+    await protocol.add_p2p_handlers(protocol.p2p, wrapper=_Gate(inner, members.allowed_peers))
+
+
+class _Gate:
+    """Forwards rpc_* calls from allowed peers; refuses the rest."""
+
+    def __init__(self, inner, allowed: set[str]):
+        self._inner, self._allowed = inner, allowed
+
+    def __getattr__(self, name: str):
+        method = getattr(self._inner, name)
+
+        async def gated(request, context):
+            if str(context.remote_id) not in self._allowed:
+                raise PermissionError(f"peer {context.remote_id} is not a member of this private swarm")
+            return await method(request, context)
+
+        return gated
 
 
 async def visible_maddrs(p2p: P2P) -> list[str]:

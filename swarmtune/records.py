@@ -76,6 +76,15 @@ class ModelInfo:
     def to_record(self) -> dict:
         return dataclasses.asdict(self) | {"protocol": PROTOCOL_VERSION}
 
+    @classmethod
+    def from_record(cls, record) -> ModelInfo | None:
+        if not isinstance(record, dict) or record.get("protocol") != PROTOCOL_VERSION:
+            return None
+        try:
+            return cls(_int(record["num_blocks"]), str(record["model_id"]), str(record.get("model_type", "")))
+        except (KeyError, TypeError, ValueError):
+            return None
+
 
 def _int(x) -> int:
     if isinstance(x, bool) or not isinstance(x, int):

@@ -113,7 +113,7 @@ class _Process:
 
 
 class ServerProcess(_Process):
-    def __init__(self, span: tuple[int, int], args: list[str], log_path: str, env: dict | None = None):
+    def __init__(self, span: tuple[int, int] | None, args: list[str], log_path: str, env: dict | None = None):
         super().__init__(args, log_path, env)
         self.span = span
         self.peer_id: str | None = None
@@ -124,18 +124,25 @@ class LocalSwarm:
     """``with LocalSwarm(model, spans=[(0, 4), (4, 8)]) as swarm: ...`` starts, then stops, a loopback swarm.
 
     `server_options` become command-line options of every server (``cache_mb=64`` ->
-    ``--cache-mb 64``; ``True`` -> a bare flag); `per_server` gives extra options per span.
+    ``--cache-mb 64``; ``True`` -> a bare flag); `per_server` gives extra options per span. A span
+    of None lets that server choose its own (give ``num_blocks=N`` or ``num_blocks="auto"``, which
+    servers with a span ignore); its `.span` is what it first announced. ``host`` (default
+    127.0.0.1) is where the bootstrap and the servers listen; a server's own ``host`` and ``wrap``
+    (a command prefix such as ``["ip", "netns", "exec", NS]``) place it elsewhere, as the
+    network-emulation benchmarks do.
+    `dht_options` become options of the bootstrap peer (e.g. ``swarm_key=PATH`` for a private swarm).
     """
 
-    def __init__(self, model: str, spans: Sequence[tuple[int, int]], dht_prefix: str | None = None,
+    def __init__(self, model: str, spans: Sequence[tuple[int, int] | None], dht_prefix: str | None = None,
                  start_timeout: float = 180.0, log_dir: str | None = None,
-                 per_server: Sequence[dict] | None = None, **server_options):
-        self.model, self.spans = model, [tuple(s) for s in spans]
+                 per_server: Sequence[dict] | None = None, dht_options: dict | None = None, **server_options):
+        self.model, self.spans = model, [None if s is None else tuple(s) for s in spans]
         self.dht_prefix = dht_prefix or records.dht_prefix(model)
         self.start_timeout = start_timeout
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="swarmtune-swarm-")
         self.per_server = list(per_server) if per_server else [{} for _ in self.spans]
         self.server_options = {"num_threads": 1, "update_period": 5.0, "expiration": 15.0, **server_options}
+        self.dht_options = dict(dht_options or {})
         self.bootstrap: _Process | None = None
         self.servers: list[ServerProcess] = []
         self.initial_peers: list[str] = []
@@ -152,48 +159,66 @@ class LocalSwarm:
         self.close()
 
     def start(self) -> None:
-        args = [sys.executable, "-m", "swarmtune.dht", "--host", "127.0.0.1"]
+        args = [sys.executable, "-m", "swarmtune.dht", "--host", self.server_options.get("host", "127.0.0.1"),
+                *_flags(self.dht_options)]
         self.bootstrap = _Process(args, os.path.join(self.log_dir, "dht.log"), _env())
         self.initial_peers = self.bootstrap.wait_marker("MADDR", self.start_timeout, "the bootstrap DHT peer")
         pending = [self._launch(span, extra) for span, extra in zip(self.spans, self.per_server)]
         for server in pending:
             self._wait_ready(server)
 
-    def add_server(self, span: tuple[int, int], wait: bool = True, **options) -> ServerProcess:
-        server = self._launch(tuple(span), options)
+    def add_server(self, span: tuple[int, int] | None, wait: bool = True, **options) -> ServerProcess:
+        server = self._launch(None if span is None else tuple(span), options)
         if wait:
             self._wait_ready(server)
         return server
 
-    def _launch(self, span: tuple[int, int], extra: dict) -> ServerProcess:
-        args = [sys.executable, "-m", "swarmtune.server", "--model", self.model, "--blocks", f"{span[0]}:{span[1]}",
-                "--dht-prefix", self.dht_prefix, "--host", "127.0.0.1", "--initial-peers", *self.initial_peers]
-        for key, value in {**self.server_options, **extra}.items():
-            flag = "--" + key.replace("_", "-")
-            if value is True:
-                args.append(flag)
-            elif isinstance(value, (list, tuple)):
-                args += [flag, *map(str, value)]
-            elif value is not None and value is not False:
-                args += [flag, str(value)]
-        log = os.path.join(self.log_dir, f"server-{len(self.servers)}-{span[0]}-{span[1]}.log")
+    def _launch(self, span: tuple[int, int] | None, extra: dict) -> ServerProcess:
+        options = {"host": "127.0.0.1", **self.server_options, **extra}
+        args = [*options.pop("wrap", ()), sys.executable, "-m", "swarmtune.server", "--model", self.model,
+                "--dht-prefix", self.dht_prefix, "--initial-peers", *self.initial_peers]
+        if span is not None:
+            args += ["--blocks", f"{span[0]}:{span[1]}"]
+            options.pop("num_blocks", None)  # meant for the servers choosing their span
+        args += _flags(options)
+        log = os.path.join(self.log_dir, f"server-{len(self.servers)}-{span[0]}-{span[1]}.log" if span
+                           else f"server-{len(self.servers)}.log")
         server = ServerProcess(span, args, log, _env())
         self.servers.append(server)
         return server
 
     def _wait_ready(self, server: ServerProcess) -> None:
-        line = server.wait_marker("SERVING", self.start_timeout, f"server for blocks {server.span[0]}:{server.span[1]}")
+        what = f"server for blocks {server.span[0]}:{server.span[1]}" if server.span else "server choosing its blocks"
+        line = server.wait_marker("SERVING", self.start_timeout, what)
         server.peer_id = line[0].rsplit(" ", 1)[-1]
+        if server.span is None:  # "blocks A:B of MODEL as PEER"
+            server.span = tuple(int(x) for x in line[0].split(" ", 2)[1].split(":"))
         server.maddrs = server.markers.get("MADDR", [])
 
     def close(self) -> None:
+        running = [s for s in self.servers if s.proc.poll() is None]
+        for server in running:  # signal all first, so they shut down in parallel
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server.pid, signal.SIGCONT)  # a suspended server cannot handle SIGTERM
+                os.kill(server.pid, signal.SIGTERM)
         for server in self.servers:
-            if server.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(server.pid, signal.SIGCONT)  # a suspended server cannot handle SIGTERM
             server.stop()
         if self.bootstrap is not None:
             self.bootstrap.stop()
+
+
+def _flags(options: dict) -> list[str]:
+    """Command-line flags from keyword options: ``cache_mb=64`` -> ``--cache-mb 64``, True -> a bare flag."""
+    args = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif isinstance(value, (list, tuple)):
+            args += [flag, *map(str, value)]
+        elif value is not None and value is not False:
+            args += [flag, str(value)]
+    return args
 
 
 def _env() -> dict:
@@ -202,3 +227,18 @@ def _env() -> dict:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m swarmtune.swarm status ...: commands about a running swarm."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "status":
+        raise SystemExit("usage: python -m swarmtune.swarm status --initial-peers MADDR [MADDR ...] "
+                         "(--model NAME | --dht-prefix PREFIX)")
+    from swarmtune import status
+
+    status.main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -70,9 +70,9 @@ def test_request_above_unary_limit_streams(llama_client, tiny_llama, monkeypatch
     methods = []
     original = rpc.call
 
-    async def spy(p2p, peer_id, method, data, timeout, stream=False):
+    async def spy(p2p, peer_id, method, data, timeout, **kwargs):
         methods.append((method, len(data)))
-        return await original(p2p, peer_id, method, data, timeout, stream)
+        return await original(p2p, peer_id, method, data, timeout, **kwargs)
 
     monkeypatch.setattr(rpc, "call", spy)
     hidden = torch.randn(4, 1100, llama_client.config.hidden_size)  # ~1.1 MiB of fp32 per request

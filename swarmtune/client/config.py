@@ -21,3 +21,6 @@ class ClientConfig:
     verify_fraction: float = 0.0      # fraction of span requests re-checked on a second server
     wire_dtype: str | None = None     # cast activations for the wire (e.g. "bfloat16"); None keeps them
     startup_timeout: float = 30.0
+    identity_path: str | None = None  # a stable peer id (needed to be on a private swarm's allowlist)
+    swarm_key: str | None = None      # private swarm: file with the shared swarm key
+    allowed_peers: list[str] | None = None  # private swarm: trust records of these servers only

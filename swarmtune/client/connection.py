@@ -1,7 +1,8 @@
 """A client's link to the swarm: a background event loop running its libp2p daemon and DHT node.
 
 Synchronous code (autograd, generation) calls `run(coro)`; the swarm view refreshes itself in the
-background, and on demand when routing finds no server.
+background, and on demand when routing finds no server. Servers in view are pinged in the
+background too (a timed info RPC), so routing can count the network as well as compute.
 """
 
 from __future__ import annotations
@@ -13,11 +14,19 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from swarmtune import wire
+from swarmtune.client import rpc
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.swarm_view import Bans, SwarmView, fetch_model_info, fetch_servers
 from swarmtune.p2p import NetworkOptions, start_dht, start_p2p
+from swarmtune.security import Membership
 
 logger = logging.getLogger(__name__)
+
+PING_PERIOD = 30.0      # seconds between pings of one server
+PING_TIMEOUT = 5.0
+MAX_PINGS = 32          # pings in flight at once
+RTT_SMOOTHING = 0.3     # weight of the newest ping in the moving average
 
 
 class SwarmConnection:
@@ -26,11 +35,13 @@ class SwarmConnection:
             raise ValueError("initial_peers is empty: give the multiaddrs of at least one peer of the swarm")
         self.config, self.prefix = config, prefix
         self.bans = Bans(config.ban_base, config.ban_max)
-        self.rtts: dict[str, float] = {}
+        self.rtts: dict[str, float] = {}   # peer id -> smoothed round trip, seconds
+        self._pinged: dict[str, float] = {}
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="swarm-client", daemon=True)
         self._thread.start()
         self.p2p = self.dht = None
+        self.token = ""  # proof of membership sent with every RPC (empty in an open swarm)
         self._refresher = None
         try:
             self.run(self._start(), timeout=config.startup_timeout + 10)
@@ -47,10 +58,13 @@ class SwarmConnection:
             raise
 
     async def _start(self) -> None:
-        opts = NetworkOptions(initial_peers=list(self.config.initial_peers),
-                              startup_timeout=self.config.startup_timeout)
+        cfg = self.config
+        membership = Membership.from_options(cfg.swarm_key, cfg.allowed_peers)
+        opts = NetworkOptions(initial_peers=list(cfg.initial_peers), startup_timeout=cfg.startup_timeout,
+                              identity_path=cfg.identity_path, membership=membership)
         self.p2p = await start_p2p(opts)
         self.dht = await start_dht(self.p2p, opts, client_mode=True)
+        self.token = membership.token(str(self.p2p.peer_id))
 
     def run(self, coro: Coroutine, timeout: float | None = None) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -62,9 +76,40 @@ class SwarmConnection:
     def refresh(self) -> None:
         self.run(self.update_view(), timeout=self.config.request_timeout)
 
+    async def ping_servers(self) -> None:
+        """Time an info RPC to every server in view not pinged for PING_PERIOD; smooth it into `rtts`."""
+        now = time.monotonic()
+        for gone in set(self._pinged) - set(self.view.servers):
+            del self._pinged[gone]
+            self.rtts.pop(gone, None)
+        due = [peer for peer in self.view.servers if now - self._pinged.get(peer, float("-inf")) >= PING_PERIOD]
+        limit = asyncio.Semaphore(MAX_PINGS)
+        await asyncio.gather(*(self._ping(peer, limit) for peer in due))
+
+    async def _ping(self, peer_id: str, limit: asyncio.Semaphore) -> None:
+        async with limit:
+            if peer_id not in self._pinged:  # the first call also dials the peer: time the next one
+                await self._time_info(peer_id)
+            rtt = await self._time_info(peer_id)
+        self._pinged[peer_id] = time.monotonic()
+        if rtt is not None:  # an unreachable server is left to the bans of failed requests
+            old = self.rtts.get(peer_id)
+            self.rtts[peer_id] = rtt if old is None else old + RTT_SMOOTHING * (rtt - old)
+
+    async def _time_info(self, peer_id: str) -> float | None:
+        """Seconds an info RPC to the server takes, or None if it fails."""
+        began = time.perf_counter()
+        try:
+            await rpc.call(self.p2p, peer_id, "info", wire.pack({}), PING_TIMEOUT, token=self.token)
+        except rpc.ServerRejected:  # it answered, if only to refuse: the round trip still counts
+            pass
+        except rpc.ServerFailure:
+            return None
+        return time.perf_counter() - began
+
     async def _refresh_forever(self) -> None:
         while True:
-            await asyncio.sleep(self.config.refresh_period)
+            await asyncio.gather(self.ping_servers(), asyncio.sleep(self.config.refresh_period))
             try:
                 await self.update_view()
             except Exception as e:  # keep the last view; the next refresh may succeed

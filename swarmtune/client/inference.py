@@ -41,7 +41,7 @@ class _SpanSession:
     def __init__(self, session: InferenceSession, hop: Hop, history: _History):
         self.session, self.hop, self.history = session, hop, history
         self.pending_reorder: torch.Tensor | None = None
-        self.stream = InferenceStream(session.connection.p2p, hop.peer_id)
+        self.stream = InferenceStream(session.connection.p2p, hop.peer_id, session.connection.token)
 
     def open(self) -> None:
         s = self.session

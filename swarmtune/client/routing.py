@@ -3,20 +3,22 @@
 Training spreads load: among the servers covering the next block, pick at random weighted by
 announced throughput (and by how far the server reaches, since each hop costs a round trip).
 Inference minimises latency: a shortest path over block boundaries, where a hop costs the
-measured round trip to the server plus its compute time for those blocks.
+measured round trip to the server plus its compute time for those blocks. A server not measured
+yet is assumed as near as the median measured one: neither favoured nor shunned.
 """
 
 from __future__ import annotations
 
 import heapq
 import random
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from swarmtune.client.swarm_view import Bans, SwarmView
 from swarmtune.records import ServerInfo
 
-DEFAULT_RTT = 0.05  # seconds, assumed for servers not measured yet
+DEFAULT_RTT = 0.05  # seconds, assumed while no server has been measured
 
 
 class NoServersError(RuntimeError):
@@ -67,6 +69,8 @@ def inference_route(view: SwarmView, start: int, end: int, bans: Bans | None = N
     back: dict[int, Hop] = {}
     queue = [(0.0, start)]
     servers = [s for s in view.servers.values() if not (bans and bans.banned(s.peer_id))]
+    measured = {peer: r for peer in view.servers if (r := rtt(peer)) is not None}
+    typical = statistics.median(measured.values()) if measured else DEFAULT_RTT
     while queue:
         cost, block = heapq.heappop(queue)
         if block == end:
@@ -77,8 +81,7 @@ def inference_route(view: SwarmView, start: int, end: int, bans: Bans | None = N
             if not s.start <= block < s.end:
                 continue
             step_time = 1.0 / (s.inference_rps * (s.end - s.start))
-            measured = rtt(s.peer_id)
-            hop_cost = (DEFAULT_RTT if measured is None else measured)
+            hop_cost = measured.get(s.peer_id, typical)
             for stop in range(block + 1, min(s.end, end) + 1):
                 total = cost + hop_cost + step_time * (stop - block)
                 if total < best.get(stop, float("inf")):

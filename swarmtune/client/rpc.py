@@ -66,7 +66,7 @@ def _decode(peer_id: str, data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 async def call(p2p: P2P, peer_id: str, method: str, data: bytes, timeout: float,
-               stream: bool = False) -> tuple[dict, dict]:
+               stream: bool = False, token: str = "") -> tuple[dict, dict]:
     """Send one message to `method` (forward, backward, info) and decode the reply.
 
     Messages that fit one frame go as a unary RPC; larger ones, or ones whose reply may be large
@@ -75,10 +75,11 @@ async def call(p2p: P2P, peer_id: str, method: str, data: bytes, timeout: float,
     peer = PeerID.from_base58(peer_id)
     try:
         if stream or len(data) > wire.CHUNK_BYTES:
-            reply = await asyncio.wait_for(_call_stream(p2p, peer, method + "_stream", data), timeout)
+            reply = await asyncio.wait_for(_call_stream(p2p, peer, method + "_stream", data, token), timeout)
         else:
+            request = runtime_pb2.ExpertRequest(uid=token, metadata=data)
             response = await asyncio.wait_for(p2p.call_protobuf_handler(
-                peer, _handle(method), runtime_pb2.ExpertRequest(metadata=data), runtime_pb2.ExpertResponse), timeout)
+                peer, _handle(method), request, runtime_pb2.ExpertResponse), timeout)
             reply = response.metadata
     except asyncio.TimeoutError:
         raise ServerFailure(peer_id, f"timeout after {timeout:g} s") from None
@@ -89,10 +90,10 @@ async def call(p2p: P2P, peer_id: str, method: str, data: bytes, timeout: float,
     return _decode(peer_id, reply)
 
 
-async def _call_stream(p2p: P2P, peer: PeerID, method: str, data: bytes) -> bytes:
+async def _call_stream(p2p: P2P, peer: PeerID, method: str, data: bytes, token: str) -> bytes:
     async def requests():
         for frame in wire.frames(data):
-            yield runtime_pb2.ExpertRequest(metadata=frame)
+            yield runtime_pb2.ExpertRequest(uid=token, metadata=frame)
 
     responses = await p2p.iterate_protobuf_handler(peer, _handle(method), requests(), runtime_pb2.ExpertResponse)
     reassembler = wire.Reassembler()
@@ -106,8 +107,8 @@ async def _call_stream(p2p: P2P, peer: PeerID, method: str, data: bytes) -> byte
 class InferenceStream:
     """One open rpc_inference stream: send a message, await its reply, in order."""
 
-    def __init__(self, p2p: P2P, peer_id: str):
-        self.p2p, self.peer_id = p2p, peer_id
+    def __init__(self, p2p: P2P, peer_id: str, token: str = ""):
+        self.p2p, self.peer_id, self.token = p2p, peer_id, token
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._responses: AsyncIterator | None = None
         self._reassembler = wire.Reassembler()
@@ -118,7 +119,7 @@ class InferenceStream:
             frame = await self._outbox.get()
             if frame is None:
                 return
-            yield runtime_pb2.ExpertRequest(metadata=frame)
+            yield runtime_pb2.ExpertRequest(uid=self.token, metadata=frame)
 
     async def exchange(self, data: bytes, timeout: float) -> tuple[dict, dict]:
         """Send one message and wait for its reply."""

@@ -114,7 +114,8 @@ class Replayer:
             try:
                 reply_meta, reply = self.connection.run(rpc.call(
                     self.connection.p2p, hop.peer_id, method, data, self.config.request_timeout,
-                    stream=reply_bytes > wire.CHUNK_BYTES), timeout=self.config.request_timeout + 5)
+                    stream=reply_bytes > wire.CHUNK_BYTES, token=self.connection.token),
+                    timeout=self.config.request_timeout + 5)
             except ServerRejected as e:
                 if "unknown LoRA digest" in e.reason and not force:
                     self._lora_sent.discard((hop.peer_id, lora_meta["digest"]))

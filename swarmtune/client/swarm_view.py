@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
@@ -58,14 +59,13 @@ async def fetch_servers(dht: DHTNode, prefix: str, num_blocks: int) -> dict[str,
 
 
 async def fetch_model_info(dht: DHTNode, prefix: str) -> records.ModelInfo | None:
+    """What most servers say about the model (each server signs its own copy)."""
     entry = await dht.get(prefix, latest=True)
-    value = getattr(entry, "value", None)
-    if not isinstance(value, dict) or value.get("protocol") != records.PROTOCOL_VERSION:
+    if entry is None or not hasattr(entry.value, "items"):
         return None
-    try:
-        return records.ModelInfo(int(value["num_blocks"]), str(value["model_id"]), str(value.get("model_type", "")))
-    except (KeyError, TypeError, ValueError):
-        return None
+    found = [records.ModelInfo.from_record(getattr(item, "value", None)) for _, item in entry.value.items()]
+    found = [info for info in found if info is not None]
+    return collections.Counter(found).most_common(1)[0][0] if found else None
 
 
 @dataclass

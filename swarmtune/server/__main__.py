@@ -1,4 +1,4 @@
-"""python -m swarmtune.server --model PATH_OR_ID --initial-peers MADDR ... --blocks A:B"""
+"""python -m swarmtune.server --model PATH_OR_ID --initial-peers MADDR ... (--blocks A:B | --num-blocks N|auto)"""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from swarmtune.p2p import NetworkOptions
+from swarmtune.security import Membership
 from swarmtune.server.requests import Limits
 from swarmtune.server.server import Server, ServerConfig
 
@@ -21,10 +22,28 @@ def parse_span(text: str) -> tuple[int, int]:
     return start, end
 
 
+def parse_num_blocks(text: str) -> int | None:
+    """A positive count, or None for "auto" (as many as fit in free memory)."""
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--num-blocks must be a positive integer or 'auto', got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m swarmtune.server", description="Serve a span of frozen blocks.")
     p.add_argument("--model", required=True, help="local checkpoint directory or Hugging Face model id")
-    p.add_argument("--blocks", type=parse_span, required=True, help="the span to serve, START:END")
+    span = p.add_mutually_exclusive_group(required=True)
+    span.add_argument("--blocks", type=parse_span, help="the span to serve, START:END")
+    span.add_argument("--num-blocks", type=parse_num_blocks,
+                      help="serve this many blocks ('auto': as many as fit in free memory) where the swarm needs "
+                           "them most, and move when another span would serve it markedly better")
+    p.add_argument("--balance-period", type=float, default=120.0,
+                   help="with --num-blocks: mean seconds between checks whether to move (randomised +-50%%)")
+    p.add_argument("--throughput-cache", default=None,
+                   help="directory caching the measured throughput per hardware and model shape "
+                        "(default: ~/.cache/swarmtune)")
     p.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of peers already in the swarm")
     p.add_argument("--new-swarm", action="store_true", help="start a new swarm, this server being its bootstrap")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -35,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public", action="store_true",
                    help="enable NAT traversal (port mapping, AutoNAT, relays) for servers behind NAT")
     p.add_argument("--identity", default=None, help="private key file: a stable peer id across restarts")
+    p.add_argument("--swarm-key", default=None, help="private swarm: file with the shared swarm key")
+    p.add_argument("--allowed-peers", nargs="*", default=None, help="private swarm: peer ids allowed to take part")
     p.add_argument("--dht-prefix", default=None, help="swarm namespace of the model (default: its name)")
     p.add_argument("--revision", default=None)
     p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
@@ -58,11 +79,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit("give --initial-peers of an existing swarm, or --new-swarm to start one")
     network = NetworkOptions(host=args.host, port=args.port, initial_peers=list(args.initial_peers),
                              announce_maddrs=list(args.announce_maddrs), identity_path=args.identity,
-                             public=args.public)
+                             public=args.public,
+                             membership=Membership.from_options(args.swarm_key, args.allowed_peers))
     limits = Limits(max_batch=args.max_batch, max_tokens=args.max_tokens, max_length=args.max_length,
                     max_message_bytes=int(args.max_message_mb * 2**20))
     return ServerConfig(
-        model=args.model, blocks=args.blocks, network=network, dtype=args.dtype, device=args.device,
+        model=args.model, blocks=args.blocks, num_blocks=args.num_blocks, balance_period=args.balance_period,
+        throughput_cache=args.throughput_cache, network=network, dtype=args.dtype, device=args.device,
         dht_prefix=args.dht_prefix, attn_implementation=args.attn_implementation, revision=args.revision,
         num_threads=args.num_threads, cache_bytes=int(args.cache_mb * 2**20), update_period=args.update_period,
         expiration=args.expiration, throughput=args.throughput, limits=limits, session_timeout=args.session_timeout,

@@ -20,6 +20,7 @@ from hivemind.proto import runtime_pb2
 
 from swarmtune import wire
 from swarmtune.models.span import SpanModel
+from swarmtune.security import Membership
 from swarmtune.server import compute
 from swarmtune.server.executor import BACKWARD, FORWARD, INFERENCE, PriorityExecutor
 from swarmtune.server.faults import Faults
@@ -67,13 +68,15 @@ class BlockServicer(ServicerBase):
     """Serves blocks [span.start, span.end) of one model."""
 
     def __init__(self, span: SpanModel, executor: PriorityExecutor, budget: CacheBudget, config: HandlerConfig,
-                 info: dict, hosted_adapters: dict[str, LoraSet] | None = None):
+                 info: dict, hosted_adapters: dict[str, LoraSet] | None = None,
+                 membership: Membership | None = None):
         self.span = span
         self.executor = executor
         self.budget = budget
         self.config = config
         self.limits = config.limits
         self.info = info
+        self.membership = membership or Membership()
         self.hosted_adapters = hosted_adapters or {}
         self.hidden_size = span.config.hidden_size
         self.slots = _lora_slots(span)
@@ -95,6 +98,11 @@ class BlockServicer(ServicerBase):
                 self.span.family, self.span.config, start, end,
                 self.span.blocks[start - offset:end - offset], self.span.position_module, self.span.compute_dtype)
         return self.subspans[(start, end)]
+
+    def _admit(self, peer: str, token: str) -> None:
+        if not self.membership.admits(peer, token):
+            self.stats["refused_outsiders"] += 1
+            raise RequestError(f"peer {peer} is not a member of this private swarm")
 
     def _check_rate(self, peer: str) -> None:
         """A sliding one-second window per peer."""
@@ -165,9 +173,10 @@ class BlockServicer(ServicerBase):
         self.stats["backward"] += 1
         return _response({"ok": True}, tensors)
 
-    async def _guarded(self, handler, data: bytes, context: P2PContext) -> bytes:
+    async def _guarded(self, handler, data: bytes, context: P2PContext, token: str) -> bytes:
         peer = str(context.remote_id)
         try:
+            self._admit(peer, token)
             self._check_rate(peer)
             return await handler(data, peer)
         except (RequestError, wire.WireError) as e:
@@ -181,25 +190,29 @@ class BlockServicer(ServicerBase):
     # ---- unary RPCs -------------------------------------------------------------------------------
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        if not self.membership.admits(str(context.remote_id), request.uid):
+            return runtime_pb2.ExpertResponse(metadata=_error("not a member of this private swarm"))
         meta = dict(self.info, cache_bytes_free=self.budget.free, active_sessions=self.active_sessions,
                     stats=dict(self.stats))
         return runtime_pb2.ExpertResponse(metadata=_response(meta))
 
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return runtime_pb2.ExpertResponse(metadata=await self._guarded(self._forward, request.metadata, context))
+        return runtime_pb2.ExpertResponse(
+            metadata=await self._guarded(self._forward, request.metadata, context, request.uid))
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext
                            ) -> runtime_pb2.ExpertResponse:
-        return runtime_pb2.ExpertResponse(metadata=await self._guarded(self._backward, request.metadata, context))
+        return runtime_pb2.ExpertResponse(
+            metadata=await self._guarded(self._backward, request.metadata, context, request.uid))
 
     # ---- streaming RPCs ---------------------------------------------------------------------------
 
     async def _stream(self, handler, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
                       ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         try:
-            data = await _read_message(requests, wire.Reassembler(self.limits.max_message_bytes))
+            data, token = await _read_message(requests, wire.Reassembler(self.limits.max_message_bytes))
             need(data is not None, "the stream ended before a whole message arrived")
-            reply = await self._guarded(handler, data, context)
+            reply = await self._guarded(handler, data, context, token)
         except (RequestError, wire.WireError) as e:
             reply = _error(str(e))
         for frame in wire.frames(reply):
@@ -222,13 +235,14 @@ class BlockServicer(ServicerBase):
         reassembler = wire.Reassembler(self.limits.max_message_bytes)
         session, reserved = None, 0
         try:
-            data = await asyncio.wait_for(_read_message(requests, reassembler), self.config.session_timeout)
+            data, token = await asyncio.wait_for(_read_message(requests, reassembler), self.config.session_timeout)
             if data is None:
                 return
+            self._admit(peer, token)
             session, reserved = await self._open_session(data, peer)
             yield _frame(_response({"ok": True, "opened": True}))
             while True:
-                data = await asyncio.wait_for(_read_message(requests, reassembler), self.config.session_timeout)
+                data, _ = await asyncio.wait_for(_read_message(requests, reassembler), self.config.session_timeout)
                 if data is None:
                     return
                 self._check_rate(peer)
@@ -291,13 +305,18 @@ class BlockServicer(ServicerBase):
                          {"hidden": self.config.faults.corrupt(out)})
 
 
-async def _read_message(requests: AsyncIterator, reassembler: wire.Reassembler) -> bytes | None:
-    """The next whole message from a stream of frames, or None when the stream ends between messages."""
+async def _read_message(requests: AsyncIterator, reassembler: wire.Reassembler) -> tuple[bytes | None, str]:
+    """The next whole message from a stream of frames and the membership token of its first frame.
+
+    The message is None when the stream ends between messages.
+    """
+    token = None
     async for request in requests:
+        token = request.uid if token is None else token
         data = reassembler.add(request.metadata)
         if data is not None:
-            return data
-    return None
+            return data, token
+    return None, token or ""
 
 
 def _frame(message: bytes) -> runtime_pb2.ExpertResponse:
