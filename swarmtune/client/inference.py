@@ -9,6 +9,7 @@ generated tokens are the same as without the failure.
 from __future__ import annotations
 
 import logging
+import random
 import time
 
 import torch
@@ -17,6 +18,7 @@ from swarmtune import wire
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.routing import Hop, NoServersError, inference_route
 from swarmtune.client.rpc import InferenceStream, Refusals, ServerFailure
+from swarmtune.client.verification import odd_ones_out, tolerance
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +42,9 @@ class _SpanSession:
 
     def __init__(self, session: InferenceSession, hop: Hop, history: _History):
         self.session, self.hop, self.history = session, hop, history
-        self.pending_reorder: torch.Tensor | None = None
+        self.pending_reorder: torch.Tensor | None = None  # beam reordering to send with the next step
         self.stream = InferenceStream(session.connection.p2p, hop.peer_id, session.connection.token)
+        self.shadows: list[_SpanSession] = []  # other servers running the same blocks, to verify this one
 
     def open(self) -> None:
         s = self.session
@@ -64,12 +67,16 @@ class _SpanSession:
         self.session.connection.run(self.stream.exchange(data, s.config.connect_timeout),
                                     timeout=s.config.connect_timeout + 5)
 
-    def step(self, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
-             reorder: torch.Tensor | None, step: int) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, step: int) -> torch.Tensor:
+        """This span's output for new tokens (checked against the shadows, if any)."""
+        out = self.send(hidden, mask, position_ids, step)
+        return self._verified(out, hidden, mask, position_ids, step) if self.shadows else out
+
+    def send(self, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, step: int) -> torch.Tensor:
         s = self.session
         tensors = {"hidden": hidden, "attention_mask": mask, "position_ids": position_ids}
-        if reorder is not None:
-            tensors["reorder"] = reorder
+        if self.pending_reorder is not None:
+            tensors["reorder"] = self.pending_reorder
         data = wire.pack({"step": step}, tensors)
         s.bytes_sent += len(data)
         timeout = s.config.step_timeout
@@ -79,10 +86,52 @@ class _SpanSession:
             raise ServerFailure(self.hop.peer_id, f"bad step output shape {None if out is None else list(out.shape)}")
         if not bool(torch.isfinite(out).all()):
             raise ServerFailure(self.hop.peer_id, "step output contains NaN or infinite values")
+        self.pending_reorder = None
         return out.to(hidden.dtype)
 
-    def close(self) -> None:
+    def _verified(self, out, hidden, mask, position_ids, step: int) -> torch.Tensor:
+        """Compare with the shadows; on a mismatch a third server decides and the outvoted are dropped."""
+        s = self.session
+        replicas = {self.hop.peer_id: self}
+        results = {self.hop.peer_id: out}
+        for shadow in list(self.shadows):
+            try:
+                results[shadow.hop.peer_id] = shadow.send(hidden, mask, position_ids, step)
+                replicas[shadow.hop.peer_id] = shadow
+            except ServerFailure as e:
+                self.shadows.remove(shadow)
+                shadow.close()
+                s.ban(shadow.hop, e, count=False)
+        tol = tolerance(*(r.hop.server for r in replicas.values()))
+        verdict = odd_ones_out(results, tol)
+        if verdict is None:  # one against one: ask a third server
+            third = s.open_replica(self.hop, exclude=set(results), history=self.history)
+            if third is not None:
+                results[third.hop.peer_id] = third.send(hidden, mask, position_ids, step)
+                replicas[third.hop.peer_id] = third
+                verdict = odd_ones_out(results, tolerance(*(r.hop.server for r in replicas.values())))
+        if verdict is None:
+            raise ServerFailure(self.hop.peer_id, "output disagrees with another server and no third can decide")
+        winner, losers = verdict
+        for peer in losers:
+            s.mismatches += 1
+            s.ban(replicas[peer].hop, ServerFailure(peer, "outvoted by other servers on the same blocks"), count=False)
+            replicas[peer].close_stream()
+        if winner != self.hop.peer_id:  # this span continues on the winner's connection
+            other = replicas[winner]
+            self.stream, other.stream = other.stream, self.stream
+            self.hop, other.hop = other.hop, self.hop
+            self.pending_reorder, other.pending_reorder = other.pending_reorder, self.pending_reorder
+        self.shadows = [r for r in replicas.values() if r is not self and r.hop.peer_id not in losers]
+        return results[winner]
+
+    def close_stream(self) -> None:
         self.session.connection.loop.call_soon_threadsafe(self.stream.close)
+
+    def close(self) -> None:
+        for shadow in self.shadows:
+            shadow.close_stream()
+        self.close_stream()
 
 
 class InferenceSession:
@@ -101,6 +150,7 @@ class InferenceSession:
         self.steps = 0
         self.bytes_sent = 0
         self.recoveries: list[float] = []
+        self.mismatches = 0
         self._failures, self._refusals = 0, Refusals()
         self.closed = False
 
@@ -127,11 +177,10 @@ class InferenceSession:
         while index < len(self.spans):
             span = self.spans[index]
             try:
-                out = span.step(h, mask, position_ids, span.pending_reorder, self.steps)
+                out = span.step(h, mask, position_ids, self.steps)
             except ServerFailure as e:
                 self._recover(index, e)
                 continue
-            span.pending_reorder = None
             span.history.append(h)
             h, index = out, index + 1
         self.mask = mask if self.mask is None else torch.cat([self.mask, mask], dim=1)
@@ -144,7 +193,9 @@ class InferenceSession:
         """Beam search: row i continues the old row index[i] (sent to each server with its next step)."""
         index = index.long().cpu()
         for span in self.spans:
-            span.pending_reorder = index if span.pending_reorder is None else span.pending_reorder[index]
+            for replica in [span, *span.shadows]:
+                pending = replica.pending_reorder
+                replica.pending_reorder = index if pending is None else pending[index]
             span.history.reorder(index)
         if self.mask is not None:
             self.mask, self.positions = self.mask[index], self.positions[index]
@@ -186,26 +237,50 @@ class InferenceSession:
                 except ServerFailure as e:
                     for other in opened:
                         other.close()
-                    self._ban(hop, e)
+                    self.ban(hop, e)
                     break
                 opened.append(span)
             else:
+                for span in opened:
+                    if self.config.verify_fraction > 0 and random.random() < self.config.verify_fraction:
+                        shadow = self.open_replica(span.hop, exclude={span.hop.peer_id}, history=None)
+                        span.shadows += [shadow] if shadow is not None else []
                 self.spans[index:index] = opened
                 return len(opened)
 
-    def _ban(self, hop: Hop, error: ServerFailure) -> None:
-        self._failures += 1
-        if self._failures > self.config.max_retries:
-            raise RuntimeError(f"inference step failed {self._failures} times; giving up (last: {error})")
+    def open_replica(self, hop: Hop, exclude: set[str], history: _History | None) -> _SpanSession | None:
+        """A session for exactly hop's blocks on another server, its cache rebuilt from `history` if given."""
+        view, bans = self.connection.view, self.connection.bans
+        candidates = [s for s in view.covering(hop.start, bans) if s.end >= hop.end and s.peer_id not in exclude]
+        for server in random.sample(candidates, len(candidates)):
+            replica = _SpanSession(self, Hop(server, hop.start, hop.end), _History())
+            try:
+                replica.open()
+                if history is not None and history.data is not None:
+                    replica.send(history.data, self.mask, self.positions, -1)
+                return replica
+            except ServerFailure as e:
+                replica.close_stream()
+                self.ban(replica.hop, e, count=False)
+        return None
+
+    def ban(self, hop: Hop, error: ServerFailure, count: bool = True) -> None:
+        """Ban a failed server. Failures of the chain `count` toward the step's retry limit; a
+        verifier's do not, since the chain itself still works."""
+        if count:
+            self._failures += 1
+            if self._failures > self.config.max_retries:
+                raise RuntimeError(f"inference step failed {self._failures} times; giving up (last: {error})")
         duration = self.connection.bans.ban(hop.peer_id)
         logger.warning(f"server {hop.peer_id} failed on blocks {hop.start}:{hop.end} ({error.reason}); "
                        f"banned for {duration:.0f} s")
-        self._refusals.check(error, len(self.connection.view.covering(hop.start, self.connection.bans)))
+        if count:
+            self._refusals.check(error, len(self.connection.view.covering(hop.start, self.connection.bans)))
 
     def _replace(self, index: int, error: ServerFailure) -> int:
         old = self.spans.pop(index)
         old.close()
-        self._ban(old.hop, error)
+        self.ban(old.hop, error)
         return self._open_chain(old.hop.start, old.hop.end, index, old.history)
 
     def _recover(self, index: int, error: ServerFailure) -> None:
@@ -229,7 +304,7 @@ class InferenceSession:
             if i > first:
                 span.history = _History(h)
             try:
-                out = span.step(h, self.mask, self.positions, None, -1)
+                out = span.step(h, self.mask, self.positions, -1)
             except ServerFailure as e:
                 last += self._replace(i, e) - 1
                 continue

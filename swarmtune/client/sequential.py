@@ -22,6 +22,7 @@ from swarmtune.client import rpc
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.routing import Hop, NoServersError, training_route
 from swarmtune.client.rpc import Refusals, ServerFailure, ServerRejected
+from swarmtune.client.verification import odd_ones_out, tolerance
 from swarmtune.tuning.lora import ClientLora
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class TransferStats:
     lora_bytes_sent: int = 0
     requests: int = 0
     failures: int = 0
+    mismatches: int = 0
     replays: list[float] = field(default_factory=list)
 
 
@@ -128,6 +130,49 @@ class Replayer:
             return reply_meta, reply
         raise ServerFailure(hop.peer_id, "kept rejecting our LoRA digest")
 
+    def checked_call(self, method: str, hop: Hop, hidden: torch.Tensor, args: SpanArgs,
+                     grad_output: torch.Tensor | None = None) -> tuple[Hop, dict[str, torch.Tensor]]:
+        """A request whose output is checked for shape and finiteness and, for a `verify_fraction`
+        of requests, against other servers; returns the hop whose result is kept, and that result."""
+        expected = "hidden" if method == "forward" else "grad_hidden"
+        reply = self.call_span(method, hop, hidden, args, grad_output)[1]
+        _check_output(hop, reply.get(expected), hidden.shape, expected)
+        if self.config.verify_fraction > 0 and self.rng.random() < self.config.verify_fraction:
+            return self._cross_check(method, hop, hidden, args, grad_output, reply, expected)
+        return hop, reply
+
+    def _cross_check(self, method, hop: Hop, hidden, args, grad_output, reply: dict, key: str
+                     ) -> tuple[Hop, dict]:
+        """Ask a second server (and a third if they disagree); ban whoever the majority outvotes."""
+        view, bans = self.connection.view, self.connection.bans
+        others = [s for s in view.covering(hop.start, bans) if s.end >= hop.end and s.peer_id != hop.peer_id]
+        replies, servers = {hop.peer_id: reply}, {hop.peer_id: hop.server}
+        for server in self.rng.sample(others, min(2, len(others))):
+            other = Hop(server, hop.start, hop.end)
+            try:
+                replies[server.peer_id] = self.call_span(method, other, hidden, args, grad_output)[1]
+                _check_output(other, replies[server.peer_id].get(key), hidden.shape, key)
+            except ServerFailure as e:
+                replies.pop(server.peer_id, None)
+                self.fail(other, e, f"{method} verification", Refusals())
+                continue
+            servers[server.peer_id] = server
+            verdict = odd_ones_out({p: r[key] for p, r in replies.items()}, tolerance(*servers.values()))
+            if verdict is not None:
+                winner, losers = verdict
+                for peer in losers:
+                    self.stats.mismatches += 1
+                    duration = bans.ban(peer)
+                    logger.warning(f"server {peer} disagrees with the majority on blocks {hop.start}:{hop.end} "
+                                   f"({method}); banned for {duration:.0f} s")
+                return Hop(servers[winner], hop.start, hop.end), replies[winner]
+        if len(replies) > 1:  # two servers disagree and nobody can break the tie: trust neither
+            for peer in replies:
+                if peer != hop.peer_id:
+                    bans.ban(peer)
+            raise ServerFailure(hop.peer_id, "result disagrees with another server and no third server can decide")
+        return hop, reply
+
     def _to_wire(self, t: torch.Tensor) -> torch.Tensor:
         dtype = self.config.wire_dtype
         return t.detach().to(getattr(torch, dtype)) if dtype else t.detach()
@@ -167,9 +212,7 @@ class Replayer:
         for attempt in range(self.config.max_retries):
             hop = prefer if prefer is not None and attempt == 0 else self.next_hop(block, end, deadline)
             try:
-                _, reply = self.call_span(method, hop, hidden, args, grad_output)
-                expected = "hidden" if method == "forward" else "grad_hidden"
-                _check_output(hop, reply.get(expected), hidden.shape, expected)
+                hop, reply = self.checked_call(method, hop, hidden, args, grad_output)
                 self.connection.bans.forgive(hop.peer_id)
                 if failed_at is not None:
                     took = time.monotonic() - failed_at
@@ -241,8 +284,7 @@ def _backward_span(replayer: Replayer, start: int, end: int, h: torch.Tensor, gr
                                   grad_lora, prefer=None)
             return _backward_span(replayer, start, first.end, h, grad, args, grad_prompts, grad_lora, prefer=first)
         try:
-            reply = replayer.call_span("backward", hop, h, args, grad)[1]
-            _check_output(hop, reply.get("grad_hidden"), h.shape, "grad_hidden")
+            hop, reply = replayer.checked_call("backward", hop, h, args, grad)
             _accumulate(hop, reply, args, grad_prompts, grad_lora)
         except ServerFailure as e:
             replayer.fail(hop, e, "backward", refusals)

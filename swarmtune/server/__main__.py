@@ -22,10 +22,10 @@ def parse_span(text: str) -> tuple[int, int]:
     return start, end
 
 
-def parse_num_blocks(text: str) -> int | None:
-    """A positive count, or None for "auto" (as many as fit in free memory)."""
+def parse_num_blocks(text: str) -> int | str:
+    """A positive count, or "auto" (as many as fit in free memory)."""
     if text == "auto":
-        return None
+        return text  # not None: argparse would take that for a missing option
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"--num-blocks must be a positive integer or 'auto', got {text!r}")
     return int(text)
@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=Limits.max_tokens, help="batch x length per request")
     p.add_argument("--max-length", type=int, default=Limits.max_length, help="tokens per inference session")
     p.add_argument("--max-message-mb", type=float, default=Limits.max_message_bytes / 2**20)
+    p.add_argument("--max-sessions-per-peer", type=int, default=Limits.max_sessions_per_peer)
+    p.add_argument("--max-tokens-in-flight", type=int, default=Limits.max_tokens_in_flight_per_peer,
+                   help="tokens one peer may have queued or computing at once")
+    p.add_argument("--max-requests-per-second", type=float, default=Limits.requests_per_second_per_peer,
+                   help="requests (and inference steps) per second from one peer")
     p.add_argument("--fault", default=None, help="testing only: misbehave on purpose (delay=S,nan,shape,perturb=X)")
     p.add_argument("--log-level", default="INFO")
     return p
@@ -82,10 +87,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                              public=args.public,
                              membership=Membership.from_options(args.swarm_key, args.allowed_peers))
     limits = Limits(max_batch=args.max_batch, max_tokens=args.max_tokens, max_length=args.max_length,
-                    max_message_bytes=int(args.max_message_mb * 2**20))
+                    max_message_bytes=int(args.max_message_mb * 2**20),
+                    max_sessions_per_peer=args.max_sessions_per_peer,
+                    max_tokens_in_flight_per_peer=args.max_tokens_in_flight,
+                    requests_per_second_per_peer=args.max_requests_per_second)
     return ServerConfig(
-        model=args.model, blocks=args.blocks, num_blocks=args.num_blocks, balance_period=args.balance_period,
-        throughput_cache=args.throughput_cache, network=network, dtype=args.dtype, device=args.device,
+        model=args.model, blocks=args.blocks, num_blocks=None if args.num_blocks == "auto" else args.num_blocks,
+        balance_period=args.balance_period, throughput_cache=args.throughput_cache,
+        network=network, dtype=args.dtype, device=args.device,
         dht_prefix=args.dht_prefix, attn_implementation=args.attn_implementation, revision=args.revision,
         num_threads=args.num_threads, cache_bytes=int(args.cache_mb * 2**20), update_period=args.update_period,
         expiration=args.expiration, throughput=args.throughput, limits=limits, session_timeout=args.session_timeout,

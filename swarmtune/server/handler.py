@@ -8,6 +8,7 @@ problem, and the server goes on serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict, defaultdict
@@ -86,6 +87,7 @@ class BlockServicer(ServicerBase):
         self.active_sessions = 0
         self.stats = defaultdict(int)
         self._last_request: dict[str, list[float]] = defaultdict(list)
+        self.tokens_in_flight: dict[str, int] = defaultdict(int)
 
     # ---- helpers -------------------------------------------------------------------------------
 
@@ -113,6 +115,17 @@ class BlockServicer(ServicerBase):
                              f"from this peer")
         recent.append(now)
         self._last_request[peer] = recent
+
+    async def _compute(self, peer: str, tokens: int, priority: int, fn, *args):
+        """Run `fn` on the compute thread, within the peer's budget of tokens in flight."""
+        if self.tokens_in_flight[peer] + tokens > self.limits.max_tokens_in_flight_per_peer:
+            raise ServerBusy(f"this peer already has {self.tokens_in_flight[peer]} tokens in flight "
+                             f"(limit {self.limits.max_tokens_in_flight_per_peer})")
+        self.tokens_in_flight[peer] += tokens
+        try:
+            return await self.executor.submit(priority, fn, *args)
+        finally:
+            self.tokens_in_flight[peer] -= tokens
 
     def resolve_lora(self, peer: str, lora_meta: dict | None, tensors: list[torch.Tensor] | None,
                      start: int, end: int) -> LoraSet | None:
@@ -153,17 +166,19 @@ class BlockServicer(ServicerBase):
     async def _forward(self, data: bytes, peer: str) -> bytes:
         req, lora, seed = self._parse(data, peer, backward=False)
         await self.config.faults.wait()
-        out = await self.executor.submit(FORWARD, compute.forward, self.subspan(req.start, req.end), req.hidden,
-                                         req.attention_mask, req.position_ids, req.prompts, lora, seed)
+        out = await self._compute(peer, req.hidden.shape[0] * req.hidden.shape[1], FORWARD, compute.forward,
+                                  self.subspan(req.start, req.end), req.hidden, req.attention_mask,
+                                  req.position_ids, req.prompts, lora, seed)
         self.stats["forward"] += 1
         return _response({"ok": True}, {"hidden": self.config.faults.corrupt(out)})
 
     async def _backward(self, data: bytes, peer: str) -> bytes:
         req, lora, seed = self._parse(data, peer, backward=True)
         await self.config.faults.wait()
-        grad_hidden, grad_prompts, grad_lora = await self.executor.submit(
-            BACKWARD, compute.backward, self.subspan(req.start, req.end), req.hidden, req.attention_mask,
-            req.position_ids, req.prompts, lora, req.grad_output, seed)
+        grad_hidden, grad_prompts, grad_lora = await self._compute(
+            peer, req.hidden.shape[0] * req.hidden.shape[1], BACKWARD, compute.backward,
+            self.subspan(req.start, req.end), req.hidden, req.attention_mask, req.position_ids, req.prompts, lora,
+            req.grad_output, seed)
         tensors = {"grad_hidden": self.config.faults.corrupt(grad_hidden)}
         if grad_prompts is not None:
             tensors["grad_prompts"] = grad_prompts
@@ -217,6 +232,7 @@ class BlockServicer(ServicerBase):
             reply = _error(str(e))
         for frame in wire.frames(reply):
             yield runtime_pb2.ExpertResponse(metadata=frame)
+        await _drain(requests)
 
     async def rpc_forward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
                                  ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
@@ -246,7 +262,7 @@ class BlockServicer(ServicerBase):
                 if data is None:
                     return
                 self._check_rate(peer)
-                reply = await self._inference_step(session, data)
+                reply = await self._inference_step(session, data, peer)
                 for frame in wire.frames(reply):
                     yield runtime_pb2.ExpertResponse(metadata=frame)
         except asyncio.TimeoutError:
@@ -254,9 +270,11 @@ class BlockServicer(ServicerBase):
         except (RequestError, wire.WireError) as e:
             self.stats["rejected"] += 1
             yield _frame(_error(str(e), getattr(e, "retry", False)))
+            await _drain(requests)
         except Exception as e:
             logger.exception("inference session failed")
             yield _frame(_error(f"server error: {type(e).__name__}: {e}", retry=True))
+            await _drain(requests)
         finally:
             if session is not None:
                 session.cache = None
@@ -288,7 +306,7 @@ class BlockServicer(ServicerBase):
         self.active_sessions += 1
         return session, nbytes
 
-    async def _inference_step(self, session: InferenceSession, data: bytes) -> bytes:
+    async def _inference_step(self, session: InferenceSession, data: bytes, peer: str) -> bytes:
         meta, tensors = wire.unpack(data, self.limits.max_message_bytes)
         hidden = check_hidden(tensors.get("hidden"), "hidden", self.hidden_size, self.limits)
         batch, length = hidden.shape[:2]
@@ -299,7 +317,7 @@ class BlockServicer(ServicerBase):
             need(reorder.dtype in (torch.int64, torch.int32) and list(reorder.shape) == [batch],
                  f"'reorder' must be an integer tensor of shape [{batch}]")
         await self.config.faults.wait()
-        out = await self.executor.submit(INFERENCE, session.step, hidden, mask, pos, reorder)
+        out = await self._compute(peer, batch * length, INFERENCE, session.step, hidden, mask, pos, reorder)
         self.stats["inference_steps"] += 1
         return _response({"ok": True, "step": meta.get("step"), "length": session.length},
                          {"hidden": self.config.faults.corrupt(out)})
@@ -317,6 +335,16 @@ async def _read_message(requests: AsyncIterator, reassembler: wire.Reassembler) 
         if data is not None:
             return data, token
     return None, token or ""
+
+
+async def _drain(requests: AsyncIterator, timeout: float = 5.0) -> None:
+    """Read what the client still sends, so that closing our end cannot reset the stream under our reply."""
+    async def read_all():
+        async for _ in requests:
+            pass
+
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(read_all(), timeout)
 
 
 def _frame(message: bytes) -> runtime_pb2.ExpertResponse:

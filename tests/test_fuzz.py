@@ -1,0 +1,108 @@
+"""Hundreds of malformed requests of every RPC type: each gets an error reply and the server keeps serving."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from swarmtune import wire
+from swarmtune.client import rpc
+from swarmtune.client.rpc import InferenceStream, ServerFailure, ServerRejected
+
+HIDDEN = 64  # the tiny llama's hidden size; every structured request below gets something else wrong
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+
+values = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats() | st.text(max_size=8),
+                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                    max_size=3), max_leaves=8)
+dtypes = st.sampled_from(list(wire.DTYPES.values()))
+shapes = st.lists(st.integers(0, 5), min_size=0, max_size=4)
+
+
+@st.composite
+def bad_span_requests(draw) -> bytes:
+    """A decodable message with a flaw: wrong hidden size, bad dtype, bad blocks, bad extras, or junk."""
+    meta = draw(st.dictionaries(st.sampled_from(["start", "end", "lora", "type", "step", "junk"]), values))
+    tensors = {}
+    if draw(st.booleans()):
+        width = draw(st.integers(1, 80).filter(lambda h: h != HIDDEN))
+        shape = [draw(st.integers(1, 3)), draw(st.integers(1, 4)), width]
+        tensors["hidden"] = torch.zeros(shape, dtype=draw(dtypes))
+    for name in draw(st.lists(st.sampled_from(["attention_mask", "position_ids", "prompts", "grad_output",
+                                                "lora.A.0", "lora.B.0", "reorder", "x"]), max_size=3)):
+        tensors[name] = torch.zeros(draw(shapes), dtype=draw(dtypes))
+    return wire.pack(meta, tensors)
+
+
+@st.composite
+def corrupt_messages(draw) -> bytes:
+    """Bytes that do not decode: random, truncated, or a header that lies about its tensors."""
+    kind = draw(st.sampled_from(["random", "truncated", "lying"]))
+    if kind == "random":
+        return draw(st.binary(max_size=300))
+    if kind == "truncated":
+        good = wire.pack({"start": 0, "end": 1}, {"hidden": torch.zeros(1, 2, HIDDEN)})
+        return good[:draw(st.integers(0, len(good) - 1))]
+    header = msgpack.packb({"meta": {"start": 0, "end": 1},
+                            "tensors": [[draw(st.text(max_size=5)), draw(st.text(max_size=8)), draw(shapes)]]})
+    return len(header).to_bytes(4, "little") + header + draw(st.binary(max_size=64))
+
+
+messages = bad_span_requests() | corrupt_messages()
+
+
+@pytest.fixture(scope="module")
+def target(llama_swarm, llama_client):
+    return llama_client.connection, llama_swarm.servers[0]
+
+
+def _call(conn, peer_id: str, method: str, data: bytes, stream: bool = False):
+    return conn.run(rpc.call(conn.p2p, peer_id, method, data, 20, stream=stream, token=conn.token), timeout=30)
+
+
+@pytest.mark.parametrize("method,stream", [("forward", False), ("backward", False), ("forward", True),
+                                           ("backward", True)])
+def test_span_rpcs_refuse_garbage(target, method, stream):
+    conn, server = target
+
+    @FUZZ
+    @given(data=messages)
+    def check(data):
+        with pytest.raises(ServerRejected):
+            _call(conn, server.peer_id, method, data, stream)
+
+    check()
+    _assert_still_serving(conn, server)
+
+
+def test_inference_sessions_refuse_garbage(target):
+    conn, server = target
+
+    def exchange(messages: list[bytes]):
+        stream = InferenceStream(conn.p2p, server.peer_id, conn.token)
+        try:
+            for data in messages:
+                conn.run(stream.exchange(data, 20), timeout=30)
+        finally:
+            conn.loop.call_soon_threadsafe(stream.close)
+
+    opening = wire.pack({"type": "open", "start": 0, "end": 1, "max_length": 16, "batch_size": 1})
+
+    @FUZZ
+    @given(data=messages, after_open=st.booleans())
+    def check(data, after_open):
+        with pytest.raises(ServerFailure):  # the error reply closes the stream on our side
+            exchange([opening, data] if after_open else [data])
+
+    check()
+    _assert_still_serving(conn, server)
+
+
+def _assert_still_serving(conn, server) -> None:
+    assert server.proc.poll() is None
+    _, reply = _call(conn, server.peer_id, "forward", wire.pack({"start": 0, "end": 1},
+                                                                 {"hidden": torch.randn(1, 3, HIDDEN)}))
+    assert reply["hidden"].shape == (1, 3, HIDDEN)
