@@ -115,7 +115,7 @@ def check_prompts(prompts: torch.Tensor | None, num_blocks: int, batch: int, hid
          f"'prompts' must have shape [{num_blocks}, batch or 1, prefix <= {max_prefix}, {hidden_size}], "
          f"got {list(prompts.shape)}")
     need(bool(torch.isfinite(prompts).all()), "'prompts' contains NaN or infinite values")
-    return prompts.expand(num_blocks, batch, *prompts.shape[2:])
+    return prompts  # batch 1 broadcasts in the blocks, so its gradient keeps the shape the client sent
 
 
 def parse_span_request(meta: dict, tensors: dict[str, torch.Tensor], span: tuple[int, int], hidden_size: int,

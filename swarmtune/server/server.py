@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import gc
 import logging
+import random
 import signal
 from dataclasses import dataclass, field
 
@@ -13,14 +16,18 @@ from hivemind.utils import get_dht_time
 from swarmtune import records
 from swarmtune.models import load_config, load_span, parse_dtype
 from swarmtune.models.family import get_family
+from swarmtune.models.span import SpanModel
 from swarmtune.p2p import NetworkOptions, start_dht, start_p2p, visible_maddrs
 from swarmtune.records import ModelInfo, ServerInfo
+from swarmtune.security import Identity
+from swarmtune.server import block_selection, throughput
 from swarmtune.server.executor import PriorityExecutor
 from swarmtune.server.faults import Faults
 from swarmtune.server.handler import BlockServicer, HandlerConfig
 from swarmtune.server.lora import wrap_targets
 from swarmtune.server.requests import Limits
 from swarmtune.server.sessions import CacheBudget
+from swarmtune.status import fetch_swarm
 from swarmtune.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -29,7 +36,10 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ServerConfig:
     model: str
-    blocks: tuple[int, int]
+    blocks: tuple[int, int] | None = None   # the span to serve; None: choose where the swarm needs it
+    num_blocks: int | None = None           # how many to choose (None: as many as fit in free memory)
+    balance_period: float = 120.0           # mean seconds between checks whether another span serves better
+    throughput_cache: str | None = None     # directory of the measured-throughput cache (None: ~/.cache/swarmtune)
     network: NetworkOptions = field(default_factory=NetworkOptions)
     dtype: str = "fp32"
     device: str = "cpu"
@@ -53,30 +63,39 @@ class Server:
         self.stop_event = asyncio.Event()
         self.p2p = self.dht = self.servicer = None
         self.executor: PriorityExecutor | None = None
+        self.model_config = self.speed = None
+        self.blocks: tuple[int, int] | None = None   # the span announced now (being loaded while "joining")
+        self.state = "joining"
 
     @property
     def prefix(self) -> str:
         return self.config.dht_prefix or records.dht_prefix(self.config.model)
 
-    def load(self):
+    def prepare(self) -> None:
+        """Read the model's config and this machine's speed for it (a short benchmark, cached on disk)."""
         cfg = self.config
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        model_config = load_config(cfg.model, cfg.attn_implementation, cfg.revision)
-        start, end = cfg.blocks
+        self.model_config = load_config(cfg.model, cfg.attn_implementation, cfg.revision)
+        self.speed = throughput.get_throughput(self.model_config, parse_dtype(cfg.dtype), cfg.device,
+                                               cfg.throughput_cache)
+
+    def load(self, start: int, end: int) -> SpanModel:
+        cfg = self.config
         span = load_span(cfg.model, start, end, parse_dtype(cfg.dtype), cfg.device, cfg.attn_implementation,
-                         cfg.revision, config=model_config)
-        wrap_targets(span.blocks, start, get_family(model_config.model_type).lora_targets)
-        return model_config, span
+                         cfg.revision, config=self.model_config)
+        wrap_targets(span.blocks, start, get_family(self.model_config.model_type).lora_targets)
+        return span
 
     def server_info(self, state: str) -> ServerInfo:
-        span = self.servicer.span
-        cache_tokens = self.servicer.budget.free // max(1, span.make_cache_nbytes(1, 1))
+        start, end = self.blocks
+        servicer = self.servicer
+        cache_tokens = servicer.budget.free // max(1, servicer.span.make_cache_nbytes(1, 1)) if servicer else 0
         return ServerInfo(
-            peer_id=str(self.p2p.peer_id), start=span.start, end=span.end, state=state,
-            throughput=self.config.throughput or 1.0, inference_rps=1.0,
-            dtype=str(span.compute_dtype).replace("torch.", ""), quant="none",
-            cache_tokens_left=int(cache_tokens), adapters=tuple(self.servicer.hosted_adapters),
+            peer_id=str(self.p2p.peer_id), start=start, end=end, state=state,
+            throughput=self.config.throughput or self.speed.forward, inference_rps=self.speed.inference / (end - start),
+            dtype=str(parse_dtype(self.config.dtype)).replace("torch.", ""), quant="none",
+            cache_tokens_left=int(cache_tokens), adapters=tuple(servicer.hosted_adapters) if servicer else (),
             version=__version__, addrs=tuple(self.maddrs),
         )
 
@@ -85,45 +104,119 @@ class Server:
         start, end = info.span
         expiration = get_dht_time() + self.config.expiration
         keys = [records.block_key(self.prefix, i) for i in range(start, end)]
-        model_info = ModelInfo(self.servicer.span.config.num_hidden_layers, self.config.model,
-                               self.servicer.span.config.model_type)
+        model_info = ModelInfo(self.model_config.num_hidden_layers, self.config.model, self.model_config.model_type)
         await self.dht.store_many(
             keys + [self.prefix], [info.to_record()] * len(keys) + [model_info.to_record()],
-            expiration_time=expiration, subkeys=[info.peer_id] * len(keys) + [None])
+            expiration_time=expiration, subkeys=[info.peer_id] * (len(keys) + 1))
 
     async def run(self) -> None:
         cfg = self.config
-        model_config, span = self.load()
+        self.prepare()
         self.executor = PriorityExecutor()
-        self.p2p = await start_p2p(cfg.network)
-        self.dht = await start_dht(self.p2p, cfg.network)
+        # the daemon's identity key also signs our DHT records, so load (or create) it here
+        identity = Identity.load_or_create(cfg.network.identity_path)
+        network = dataclasses.replace(cfg.network, identity_path=identity.path,
+                                      check_identity=cfg.network.identity_path is not None)
+        self.p2p = await start_p2p(network)
+        self.dht = await start_dht(self.p2p, network, identity=identity)
         self.maddrs = await visible_maddrs(self.p2p)
-        handler_config = HandlerConfig(cfg.limits, cfg.session_timeout, cfg.alloc_timeout,
-                                       faults=Faults.parse(cfg.faults))
-        info = dict(model=cfg.model, start=span.start, end=span.end, dtype=str(span.compute_dtype),
-                    version=__version__, peer_id=str(self.p2p.peer_id))
-        self.servicer = BlockServicer(span, self.executor, CacheBudget(cfg.cache_bytes), handler_config, info)
-        await self.servicer.add_p2p_handlers(self.p2p)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
-        await self.announce("online")
-        print(f"SERVING blocks {span.start}:{span.end} of {cfg.model} as {self.p2p.peer_id}", flush=True)
-        for addr in self.maddrs:
-            print(f"MADDR {addr}", flush=True)
+        balancer = None
         try:
+            for addr in self.maddrs:  # before SERVING, so whoever waits for SERVING knows the addresses
+                print(f"MADDR {addr}", flush=True)
+            self.blocks = cfg.blocks or await self.choose_blocks()
+            await self.serve_blocks()
+            if cfg.blocks is None:
+                balancer = asyncio.create_task(self.balance_forever())
             while not self.stop_event.is_set():
                 try:
                     await asyncio.wait_for(self.stop_event.wait(), cfg.update_period)
                 except asyncio.TimeoutError:
-                    await self.announce("online")
+                    await self.announce(self.state)
         finally:
+            if balancer is not None:
+                balancer.cancel()
             await self.shutdown()
+
+    async def serve_blocks(self) -> None:
+        """Announce our span as joining (so servers choosing now go elsewhere), load it, serve it, go online."""
+        cfg = self.config
+        start, end = self.blocks
+        self.state = "joining"
+        await self.announce("joining")
+        span = await asyncio.to_thread(self.load, start, end)
+        handler_config = HandlerConfig(cfg.limits, cfg.session_timeout, cfg.alloc_timeout,
+                                       faults=Faults.parse(cfg.faults))
+        info = dict(model=cfg.model, start=span.start, end=span.end, dtype=str(span.compute_dtype),
+                    version=__version__, peer_id=str(self.p2p.peer_id))
+        self.servicer = BlockServicer(span, self.executor, CacheBudget(cfg.cache_bytes), handler_config, info,
+                                      membership=cfg.network.membership)
+        await self.servicer.add_p2p_handlers(self.p2p)
+        self.state = "online"
+        await self.announce("online")
+        print(f"SERVING blocks {start}:{end} of {cfg.model} as {self.p2p.peer_id}", flush=True)
+
+    async def visible_servers(self) -> list[ServerInfo]:
+        """The servers online or loading a span they announced, as the DHT shows them now."""
+        servers = await fetch_swarm(self.dht, self.prefix, self.model_config.num_hidden_layers)
+        return [s for s in servers if s.state != "offline"]
+
+    async def choose_blocks(self) -> tuple[int, int]:
+        """The span of our size that most raises the swarm's weakest blocks."""
+        cfg = self.config
+        num_layers = self.model_config.num_hidden_layers
+        length = cfg.num_blocks or throughput.blocks_that_fit(self.model_config, parse_dtype(cfg.dtype), cfg.device,
+                                                              cfg.cache_bytes)
+        if length < 1:
+            raise RuntimeError(f"Not enough free memory on {cfg.device} for one block of {cfg.model} besides "
+                               f"{cfg.cache_bytes >> 20} MiB of KV cache: free some, or give --num-blocks")
+        length = min(length, num_layers)
+        me = str(self.p2p.peer_id)
+        servers = [s for s in await self.visible_servers() if s.peer_id != me]
+        start = block_selection.choose_best_span(servers, num_layers, length, cfg.throughput or self.speed.forward,
+                                                 random.Random())
+        return start, start + length
+
+    async def balance_forever(self) -> None:
+        """Now and then (jittered, so servers do not move in lockstep) move if another span serves markedly better."""
+        while not self.stop_event.is_set():
+            await asyncio.sleep(self.config.balance_period * random.uniform(0.5, 1.5))
+            try:
+                servers = await self.visible_servers()
+            except Exception as e:  # a DHT hiccup: keep serving, look again next time
+                logger.warning(f"could not read the swarm to rebalance: {e}")
+                continue
+            start = block_selection.should_move(servers, self.model_config.num_hidden_layers,
+                                                self.server_info(self.state))
+            if start is not None:
+                try:
+                    await self.move(start)
+                except Exception:  # without a span there is nothing to serve: exit, to be restarted
+                    logger.exception("moving to another span failed")
+                    self.stop_event.set()
+
+    async def move(self, start: int) -> None:
+        """Withdraw from our span (offline first, so clients route elsewhere), then load and serve another."""
+        old_start, old_end = self.blocks
+        logger.info(f"moving from blocks {old_start}:{old_end} to {start}:{start + old_end - old_start}")
+        self.state = "offline"
+        await self.announce("offline")
+        await self.servicer.remove_p2p_handlers(self.p2p)
+        self.servicer = None
+        gc.collect()
+        if torch.device(self.config.device).type == "cuda":
+            torch.cuda.empty_cache()
+        self.blocks = (start, start + old_end - old_start)
+        await self.serve_blocks()
 
     async def shutdown(self) -> None:
         logger.info("shutting down: withdrawing the announcement")
         try:
-            await asyncio.wait_for(self.announce("offline"), 5)
+            if self.blocks is not None:
+                await asyncio.wait_for(self.announce("offline"), 5)
         except Exception as e:  # the swarm may already be gone; exiting cleanly matters more
             logger.warning(f"could not withdraw the announcement: {e}")
         if self.dht is not None:

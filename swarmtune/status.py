@@ -1,0 +1,103 @@
+"""`python -m swarmtune.swarm status`: what a swarm serves, block by block, as its DHT records say.
+
+Prints every server with a live record (joining, online, or offline until its record expires)
+with its span, speed, free cache and state, then every block with the servers online for it,
+flagging blocks nobody serves. Exits with status 1 when some block has no online server, so
+scripts and monitors can act on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Sequence
+
+from hivemind.dht.node import DHTNode
+
+from swarmtune import records
+from swarmtune.client.routing import NoServersError
+from swarmtune.client.swarm_view import SwarmView, fetch_model_info
+from swarmtune.p2p import NetworkOptions, start_dht, start_p2p
+from swarmtune.records import ModelInfo, ServerInfo
+
+
+async def fetch_swarm(dht: DHTNode, prefix: str, num_blocks: int) -> list[ServerInfo]:
+    """Every valid server record of the model's blocks, in any state: per server, its newest one.
+
+    A server that moved still has offline records under its old blocks until they expire; the
+    newest record (the latest expiration) is the one that says where it is now.
+    """
+    keys = [records.block_key(prefix, i) for i in range(num_blocks)]
+    found = await dht.get_many(keys, sufficient_expiration_time=float("inf"))
+    newest: dict[str, tuple[float, ServerInfo]] = {}
+    for key in keys:
+        entry = found.get(key)
+        if entry is None or not hasattr(entry.value, "items"):
+            continue
+        for peer_id, item in entry.value.items():
+            info = ServerInfo.from_record(peer_id, getattr(item, "value", None))
+            expiration = getattr(item, "expiration_time", 0.0)
+            if info is not None and expiration >= newest.get(info.peer_id, (-1.0, None))[0]:
+                newest[info.peer_id] = (expiration, info)
+    return [info for _, info in newest.values()]
+
+
+def uncovered(servers: Sequence[ServerInfo], num_blocks: int) -> list[int]:
+    """Blocks that no online server holds."""
+    view = SwarmView(num_blocks, {s.peer_id: s for s in servers if s.state == "online"})
+    return view.uncovered(0, num_blocks)
+
+
+def format_status(model: ModelInfo, prefix: str, servers: Sequence[ServerInfo]) -> str:
+    servers = sorted(servers, key=lambda s: (s.start, s.end, s.peer_id))
+    online = [s for s in servers if s.state == "online"]
+    lines = [f"{model.model_id} (DHT prefix {prefix!r}, {model.model_type or 'unknown type'}): "
+             f"{model.num_blocks} blocks, {len(online)} of {len(servers)} servers online", "",
+             f"{'server':54} {'blocks':>7} {'state':8} {'tokens/s/blk':>12} {'steps/s':>8} {'cache tokens':>12} "
+             f"{'dtype':9} version"]
+    for s in servers:
+        lines.append(f"{s.peer_id:54} {f'{s.start}:{s.end}':>7} {s.state:8} {s.throughput:12.1f} "
+                     f"{s.inference_rps:8.1f} {s.cache_tokens_left:12d} {s.dtype:9} {s.version}")
+    lines += ["", f"{'block':>5} {'online':>6} {'tokens/s':>10}  servers"]
+    for block in range(model.num_blocks):
+        here = [s for s in servers if s.start <= block < s.end and s.state != "offline"]
+        serving = [s for s in here if s.state == "online"]
+        names = " ".join(s.peer_id[-8:] + ("" if s.state == "online" else f" ({s.state})") for s in here)
+        lines.append(f"{block:5d} {len(serving):6d} {sum(s.throughput for s in serving):10.1f}  "
+                     f"{names if serving else 'NO SERVER  ' + names}".rstrip())
+    missing = uncovered(servers, model.num_blocks)
+    if missing:
+        lines += ["", str(NoServersError(missing, model.model_id))]
+    return "\n".join(lines)
+
+
+async def read_status(initial_peers: list[str], prefix: str) -> tuple[str, bool]:
+    """The status table of the model under `prefix`, and whether every block has an online server."""
+    opts = NetworkOptions(initial_peers=list(initial_peers))
+    p2p = await start_p2p(opts)
+    dht = None
+    try:
+        dht = await start_dht(p2p, opts, client_mode=True)
+        model = await fetch_model_info(dht, prefix)
+        if model is None:
+            return f"No swarm at {' '.join(initial_peers)} announces a model under the DHT prefix {prefix!r}", False
+        servers = await fetch_swarm(dht, prefix, model.num_blocks)
+        return format_status(model, prefix, servers), not uncovered(servers, model.num_blocks)
+    finally:
+        if dht is not None:
+            await asyncio.wait_for(dht.shutdown(), 5)
+        await p2p.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m swarmtune.swarm status", description=__doc__.split("\n\n")[0])
+    p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of peers in the swarm")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="the model's local directory or Hugging Face id")
+    which.add_argument("--dht-prefix", help="the model's swarm namespace, as servers were given it")
+    p.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds")
+    args = p.parse_args(argv)
+    prefix = args.dht_prefix or records.dht_prefix(args.model)
+    text, complete = asyncio.run(asyncio.wait_for(read_status(args.initial_peers, prefix), args.timeout))
+    print(text, flush=True)
+    raise SystemExit(0 if complete else 1)

@@ -1,0 +1,91 @@
+"""Block selection: where a joining server goes, and when a serving one moves."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from swarmtune.records import ServerInfo
+from swarmtune.server.block_selection import block_throughputs, choose_best_span, should_move
+
+
+def server(name: str, start: int, end: int, throughput: float = 1.0) -> ServerInfo:
+    return ServerInfo(name, start, end, throughput=throughput)
+
+
+def test_block_throughputs_sum_covering_servers_and_are_zero_where_none():
+    servers = [server("a", 0, 3, 0.1), server("b", 1, 4, 0.2), server("c", 6, 8, 0.3)]
+    totals = block_throughputs(servers, 8)
+    np.testing.assert_allclose(totals, [0.1, 0.3, 0.3, 0.2, 0, 0, 0.3, 0.3])
+    assert totals[4] == 0 and totals[5] == 0  # exactly: holes are found by == 0
+    assert list(block_throughputs([], 3)) == [0, 0, 0]
+
+
+def test_a_joining_server_fills_the_gap_then_the_weakest_region():
+    assert choose_best_span([server("a", 0, 4), server("b", 8, 12)], 12, 4, 1.0) == 4
+    assert choose_best_span([server("a", 0, 6, 5.0), server("b", 6, 12, 1.0)], 12, 6, 1.0) == 6
+    # the weakest block (5) must be inside, and then as many of the next weakest (0-4, not 6-11)
+    servers = [server("a", 0, 5, 2.0), server("b", 6, 12, 3.0), server("c", 5, 6, 1.0)]
+    assert choose_best_span(servers, 12, 3, 1.0) == 3
+
+
+def test_ties_go_to_the_lowest_start_or_spread_with_an_rng():
+    assert choose_best_span([], 12, 4, 1.0) == 0
+    rng = random.Random(0)
+    starts = {choose_best_span([], 12, 4, 1.0, rng) for _ in range(50)}
+    assert len(starts) > 3 and starts <= set(range(9))
+
+
+def test_a_server_stays_when_the_swarm_is_balanced_or_the_gain_is_small():
+    tiling = [server("a", 0, 4), server("b", 4, 8), server("c", 8, 12)]
+    assert all(should_move(tiling, 12, s) is None for s in tiling)
+    # moving "d" from 0:4 to 4:8 raises the weakest block from 1.0 to 1.1 only
+    servers = tiling + [server("d", 0, 4, 0.1), server("e", 8, 12, 0.1)]
+    assert should_move(servers, 12, servers[3]) is None
+
+
+def test_a_server_moves_when_the_weakest_block_gains_markedly():
+    servers = [server("a", 0, 8), server("b", 0, 4), server("d", 0, 4)]  # blocks 4-7 have half the throughput
+    assert should_move(servers, 8, servers[2]) == 4
+    assert should_move(servers, 8, servers[2], min_gain=2.5) is None
+
+
+def test_a_redundant_server_moves_to_cover_a_hole():
+    servers = [server("a", 0, 4), server("b", 0, 4), server("c", 4, 8)]
+    assert should_move(servers, 12, servers[1]) == 8
+
+
+def test_a_chain_of_moves_closes_a_hole_no_single_move_can():
+    # 12 blocks, 3 x 4: only the exact tiling covers everything, and no one server can get there alone
+    servers = {s.peer_id: s for s in [server("a", 0, 4), server("b", 2, 6), server("c", 6, 10)]}
+    assert _settle(servers, 12) == 0
+    assert sorted(s.span for s in servers.values()) == [(0, 4), (4, 8), (8, 12)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_servers_that_can_cover_the_model_end_up_covering_it(seed):
+    rng = random.Random(seed)
+    num_blocks, servers, slots = 24, {}, 0
+    while slots < num_blocks + rng.randrange(8):
+        length = rng.randint(2, 8)
+        start = rng.randrange(num_blocks - length + 1)
+        servers[f"s{len(servers)}"] = server(f"s{len(servers)}", start, start + length, rng.uniform(0.5, 4))
+        slots += length
+    assert _settle(servers, num_blocks) == 0
+
+
+def _settle(servers: dict[str, ServerInfo], num_blocks: int, rounds: int = 10) -> int:
+    """Let servers check in turn, moving as told, until nobody moves; returns the holes left."""
+    for _ in range(rounds):
+        moved = False
+        for name in list(servers):
+            me = servers[name]
+            start = should_move(list(servers.values()), num_blocks, me)
+            if start is not None:
+                servers[name] = ServerInfo(name, start, start + me.end - me.start, throughput=me.throughput)
+                moved = True
+        if not moved:
+            break
+    return int((block_throughputs(list(servers.values()), num_blocks) == 0).sum())

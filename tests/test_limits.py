@@ -1,0 +1,80 @@
+"""A client that floods a server past its limits does not slow another client's generation much."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from swarmtune.client.config import ClientConfig
+from swarmtune.client.model import SwarmForCausalLM
+from swarmtune.swarm import LocalSwarm
+
+SLOWDOWN_BOUND = 3.0  # stated bound: generation under flood takes at most 3x as long as without it
+
+FLOODER = textwrap.dedent("""
+    import sys, time, torch
+    from swarmtune import wire
+    from swarmtune.client import rpc
+    from swarmtune.client.config import ClientConfig
+    from swarmtune.client.connection import SwarmConnection
+    peers, prefix, peer_id, seconds = sys.argv[1].split(","), sys.argv[2], sys.argv[3], float(sys.argv[4])
+    conn = SwarmConnection(ClientConfig(initial_peers=peers), prefix)
+    small = wire.pack({"start": 0, "end": 6}, {"hidden": torch.randn(1, 8, 64)})
+    huge = wire.pack({"start": 0, "end": 6}, {"hidden": torch.randn(8, 4096, 64)})  # over max_tokens
+    print("FLOODING", flush=True)
+    sent, refused, deadline = 0, 0, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for data in (small, small, small, huge):
+            try:
+                conn.run(rpc.call(conn.p2p, peer_id, "forward", data, 10), timeout=15)
+            except rpc.ServerFailure:
+                refused += 1
+            sent += 1
+    print(f"SENT {sent} refused {refused}", flush=True)
+    conn.close()
+""")
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_llama):
+    with LocalSwarm(tiny_llama, spans=[(0, 6)], max_requests_per_second=50, max_tokens=4096) as swarm:
+        yield swarm
+
+
+def _generation_time(model, inputs, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def test_flooding_client_does_not_starve_others(swarm, tiny_llama):
+    model = SwarmForCausalLM.from_pretrained(tiny_llama, client_config=ClientConfig(initial_peers=swarm.initial_peers))
+    flooder = None
+    try:
+        inputs = AutoTokenizer.from_pretrained(tiny_llama)(["The swarm is"], return_tensors="pt")
+        _generation_time(model, inputs, repeats=1)  # warm up
+        quiet = _generation_time(model, inputs)
+        server = swarm.servers[0]
+        flooder = subprocess.Popen([sys.executable, "-c", FLOODER, ",".join(swarm.initial_peers), swarm.dht_prefix,
+                                    server.peer_id, "60"], stdout=subprocess.PIPE, text=True)
+        assert flooder.stdout.readline().startswith("FLOODING")
+        time.sleep(1.0)
+        flooded = _generation_time(model, inputs)
+        assert flooded <= SLOWDOWN_BOUND * quiet, f"generation slowed from {quiet:.3f} s to {flooded:.3f} s"
+        with torch.no_grad():
+            assert model(input_ids=inputs["input_ids"]).logits.isfinite().all()
+    finally:
+        if flooder is not None:
+            flooder.kill()
+            flooder.wait(10)
+        model.close()

@@ -1,0 +1,83 @@
+"""Routing over the swarm view with measured speeds and round trips, and the pings that measure them."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+
+from swarmtune.client.config import ClientConfig
+from swarmtune.client.connection import SwarmConnection
+from swarmtune.client.routing import inference_route, training_route
+from swarmtune.client.swarm_view import Bans, SwarmView
+from swarmtune.records import ServerInfo
+
+
+def view(*servers: ServerInfo, num_blocks: int = 8) -> SwarmView:
+    return SwarmView(num_blocks, {s.peer_id: s for s in servers})
+
+
+def server(name: str, start: int, end: int, throughput: float = 100.0, rps: float = 10.0) -> ServerInfo:
+    return ServerInfo(name, start, end, throughput=throughput, inference_rps=rps)
+
+
+def peers(hops) -> list[str]:
+    return [hop.peer_id for hop in hops]
+
+
+def test_inference_prefers_the_nearer_of_two_equal_servers():
+    swarm = view(server("near", 0, 8), server("far", 0, 8))
+    rtts = {"near": 0.005, "far": 0.1}
+    assert peers(inference_route(swarm, 0, 8, rtt=rtts.get)) == ["near"]
+    rtts = {"near": 0.1, "far": 0.005}
+    assert peers(inference_route(swarm, 0, 8, rtt=rtts.get)) == ["far"]
+
+
+def test_inference_prefers_the_faster_of_two_equally_near_servers():
+    swarm = view(server("slow", 0, 8, rps=2.0), server("fast", 0, 8, rps=20.0))
+    assert peers(inference_route(swarm, 0, 8, rtt={"slow": 0.01, "fast": 0.01}.get)) == ["fast"]
+
+
+def test_inference_weighs_network_against_compute():
+    # "far" computes a step in 5 ms but is 200 ms away; "near" takes 50 ms and is 5 ms away
+    swarm = view(server("far", 0, 8, rps=200.0), server("near", 0, 8, rps=20.0))
+    assert peers(inference_route(swarm, 0, 8, rtt={"far": 0.2, "near": 0.005}.get)) == ["near"]
+    assert peers(inference_route(swarm, 0, 8, rtt={"far": 0.01, "near": 0.005}.get)) == ["far"]
+
+
+def test_inference_avoids_extra_hops_when_round_trips_dominate():
+    swarm = view(server("whole", 0, 8, rps=10.0), server("a", 0, 4, rps=25.0), server("b", 4, 8, rps=25.0))
+    rtts = {"whole": 0.05, "a": 0.05, "b": 0.05}
+    assert peers(inference_route(swarm, 0, 8, rtt=rtts.get)) == ["whole"]
+    rtts = {"whole": 0.001, "a": 0.001, "b": 0.001}
+    assert peers(inference_route(swarm, 0, 8, rtt=rtts.get)) == ["a", "b"]
+
+
+def test_unmeasured_servers_count_as_typical():
+    swarm = view(server("near", 0, 8), server("far", 0, 8), server("unknown", 0, 8))
+    rtts = {"near": 0.01, "far": 0.03}
+    assert peers(inference_route(swarm, 0, 8, rtt=rtts.get)) == ["near"]
+    bans = Bans()
+    bans.ban("near")
+    assert peers(inference_route(swarm, 0, 8, bans, rtt=rtts.get)) == ["unknown"]  # as if 0.02 s away
+
+
+def test_training_prefers_faster_servers_in_proportion():
+    swarm = view(server("slow", 0, 8, throughput=100.0), server("fast", 0, 8, throughput=300.0))
+    assert peers(training_route(swarm, 0, 8, randomness=0)) == ["fast"]
+    rng = random.Random(0)
+    picks = Counter(training_route(swarm, 0, 8, rng=rng)[0].peer_id for _ in range(400))
+    assert 0.65 < picks["fast"] / 400 < 0.85  # weights 3:1 -> 0.75
+
+
+def test_the_connection_measures_round_trips_to_every_server(llama_swarm):
+    connection = SwarmConnection(ClientConfig(initial_peers=llama_swarm.initial_peers, refresh_period=0.5),
+                                 llama_swarm.dht_prefix)
+    try:
+        deadline = time.monotonic() + 30
+        while len(connection.rtts) < len(llama_swarm.servers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert set(connection.rtts) == {s.peer_id for s in llama_swarm.servers}
+        assert all(0 < rtt < 1.0 for rtt in connection.rtts.values()), connection.rtts
+    finally:
+        connection.close()

@@ -1,0 +1,45 @@
+"""`python -m swarmtune.swarm status`: the table of blocks and servers, and its exit status."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from swarmtune import swarm
+from swarmtune.records import ModelInfo, ServerInfo
+from swarmtune.status import format_status, uncovered
+
+
+def test_the_table_flags_blocks_without_an_online_server():
+    model = ModelInfo(6, "org/model", "llama")
+    servers = [ServerInfo("peer-aaaaaaaa", 0, 2, throughput=10.0, cache_tokens_left=512),
+               ServerInfo("peer-bbbbbbbb", 2, 4, state="joining", throughput=20.0),
+               ServerInfo("peer-cccccccc", 4, 6, throughput=30.0),
+               ServerInfo("peer-dddddddd", 4, 6, state="offline", throughput=40.0)]
+    text = format_status(model, "model", servers)
+    assert "6 blocks, 2 of 4 servers online" in text
+    rows = {int(line.split()[0]): line for line in text.splitlines()[-12:] if line[:5].strip().isdigit()}
+    assert "NO SERVER" in rows[2] and "bbbbbbbb (joining)" in rows[2] and "NO SERVER" in rows[3]
+    assert "NO SERVER" not in rows[0] and "aaaaaaaa" in rows[0] and "dddddddd" not in rows[4]
+    assert "block(s) 2:4 of org/model" in text.splitlines()[-1]
+    assert uncovered(servers, 6) == [2, 3]
+
+
+def test_status_of_a_running_swarm(llama_swarm, tiny_llama):
+    cmd = [sys.executable, "-m", "swarmtune.swarm", "status", "--model", tiny_llama,
+           "--initial-peers", *llama_swarm.initial_peers]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "6 blocks, 3 of 3 servers online" in done.stdout
+    for server in llama_swarm.servers:
+        start, end = server.span
+        assert any(server.peer_id in line and f"{start}:{end}" in line and "online" in line
+                   for line in done.stdout.splitlines()), done.stdout
+    assert "NO SERVER" not in done.stdout
+
+
+def test_unknown_command_prints_usage():
+    with pytest.raises(SystemExit, match="usage: python -m swarmtune.swarm status"):
+        swarm.main(["stats"])
