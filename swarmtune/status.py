@@ -12,34 +12,12 @@ import argparse
 import asyncio
 from collections.abc import Sequence
 
-from hivemind.dht.node import DHTNode
-
 from swarmtune import records
 from swarmtune.client.routing import NoServersError
-from swarmtune.client.swarm_view import SwarmView, fetch_model_info
+from swarmtune.client.swarm_view import SwarmView, fetch_model_info, fetch_swarm
 from swarmtune.p2p import NetworkOptions, start_dht, start_p2p
 from swarmtune.records import ModelInfo, ServerInfo
-
-
-async def fetch_swarm(dht: DHTNode, prefix: str, num_blocks: int) -> list[ServerInfo]:
-    """Every valid server record of the model's blocks, in any state: per server, its newest one.
-
-    A server that moved still has offline records under its old blocks until they expire; the
-    newest record (the latest expiration) is the one that says where it is now.
-    """
-    keys = [records.block_key(prefix, i) for i in range(num_blocks)]
-    found = await dht.get_many(keys, sufficient_expiration_time=float("inf"))
-    newest: dict[str, tuple[float, ServerInfo]] = {}
-    for key in keys:
-        entry = found.get(key)
-        if entry is None or not hasattr(entry.value, "items"):
-            continue
-        for peer_id, item in entry.value.items():
-            info = ServerInfo.from_record(peer_id, getattr(item, "value", None))
-            expiration = getattr(item, "expiration_time", 0.0)
-            if info is not None and expiration >= newest.get(info.peer_id, (-1.0, None))[0]:
-                newest[info.peer_id] = (expiration, info)
-    return [info for _, info in newest.values()]
+from swarmtune.security import Membership
 
 
 def uncovered(servers: Sequence[ServerInfo], num_blocks: int) -> list[int]:
@@ -71,9 +49,11 @@ def format_status(model: ModelInfo, prefix: str, servers: Sequence[ServerInfo]) 
     return "\n".join(lines)
 
 
-async def read_status(initial_peers: list[str], prefix: str) -> tuple[str, bool]:
+async def read_status(initial_peers: list[str], prefix: str, membership: Membership | None = None,
+                      identity_path: str | None = None) -> tuple[str, bool]:
     """The status table of the model under `prefix`, and whether every block has an online server."""
-    opts = NetworkOptions(initial_peers=list(initial_peers))
+    opts = NetworkOptions(initial_peers=list(initial_peers), identity_path=identity_path,
+                          membership=membership or Membership())
     p2p = await start_p2p(opts)
     dht = None
     try:
@@ -96,8 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     which.add_argument("--model", help="the model's local directory or Hugging Face id")
     which.add_argument("--dht-prefix", help="the model's swarm namespace, as servers were given it")
     p.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds")
+    p.add_argument("--swarm-key", default=None, help="private swarm: file with the shared swarm key")
+    p.add_argument("--identity", default=None, help="private swarm with an allowlist: this peer's identity file")
     args = p.parse_args(argv)
     prefix = args.dht_prefix or records.dht_prefix(args.model)
-    text, complete = asyncio.run(asyncio.wait_for(read_status(args.initial_peers, prefix), args.timeout))
+    membership = Membership.from_options(args.swarm_key, None)
+    text, complete = asyncio.run(asyncio.wait_for(read_status(args.initial_peers, prefix, membership, args.identity),
+                                                  args.timeout))
     print(text, flush=True)
     raise SystemExit(0 if complete else 1)

@@ -11,6 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "XDG_CACHE_HOME" not in os.environ:  # servers cache their throughput measurements: keep them out of ~/.cache
+    import tempfile
+
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="swarmtune-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

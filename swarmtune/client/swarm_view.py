@@ -39,11 +39,15 @@ class Bans:
         self.failures.pop(peer_id, None)
 
 
-async def fetch_servers(dht: DHTNode, prefix: str, num_blocks: int) -> dict[str, ServerInfo]:
-    """All valid, online server records for the model's blocks, keyed by peer id."""
+async def fetch_swarm(dht: DHTNode, prefix: str, num_blocks: int) -> list[ServerInfo]:
+    """Every valid server record of the model's blocks, in any state: per server, its newest one.
+
+    A server that moved still has offline records under its old blocks until they expire; the
+    newest record (the latest expiration) is the one that says where it is now.
+    """
     keys = [records.block_key(prefix, i) for i in range(num_blocks)]
     found = await dht.get_many(keys, sufficient_expiration_time=float("inf"))
-    servers: dict[str, ServerInfo] = {}
+    newest: dict[str, tuple[float, ServerInfo]] = {}
     for key in keys:
         entry = found.get(key)
         if entry is None or not hasattr(entry.value, "items"):
@@ -53,9 +57,15 @@ async def fetch_servers(dht: DHTNode, prefix: str, num_blocks: int) -> dict[str,
             if info is None:
                 logger.debug(f"ignoring a malformed or foreign record under {key}/{peer_id!r}")
                 continue
-            if info.state == "online":
-                servers[info.peer_id] = info
-    return servers
+            expiration = getattr(item, "expiration_time", 0.0)
+            if expiration >= newest.get(info.peer_id, (-1.0, None))[0]:
+                newest[info.peer_id] = (expiration, info)
+    return [info for _, info in newest.values()]
+
+
+async def fetch_servers(dht: DHTNode, prefix: str, num_blocks: int) -> dict[str, ServerInfo]:
+    """The servers online now, keyed by peer id."""
+    return {s.peer_id: s for s in await fetch_swarm(dht, prefix, num_blocks) if s.state == "online"}
 
 
 async def fetch_model_info(dht: DHTNode, prefix: str) -> records.ModelInfo | None:

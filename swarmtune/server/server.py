@@ -14,6 +14,7 @@ import torch
 from hivemind.utils import get_dht_time
 
 from swarmtune import records
+from swarmtune.client.swarm_view import fetch_swarm
 from swarmtune.models import load_config, load_span, parse_dtype
 from swarmtune.models.family import get_family
 from swarmtune.models.span import SpanModel
@@ -27,7 +28,6 @@ from swarmtune.server.handler import BlockServicer, HandlerConfig
 from swarmtune.server.lora import wrap_targets
 from swarmtune.server.requests import Limits
 from swarmtune.server.sessions import CacheBudget
-from swarmtune.status import fetch_swarm
 from swarmtune.version import __version__
 
 logger = logging.getLogger(__name__)
