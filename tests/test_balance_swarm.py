@@ -18,21 +18,21 @@ from swarmtune.tiny_model import tiny_config
 def test_throughput_is_measured_once_per_configuration(tmp_path, monkeypatch):
     config = tiny_config("llama", layers=2)
     config._attn_implementation = "sdpa"
-    first = throughput.get_throughput(config, torch.float32, "cpu", str(tmp_path))
+    first = throughput.get_throughput(config, torch.float32, "cpu", cache_dir=str(tmp_path))
     assert first.forward > 0 and first.inference > 0
 
     def no_benchmark(*args):
         raise AssertionError("measured again instead of reading the cache")
 
     monkeypatch.setattr(throughput, "measure", no_benchmark)
-    assert throughput.get_throughput(config, torch.float32, "cpu", str(tmp_path)) == first
+    assert throughput.get_throughput(config, torch.float32, "cpu", cache_dir=str(tmp_path)) == first
     assert throughput.cache_key(config, torch.float32, "cpu") != throughput.cache_key(config, torch.bfloat16, "cpu")
 
 
 def test_blocks_that_fit_leave_room_for_the_cache():
     config = tiny_config("llama", layers=12)
-    assert throughput.blocks_that_fit(config, torch.float32, "cpu", reserve_bytes=0) == 12
-    assert throughput.blocks_that_fit(config, torch.float32, "cpu", reserve_bytes=1 << 60) == 0
+    assert throughput.blocks_that_fit(config, torch.float32, "cpu", "none", reserve_bytes=0) == 12
+    assert throughput.blocks_that_fit(config, torch.float32, "cpu", "none", reserve_bytes=1 << 60) == 0
 
 
 def test_simulated_swarm_stays_near_the_bound_through_churn():

@@ -8,6 +8,7 @@ import logging
 
 from swarmtune.p2p import NetworkOptions
 from swarmtune.security import Membership
+from swarmtune.server.quantize import QUANT_TYPES
 from swarmtune.server.requests import Limits
 from swarmtune.server.server import Server, ServerConfig
 
@@ -46,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: ~/.cache/swarmtune)")
     p.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of peers already in the swarm")
     p.add_argument("--new-swarm", action="store_true", help="start a new swarm, this server being its bootstrap")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute dtype of the blocks")
+    p.add_argument("--quant", default="none", choices=list(QUANT_TYPES),
+                   help="store linear weights in 8 bits (int8) or 4 bits (nf4) with bitsandbytes")
     p.add_argument("--device", default="cpu")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for a public server)")
     p.add_argument("--port", type=int, default=0)
@@ -94,7 +97,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         model=args.model, blocks=args.blocks, num_blocks=None if args.num_blocks == "auto" else args.num_blocks,
         balance_period=args.balance_period, throughput_cache=args.throughput_cache,
-        network=network, dtype=args.dtype, device=args.device,
+        network=network, dtype=args.dtype, quant=args.quant, device=args.device,
         dht_prefix=args.dht_prefix, attn_implementation=args.attn_implementation, revision=args.revision,
         num_threads=args.num_threads, cache_bytes=int(args.cache_mb * 2**20), update_period=args.update_period,
         expiration=args.expiration, throughput=args.throughput, limits=limits, session_timeout=args.session_timeout,

@@ -26,6 +26,7 @@ from swarmtune.server.executor import PriorityExecutor
 from swarmtune.server.faults import Faults
 from swarmtune.server.handler import BlockServicer, HandlerConfig
 from swarmtune.server.lora import wrap_targets
+from swarmtune.server.quantize import quantize
 from swarmtune.server.requests import Limits
 from swarmtune.server.sessions import CacheBudget
 from swarmtune.version import __version__
@@ -42,6 +43,7 @@ class ServerConfig:
     throughput_cache: str | None = None     # directory of the measured-throughput cache (None: ~/.cache/swarmtune)
     network: NetworkOptions = field(default_factory=NetworkOptions)
     dtype: str = "fp32"
+    quant: str = "none"               # none, int8 or nf4 (bitsandbytes)
     device: str = "cpu"
     dht_prefix: str | None = None
     attn_implementation: str = "sdpa"
@@ -77,13 +79,15 @@ class Server:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.model_config = load_config(cfg.model, cfg.attn_implementation, cfg.revision)
-        self.speed = throughput.get_throughput(self.model_config, parse_dtype(cfg.dtype), cfg.device,
+        self.speed = throughput.get_throughput(self.model_config, parse_dtype(cfg.dtype), cfg.device, cfg.quant,
                                                cfg.throughput_cache)
 
     def load(self, start: int, end: int) -> SpanModel:
         cfg = self.config
-        span = load_span(cfg.model, start, end, parse_dtype(cfg.dtype), cfg.device, cfg.attn_implementation,
+        device = "cpu" if cfg.quant != "none" else cfg.device  # bitsandbytes quantizes on the move to the device
+        span = load_span(cfg.model, start, end, parse_dtype(cfg.dtype), device, cfg.attn_implementation,
                          cfg.revision, config=self.model_config)
+        span = quantize(span, cfg.quant, span.compute_dtype, cfg.device)
         wrap_targets(span.blocks, start, get_family(self.model_config.model_type).lora_targets)
         return span
 
@@ -94,7 +98,7 @@ class Server:
         return ServerInfo(
             peer_id=str(self.p2p.peer_id), start=start, end=end, state=state,
             throughput=self.config.throughput or self.speed.forward, inference_rps=self.speed.inference / (end - start),
-            dtype=str(parse_dtype(self.config.dtype)).replace("torch.", ""), quant="none",
+            dtype=str(parse_dtype(self.config.dtype)).replace("torch.", ""), quant=self.config.quant,
             cache_tokens_left=int(cache_tokens), adapters=tuple(servicer.hosted_adapters) if servicer else (),
             version=__version__, addrs=tuple(self.maddrs),
         )
@@ -150,7 +154,7 @@ class Server:
         span = await asyncio.to_thread(self.load, start, end)
         handler_config = HandlerConfig(cfg.limits, cfg.session_timeout, cfg.alloc_timeout,
                                        faults=Faults.parse(cfg.faults))
-        info = dict(model=cfg.model, start=span.start, end=span.end, dtype=str(span.compute_dtype),
+        info = dict(model=cfg.model, start=span.start, end=span.end, dtype=str(span.compute_dtype), quant=cfg.quant,
                     version=__version__, peer_id=str(self.p2p.peer_id))
         self.servicer = BlockServicer(span, self.executor, CacheBudget(cfg.cache_bytes), handler_config, info,
                                       membership=cfg.network.membership)
@@ -169,7 +173,7 @@ class Server:
         cfg = self.config
         num_layers = self.model_config.num_hidden_layers
         length = cfg.num_blocks or throughput.blocks_that_fit(self.model_config, parse_dtype(cfg.dtype), cfg.device,
-                                                              cfg.cache_bytes)
+                                                              cfg.quant, cfg.cache_bytes)
         if length < 1:
             raise RuntimeError(f"Not enough free memory on {cfg.device} for one block of {cfg.model} besides "
                                f"{cfg.cache_bytes >> 20} MiB of KV cache: free some, or give --num-blocks")

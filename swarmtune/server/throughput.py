@@ -24,6 +24,7 @@ from transformers import PretrainedConfig
 
 from swarmtune.models.family import get_family
 from swarmtune.models.span import SpanModel
+from swarmtune.server import quantize as quantize_lib
 
 logger = logging.getLogger(__name__)
 
@@ -45,24 +46,25 @@ def default_cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "swarmtune")
 
 
-def get_throughput(config: PretrainedConfig, dtype: torch.dtype, device: str,
+def get_throughput(config: PretrainedConfig, dtype: torch.dtype, device: str, quant: str = "none",
                    cache_dir: str | None = None) -> Throughput:
     """The cached figures for this configuration, measured (and cached) if there are none yet."""
     path = os.path.join(cache_dir or default_cache_dir(), CACHE_FILE)
-    key = cache_key(config, dtype, device)
+    key = cache_key(config, dtype, device, quant)
     cached = _read_cache(path)
     if key in cached:
         return Throughput(**cached[key])
     began = time.perf_counter()
-    result = measure(config, dtype, device)
+    result = measure(config, dtype, device, quant)
     logger.info(f"measured {result} in {time.perf_counter() - began:.1f} s for {key}")
     _write_cache(path, {**_read_cache(path), key: asdict(result)})
     return result
 
 
-def measure(config: PretrainedConfig, dtype: torch.dtype, device: str) -> Throughput:
+def measure(config: PretrainedConfig, dtype: torch.dtype, device: str, quant: str = "none") -> Throughput:
     """Time a batched forward and single-token steps through one random block of the model's shape."""
-    span = _random_block(config, dtype, device)
+    block = _random_block(config, dtype, "cpu" if quant != "none" else device)  # quantized on the move to device
+    span = quantize_lib.quantize(block, quant, dtype, device)
     hidden = torch.randn(1, FORWARD_TOKENS, config.hidden_size, dtype=dtype, device=device)
     with torch.inference_mode():
         forwards = _rate(lambda: span(hidden), MAX_FORWARDS, device)
@@ -72,13 +74,13 @@ def measure(config: PretrainedConfig, dtype: torch.dtype, device: str) -> Throug
     return Throughput(forward=FORWARD_TOKENS * forwards, inference=steps)
 
 
-def cache_key(config: PretrainedConfig, dtype: torch.dtype, device: str) -> str:
-    """Everything the figures depend on: block shape, attention kernel, dtype, hardware, torch."""
+def cache_key(config: PretrainedConfig, dtype: torch.dtype, device: str, quant: str = "none") -> str:
+    """Everything the figures depend on: block shape, attention kernel, dtype, quantization, hardware, torch."""
     shape = {name: getattr(config, name, None) for name in (
         "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_local_experts")}
     shape_text = " ".join(f"{k}={v}" for k, v in shape.items() if v is not None)
     return (f"{config.model_type} {shape_text} attn={config._attn_implementation} {str(dtype).replace('torch.', '')} "
-            f"{device_name(device)} torch={torch.__version__}")
+            f"quant={quant} {device_name(device)} torch={torch.__version__}")
 
 
 def device_name(device: str) -> str:
@@ -87,17 +89,17 @@ def device_name(device: str) -> str:
     return f"{_cpu_model()} threads={torch.get_num_threads()}" if torch.device(device).type == "cpu" else device
 
 
-def blocks_that_fit(config: PretrainedConfig, dtype: torch.dtype, device: str, reserve_bytes: int) -> int:
+def blocks_that_fit(config: PretrainedConfig, dtype: torch.dtype, device: str, quant: str,
+                    reserve_bytes: int) -> int:
     """How many blocks fit in the device's free memory, after `reserve_bytes` (the KV cache) and a margin."""
     with torch.device("meta"):
         block = get_family(config.model_type).block_class(config, 0)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    block_bytes = sum(p.numel() for p in block.parameters()) * itemsize
+    one_block = quantize_lib.block_bytes(block, quant, dtype)
     if torch.device(device).type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
         free = psutil.virtual_memory().available
-    return int(max(0, min(config.num_hidden_layers, (free * MEMORY_FRACTION - reserve_bytes) // block_bytes)))
+    return int(max(0, min(config.num_hidden_layers, (free * MEMORY_FRACTION - reserve_bytes) // one_block)))
 
 
 def _random_block(config: PretrainedConfig, dtype: torch.dtype, device: str) -> SpanModel:
