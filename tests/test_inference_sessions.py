@@ -130,3 +130,39 @@ def test_many_sessions_do_not_leak(client, swarm):
     assert state["cache_bytes_free"] == 256 << 20
     growth = psutil.Process(server.pid).memory_info().rss - baseline
     assert growth < 30 << 20, f"server RSS grew by {growth / 2**20:.1f} MiB over 500 sessions"
+
+
+def test_chained_server_killed_mid_generation(tiny_llama, tokenizer, expected):
+    """Servers pass each step along the chain; when the second one dies, the step finishes through a replacement."""
+    with LocalSwarm(tiny_llama, spans=[(0, 3), (3, 6), (3, 6)]) as swarm:
+        config = ClientConfig(initial_peers=swarm.initial_peers, step_timeout=5.0, ban_base=1.0)
+        model = SwarmForCausalLM.from_pretrained(tiny_llama, client_config=config)
+        try:
+            sessions = []
+            original = model.open_session
+
+            def remember(*args, **kwargs):
+                sessions.append(original(*args, **kwargs))
+                return sessions[-1]
+
+            model.open_session = remember
+
+            class KillSecond(BaseStreamer):
+                seen = 0
+
+                def put(self, value):
+                    self.seen += 1
+                    if self.seen == 8:
+                        second = sessions[0].spans[1].hop.peer_id
+                        next(s for s in swarm.servers if s.peer_id == second).kill()
+
+                def end(self):
+                    pass
+
+            inputs = tokenizer([PROMPT], return_tensors="pt")
+            out = model.generate(**inputs, max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                                 streamer=KillSecond())
+            assert torch.equal(out, expected)
+            assert len(sessions[0].recoveries) == 1
+        finally:
+            model.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import time
 
 import torch
@@ -21,6 +22,7 @@ from swarmtune.client.rpc import InferenceStream, Refusals, ServerFailure
 from swarmtune.client.verification import odd_ones_out, tolerance
 
 logger = logging.getLogger(__name__)
+CHAIN_BYTES = 256 << 10  # steps up to this size are pushed server to server (a push is a single RPC frame)
 
 
 class _History:
@@ -45,11 +47,13 @@ class _SpanSession:
         self.pending_reorder: torch.Tensor | None = None  # beam reordering to send with the next step
         self.stream = InferenceStream(session.connection.p2p, hop.peer_id, session.connection.token)
         self.shadows: list[_SpanSession] = []  # other servers running the same blocks, to verify this one
+        self.session_id = secrets.token_hex(16)  # lets the previous server push its outputs to this session
+        self.awaiting = False  # a chained step was sent whose reply is still unread
 
     def open(self) -> None:
         s = self.session
         meta = {"type": "open", "start": self.hop.start, "end": self.hop.end, "max_length": s.max_length,
-                "batch_size": s.batch_size}
+                "batch_size": s.batch_size, "session_id": self.session_id}
         tensors = {}
         if s.adapter is not None:
             meta["lora"] = {"adapter": s.adapter, "keys": [], "scale": 1.0}
@@ -74,20 +78,37 @@ class _SpanSession:
 
     def send(self, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, step: int) -> torch.Tensor:
         s = self.session
-        tensors = {"hidden": hidden, "attention_mask": mask, "position_ids": position_ids}
+        timeout = s.config.step_timeout
+        if self.awaiting:  # a chained step is in flight: the server may have computed it from a push already
+            self.awaiting = False
+            meta, reply = s.connection.run(self.stream.receive(timeout), timeout=timeout + 5)
+            if not meta.get("need_hidden"):
+                return self.output(reply, hidden)
+        data = self.message({"step": step}, mask, position_ids, hidden)
+        _, reply = s.connection.run(self.stream.exchange(data, timeout), timeout=timeout + 5)
+        return self.output(reply, hidden)
+
+    def message(self, meta: dict, mask: torch.Tensor, position_ids: torch.Tensor,
+                hidden: torch.Tensor | None) -> bytes:
+        """A step message; without `hidden`, the server takes it from the previous server's push."""
+        tensors = {"attention_mask": mask, "position_ids": position_ids}
+        if hidden is not None:
+            tensors["hidden"] = hidden
         if self.pending_reorder is not None:
             tensors["reorder"] = self.pending_reorder
-        data = wire.pack({"step": step}, tensors)
-        s.bytes_sent += len(data)
-        timeout = s.config.step_timeout
-        _, reply = s.connection.run(self.stream.exchange(data, timeout), timeout=timeout + 5)
+        data = wire.pack(meta, tensors)
+        self.session.bytes_sent += len(data)
+        return data
+
+    def output(self, reply: dict, like: torch.Tensor) -> torch.Tensor:
+        """The span's output from a step reply, checked."""
         out = reply.get("hidden")
-        if out is None or out.shape != hidden.shape:
+        if out is None or out.shape != like.shape:
             raise ServerFailure(self.hop.peer_id, f"bad step output shape {None if out is None else list(out.shape)}")
         if not bool(torch.isfinite(out).all()):
             raise ServerFailure(self.hop.peer_id, "step output contains NaN or infinite values")
         self.pending_reorder = None
-        return out.to(hidden.dtype)
+        return out.to(like.dtype)
 
     def _verified(self, out, hidden, mask, position_ids, step: int) -> torch.Tensor:
         """Compare with the shadows; on a mismatch a third server decides and the outvoted are dropped."""
@@ -174,6 +195,8 @@ class InferenceSession:
         if not self.spans:
             self._open_chain(self.start, self.end, 0, _History())
         h, index = hidden.detach().cpu(), 0
+        if self._chainable(h):
+            h, index = self._chained_step(h, mask, position_ids)
         while index < len(self.spans):
             span = self.spans[index]
             try:
@@ -188,6 +211,55 @@ class InferenceSession:
         self.length += new
         self.steps += 1
         return h.to(hidden.dtype)
+
+    def _chainable(self, hidden: torch.Tensor) -> bool:
+        """Servers pass small steps along the chain themselves; large ones (prefills) and verified
+        chains go through the client."""
+        return (self.config.chaining and len(self.spans) > 1 and not any(s.shadows for s in self.spans)
+                and hidden.numel() * hidden.element_size() <= CHAIN_BYTES)
+
+    def _chained_step(self, h: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor
+                      ) -> tuple[torch.Tensor, int]:
+        """Run a step with server-to-server pushes: one network trip per hop instead of a round trip.
+
+        Returns the output so far and the index of the first span still to run (len(spans) when
+        done); a failed span is recovered and the rest of the step falls back to the client path.
+        """
+        outputs, error = self.connection.run(self._chain(h, mask, position_ids),
+                                             timeout=len(self.spans) * (self.config.step_timeout + 5))
+        done = len(outputs)
+        inputs = [h, *outputs]
+        for span, x in zip(self.spans[:done], inputs):
+            span.history.append(x)
+        if error is not None:
+            self._recover(done, error)
+        return inputs[done], done
+
+    async def _chain(self, h, mask, position_ids) -> tuple[list[torch.Tensor], ServerFailure | None]:
+        """Announce the step to every span, then collect outputs in order: (outputs so far, the
+        failure of the next span or None). Spans left `awaiting` have a reply still to read."""
+        spans, step, timeout = self.spans, self.steps, self.config.step_timeout
+        try:
+            for i, span in enumerate(spans):
+                meta = {"step": step, "await_push": i > 0, "push_wait": self.config.push_wait}
+                if i + 1 < len(spans):
+                    meta["push_to"] = {"peer": spans[i + 1].hop.peer_id, "session": spans[i + 1].session_id}
+                await span.stream.send(span.message(meta, mask, position_ids, h if i == 0 else None))
+                span.awaiting = True
+        except ServerFailure:
+            return [], None  # the client path will meet (and recover from) this failure
+        outputs = []
+        for span in spans:
+            try:
+                span.awaiting = False
+                meta, reply = await span.stream.receive(timeout)
+                if meta.get("need_hidden"):  # the push did not come in time: send the input ourselves
+                    data = span.message({"step": step}, mask, position_ids, outputs[-1] if outputs else h)
+                    meta, reply = await span.stream.exchange(data, timeout)
+                outputs.append(span.output(reply, h))
+            except ServerFailure as e:
+                return outputs, e
+        return outputs, None
 
     def reorder(self, index: torch.Tensor) -> None:
         """Beam search: row i continues the old row index[i] (sent to each server with its next step)."""

@@ -105,7 +105,11 @@ async def _call_stream(p2p: P2P, peer: PeerID, method: str, data: bytes, token: 
 
 
 class InferenceStream:
-    """One open rpc_inference stream: send a message, await its reply, in order."""
+    """One open rpc_inference stream: messages go out in order and replies come back in order.
+
+    `send` only queues a message, so a client can address several servers before awaiting any
+    reply; `exchange` is the two together. Any failure closes the stream and raises ServerFailure.
+    """
 
     def __init__(self, p2p: P2P, peer_id: str, token: str = ""):
         self.p2p, self.peer_id, self.token = p2p, peer_id, token
@@ -121,10 +125,24 @@ class InferenceStream:
                 return
             yield runtime_pb2.ExpertRequest(uid=self.token, metadata=frame)
 
-    async def exchange(self, data: bytes, timeout: float) -> tuple[dict, dict]:
-        """Send one message and wait for its reply."""
+    async def send(self, data: bytes) -> None:
+        if self.closed:
+            raise ServerFailure(self.peer_id, "the session stream is closed")
+        for frame in wire.frames(data):
+            self._outbox.put_nowait(frame)
+        if self._responses is None:
+            try:
+                self._responses = await self.p2p.iterate_protobuf_handler(
+                    PeerID.from_base58(self.peer_id), _handle("inference"), self._requests(),
+                    runtime_pb2.ExpertResponse)
+            except Exception as e:
+                self.close()
+                raise ServerFailure(self.peer_id, f"{type(e).__name__}: {e}") from None
+
+    async def receive(self, timeout: float) -> tuple[dict, dict]:
+        """The next reply."""
         try:
-            return await asyncio.wait_for(self._exchange(data), timeout)
+            return await asyncio.wait_for(self._receive(), timeout)
         except ServerFailure:
             self.close()
             raise
@@ -137,19 +155,19 @@ class InferenceStream:
             self.close()
             raise ServerFailure(self.peer_id, f"{type(e).__name__}: {e}") from None
 
-    async def _exchange(self, data: bytes) -> tuple[dict, dict]:
-        if self.closed:
-            raise ConnectionError("stream is closed")
-        for frame in wire.frames(data):
-            self._outbox.put_nowait(frame)
+    async def _receive(self) -> tuple[dict, dict]:
         if self._responses is None:
-            self._responses = await self.p2p.iterate_protobuf_handler(
-                PeerID.from_base58(self.peer_id), _handle("inference"), self._requests(), runtime_pb2.ExpertResponse)
+            raise ConnectionError("nothing was sent on this stream")
         async for response in self._responses:
             message = self._reassembler.add(response.metadata)
             if message is not None:
                 return _decode(self.peer_id, message)
         raise ConnectionError("the server closed the session")
+
+    async def exchange(self, data: bytes, timeout: float) -> tuple[dict, dict]:
+        """Send one message and wait for its reply."""
+        await self.send(data)
+        return await self.receive(timeout)
 
     def close(self) -> None:
         if not self.closed:

@@ -32,6 +32,19 @@ def parse_num_blocks(text: str) -> int | str:
     return int(text)
 
 
+def parse_cache_mb(text: str) -> float | str:
+    """A size in MiB, or "auto" (what free memory allows once the blocks are loaded)."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"--cache-mb must be a positive number of MiB or 'auto', got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m swarmtune.server", description="Serve a span of frozen blocks.")
     p.add_argument("--model", required=True, help="local checkpoint directory or Hugging Face model id")
@@ -63,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None)
     p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--cache-mb", type=float, default=256, help="KV cache budget in MiB")
+    p.add_argument("--cache-mb", type=parse_cache_mb, default=256.0,
+                   help="KV cache budget in MiB ('auto': most of the memory left free by the blocks; with "
+                        "--num-blocks auto, the blocks then leave room for a cache of a few thousand tokens each)")
     p.add_argument("--update-period", type=float, default=15.0, help="seconds between DHT announcements")
     p.add_argument("--expiration", type=float, default=45.0, help="lifetime of an announcement in seconds")
     p.add_argument("--throughput", type=float, default=None, help="announced tokens/s per block (default: measure)")
@@ -99,9 +114,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         balance_period=args.balance_period, throughput_cache=args.throughput_cache,
         network=network, dtype=args.dtype, quant=args.quant, device=args.device,
         dht_prefix=args.dht_prefix, attn_implementation=args.attn_implementation, revision=args.revision,
-        num_threads=args.num_threads, cache_bytes=int(args.cache_mb * 2**20), update_period=args.update_period,
-        expiration=args.expiration, throughput=args.throughput, limits=limits, session_timeout=args.session_timeout,
-        faults=args.fault,
+        num_threads=args.num_threads, update_period=args.update_period, expiration=args.expiration,
+        cache_bytes=None if args.cache_mb == "auto" else int(args.cache_mb * 2**20),
+        throughput=args.throughput, limits=limits, session_timeout=args.session_timeout, faults=args.fault,
     )
 
 

@@ -26,6 +26,7 @@ from swarmtune.server import compute
 from swarmtune.server.executor import BACKWARD, FORWARD, INFERENCE, PriorityExecutor
 from swarmtune.server.faults import Faults
 from swarmtune.server.lora import LoraSet
+from swarmtune.server.mailbox import Mailbox
 from swarmtune.server.requests import (
     Limits,
     RequestError,
@@ -88,6 +89,12 @@ class BlockServicer(ServicerBase):
         self.stats = defaultdict(int)
         self._last_request: dict[str, list[float]] = defaultdict(list)
         self.tokens_in_flight: dict[str, int] = defaultdict(int)
+        self.mailboxes: dict[str, Mailbox] = {}  # session id -> pushes from the previous server
+        self.p2p = None  # set by add_p2p_handlers: servers push outputs to the next server of a chain
+
+    async def add_p2p_handlers(self, p2p, *args, **kwargs) -> None:
+        self.p2p = p2p
+        await super().add_p2p_handlers(p2p, *args, **kwargs)
 
     # ---- helpers -------------------------------------------------------------------------------
 
@@ -211,6 +218,31 @@ class BlockServicer(ServicerBase):
                     stats=dict(self.stats))
         return runtime_pb2.ExpertResponse(metadata=_response(meta))
 
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """The previous server of a chain delivers its output for one step of one of our sessions."""
+        return runtime_pb2.ExpertResponse(
+            metadata=await self._guarded(self._accept_push, request.metadata, context, request.uid))
+
+    async def _accept_push(self, data: bytes, peer: str) -> bytes:
+        meta, tensors = wire.unpack(data, self.limits.max_message_bytes)
+        mailbox = self.mailboxes.get(meta.get("session"))
+        need(mailbox is not None, "push for an unknown session")
+        step = get_int(meta, "step", 0, 2**31)
+        mailbox.put(step, check_hidden(tensors.get("hidden"), "hidden", self.hidden_size, self.limits))
+        self.stats["pushes_received"] += 1
+        return _response({"ok": True})
+
+    async def _push(self, target: dict, step: int, hidden: torch.Tensor) -> None:
+        """Send our output to the next server of the chain; if this fails, the client sends it instead."""
+        from swarmtune.client import rpc
+
+        try:
+            data = wire.pack({"session": target["session"], "step": step}, {"hidden": hidden})
+            token = self.membership.token(str(self.p2p.peer_id))
+            await rpc.call(self.p2p, target["peer"], "push", data, timeout=10, token=token)
+        except Exception as e:
+            logger.debug(f"push to {target.get('peer')} failed: {e}")
+
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         return runtime_pb2.ExpertResponse(
             metadata=await self._guarded(self._forward, request.metadata, context, request.uid))
@@ -256,6 +288,8 @@ class BlockServicer(ServicerBase):
                 return
             self._admit(peer, token)
             session, reserved = await self._open_session(data, peer)
+            if session.id is not None:
+                self.mailboxes[session.id] = Mailbox()
             yield _frame(_response({"ok": True, "opened": True}))
             while True:
                 data, _ = await asyncio.wait_for(_read_message(requests, reassembler), self.config.session_timeout)
@@ -277,6 +311,7 @@ class BlockServicer(ServicerBase):
             await _drain(requests)
         finally:
             if session is not None:
+                self.mailboxes.pop(session.id, None)
                 session.cache = None
                 self.sessions_per_peer[peer] -= 1
                 self.active_sessions -= 1
@@ -297,8 +332,12 @@ class BlockServicer(ServicerBase):
         span = self.subspan(start, end)
         nbytes = span.make_cache_nbytes(batch, max_length)
         await self.budget.acquire(nbytes, self.config.alloc_timeout)
+        session_id = meta.get("session_id")
+        need(session_id is None or (isinstance(session_id, str) and 16 <= len(session_id) <= 64
+                                    and session_id not in self.mailboxes),
+             "'session_id' must be a new string of 16 to 64 characters")
         try:
-            session = InferenceSession(span, batch, max_length, lora, prompts)
+            session = InferenceSession(span, batch, max_length, lora, prompts, session_id)
         except BaseException:
             self.budget.release(nbytes)
             raise
@@ -307,8 +346,19 @@ class BlockServicer(ServicerBase):
         return session, nbytes
 
     async def _inference_step(self, session: InferenceSession, data: bytes, peer: str) -> bytes:
+        """One step. Its hidden states come in the message, or (chaining) pushed by the previous server;
+        the output goes back to the client and, when asked, on to the next server."""
         meta, tensors = wire.unpack(data, self.limits.max_message_bytes)
-        hidden = check_hidden(tensors.get("hidden"), "hidden", self.hidden_size, self.limits)
+        hidden = tensors.get("hidden")
+        if hidden is None and meta.get("await_push") and session.id is not None:
+            step = get_int(meta, "step", 0, 2**31)
+            wait = meta.get("push_wait", 1.0)
+            need(isinstance(wait, (int, float)) and 0 <= wait <= 60, "'push_wait' must be in [0, 60] seconds")
+            hidden = await self.mailboxes[session.id].take(step, wait)
+            if hidden is None:
+                self.stats["pushes_missed"] += 1
+                return _response({"ok": True, "need_hidden": True})
+        hidden = check_hidden(hidden, "hidden", self.hidden_size, self.limits)
         batch, length = hidden.shape[:2]
         mask = check_mask(tensors.get("attention_mask"), batch, length)
         pos = check_positions(tensors.get("position_ids"), batch, length, MAX_POSITION)
@@ -317,10 +367,13 @@ class BlockServicer(ServicerBase):
             need(reorder.dtype in (torch.int64, torch.int32) and list(reorder.shape) == [batch],
                  f"'reorder' must be an integer tensor of shape [{batch}]")
         await self.config.faults.wait()
-        out = await self._compute(peer, batch * length, INFERENCE, session.step, hidden, mask, pos, reorder)
+        out = self.config.faults.corrupt(
+            await self._compute(peer, batch * length, INFERENCE, session.step, hidden, mask, pos, reorder))
         self.stats["inference_steps"] += 1
-        return _response({"ok": True, "step": meta.get("step"), "length": session.length},
-                         {"hidden": self.config.faults.corrupt(out)})
+        target = meta.get("push_to")
+        if isinstance(target, dict) and isinstance(target.get("peer"), str) and isinstance(meta.get("step"), int):
+            asyncio.create_task(self._push(target, meta["step"], out))
+        return _response({"ok": True, "step": meta.get("step"), "length": session.length}, {"hidden": out})
 
 
 async def _read_message(requests: AsyncIterator, reassembler: wire.Reassembler) -> tuple[bytes | None, str]:

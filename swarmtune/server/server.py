@@ -21,7 +21,7 @@ from swarmtune.models.span import SpanModel
 from swarmtune.p2p import NetworkOptions, start_dht, start_p2p, visible_maddrs
 from swarmtune.records import ModelInfo, ServerInfo
 from swarmtune.security import Identity
-from swarmtune.server import block_selection, throughput
+from swarmtune.server import block_selection, cuda, throughput
 from swarmtune.server.executor import PriorityExecutor
 from swarmtune.server.faults import Faults
 from swarmtune.server.handler import BlockServicer, HandlerConfig
@@ -49,7 +49,7 @@ class ServerConfig:
     attn_implementation: str = "sdpa"
     revision: str | None = None
     num_threads: int | None = None
-    cache_bytes: int = 256 << 20
+    cache_bytes: int | None = 256 << 20   # KV cache budget; None: what free memory allows once blocks are loaded
     update_period: float = 15.0       # seconds between announcements
     expiration: float = 45.0          # an announcement's lifetime
     throughput: float | None = None   # announced forward tokens/s per block (None: measure)
@@ -78,6 +78,7 @@ class Server:
         cfg = self.config
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        cuda.configure(cfg.device)
         self.model_config = load_config(cfg.model, cfg.attn_implementation, cfg.revision)
         self.speed = throughput.get_throughput(self.model_config, parse_dtype(cfg.dtype), cfg.device, cfg.quant,
                                                cfg.throughput_cache)
@@ -151,17 +152,32 @@ class Server:
         start, end = self.blocks
         self.state = "joining"
         await self.announce("joining")
+        free_before = throughput.free_bytes(cfg.device)
         span = await asyncio.to_thread(self.load, start, end)
+        cache_bytes = self.cache_budget(free_before)
         handler_config = HandlerConfig(cfg.limits, cfg.session_timeout, cfg.alloc_timeout,
                                        faults=Faults.parse(cfg.faults))
         info = dict(model=cfg.model, start=span.start, end=span.end, dtype=str(span.compute_dtype), quant=cfg.quant,
                     version=__version__, peer_id=str(self.p2p.peer_id))
-        self.servicer = BlockServicer(span, self.executor, CacheBudget(cfg.cache_bytes), handler_config, info,
+        self.servicer = BlockServicer(span, self.executor, CacheBudget(cache_bytes), handler_config, info,
                                       membership=cfg.network.membership)
         await self.servicer.add_p2p_handlers(self.p2p)
         self.state = "online"
         await self.announce("online")
         print(f"SERVING blocks {start}:{end} of {cfg.model} as {self.p2p.peer_id}", flush=True)
+
+    def cache_budget(self, free_before: int) -> int:
+        """The configured KV budget, or with --cache-mb auto what the loaded blocks left of free memory."""
+        cfg = self.config
+        if cfg.cache_bytes is not None:
+            return cfg.cache_bytes
+        gc.collect()
+        cache_bytes = throughput.auto_cache_bytes(free_before, throughput.free_bytes(cfg.device))
+        if cache_bytes <= 0:
+            raise RuntimeError(f"No memory left on {cfg.device} for a KV cache after loading blocks "
+                               f"{self.blocks[0]}:{self.blocks[1]}: serve fewer blocks, or give --cache-mb")
+        logger.info(f"KV cache budget: {cache_bytes >> 20} MiB (auto)")
+        return cache_bytes
 
     async def visible_servers(self) -> list[ServerInfo]:
         """The servers online or loading a span they announced, as the DHT shows them now."""
@@ -175,8 +191,9 @@ class Server:
         length = cfg.num_blocks or throughput.blocks_that_fit(self.model_config, parse_dtype(cfg.dtype), cfg.device,
                                                               cfg.quant, cfg.cache_bytes)
         if length < 1:
+            cache = "its KV cache" if cfg.cache_bytes is None else f"{cfg.cache_bytes >> 20} MiB of KV cache"
             raise RuntimeError(f"Not enough free memory on {cfg.device} for one block of {cfg.model} besides "
-                               f"{cfg.cache_bytes >> 20} MiB of KV cache: free some, or give --num-blocks")
+                               f"{cache}: free some, or give --num-blocks")
         length = min(length, num_layers)
         me = str(self.p2p.peer_id)
         servers = [s for s in await self.visible_servers() if s.peer_id != me]

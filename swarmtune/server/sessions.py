@@ -54,8 +54,8 @@ class InferenceSession:
     """A client's generation state on this server: KV cache and the padding mask of all tokens so far."""
 
     def __init__(self, span: SpanModel, batch_size: int, max_length: int, lora: LoraSet | None,
-                 prompts: torch.Tensor | None):
-        self.span = span
+                 prompts: torch.Tensor | None, session_id: str | None = None):
+        self.span, self.id = span, session_id
         self.max_length = max_length
         self.cache = span.make_cache(batch_size, max_length)
         self.device = self.cache.keys.device

@@ -23,7 +23,8 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from swarmtune.models.family import get_family
-from swarmtune.models.span import SpanModel
+from swarmtune.models.kv_cache import SpanKVCache
+from swarmtune.models.span import SpanModel, kv_shape
 from swarmtune.server import quantize as quantize_lib
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ FORWARD_TOKENS = 512        # tokens per timed forward: a training-sized batch
 MAX_FORWARDS = 10
 MAX_STEPS = 32              # single-token inference steps timed
 BUDGET_S = 0.3              # seconds of timing per figure, after one warm-up call
-MEMORY_FRACTION = 0.8       # share of free memory the blocks may take; the rest absorbs activations
+MEMORY_FRACTION = 0.8       # share of free memory for blocks and KV cache; the rest absorbs activations
+AUTO_CACHE_TOKENS = 8192    # with --cache-mb auto, KV room per block that --num-blocks auto keeps (batch x length)
 
 
 @dataclass(frozen=True)
@@ -89,17 +91,49 @@ def device_name(device: str) -> str:
     return f"{_cpu_model()} threads={torch.get_num_threads()}" if torch.device(device).type == "cpu" else device
 
 
+def free_bytes(device: str) -> int:
+    """Memory this process can still allocate on `device`.
+
+    On CUDA: the driver's free memory plus what PyTorch's caching allocator holds unused (freed
+    tensors it keeps for reuse), since both are ours to fill. On CPU: available RAM.
+    """
+    if torch.device(device).type == "cuda":
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + unused
+    return psutil.virtual_memory().available
+
+
+def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
+    """KV cache bytes of one token (one batch row, one position) in one block."""
+    return SpanKVCache.nbytes_for(1, 1, 1, *kv_shape(config), dtype)
+
+
 def blocks_that_fit(config: PretrainedConfig, dtype: torch.dtype, device: str, quant: str,
-                    reserve_bytes: int) -> int:
-    """How many blocks fit in the device's free memory, after `reserve_bytes` (the KV cache) and a margin."""
+                    reserve_bytes: int | None) -> int:
+    """How many blocks fit in MEMORY_FRACTION of the device's free memory beside the KV cache.
+
+    The cache takes `reserve_bytes`, or with None (--cache-mb auto) AUTO_CACHE_TOKENS tokens per
+    block: the share that auto_cache_bytes then leaves it, so the two stay consistent.
+    """
     with torch.device("meta"):
         block = get_family(config.model_type).block_class(config, 0)
     one_block = quantize_lib.block_bytes(block, quant, dtype)
-    if torch.device(device).type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+    usable = free_bytes(device) * MEMORY_FRACTION
+    if reserve_bytes is None:
+        count = usable // (one_block + AUTO_CACHE_TOKENS * kv_bytes_per_token(config, dtype))
     else:
-        free = psutil.virtual_memory().available
-    return int(max(0, min(config.num_hidden_layers, (free * MEMORY_FRACTION - reserve_bytes) // one_block)))
+        count = (usable - reserve_bytes) // one_block
+    return int(max(0, min(config.num_hidden_layers, count)))
+
+
+def auto_cache_bytes(free_before: int, free_after: int) -> int:
+    """The KV budget of --cache-mb auto, from free memory before and after loading the blocks.
+
+    It is what the blocks left of the usable share (MEMORY_FRACTION of `free_before`), measured
+    rather than computed, so that real allocation sizes and the CUDA context are accounted for;
+    the other (1 - MEMORY_FRACTION) stays free for activations.
+    """
+    return max(0, int(free_after - free_before * (1 - MEMORY_FRACTION)))
 
 
 def _random_block(config: PretrainedConfig, dtype: torch.dtype, device: str) -> SpanModel:

@@ -56,7 +56,7 @@ class ClientLora(nn.Module):
             raise ValueError("LoRA rank must be >= 1")
         self.keys = sorted(shapes, key=lambda k: (int(k.split(".", 1)[0]), k))
         self.shapes = dict(shapes)
-        self.rank, self.alpha, self.dropout = rank, alpha, dropout
+        self.rank, self.alpha, self.train_dropout = rank, alpha, dropout
         self.use_rslora = use_rslora
         self.scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         self.lora_A = nn.ParameterDict()
@@ -68,6 +68,11 @@ class ClientLora(nn.Module):
             self.lora_A[_name(key)] = nn.Parameter(a)
             self.lora_B[_name(key)] = nn.Parameter(torch.zeros(out_features, rank))
         self._nonce = secrets.token_hex(8)
+
+    @property
+    def dropout(self) -> float:
+        """Dropout on the adapter's input in training mode only, as PEFT: evaluation sees the whole adapter."""
+        return self.train_dropout if self.training else 0.0
 
     def keys_in(self, start: int, end: int) -> list[str]:
         return [k for k in self.keys if start <= int(k.split(".", 1)[0]) < end]

@@ -1,0 +1,1 @@
+"""Hydra configs of swarmtune (installed as swarmtune.conf; a package so pkg:// search paths find it)."""

@@ -1,0 +1,159 @@
+"""Instruction-tuning data: HF datasets in, padded or packed token batches out.
+
+Each row is rendered with a prompt template and a response template (Python format strings over
+the row's columns). Labels cover the response only unless `train_on_prompt`, so the model learns
+to answer rather than to repeat the instructions. Batches are right-padded for training (the
+loss ignores padding), or packed into fixed-length rows without padding.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+from importlib import resources
+
+import lightning as L
+import torch
+from datasets import Dataset, DatasetDict, load_dataset
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+IGNORE = -100
+
+
+@dataclass
+class DataConfig:
+    path: str                                  # hub dataset id, local file or directory, or pkg://package/file
+    name: str | None = None                    # hub dataset configuration
+    split: str = "train"
+    revision: str | None = None
+    prompt_template: str = "{prompt}"
+    response_template: str = "{response}"
+    train_on_prompt: bool = False
+    add_bos: bool = True
+    add_eos: bool = True
+    max_length: int = 512
+    packing: bool = False
+    batch_size: int = 8
+    eval_batch_size: int | None = None
+    val_split: str | None = None               # a split of the dataset to validate on, else a held-out fraction
+    val_fraction: float = 0.05
+    max_val_samples: int | None = None
+    seed: int = 0
+    num_workers: int = 0
+    num_proc: int | None = None
+    cache_dir: str | None = None
+
+
+def resolve_path(path: str) -> str:
+    """``pkg://swarmtune.assets/tiny_instruct.jsonl`` -> the file inside the installed package."""
+    if not path.startswith("pkg://"):
+        return path
+    package, _, name = path[len("pkg://"):].partition("/")
+    return str(resources.files(package).joinpath(name))
+
+
+def load_raw(cfg: DataConfig) -> DatasetDict:
+    """The dataset's splits: from local files by extension, else from the hub by name."""
+    path = resolve_path(cfg.path)
+    if os.path.isfile(path):
+        builder = FILE_BUILDERS.get(os.path.splitext(path)[1])
+        if builder is None:
+            raise ValueError(f"Unsupported data file {path}: use one of {', '.join(FILE_BUILDERS)}")
+        return load_dataset(builder, data_files={"train": path}, cache_dir=cfg.cache_dir)
+    return load_dataset(path, cfg.name, revision=cfg.revision, cache_dir=cfg.cache_dir)
+
+
+def train_val_split(raw: DatasetDict, cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    train = raw[cfg.split]
+    if cfg.val_split is not None:
+        val = raw[cfg.val_split]
+    else:
+        parts = train.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed)
+        train, val = parts["train"], parts["test"]
+    if cfg.max_val_samples is not None and len(val) > cfg.max_val_samples:
+        val = val.select(range(cfg.max_val_samples))
+    return train, val
+
+
+def tokenize_row(row: dict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> dict:
+    """Prompt and response are tokenized apart, so the label boundary is exact."""
+    prompt = tokenizer.encode(cfg.prompt_template.format_map(row), add_special_tokens=False)
+    response = tokenizer.encode(cfg.response_template.format_map(row), add_special_tokens=False)
+    if cfg.add_bos and tokenizer.bos_token_id is not None:
+        prompt = [tokenizer.bos_token_id] + prompt
+    if cfg.add_eos and tokenizer.eos_token_id is not None:
+        response = response + [tokenizer.eos_token_id]
+    labels = ([IGNORE] * len(prompt) if not cfg.train_on_prompt else prompt) + response
+    limit = None if cfg.packing else cfg.max_length  # packing cuts rows itself, without losing tokens
+    return {"input_ids": (prompt + response)[:limit], "labels": labels[:limit]}
+
+
+def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> Dataset:
+    out = ds.map(tokenize_row, fn_kwargs=dict(tokenizer=tokenizer, cfg=cfg), remove_columns=ds.column_names,
+                 num_proc=cfg.num_proc, desc="tokenizing")
+    return out.filter(_has_targets, num_proc=cfg.num_proc)
+
+
+def _has_targets(row: dict) -> bool:
+    """False for rows whose response was cut off entirely: they teach nothing."""
+    return any(t != IGNORE for t in row["labels"][1:])
+
+
+def pack(ds: Dataset, length: int) -> Dataset:
+    """Concatenate all rows and cut them into rows of exactly `length` tokens (the tail is dropped)."""
+    ids = [t for row in ds["input_ids"] for t in row]
+    labels = [t for row in ds["labels"] for t in row]
+    n = len(ids) // length
+    if n == 0:
+        raise ValueError(f"The dataset holds {len(ids)} tokens, fewer than one packed row of {length}")
+    return Dataset.from_dict({"input_ids": [ids[i * length:(i + 1) * length] for i in range(n)],
+                              "labels": [labels[i * length:(i + 1) * length] for i in range(n)]})
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right padding: real tokens keep positions 0..n-1, as in the unpadded sequence."""
+    longest = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        ids[i, :n] = torch.tensor(row["input_ids"])
+        labels[i, :n] = torch.tensor(row["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class InstructionDataModule(L.LightningDataModule):
+    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase):
+        super().__init__()
+        self.cfg, self.tokenizer = cfg, tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("The tokenizer has neither a pad nor an eos token to pad with")
+        self.pad_id = pad
+        self.train: Dataset | None = None
+        self.val: Dataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:
+            return
+        train, val = train_val_split(load_raw(self.cfg), self.cfg)
+        train, val = tokenize(train, self.tokenizer, self.cfg), tokenize(val, self.tokenizer, self.cfg)
+        if self.cfg.packing:
+            train, val = pack(train, self.cfg.max_length), pack(val, self.cfg.max_length)
+        self.train, self.val = train, val
+
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.cfg.num_workers,
+                          collate_fn=partial(collate, pad_id=self.pad_id),
+                          generator=torch.Generator().manual_seed(self.cfg.seed) if shuffle else None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, self.cfg.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val, self.cfg.eval_batch_size or self.cfg.batch_size, shuffle=False)

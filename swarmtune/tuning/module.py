@@ -1,0 +1,186 @@
+"""SwarmLM: a LightningModule that fine-tunes a swarm-served model through client-owned parameters.
+
+The frozen blocks run on the swarm (`SwarmForCausalLM`); everything trainable lives here:
+LoRA matrices for the remote blocks' projections (sent with every request), soft prompts
+(input prefix and/or per-block deep prompts) and optionally the LM head. Checkpoints hold only
+that trainable state, so a checkpoint of a 70B fine-tune stays a few megabytes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+
+import lightning as L
+import torch
+from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from swarmtune.client.model import SwarmForCausalLM
+from swarmtune.tuning.export import save_adapter
+from swarmtune.tuning.lora import ClientLora, target_shapes
+from swarmtune.tuning.prompts import SoftPrompts
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = True
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | None = None      # projections by short name or path; None: the family's defaults
+    blocks: list[int] | None = None       # None: every block
+    use_rslora: bool = False
+
+
+@dataclass
+class TuningConfig:
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    prompt: bool = False                  # a trainable prefix of input embeddings
+    deep_prompt: bool = False             # a trainable prefix added before every block
+    prefix_length: int = 16               # positions the soft prompts take in front of each example
+    train_lm_head: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TuningConfig:
+        return cls(**{**d, "lora": LoraSettings(**d.get("lora", {}))})
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"                   # adamw, adam or sgd
+    lr: float = 2e-4
+    prompt_lr: float | None = None        # soft prompts usually want a larger rate; None: `lr`
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.9                 # sgd only
+    scheduler: str = "cosine"             # any transformers.get_scheduler name: linear, cosine, constant, ...
+    warmup_steps: int = 0
+
+
+class SwarmLM(L.LightningModule):
+    def __init__(self, model: SwarmForCausalLM, tuning: TuningConfig, optim: OptimConfig, seed: int = 0):
+        super().__init__()
+        self.tuning, self.optim = tuning, optim
+        config = model.config
+        # Trainable modules are registered before `model`, so checkpoint keys read "lora.…", "prompts.…".
+        self.lora: ClientLora | None = None
+        if tuning.lora.enabled:
+            shapes = target_shapes(config, tuning.lora.targets, tuning.lora.blocks)
+            self.lora = ClientLora(shapes, tuning.lora.rank, tuning.lora.alpha, tuning.lora.dropout,
+                                   tuning.lora.use_rslora)
+        self.prompts: SoftPrompts | None = None
+        if tuning.prompt or tuning.deep_prompt:
+            self.prompts = SoftPrompts(tuning.prefix_length, config.hidden_size, config.num_hidden_layers,
+                                       shallow=tuning.prompt, deep=tuning.deep_prompt,
+                                       init_embeddings=model.parts.embed_tokens.weight, seed=seed)
+        self.model = model.requires_grad_(False)
+        self.model.lora = self.lora
+        if tuning.train_lm_head:
+            head = model.parts.lm_head
+            # A fresh parameter unties it from the input embeddings, as PEFT's modules_to_save does.
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=True)
+        if not any(p.requires_grad for p in self.parameters()):
+            raise ValueError("Nothing to train: enable lora, prompt, deep_prompt or train_lm_head")
+        self._batch_started = 0.0
+
+    # ---- the model ----------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None):
+        embeds = self.model.parts.embed_tokens(input_ids)
+        if self.prompts is not None:
+            embeds, attention_mask, labels = self.prompts.extend(embeds, attention_mask, labels)
+            self.model.prompts = self.prompts.deep_prompts()
+        return self.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self(**batch).loss
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self(**batch).loss
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("val/loss")
+        if loss is not None:
+            self.log("val/ppl", math.exp(min(float(loss), 50.0)))
+
+    # ---- throughput ---------------------------------------------------------------------------------
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._batch_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        """Tokens per second of the whole step: forward and backward through the swarm, optimizer."""
+        tokens = int(batch["attention_mask"].sum())
+        self.log("tokens_per_s", tokens / max(time.perf_counter() - self._batch_started, 1e-9), prog_bar=True)
+
+    # ---- optimization -------------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        from transformers import get_scheduler
+
+        prompt_params = list(self.prompts.parameters()) if self.prompts is not None else []
+        prompt_ids = {id(p) for p in prompt_params}
+        other = [p for p in self.parameters() if p.requires_grad and id(p) not in prompt_ids]
+        groups = [g for g in ({"params": other, "lr": self.optim.lr},
+                              {"params": prompt_params, "lr": self.optim.prompt_lr or self.optim.lr}) if g["params"]]
+        o = self.optim
+        if o.name == "adamw":
+            optimizer = torch.optim.AdamW(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        elif o.name == "adam":
+            optimizer = torch.optim.Adam(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        elif o.name == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        else:
+            raise ValueError(f"Unknown optimizer {o.name!r}: use adamw, adam or sgd")
+        total = self.trainer.estimated_stepping_batches
+        scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps,
+                                  num_training_steps=int(total) if math.isfinite(total) else None)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints: trainable state only ----------------------------------------------------------
+
+    def trainable_parameters(self) -> OrderedDict[str, nn.Parameter]:
+        return OrderedDict((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    def state_dict(self, *args, **kwargs) -> OrderedDict[str, torch.Tensor]:
+        """Only what training changes: the frozen model is the swarm's, not the checkpoint's."""
+        return OrderedDict((n, p.detach()) for n, p in self.trainable_parameters().items())
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False) -> _IncompatibleKeys:
+        params = self.trainable_parameters()
+        missing = [k for k in params if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in params]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"Checkpoint does not match this tuning setup: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for name, value in state_dict.items():
+                if name in params:
+                    params[name].copy_(value)
+        return _IncompatibleKeys(missing, unexpected)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["swarmtune"] = {"base_model": self.model.model_name, "tuning": asdict(self.tuning)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("swarmtune", {})
+        if saved.get("tuning") not in (None, asdict(self.tuning)):
+            raise RuntimeError(f"Checkpoint was trained with tuning {saved['tuning']}, not {asdict(self.tuning)}")
+
+    # ---- export ---------------------------------------------------------------------------------------
+
+    def export(self, out_dir: str) -> str:
+        """PEFT-format LoRA (+ LM head) and soft prompts, loadable without swarmtune by plain PEFT."""
+        head = self.model.parts.lm_head.weight if self.tuning.train_lm_head else None
+        return save_adapter(out_dir, self.model.config, self.model.model_name, lora=self.lora, prompts=self.prompts,
+                            lm_head=head)

@@ -1,0 +1,124 @@
+"""Adapter files: what we write, plain PEFT loads (and the reverse), for llama- and bloom-style keys."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from swarmtune.models import load_config
+from swarmtune.tuning import export
+from swarmtune.tuning.lora import ClientLora, target_shapes
+from swarmtune.tuning.prompts import SoftPrompts
+from tests.conftest import reference_model
+
+
+def random_lora(config, targets=None, blocks=None, rank=4, alpha=8.0, seed=0) -> ClientLora:
+    torch.manual_seed(seed)
+    lora = ClientLora(target_shapes(config, targets, blocks), rank=rank, alpha=alpha)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_(0, 0.1)  # nonzero B: the adapter changes outputs
+    return lora
+
+
+def peft_weights(peft_model, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The A and B matrices PEFT attached to block module `key` ("3.self_attn.q_proj")."""
+    block, path = key.split(".", 1)
+    base = peft_model.base_model.model
+    layers = base.model.layers if hasattr(base, "model") else base.transformer.h
+    module = layers[int(block)].get_submodule(path)
+    return module.lora_A["default"].weight, module.lora_B["default"].weight
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")  # bloom: our head is untied anyway
+@pytest.mark.parametrize("family,targets,blocks", [
+    ("llama", None, None),
+    ("llama", ["q_proj", "v_proj"], [1, 4]),
+    ("bloom", ["query_key_value", "dense_4h_to_h"], None),
+])
+def test_peft_loads_exported_lora(tiny_models, tmp_path, family, targets, blocks):
+    path = tiny_models(family)
+    config = load_config(path)
+    lora = random_lora(config, targets, blocks)
+    head = torch.randn(config.vocab_size, config.hidden_size)
+    export.save_adapter(str(tmp_path), config, path, lora=lora, lm_head=head)
+
+    state = load_file(tmp_path / export.ADAPTER_WEIGHTS)
+    prefix = "base_model.model.model.layers." if family == "llama" else "base_model.model.transformer.h."
+    assert all(k.startswith(prefix) or k == export.LM_HEAD_KEY for k in state)
+
+    peft_model = PeftModel.from_pretrained(reference_model(path), str(tmp_path))
+    loaded = {n for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
+    assert len(loaded) == len(lora.keys)  # nothing more, nothing less
+    for key in lora.keys:
+        for ours, theirs in zip(lora.pair(key), peft_weights(peft_model, key)):
+            torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
+    assert peft_model.peft_config["default"].lora_alpha / peft_model.peft_config["default"].r == lora.scale
+    torch.testing.assert_close(peft_model.base_model.model.lm_head.modules_to_save["default"].weight, head)
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_import_adapter_written_by_peft(tiny_models, tmp_path, family):
+    path = tiny_models(family)
+    targets = ["q_proj", "v_proj"] if family == "llama" else ["query_key_value"]
+    torch.manual_seed(1)
+    peft_model = get_peft_model(reference_model(path), LoraConfig(r=4, lora_alpha=12, target_modules=targets,
+                                                                  use_rslora=True))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(str(tmp_path))
+
+    lora = export.load_lora(str(tmp_path), load_config(path))
+    assert lora.rank == 4 and lora.scale == pytest.approx(12 / 2) and lora.use_rslora
+    assert len(lora.keys) == 6 * len(targets)
+    for key in lora.keys:
+        for ours, theirs in zip(lora.pair(key), peft_weights(peft_model, key)):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_roundtrip_with_prompts(tiny_llama, tmp_path):
+    config = load_config(tiny_llama)
+    lora = random_lora(config, ["o_proj"], [0, 2, 5])
+    prompts = SoftPrompts(5, config.hidden_size, config.num_hidden_layers, shallow=True, deep=True)
+    with torch.no_grad():
+        prompts.deep.normal_()
+    export.save_adapter(str(tmp_path), config, tiny_llama, lora=lora, prompts=prompts)
+
+    adapter = export.load_adapter(str(tmp_path), config)
+    assert adapter.lora.keys == lora.keys and adapter.lm_head is None
+    for key in lora.keys:
+        for ours, theirs in zip(lora.pair(key), adapter.lora.pair(key)):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    torch.testing.assert_close(adapter.prompts.prompt, prompts.prompt, rtol=0, atol=0)
+    torch.testing.assert_close(adapter.prompts.deep, prompts.deep, rtol=0, atol=0)
+    written = json.loads((tmp_path / export.ADAPTER_CONFIG).read_text())
+    assert written["layers_to_transform"] == [0, 2, 5] and written["layers_pattern"] == "layers"
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_rejects_adapter_of_another_model(tiny_models, tiny_llama, tmp_path):
+    small = tiny_models("llama", layers=6, hidden=32)
+    export.save_adapter(str(tmp_path), load_config(small), small, lora=random_lora(load_config(small)))
+    with pytest.raises(ValueError, match="do not match"):
+        export.load_lora(str(tmp_path), load_config(tiny_llama))
+
+
+def test_interrupted_write_keeps_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "adapter_config.json"
+    target.write_text("old")
+
+    def crash(fd):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError):
+        export._write(str(target), b"new")
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["adapter_config.json"]

@@ -1,0 +1,151 @@
+"""The training entry point end to end, as real processes: tiny_local training, export parity, resume."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from peft import PeftModel
+
+from swarmtune.tuning.export import load_lora
+from tests.conftest import reference_model
+
+TOL = 1e-5
+
+
+class TrainProcess:
+    """`python -m swarmtune.train ARGS`, logging to a file; `stop()` kills it and everything it started."""
+
+    def __init__(self, args: list[str], log: Path, env: dict | None = None):
+        self.log = log
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen([sys.executable, "-m", "swarmtune.train", *args], stdout=f,
+                                         stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                         start_new_session=True)
+
+    def wait(self, timeout: float) -> str:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"training did not finish within {timeout:.0f} s:\n{self.output()[-3000:]}")
+        assert self.proc.returncode == 0, self.output()[-5000:]
+        return self.output()
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> None:
+        children = []
+        with contextlib.suppress(psutil.NoSuchProcess):
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        for p in [self.proc, *children]:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                p.kill()
+        self.proc.wait(10)  # reaped here, not by psutil, so returncode tells how it ended
+        psutil.wait_procs(children, timeout=10)
+
+
+@pytest.fixture
+def train_process():
+    started: list[TrainProcess] = []
+
+    def start(args: list[str], log: Path, env: dict | None = None) -> TrainProcess:
+        started.append(TrainProcess(args, log, env))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def adapter_path(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith("Adapter saved to ")]
+    assert lines, output[-3000:]
+    return lines[-1][len("Adapter saved to "):].strip()
+
+
+def test_tiny_local_end_to_end(tmp_path, tiny_llama, llama_client, train_process):
+    """The default recipe with its embedded swarm; the exported adapter equals the swarm model's under PEFT."""
+    run_dir = tmp_path / "run"
+    output = train_process(["recipe=tiny_local", "trainer.max_steps=30", f"model.path={tiny_llama}", "logger=csv",
+                            f"hydra.run.dir={run_dir}"], tmp_path / "train.log").wait(timeout=300)
+    losses = list(train_losses(run_dir).values())
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1, losses
+    assert (run_dir / "swarm" / "dht.log").exists()  # its own LocalSwarm served the run
+
+    adapter = adapter_path(output)
+    assert Path(adapter) == run_dir / "adapter"
+    batch = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(reference_model(tiny_llama), adapter)(input_ids=batch).logits
+        llama_client.lora = load_lora(adapter, llama_client.config)
+        try:
+            actual = llama_client(input_ids=batch).logits
+        finally:
+            llama_client.lora = None
+        base = reference_model(tiny_llama)(input_ids=batch).logits
+    assert float((actual - expected).abs().max()) <= TOL
+    assert float((base - expected).abs().max()) > 1e-3  # training changed the model
+
+
+def test_killed_run_resumes_from_checkpoint(tmp_path, tiny_llama, llama_swarm, train_process):
+    """SIGKILL mid-run, then trainer.ckpt_path=... continues at the checkpoint's step up to max_steps."""
+    peers = ",".join(f"'{p}'" for p in llama_swarm.initial_peers)
+    common = [f"model.path={tiny_llama}", f"swarm.initial_peers=[{peers}]", "logger=csv", "trainer.max_steps=40",
+              "trainer.val_check_interval=20"]
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    first = train_process(common + [f"hydra.run.dir={first_dir}"], tmp_path / "first.log")
+    last = first_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not (first_dir / "checkpoints" / "step=20.ckpt").exists() and not (
+            first_dir / "checkpoints" / "step=30.ckpt").exists():
+        assert first.proc.poll() is None, first.output()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint at step 20 in time:\n" + first.output()[-3000:]
+        time.sleep(0.05)
+    first.stop()
+    assert first.proc.returncode == -9
+
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    step = checkpoint["global_step"]
+    assert 10 <= step < 40
+    assert set(checkpoint["state_dict"]) == {k for k in checkpoint["state_dict"] if k.startswith("lora.lora_")}
+    assert len(checkpoint["state_dict"]) == 2 * 6 * 7  # A and B of every projection of every block, nothing else
+    assert checkpoint["optimizer_states"] and os.path.getsize(last) < 2_000_000
+
+    second = train_process(common + [f"hydra.run.dir={second_dir}", f"trainer.ckpt_path={last}"],
+                           tmp_path / "second.log")
+    second.wait(timeout=240)
+    steps = sorted(train_losses(second_dir))
+    assert steps == list(range(step, 40))
+    final = torch.load(second_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == 40
+
+
+def test_wandb_goes_offline_without_credentials(tmp_path, monkeypatch):
+    from swarmtune.tuning import loggers
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no stored wandb key
+    assert loggers.wandb_mode("auto") == "offline"
+    assert loggers.wandb_mode("disabled") == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert loggers.wandb_mode("online") == "offline"  # the environment wins, as in tests and CI
+    started = time.monotonic()
+    assert not loggers._reachable("127.0.0.1", 9, timeout=5.0)  # nothing listens on the discard port
+    assert time.monotonic() - started < 1.0  # refused at once, not timed out
