@@ -1,4 +1,7 @@
-"""Write a tiny random-weight checkpoint of a supported family: python scripts/make_tiny_model.py --family llama --out DIR"""
+"""Write a tiny random-weight checkpoint of a supported family.
+
+    python scripts/make_tiny_model.py --family llama --out DIR [--layers N] [--hidden H] [--seed S]
+"""
 
 import argparse
 
