@@ -140,6 +140,7 @@ class LocalSwarm:
         self.dht_prefix = dht_prefix or records.dht_prefix(model)
         self.start_timeout = start_timeout
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="swarmtune-swarm-")
+        os.makedirs(self.log_dir, exist_ok=True)
         self.per_server = list(per_server) if per_server else [{} for _ in self.spans]
         self.server_options = {"num_threads": 1, "update_period": 5.0, "expiration": 15.0, **server_options}
         self.dht_options = dict(dht_options or {})

@@ -77,32 +77,41 @@ def tiny_model_path(spec: DictConfig, cache_dir: str) -> str:
     return path
 
 
+def resolve_model(model: DictConfig) -> str:
+    """The checkpoint to use: `model.path`, or the tiny demo model (made on first use)."""
+    return model.path or tiny_model_path(model.tiny, model.cache_dir)
+
+
+def open_swarm(stack: contextlib.ExitStack, swarm: DictConfig, model_path: str, log_dir: str | None):
+    """(ClientConfig, DHT prefix) for the configured swarm; with no peers, an embedded LocalSwarm
+    whose processes `stack` stops on exit."""
+    from swarmtune.client.config import ClientConfig
+    from swarmtune.swarm import LocalSwarm
+
+    peers, dht_prefix = _peer_list(swarm.initial_peers), swarm.dht_prefix
+    if not peers:
+        local = stack.enter_context(LocalSwarm(model_path, spans=[tuple(s) for s in swarm.local_spans],
+                                               log_dir=log_dir))
+        peers, dht_prefix = local.initial_peers, local.dht_prefix
+    return ClientConfig(initial_peers=peers, **OmegaConf.to_container(swarm.client, resolve=True)), dht_prefix
+
+
 def run(cfg: DictConfig) -> tuple[str, float]:
     """Train as `cfg` says; returns the adapter directory and the last validation loss (nan if none)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from transformers import AutoTokenizer
 
-    from swarmtune.client.config import ClientConfig
     from swarmtune.client.model import SwarmForCausalLM
-    from swarmtune.swarm import LocalSwarm
     from swarmtune.tuning import loggers
     from swarmtune.tuning.data import DataConfig, InstructionDataModule
     from swarmtune.tuning.module import OptimConfig, SwarmLM, TuningConfig
 
     L.seed_everything(cfg.seed, workers=True)
     output_dir = cfg.output_dir
-    model_path = cfg.model.path or tiny_model_path(cfg.model.tiny, cfg.model.cache_dir)
+    model_path = resolve_model(cfg.model)
     with contextlib.ExitStack() as stack:
-        peers = _peer_list(cfg.swarm.initial_peers)
-        dht_prefix = cfg.swarm.dht_prefix
-        if not peers:
-            log_dir = os.path.join(output_dir, "swarm")
-            os.makedirs(log_dir, exist_ok=True)
-            swarm = stack.enter_context(LocalSwarm(model_path, spans=[tuple(s) for s in cfg.swarm.local_spans],
-                                                   log_dir=log_dir))
-            peers, dht_prefix = swarm.initial_peers, swarm.dht_prefix
-        client_config = ClientConfig(initial_peers=peers, **OmegaConf.to_container(cfg.swarm.client, resolve=True))
+        client_config, dht_prefix = open_swarm(stack, cfg.swarm, model_path, os.path.join(output_dir, "swarm"))
         model = SwarmForCausalLM.from_pretrained(model_path, client_config=client_config, dtype=cfg.model.dtype,
                                                  dht_prefix=dht_prefix, revision=cfg.model.revision)
         stack.callback(model.close)

@@ -116,17 +116,22 @@ class SwarmConnection:
                 logger.debug(f"swarm view refresh failed: {e}")
 
     def close(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
+        """Stop background work, the DHT node and the daemon, then the loop (idempotent)."""
         if self.loop.is_running():
-            async def stop():
-                if self.dht is not None:
-                    await asyncio.wait_for(self.dht.shutdown(), 5)
-                if self.p2p is not None:
-                    await self.p2p.shutdown()
             try:
-                self.run(stop(), timeout=15)
+                self.run(self._stop(), timeout=20)
             except Exception as e:
                 logger.debug(f"error while closing the swarm connection: {e}")
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=5)
+
+    async def _stop(self) -> None:
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:  # view refreshes, pings, streams of closed sessions
+            task.cancel()
+        if others:
+            await asyncio.wait(others, timeout=5)
+        if self.dht is not None:
+            await asyncio.wait_for(self.dht.shutdown(), 5)
+        if self.p2p is not None:
+            await self.p2p.shutdown()

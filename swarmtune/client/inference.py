@@ -19,6 +19,7 @@ from swarmtune import wire
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.routing import Hop, NoServersError, inference_route
 from swarmtune.client.rpc import InferenceStream, Refusals, ServerFailure
+from swarmtune.client.swarm_view import SwarmView
 from swarmtune.client.verification import odd_ones_out, tolerance
 
 logger = logging.getLogger(__name__)
@@ -212,6 +213,10 @@ class InferenceSession:
         self.steps += 1
         return h.to(hidden.dtype)
 
+    def view(self) -> SwarmView:
+        """The servers this session may use: those hosting its adapter, if it names one."""
+        return self.connection.view.hosting(self.adapter)
+
     def _chainable(self, hidden: torch.Tensor) -> bool:
         """Servers pass small steps along the chain themselves; large ones (prefills) and verified
         chains go through the client."""
@@ -292,11 +297,11 @@ class InferenceSession:
         delay = 0.2
         while True:
             try:
-                hops = inference_route(self.connection.view, start, end, self.connection.bans,
+                hops = inference_route(self.view(), start, end, self.connection.bans,
                                        rtt=self.connection.rtts.get)
             except NoServersError as e:
                 if time.monotonic() + delay > deadline:
-                    raise NoServersError(e.blocks, self.connection.prefix) from None
+                    raise NoServersError(e.blocks, self.connection.prefix, self.adapter) from None
                 time.sleep(delay)
                 delay = min(2 * delay, 5.0)
                 self.connection.refresh()
@@ -322,7 +327,7 @@ class InferenceSession:
 
     def open_replica(self, hop: Hop, exclude: set[str], history: _History | None) -> _SpanSession | None:
         """A session for exactly hop's blocks on another server, its cache rebuilt from `history` if given."""
-        view, bans = self.connection.view, self.connection.bans
+        view, bans = self.view(), self.connection.bans
         candidates = [s for s in view.covering(hop.start, bans) if s.end >= hop.end and s.peer_id not in exclude]
         for server in random.sample(candidates, len(candidates)):
             replica = _SpanSession(self, Hop(server, hop.start, hop.end), _History())
@@ -347,7 +352,7 @@ class InferenceSession:
         logger.warning(f"server {hop.peer_id} failed on blocks {hop.start}:{hop.end} ({error.reason}); "
                        f"banned for {duration:.0f} s")
         if count:
-            self._refusals.check(error, len(self.connection.view.covering(hop.start, self.connection.bans)))
+            self._refusals.check(error, len(self.view().covering(hop.start, self.connection.bans)))
 
     def _replace(self, index: int, error: ServerFailure) -> int:
         old = self.spans.pop(index)

@@ -13,6 +13,7 @@ import copy
 import logging
 
 import torch
+from torch import nn
 from transformers import Cache, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -22,6 +23,8 @@ from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.inference import InferenceSession
 from swarmtune.client.sequential import RemoteSequential
 from swarmtune.models import ClientParts, load_client_parts, load_config, parse_dtype
+from swarmtune.tuning.lora import ClientLora
+from swarmtune.tuning.prompts import SoftPrompts
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +34,10 @@ class RemoteCache(Cache):
 
     is_compileable = False
 
-    def __init__(self, session: InferenceSession):
+    def __init__(self, session: InferenceSession, prefix: int = 0):
         super().__init__(layers=[])
         self.session = session
+        self.prefix = prefix  # soft-prompt positions in the session, which transformers must not count
 
     @property
     def is_linear(self) -> list[bool]:
@@ -44,13 +48,13 @@ class RemoteCache(Cache):
         return [False]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.session.length
+        return max(0, self.session.length - self.prefix)
 
     def get_max_length(self) -> int:
         return self.session.max_length
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.session.length + query_length, 0
+        return self.get_seq_length() + query_length, 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.session.reorder(beam_idx)
@@ -74,16 +78,28 @@ class SwarmForCausalLM(PreTrainedModel, GenerationMixin):
         self.connection = connection
         self.model_name = model_name
         self.remote = RemoteSequential(connection)
-        self.lora = None           # a ClientLora applied to every remote call (set by tuning or adapters)
-        self.prompts = None        # deep prompts [num_blocks, 1, prefix, hidden] for every remote call
-        self.adapter: str | None = None  # a server-hosted adapter to use instead of client LoRA
+        self.lora: ClientLora | None = None          # client LoRA applied in every remote call
+        self.soft_prompts: SoftPrompts | None = None  # a trained prefix (and deep prompts) before every input
+        self.adapter: str | None = None  # a server-hosted adapter (by name) instead of client LoRA
         self._session: InferenceSession | None = None
+
+    @property
+    def prompts(self) -> torch.Tensor | None:
+        """Deep prompts [num_blocks, 1, prefix, hidden] that servers add before every block."""
+        return self.soft_prompts.deep_prompts() if self.soft_prompts is not None else None
 
     @classmethod
     def from_pretrained(cls, model: str, initial_peers: list[str] | None = None, dtype: str | torch.dtype = "fp32",
                         client_config: ClientConfig | None = None, dht_prefix: str | None = None,
-                        revision: str | None = None, attn_implementation: str = "sdpa", **kwargs) -> SwarmForCausalLM:
-        """Local parts of `model` (a checkpoint directory or hub id) plus a connection to the swarm serving it."""
+                        revision: str | None = None, attn_implementation: str = "sdpa", adapter: str | None = None,
+                        active_adapter: str | None = None, **kwargs) -> SwarmForCausalLM:
+        """Local parts of `model` (a checkpoint directory or hub id) plus a connection to the swarm serving it.
+
+        `adapter` (a directory or hub id in PEFT format, e.g. exported by swarmtune.train) brings
+        its LoRA, soft prompts and LM head to every forward pass and generation; its LoRA travels
+        to each server once per session. `active_adapter` names an adapter that servers host
+        themselves: requests go only to those servers and carry no adapter weights.
+        """
         config = load_config(model, attn_implementation, revision)
         client_config = client_config or ClientConfig()
         if initial_peers is not None:
@@ -91,7 +107,22 @@ class SwarmForCausalLM(PreTrainedModel, GenerationMixin):
         prefix = dht_prefix or client_config.dht_prefix or records.dht_prefix(model)
         parts = load_client_parts(model, parse_dtype(dtype), revision=revision, config=config)
         connection = SwarmConnection(client_config, prefix, config.num_hidden_layers)
-        return cls(config, parts, connection, model_name=model)
+        swarm_model = cls(config, parts, connection, model_name=model)
+        if adapter is not None:
+            swarm_model.load_adapter(adapter, revision)
+        swarm_model.adapter = active_adapter
+        return swarm_model
+
+    def load_adapter(self, adapter: str, revision: str | None = None) -> None:
+        """Apply a PEFT-format adapter (LoRA, soft prompts, LM head) from a directory or hub id."""
+        from swarmtune.tuning.export import load_adapter
+
+        loaded = load_adapter(adapter, self.config, revision)
+        self.lora = loaded.lora.eval() if loaded.lora is not None else None
+        self.soft_prompts = loaded.prompts.eval() if loaded.prompts is not None else None
+        if loaded.lm_head is not None:
+            weight = loaded.lm_head.to(self.parts.lm_head.weight.dtype)
+            self.parts.lm_head.weight = nn.Parameter(weight, requires_grad=False)
 
     # ---- transformers plumbing ---------------------------------------------------------------------
 
@@ -113,12 +144,13 @@ class SwarmForCausalLM(PreTrainedModel, GenerationMixin):
                                       max_cache_length) -> None:
         if model_kwargs.get("cache") is not None:
             return
+        prefix = self.soft_prompts.length if self.soft_prompts is not None else 0
         if self._session is not None:  # inside `inference_session()`: continue it
-            model_kwargs["cache"] = RemoteCache(self._session)
+            model_kwargs["cache"] = RemoteCache(self._session, prefix)
             return
         beams = max(generation_config.num_beams, generation_config.num_return_sequences)
-        session = self.open_session(max_cache_length, batch_size * beams)
-        model_kwargs["cache"] = RemoteCache(session)
+        session = self.open_session(max_cache_length + prefix, batch_size * beams)
+        model_kwargs["cache"] = RemoteCache(session, prefix)
         self._generate_sessions.append(session)
 
     def generate(self, *args, **kwargs):
@@ -159,20 +191,39 @@ class SwarmForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("Give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.parts.embed_tokens(input_ids)
+        starting = not isinstance(cache, RemoteCache) or cache.session.length == 0
+        prefix = self.soft_prompts.length if self.soft_prompts is not None else 0
+        if prefix:
+            inputs_embeds, attention_mask, labels, position_ids = self._with_prefix(
+                inputs_embeds, attention_mask, labels, position_ids, starting)
         hidden = self.parts.prepare_hidden(inputs_embeds)
         if isinstance(cache, RemoteCache):
             new = hidden.shape[1]
             mask = attention_mask[:, -new:] if attention_mask is not None else None
             hidden = cache.session.step(hidden, mask, position_ids)
         else:
-            hidden = self.remote(hidden, attention_mask, position_ids, self.prompts, self.lora)
+            hidden = self.remote(hidden, attention_mask, position_ids, self.prompts, self.lora, self.adapter)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.parts.logits(hidden)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if prefix and starting and not logits_to_keep:
+            logits = logits[:, prefix:]  # callers see logits for their own tokens only
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+    def _with_prefix(self, embeds, attention_mask, labels, position_ids, starting: bool):
+        """Put the soft prompt in front of a new sequence, and shift positions past it."""
+        prefix = self.soft_prompts.length
+        if starting:
+            embeds, attention_mask, labels = self.soft_prompts.extend(embeds, attention_mask, labels)
+        if position_ids is not None:
+            position_ids = position_ids + prefix
+            if starting:
+                head = torch.arange(prefix, device=position_ids.device).expand(position_ids.shape[0], prefix)
+                position_ids = torch.cat([head, position_ids], dim=1)
+        return embeds, attention_mask, labels, position_ids
 
     def close(self) -> None:
         self.connection.close()

@@ -24,9 +24,10 @@ DEFAULT_RTT = 0.05  # seconds, assumed while no server has been measured
 class NoServersError(RuntimeError):
     """Some blocks have no live, unbanned server."""
 
-    def __init__(self, blocks: list[int], model: str = ""):
+    def __init__(self, blocks: list[int], model: str = "", adapter: str | None = None):
         self.blocks = blocks
-        super().__init__(f"No live server holds block(s) {_ranges(blocks)}{' of ' + model if model else ''}: "
+        hosting = f" with adapter {adapter!r}" if adapter else ""
+        super().__init__(f"No live server holds block(s) {_ranges(blocks)}{' of ' + model if model else ''}{hosting}: "
                          f"wait for servers to join or start one with python -m swarmtune.server --blocks ...")
 
 

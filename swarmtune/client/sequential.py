@@ -38,6 +38,7 @@ class SpanArgs:
     lora: ClientLora | None = None
     seed: int = 0
     offset: int = 0                            # the block that prompts[0] belongs to
+    adapter: str | None = None                 # a server-hosted adapter, used instead of client LoRA
 
     def tensors(self, start: int, end: int) -> dict[str, torch.Tensor]:
         out = {}
@@ -80,6 +81,8 @@ class Replayer:
     # ---- one request to one server ----------------------------------------------------------------
 
     def _lora_meta(self, args: SpanArgs, hop: Hop, force_tensors: bool) -> tuple[dict | None, dict]:
+        if args.adapter is not None:
+            return {"adapter": args.adapter, "keys": [], "scale": 1.0}, {}
         if args.lora is None:
             return None, {}
         keys = args.lora.keys_in(hop.start, hop.end)
@@ -124,7 +127,7 @@ class Replayer:
                     force = True
                     continue
                 raise
-            if lora_meta is not None:
+            if lora_meta is not None and "digest" in lora_meta:
                 self._lora_sent.add((hop.peer_id, lora_meta["digest"]))
             self.stats.bytes_received += sum(t.numel() * t.element_size() for t in reply.values())
             return reply_meta, reply
@@ -144,7 +147,7 @@ class Replayer:
     def _cross_check(self, method, hop: Hop, hidden, args, grad_output, reply: dict, key: str
                      ) -> tuple[Hop, dict]:
         """Ask a second server (and a third if they disagree); ban whoever the majority outvotes."""
-        view, bans = self.connection.view, self.connection.bans
+        view, bans = self.connection.view.hosting(args.adapter), self.connection.bans
         others = [s for s in view.covering(hop.start, bans) if s.end >= hop.end and s.peer_id != hop.peer_id]
         replies, servers = {hop.peer_id: reply}, {hop.peer_id: hop.server}
         for server in self.rng.sample(others, min(2, len(others))):
@@ -154,7 +157,7 @@ class Replayer:
                 _check_output(other, replies[server.peer_id].get(key), hidden.shape, key)
             except ServerFailure as e:
                 replies.pop(server.peer_id, None)
-                self.fail(other, e, f"{method} verification", Refusals())
+                self.fail(other, e, f"{method} verification", Refusals(), args.adapter)
                 continue
             servers[server.peer_id] = server
             verdict = odd_ones_out({p: r[key] for p, r in replies.items()}, tolerance(*servers.values()))
@@ -179,27 +182,28 @@ class Replayer:
 
     # ---- routing with retries ---------------------------------------------------------------------
 
-    def next_hop(self, block: int, end: int, deadline: float) -> Hop:
+    def next_hop(self, block: int, end: int, deadline: float, adapter: str | None = None) -> Hop:
         """The first hop of a fresh training route from `block`, waiting (bounded) for servers to appear."""
         delay = 0.2
         while True:
             try:
-                return training_route(self.connection.view, block, end, self.connection.bans, self.rng,
+                return training_route(self.connection.view.hosting(adapter), block, end, self.connection.bans,
+                                      self.rng,
                                       self.config.routing_randomness)[0]
             except NoServersError as e:
                 if time.monotonic() + delay > deadline:
-                    raise NoServersError(e.blocks, self.connection.prefix) from None
+                    raise NoServersError(e.blocks, self.connection.prefix, adapter) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 self.connection.refresh()
 
-    def fail(self, hop: Hop, error: ServerFailure, what: str, refusals: Refusals) -> None:
+    def fail(self, hop: Hop, error: ServerFailure, what: str, refusals: Refusals, adapter: str | None = None) -> None:
         """Ban the server; stop retrying if servers agree the request itself is invalid."""
         self.stats.failures += 1
         duration = self.connection.bans.ban(hop.peer_id)
         logger.warning(f"server {hop.peer_id} failed on blocks {hop.start}:{hop.end} during {what} "
                        f"({error.reason}); banned for {duration:.0f} s")
-        refusals.check(error, len(self.connection.view.covering(hop.start, self.connection.bans)))
+        refusals.check(error, len(self.connection.view.hosting(adapter).covering(hop.start, self.connection.bans)))
 
     def run_span(self, method: str, block: int, end: int, hidden: torch.Tensor, args: SpanArgs,
                  grad_output: torch.Tensor | None = None, prefer: Hop | None = None) -> tuple[Hop, dict]:
@@ -210,7 +214,7 @@ class Replayer:
         deadline = time.monotonic() + self.config.retry_budget
         failed_at, refusals = None, Refusals()
         for attempt in range(self.config.max_retries):
-            hop = prefer if prefer is not None and attempt == 0 else self.next_hop(block, end, deadline)
+            hop = prefer if prefer is not None and attempt == 0 else self.next_hop(block, end, deadline, args.adapter)
             try:
                 hop, reply = self.checked_call(method, hop, hidden, args, grad_output)
                 self.connection.bans.forgive(hop.peer_id)
@@ -221,7 +225,7 @@ class Replayer:
                 return hop, reply
             except ServerFailure as e:
                 failed_at = failed_at or time.monotonic()
-                self.fail(hop, e, method, refusals)
+                self.fail(hop, e, method, refusals, args.adapter)
         raise RuntimeError(f"blocks {block}:{end}: {self.config.max_retries} attempts failed; giving up")
 
 
@@ -276,7 +280,7 @@ def _backward_span(replayer: Replayer, start: int, end: int, h: torch.Tensor, gr
     refusals = Refusals()
     for _ in range(replayer.config.max_retries):
         usable = prefer is not None and not replayer.connection.bans.banned(prefer.peer_id)
-        hop = prefer if usable else replayer.next_hop(start, end, deadline)
+        hop = prefer if usable else replayer.next_hop(start, end, deadline, args.adapter)
         prefer = None
         if hop.end < end:
             first, fwd = replayer.run_span("forward", start, hop.end, h, args, prefer=hop)
@@ -287,7 +291,7 @@ def _backward_span(replayer: Replayer, start: int, end: int, h: torch.Tensor, gr
             hop, reply = replayer.checked_call("backward", hop, h, args, grad)
             _accumulate(hop, reply, args, grad_prompts, grad_lora)
         except ServerFailure as e:
-            replayer.fail(hop, e, "backward", refusals)
+            replayer.fail(hop, e, "backward", refusals, args.adapter)
             continue
         replayer.connection.bans.forgive(hop.peer_id)
         return reply["grad_hidden"].to(h.dtype)
@@ -323,7 +327,11 @@ class RemoteSequential(nn.Module):
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, prompts: torch.Tensor | None = None,
-                lora: ClientLora | None = None) -> torch.Tensor:
-        args = SpanArgs(attention_mask, position_ids, prompts, lora, seed=random.getrandbits(31), offset=self.start)
+                lora: ClientLora | None = None, adapter: str | None = None) -> torch.Tensor:
+        """`adapter` names a server-hosted adapter (then `lora` must be None: hosted adapters are not trained)."""
+        if adapter is not None and lora is not None:
+            raise ValueError("use either client LoRA or a server-hosted adapter, not both")
+        args = SpanArgs(attention_mask, position_ids, prompts, lora, seed=random.getrandbits(31), offset=self.start,
+                        adapter=adapter)
         lora_params = lora.flat_parameters(lora.keys) if lora is not None else []
         return _RemoteBlocks.apply(self.replayer, self.start, self.end, args, hidden, prompts, *lora_params)

@@ -90,3 +90,10 @@ class SwarmView:
 
     def uncovered(self, start: int, end: int, bans: Bans | None = None) -> list[int]:
         return [b for b in range(start, end) if not self.covering(b, bans)]
+
+    def hosting(self, adapter: str | None) -> SwarmView:
+        """Only the servers that host `adapter` (all of them for None)."""
+        if adapter is None:
+            return self
+        servers = {p: s for p, s in self.servers.items() if adapter in s.adapters}
+        return SwarmView(self.num_blocks, servers, self.updated)

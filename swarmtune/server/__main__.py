@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--swarm-key", default=None, help="private swarm: file with the shared swarm key")
     p.add_argument("--allowed-peers", nargs="*", default=None, help="private swarm: peer ids allowed to take part")
     p.add_argument("--dht-prefix", default=None, help="swarm namespace of the model (default: its name)")
+    p.add_argument("--adapters", nargs="*", default=[], metavar="[NAME=]PATH_OR_ID",
+                   help="PEFT LoRA adapters to host for every client that names them (active_adapter=NAME)")
     p.add_argument("--revision", default=None)
     p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
@@ -112,7 +114,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         model=args.model, blocks=args.blocks, num_blocks=None if args.num_blocks == "auto" else args.num_blocks,
         balance_period=args.balance_period, throughput_cache=args.throughput_cache,
-        network=network, dtype=args.dtype, quant=args.quant, device=args.device,
+        network=network, dtype=args.dtype, quant=args.quant, device=args.device, adapters=list(args.adapters),
         dht_prefix=args.dht_prefix, attn_implementation=args.attn_implementation, revision=args.revision,
         num_threads=args.num_threads, update_period=args.update_period, expiration=args.expiration,
         cache_bytes=None if args.cache_mb == "auto" else int(args.cache_mb * 2**20),

@@ -25,7 +25,7 @@ from swarmtune.security import Membership
 from swarmtune.server import compute
 from swarmtune.server.executor import BACKWARD, FORWARD, INFERENCE, PriorityExecutor
 from swarmtune.server.faults import Faults
-from swarmtune.server.lora import LoraSet
+from swarmtune.server.lora import LoraSet, lora_slots
 from swarmtune.server.mailbox import Mailbox
 from swarmtune.server.requests import (
     Limits,
@@ -81,7 +81,7 @@ class BlockServicer(ServicerBase):
         self.membership = membership or Membership()
         self.hosted_adapters = hosted_adapters or {}
         self.hidden_size = span.config.hidden_size
-        self.slots = _lora_slots(span)
+        self.slots = lora_slots(span)
         self.subspans: dict[tuple[int, int], SpanModel] = {}
         self.lora_cache: dict[str, OrderedDict[str, LoraSet]] = defaultdict(OrderedDict)
         self.sessions_per_peer: dict[str, int] = defaultdict(int)
@@ -404,9 +404,3 @@ def _frame(message: bytes) -> runtime_pb2.ExpertResponse:
     """A short message (a status or an error) as one stream frame."""
     return runtime_pb2.ExpertResponse(metadata=wire.frames(message)[0])
 
-
-def _lora_slots(span: SpanModel) -> dict[str, tuple[int, int]]:
-    """LoRA slot key -> (in_features, out_features) of the wrapped layer."""
-    from swarmtune.server.lora import LoraSlot
-
-    return {m.key: (m.base.in_features, m.base.out_features) for m in span.modules() if isinstance(m, LoraSlot)}

@@ -66,6 +66,11 @@ def wrap_targets(blocks: nn.ModuleList, start: int, targets: tuple[str, ...]) ->
     return keys
 
 
+def lora_slots(module: nn.Module) -> dict[str, tuple[int, int]]:
+    """Slot key -> (in_features, out_features) of each wrapped layer: what adapters are checked against."""
+    return {m.key: (m.base.in_features, m.base.out_features) for m in module.modules() if isinstance(m, LoraSlot)}
+
+
 @contextlib.contextmanager
 def activate(lora: LoraSet | None):
     token = _ACTIVE.set(lora)

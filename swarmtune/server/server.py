@@ -22,10 +22,11 @@ from swarmtune.p2p import NetworkOptions, start_dht, start_p2p, visible_maddrs
 from swarmtune.records import ModelInfo, ServerInfo
 from swarmtune.security import Identity
 from swarmtune.server import block_selection, cuda, throughput
+from swarmtune.server.adapters import load_hosted
 from swarmtune.server.executor import PriorityExecutor
 from swarmtune.server.faults import Faults
 from swarmtune.server.handler import BlockServicer, HandlerConfig
-from swarmtune.server.lora import wrap_targets
+from swarmtune.server.lora import lora_slots, wrap_targets
 from swarmtune.server.quantize import quantize
 from swarmtune.server.requests import Limits
 from swarmtune.server.sessions import CacheBudget
@@ -44,6 +45,7 @@ class ServerConfig:
     network: NetworkOptions = field(default_factory=NetworkOptions)
     dtype: str = "fp32"
     quant: str = "none"               # none, int8 or nf4 (bitsandbytes)
+    adapters: list[str] = field(default_factory=list)  # hosted adapters: NAME=PATH_OR_ID or PATH_OR_ID
     device: str = "cpu"
     dht_prefix: str | None = None
     attn_implementation: str = "sdpa"
@@ -159,8 +161,9 @@ class Server:
                                        faults=Faults.parse(cfg.faults))
         info = dict(model=cfg.model, start=span.start, end=span.end, dtype=str(span.compute_dtype), quant=cfg.quant,
                     version=__version__, peer_id=str(self.p2p.peer_id))
+        hosted = load_hosted(cfg.adapters, self.model_config, span, lora_slots(span), cfg.revision)
         self.servicer = BlockServicer(span, self.executor, CacheBudget(cache_bytes), handler_config, info,
-                                      membership=cfg.network.membership)
+                                      hosted_adapters=hosted, membership=cfg.network.membership)
         await self.servicer.add_p2p_handlers(self.p2p)
         self.state = "online"
         await self.announce("online")

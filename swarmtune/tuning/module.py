@@ -79,6 +79,7 @@ class SwarmLM(L.LightningModule):
                                        init_embeddings=model.parts.embed_tokens.weight, seed=seed)
         self.model = model.requires_grad_(False)
         self.model.lora = self.lora
+        self.model.soft_prompts = self.prompts
         if tuning.train_lm_head:
             head = model.parts.lm_head
             # A fresh parameter unties it from the input embeddings, as PEFT's modules_to_save does.
@@ -91,11 +92,7 @@ class SwarmLM(L.LightningModule):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None):
-        embeds = self.model.parts.embed_tokens(input_ids)
-        if self.prompts is not None:
-            embeds, attention_mask, labels = self.prompts.extend(embeds, attention_mask, labels)
-            self.model.prompts = self.prompts.deep_prompts()
-        return self.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self(**batch).loss

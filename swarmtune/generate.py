@@ -1,0 +1,48 @@
+"""python -m swarmtune.generate [adapter=DIR] prompt="..." [swarm.initial_peers=[...]]: generate through a swarm.
+
+The text streams to stdout as it is generated. With no peers given it starts an embedded
+LocalSwarm of the configured model (by default the tiny demo model, the one swarmtune.train
+trains), so `python -m swarmtune.train` followed by
+`python -m swarmtune.generate adapter=<the printed path>` works on a fresh machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from swarmtune.train import config_path, open_swarm, resolve_model
+
+
+def run(cfg: DictConfig) -> str:
+    """Generate for `cfg.prompt`; returns the generated continuation."""
+    import torch
+    from transformers import AutoTokenizer, TextStreamer
+
+    from swarmtune.client.model import SwarmForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    model_path = resolve_model(cfg.model)
+    with contextlib.ExitStack() as stack:
+        client_config, dht_prefix = open_swarm(stack, cfg.swarm, model_path, log_dir=None)
+        model = SwarmForCausalLM.from_pretrained(model_path, client_config=client_config, dtype=cfg.model.dtype,
+                                                 dht_prefix=dht_prefix, revision=cfg.model.revision,
+                                                 adapter=cfg.adapter, active_adapter=cfg.active_adapter)
+        stack.callback(model.close)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_path, revision=cfg.model.revision)
+        inputs = tokenizer([cfg.prompt], return_tensors="pt")
+        print(cfg.prompt, end="", flush=True)
+        streamer = TextStreamer(tokenizer, skip_prompt=True)
+        out = model.generate(**inputs, streamer=streamer, **OmegaConf.to_container(cfg.generation, resolve=True))
+        return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@hydra.main(config_path=config_path(), config_name="generate", version_base=None)
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
