@@ -105,6 +105,7 @@ def run(cfg: DictConfig) -> tuple[str, float]:
     from swarmtune.client.model import SwarmForCausalLM
     from swarmtune.tuning import loggers
     from swarmtune.tuning.data import DataConfig, InstructionDataModule
+    from swarmtune.tuning.evaluation import EvalConfig, GenerationEval
     from swarmtune.tuning.module import OptimConfig, SwarmLM, TuningConfig
 
     L.seed_everything(cfg.seed, workers=True)
@@ -117,8 +118,13 @@ def run(cfg: DictConfig) -> tuple[str, float]:
         stack.callback(model.close)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_path, revision=cfg.model.revision)
         data = InstructionDataModule(DataConfig(**_plain(cfg.data)), tokenizer)
+        eval_config = EvalConfig(**_plain(cfg.eval))
+        generation = None
+        if eval_config.generate_every_n_val:
+            generation = GenerationEval(data.eval_prompts("validation", eval_config.num_samples), tokenizer,
+                                        eval_config)
         module = SwarmLM(model, TuningConfig.from_dict(_plain(cfg.tuning)), OptimConfig(**_plain(cfg.optim)),
-                         seed=cfg.seed)
+                         seed=cfg.seed, generation=generation)
 
         logger = loggers.build_logger(_plain(cfg.logger), output_dir, **_run_names(cfg))
         stack.callback(loggers.finish, logger)

@@ -2,69 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import psutil
-import pytest
 import torch
 from peft import PeftModel
 
 from swarmtune.tuning.export import load_lora
-from tests.conftest import reference_model
+from tests.conftest import adapter_path, reference_model
 
 TOL = 1e-5
-
-
-class TrainProcess:
-    """`python -m swarmtune.train ARGS`, logging to a file; `stop()` kills it and everything it started."""
-
-    def __init__(self, args: list[str], log: Path, env: dict | None = None):
-        self.log = log
-        with open(log, "w") as f:
-            self.proc = subprocess.Popen([sys.executable, "-m", "swarmtune.train", *args], stdout=f,
-                                         stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                         start_new_session=True)
-
-    def wait(self, timeout: float) -> str:
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            pytest.fail(f"training did not finish within {timeout:.0f} s:\n{self.output()[-3000:]}")
-        assert self.proc.returncode == 0, self.output()[-5000:]
-        return self.output()
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def stop(self) -> None:
-        children = []
-        with contextlib.suppress(psutil.NoSuchProcess):
-            children = psutil.Process(self.proc.pid).children(recursive=True)
-        for p in [self.proc, *children]:
-            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
-                p.kill()
-        self.proc.wait(10)  # reaped here, not by psutil, so returncode tells how it ended
-        psutil.wait_procs(children, timeout=10)
-
-
-@pytest.fixture
-def train_process():
-    started: list[TrainProcess] = []
-
-    def start(args: list[str], log: Path, env: dict | None = None) -> TrainProcess:
-        started.append(TrainProcess(args, log, env))
-        return started[-1]
-
-    yield start
-    for process in started:
-        process.stop()
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
@@ -72,17 +21,9 @@ def train_losses(run_dir: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
-def adapter_path(output: str) -> str:
-    lines = [line for line in output.splitlines() if line.startswith("Adapter saved to ")]
-    assert lines, output[-3000:]
-    return lines[-1][len("Adapter saved to "):].strip()
-
-
-def test_tiny_local_end_to_end(tmp_path, tiny_llama, llama_client, train_process):
+def test_tiny_local_end_to_end(tiny_local_run, tiny_llama, llama_client):
     """The default recipe with its embedded swarm; the exported adapter equals the swarm model's under PEFT."""
-    run_dir = tmp_path / "run"
-    output = train_process(["recipe=tiny_local", "trainer.max_steps=30", f"model.path={tiny_llama}", "logger=csv",
-                            f"hydra.run.dir={run_dir}"], tmp_path / "train.log").wait(timeout=300)
+    run_dir, output = tiny_local_run
     losses = list(train_losses(run_dir).values())
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1, losses

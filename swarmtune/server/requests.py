@@ -143,6 +143,9 @@ def parse_lora(meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict | Non
     if lora is None:
         return None, None
     need(isinstance(lora, dict), "'lora' must be a map")
+    if "adapter" in lora:  # an adapter this server hosts, by name
+        need(isinstance(lora["adapter"], str) and len(lora["adapter"]) <= 256, "'lora.adapter' must be a name")
+        return lora, None
     keys = lora.get("keys")
     need(isinstance(keys, list) and all(isinstance(k, str) for k in keys) and len(set(keys)) == len(keys),
          "'lora.keys' must be a list of distinct strings")

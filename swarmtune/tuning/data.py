@@ -78,12 +78,31 @@ def train_val_split(raw: DatasetDict, cfg: DataConfig) -> tuple[Dataset, Dataset
     return train, val
 
 
-def tokenize_row(row: dict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> dict:
-    """Prompt and response are tokenized apart, so the label boundary is exact."""
+@dataclass
+class EvalPrompt:
+    """A row as generation sees it: the prompt tokenized exactly as in training, and its reference answer."""
+
+    prompt: str
+    input_ids: list[int]
+    reference: str           # the rendered response
+
+
+def encode_prompt(row: dict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> list[int]:
     prompt = tokenizer.encode(cfg.prompt_template.format_map(row), add_special_tokens=False)
-    response = tokenizer.encode(cfg.response_template.format_map(row), add_special_tokens=False)
     if cfg.add_bos and tokenizer.bos_token_id is not None:
         prompt = [tokenizer.bos_token_id] + prompt
+    return prompt
+
+
+def eval_prompt(row: dict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> EvalPrompt:
+    return EvalPrompt(cfg.prompt_template.format_map(row), encode_prompt(row, tokenizer, cfg),
+                      cfg.response_template.format_map(row))
+
+
+def tokenize_row(row: dict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> dict:
+    """Prompt and response are tokenized apart, so the label boundary is exact."""
+    prompt = encode_prompt(row, tokenizer, cfg)
+    response = tokenizer.encode(cfg.response_template.format_map(row), add_special_tokens=False)
     if cfg.add_eos and tokenizer.eos_token_id is not None:
         response = response + [tokenizer.eos_token_id]
     labels = ([IGNORE] * len(prompt) if not cfg.train_on_prompt else prompt) + response
@@ -137,15 +156,53 @@ class InstructionDataModule(L.LightningDataModule):
         self.pad_id = pad
         self.train: Dataset | None = None
         self.val: Dataset | None = None
+        self.raw: DatasetDict | None = None
+        self.rows: dict[str, Dataset] = {}    # untokenized "train" and "validation", as split for training
 
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:
             return
-        train, val = train_val_split(load_raw(self.cfg), self.cfg)
-        train, val = tokenize(train, self.tokenizer, self.cfg), tokenize(val, self.tokenizer, self.cfg)
-        if self.cfg.packing:
-            train, val = pack(train, self.cfg.max_length), pack(val, self.cfg.max_length)
-        self.train, self.val = train, val
+        self._load()
+        self.train, self.val = self._tokenized(self.rows["train"]), self._tokenized(self.rows["validation"])
+
+    def _load(self) -> None:
+        """The raw splits and the train/validation rows, without tokenizing anything (evaluation needs one split)."""
+        if self.raw is None:
+            self.raw = load_raw(self.cfg)
+            train, val = train_val_split(self.raw, self.cfg)
+            self.rows = {"train": train, "validation": val}
+
+    def _tokenized(self, rows: Dataset) -> Dataset:
+        ds = tokenize(rows, self.tokenizer, self.cfg)
+        return pack(ds, self.cfg.max_length) if self.cfg.packing else ds
+
+    def split_rows(self, split: str) -> Dataset:
+        """Untokenized rows of `split`: "train" and "validation" as training splits them, else the dataset's own."""
+        self._load()
+        if split in self.rows:
+            return self.rows[split]
+        if split not in self.raw:
+            raise KeyError(f"The dataset has no split {split!r}: use validation, train or one of {list(self.raw)}")
+        return self.raw[split]
+
+    def eval_prompts(self, split: str = "validation", limit: int | None = None) -> list[EvalPrompt]:
+        """The first `limit` prompts of `split` with their references, skipping prompts that leave no room
+        for a response within max_length (training drops those rows too)."""
+        prompts = []
+        for row in self.split_rows(split):
+            if limit is not None and len(prompts) >= limit:
+                break
+            prompt = eval_prompt(row, self.tokenizer, self.cfg)
+            if len(prompt.input_ids) < self.cfg.max_length:
+                prompts.append(prompt)
+        return prompts
+
+    def eval_dataloader(self, split: str = "validation") -> DataLoader:
+        """Token batches of `split`, in order, for loss and perplexity."""
+        ds = {"train": self.train, "validation": self.val}.get(split)  # tokenized already if training set them up
+        if ds is None:
+            ds = self._tokenized(self.split_rows(split))
+        return self._loader(ds, self.cfg.eval_batch_size or self.cfg.batch_size, shuffle=False)
 
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.cfg.num_workers,

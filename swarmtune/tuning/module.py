@@ -9,6 +9,7 @@ that trainable state, so a checkpoint of a 70B fine-tune stays a few megabytes.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from swarmtune.client.model import SwarmForCausalLM
+from swarmtune.tuning.evaluation import GenerationEval, log_samples, write_samples
 from swarmtune.tuning.export import save_adapter
 from swarmtune.tuning.lora import ClientLora, target_shapes
 from swarmtune.tuning.prompts import SoftPrompts
@@ -62,9 +64,12 @@ class OptimConfig:
 
 
 class SwarmLM(L.LightningModule):
-    def __init__(self, model: SwarmForCausalLM, tuning: TuningConfig, optim: OptimConfig, seed: int = 0):
+    def __init__(self, model: SwarmForCausalLM, tuning: TuningConfig, optim: OptimConfig, seed: int = 0,
+                 generation: GenerationEval | None = None):
         super().__init__()
         self.tuning, self.optim = tuning, optim
+        self.generation = generation  # prompts decoded through the swarm during validation
+        self._validations = 0
         config = model.config
         # Trainable modules are registered before `model`, so checkpoint keys read "lora.…", "prompts.…".
         self.lora: ClientLora | None = None
@@ -109,6 +114,22 @@ class SwarmLM(L.LightningModule):
         loss = self.trainer.callback_metrics.get("val/loss")
         if loss is not None:
             self.log("val/ppl", math.exp(min(float(loss), 50.0)))
+        if self.generation is None or self.trainer.sanity_checking:
+            return
+        self._validations += 1
+        every = self.generation.config.generate_every_n_val
+        if every and self._validations % every == 0:
+            self.evaluate_generation()
+
+    def evaluate_generation(self) -> dict[str, float]:
+        """Greedy-decode the validation prompts through inference sessions with the current adapter; log the
+        scores as val/..., the samples to samples.jsonl in the run directory and, on wandb, as a table."""
+        metrics, samples = self.generation.run(self.model)
+        for name, value in metrics.items():
+            self.log(f"val/{name}", value)
+        write_samples(os.path.join(self.trainer.default_root_dir, "samples.jsonl"), samples, step=self.global_step)
+        log_samples(self.logger, samples, self.global_step)
+        return metrics
 
     # ---- throughput ---------------------------------------------------------------------------------
 

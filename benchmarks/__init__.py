@@ -1,0 +1,1 @@
+"""Benchmarks of swarmtune against baselines measured in the same run (python -m benchmarks.run)."""

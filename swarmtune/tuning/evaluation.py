@@ -1,0 +1,151 @@
+"""Evaluation through the inference path: greedy generations scored against reference answers, and
+response perplexity from forward passes through the swarm.
+
+Used in two places: SwarmLM's validation (a fixed sample of validation prompts, decoded every N
+validation runs, so progress is comparable across steps) and `python -m swarmtune.eval` (a whole
+split). Generation goes through `SwarmForCausalLM.generate`, i.e. real inference sessions with the
+adapter applied, so what is measured is what users of the adapter will get.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import string
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import Logger, WandbLogger
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from swarmtune.client.model import SwarmForCausalLM
+from swarmtune.tuning.data import IGNORE, EvalPrompt
+
+SAMPLE_COLUMNS = ["prompt", "reference", "generation", "exact_match"]
+
+
+@dataclass
+class EvalConfig:
+    generate_every_n_val: int = 1   # generate in every Nth validation run; 0: never
+    num_samples: int | None = 8     # the first N prompts of the split; None: all
+    max_new_tokens: int = 32
+    batch_size: int = 8             # prompts per inference session
+
+
+# ---- scoring ----------------------------------------------------------------------------------------
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize(text: str) -> str:
+    """Lowercase, no punctuation, no English articles, single spaces: "The sky is blue." == "sky is blue"."""
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION))
+    return " ".join(text.split())
+
+
+def exact_match(generation: str, reference: str) -> bool:
+    return normalize(generation) == normalize(reference)
+
+
+def score(prompts: list[EvalPrompt], generations: list[str]) -> dict[str, float]:
+    """The share of generations that equal their reference answer, normalised (empty without prompts)."""
+    if not prompts:
+        return {}
+    hits = sum(exact_match(g, p.reference) for p, g in zip(prompts, generations, strict=True))
+    return {"exact_match": hits / len(prompts)}
+
+
+# ---- generation and perplexity -----------------------------------------------------------------------
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding, so every prompt's last token sits in the last column, where generation continues."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, longest - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[i, longest - len(seq):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(model: SwarmForCausalLM, tokenizer: PreTrainedTokenizerBase, prompts: list[EvalPrompt],
+             max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy responses to `prompts` through inference sessions, decoded up to the end-of-sequence token."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    responses = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = left_pad([p.input_ids for p in prompts[start:start + batch_size]], pad_id)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             num_beams=1, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+        for row in out[:, ids.shape[1]:].tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[:row.index(tokenizer.eos_token_id)]
+            responses.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return responses
+
+
+@torch.no_grad()
+def response_nll(model: SwarmForCausalLM, loader: DataLoader) -> tuple[float, int]:
+    """Summed next-token NLL over the labelled (response) tokens of every batch, and their count.
+
+    Token-weighted, unlike a mean of per-batch losses, so the perplexity does not depend on batching.
+    """
+    total, count = 0.0, 0
+    for batch in loader:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                              reduction="sum")
+        total += float(nll)
+        count += int((labels != IGNORE).sum())
+    return total, count
+
+
+def perplexity(nll: float, tokens: int) -> float:
+    """exp of the mean token NLL (capped, so an untrained model gives a large number, not inf)."""
+    return math.exp(min(nll / tokens, 50.0))
+
+
+# ---- generation during validation ----------------------------------------------------------------------
+
+
+@dataclass
+class GenerationEval:
+    """A fixed set of prompts that SwarmLM decodes during validation, and how."""
+
+    prompts: list[EvalPrompt]
+    tokenizer: PreTrainedTokenizerBase
+    config: EvalConfig
+
+    def run(self, model: SwarmForCausalLM) -> tuple[dict[str, float], list[dict]]:
+        """(metrics, one sample row per prompt) for `model` as it is now."""
+        generations = generate(model, self.tokenizer, self.prompts, self.config.max_new_tokens,
+                               self.config.batch_size)
+        return score(self.prompts, generations), sample_rows(self.prompts, generations)
+
+
+def sample_rows(prompts: list[EvalPrompt], generations: list[str]) -> list[dict]:
+    return [{"prompt": p.prompt, "reference": p.reference, "generation": g,
+             "exact_match": exact_match(g, p.reference)}
+            for p, g in zip(prompts, generations, strict=True)]
+
+
+def write_samples(path: str, rows: list[dict], step: int | None = None) -> None:
+    """Append rows to a jsonl file, one per line, each with the training step when given."""
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row if step is None else {"step": step, **row}) + "\n")
+
+
+def log_samples(logger: Logger | None, rows: list[dict], step: int, key: str = "val/samples") -> None:
+    """A wandb table of prompts, references and generations; other loggers keep scalars only."""
+    if isinstance(logger, WandbLogger):
+        logger.log_table(key=key, columns=SAMPLE_COLUMNS, data=[[r[c] for c in SAMPLE_COLUMNS] for r in rows],
+                         step=step)
