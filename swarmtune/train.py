@@ -104,6 +104,7 @@ def run(cfg: DictConfig) -> tuple[str, float]:
 
     from swarmtune.client.model import SwarmForCausalLM
     from swarmtune.tuning import loggers
+    from swarmtune.tuning.checkpoint_io import AtomicCheckpointIO
     from swarmtune.tuning.data import DataConfig, InstructionDataModule
     from swarmtune.tuning.evaluation import EvalConfig, GenerationEval
     from swarmtune.tuning.module import OptimConfig, SwarmLM, TuningConfig
@@ -135,7 +136,7 @@ def run(cfg: DictConfig) -> tuple[str, float]:
         checkpoints = ModelCheckpoint(dirpath=os.path.join(output_dir, "checkpoints"), filename="{step}",
                                       **checkpoint)
         trainer = L.Trainer(**trainer_args, default_root_dir=output_dir, logger=logger or False,
-                            callbacks=[checkpoints])
+                            callbacks=[checkpoints], plugins=[AtomicCheckpointIO()])
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
         adapter_dir = module.export(cfg.export.dir)

@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
+from swarmtune.atomic import write_atomic
 from swarmtune.models import load_config
 from swarmtune.tuning import export
 from swarmtune.tuning.lora import ClientLora, target_shapes
@@ -119,6 +120,24 @@ def test_interrupted_write_keeps_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", crash)
     with pytest.raises(OSError):
-        export._write(str(target), b"new")
+        write_atomic(str(target), b"new")
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["adapter_config.json"]
+
+
+def test_interrupted_checkpoint_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    from swarmtune.tuning.checkpoint_io import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 10, "state_dict": {"w": torch.ones(3)}}, path)
+
+    def crash(fd):
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError):
+        io.save_checkpoint({"global_step": 20, "state_dict": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert io.load_checkpoint(path)["global_step"] == 10
+    assert os.listdir(tmp_path) == ["last.ckpt"]

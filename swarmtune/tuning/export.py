@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from transformers import PretrainedConfig
 
+from swarmtune.atomic import write_atomic
 from swarmtune.models.family import Family, get_family
 from swarmtune.tuning.lora import ClientLora, target_shapes
 from swarmtune.tuning.prompts import SoftPrompts
@@ -61,17 +61,17 @@ def save_adapter(out_dir: str, config: PretrainedConfig, base_model: str, lora: 
             tensors[peft_key(family, key, "B")] = b.detach().float().contiguous()
         if lm_head is not None:
             tensors[LM_HEAD_KEY] = lm_head.detach().float().contiguous()
-        _write(os.path.join(out_dir, ADAPTER_WEIGHTS), safetensors_bytes(tensors, metadata={"format": "pt"}))
+        write_atomic(os.path.join(out_dir, ADAPTER_WEIGHTS), safetensors_bytes(tensors, metadata={"format": "pt"}))
         peft_config = lora_config_dict(lora, family, config, base_model, with_lm_head=lm_head is not None)
-        _write(os.path.join(out_dir, ADAPTER_CONFIG), json.dumps(peft_config, indent=2, sort_keys=True).encode())
+        write_atomic(os.path.join(out_dir, ADAPTER_CONFIG), json.dumps(peft_config, indent=2, sort_keys=True).encode())
     if prompts is not None:
         tensors = {name: p.detach().float().contiguous() for name, p in (("prompt", prompts.prompt),
                                                                             ("deep", prompts.deep)) if p is not None}
-        _write(os.path.join(out_dir, PROMPTS_WEIGHTS), safetensors_bytes(tensors, metadata={"format": "pt"}))
+        write_atomic(os.path.join(out_dir, PROMPTS_WEIGHTS), safetensors_bytes(tensors, metadata={"format": "pt"}))
         meta = dict(length=prompts.length, shallow=prompts.prompt is not None, deep=prompts.deep is not None,
                     hidden_size=config.hidden_size, num_blocks=config.num_hidden_layers,
                     base_model_name_or_path=base_model)
-        _write(os.path.join(out_dir, PROMPTS_CONFIG), json.dumps(meta, indent=2).encode())
+        write_atomic(os.path.join(out_dir, PROMPTS_CONFIG), json.dumps(meta, indent=2).encode())
     return out_dir
 
 
@@ -105,27 +105,6 @@ def lora_config_dict(lora: ClientLora, family: Family, config: PretrainedConfig,
     )
     out = peft_config.to_dict()
     return {k: sorted(v) if isinstance(v, set) else v for k, v in out.items()}
-
-
-def _write(path: str, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 # ---- reading -------------------------------------------------------------------------------------
