@@ -9,6 +9,7 @@ import tempfile
 def write_atomic(path: str, data: bytes) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over `path`."""
     directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

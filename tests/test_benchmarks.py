@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from benchmarks.network import client_driven, server_chained
+from benchmarks.network import bound, window_round_trips
 from scripts import netem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,13 +47,20 @@ def test_smoke_run_writes_sane_results(tmp_path):
         assert (out / f"plot_{section}.png").stat().st_size > 1000
 
 
-def test_bounds_count_round_trips_per_design():
+def test_bounds_count_one_way_trips_per_design():
     # 3 hops, 100 ms RTT, 100 Mbit/s, 1 kB each way per hop, 10 ms compute
-    client = client_driven(3, 0.1, 1e8, 1000, 1000, 0.01)
-    chained = server_chained(3, 0.1, 1e8, 1000, 1000, 0.01)
+    client = bound("client-driven", 3, 0.1, 1e8, 1000, 1000, 0.01)
+    chained = bound("server-chained", 3, 0.1, 1e8, 1000, 1000, 0.01)
     assert client == pytest.approx(3 * 0.1 + 3 * 2000 * 8 / 1e8 + 0.01)
     assert chained == pytest.approx(4 * 0.05 + 4 * 1000 * 8 / 1e8 + 0.01)
-    assert client_driven(3, 0.0, None, 1e9, 1e9, 0.01) == pytest.approx(0.01)  # loopback: compute only
+    assert bound("client-driven", 3, 0.0, None, 1e9, 1e9, 0.01) == pytest.approx(0.01)  # loopback: compute only
+
+
+def test_window_growth_estimate():
+    mss = 9000 - 52
+    assert window_round_trips(10 * mss, 9000) == 0           # fits the initial window
+    assert window_round_trips(10 * mss + 1, 9000) == 1
+    assert window_round_trips(8 << 20, 9000) == 6             # 10, 20, 40, ... segments: 7 flights
 
 
 def test_link_serialises_then_delays():

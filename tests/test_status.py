@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -32,7 +33,8 @@ def test_status_of_a_running_swarm(llama_swarm, tiny_llama):
            "--initial-peers", *llama_swarm.initial_peers]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "6 blocks, 3 of 3 servers online" in done.stdout
+    # 3 online; other tests may have stopped extra servers whose offline records have not expired yet
+    assert re.search(r"6 blocks, 3 of \d+ servers online", done.stdout), done.stdout
     for server in llama_swarm.servers:
         start, end = server.span
         assert any(server.peer_id in line and f"{start}:{end}" in line and "online" in line

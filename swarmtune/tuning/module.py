@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from swarmtune.client.model import SwarmForCausalLM
+from swarmtune.tuning.data import IGNORE
 from swarmtune.tuning.evaluation import GenerationEval, log_samples, write_samples
 from swarmtune.tuning.export import save_adapter
 from swarmtune.tuning.lora import ClientLora, target_shapes
@@ -107,7 +108,9 @@ class SwarmLM(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self(**batch).loss
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        # Weighted by response tokens, so the epoch's val/loss is the mean NLL per token, as swarmtune.eval's.
+        tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
+        self.log("val/loss", loss, prog_bar=True, batch_size=tokens)
         return loss
 
     def on_validation_epoch_end(self) -> None:
