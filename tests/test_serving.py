@@ -164,3 +164,25 @@ def test_sigterm_withdraws_announcement_and_leaves_no_daemon(llama_swarm, llama_
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     conn.refresh()
     assert server.peer_id not in conn.view.servers
+
+
+def test_backward_reuses_the_kept_forward_graph(llama_swarm, llama_client):
+    """Servers keep a forward's graph when a backward will follow, and then do not recompute the forward."""
+    conn = llama_client.connection
+
+    def kept_backwards() -> int:
+        total = 0
+        for server in llama_swarm.servers:
+            if server.proc.poll() is None:
+                meta, _ = conn.run(rpc.call(conn.p2p, server.peer_id, "info", wire.pack({}), 10, token=conn.token),
+                                   timeout=15)
+                total += meta["stats"].get("backward_from_kept_graph", 0)
+        return total
+
+    before = kept_backwards()
+    with torch.no_grad():  # no backward follows: nothing is kept
+        llama_client.remote(torch.randn(1, 5, llama_client.config.hidden_size))
+    x = torch.randn(2, 5, llama_client.config.hidden_size, requires_grad=True)
+    llama_client.remote(x).square().sum().backward()
+    assert kept_backwards() - before == len(llama_client.remote.replayer.last_route)
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -8,6 +8,7 @@ generated tokens are the same as without the failure.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import secrets
@@ -16,6 +17,7 @@ import time
 import torch
 
 from swarmtune import wire
+from swarmtune.client import rpc
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.routing import Hop, NoServersError, inference_route
 from swarmtune.client.rpc import InferenceStream, Refusals, ServerFailure
@@ -80,14 +82,21 @@ class _SpanSession:
     def send(self, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, step: int) -> torch.Tensor:
         s = self.session
         timeout = s.config.step_timeout
-        if self.awaiting:  # a chained step is in flight: the server may have computed it from a push already
+        if self.awaiting:  # a chained step is in flight, but its push will not come: deliver the input ourselves
             self.awaiting = False
-            meta, reply = s.connection.run(self.stream.receive(timeout), timeout=timeout + 5)
-            if not meta.get("need_hidden"):
+            meta, reply = s.connection.run(self._push_and_receive(hidden, step, timeout), timeout=timeout + 5)
+            if not meta.get("need_hidden"):  # computed, from our push (or the previous server's, if it came)
                 return self.output(reply, hidden)
         data = self.message({"step": step}, mask, position_ids, hidden)
         _, reply = s.connection.run(self.stream.exchange(data, timeout), timeout=timeout + 5)
         return self.output(reply, hidden)
+
+    async def _push_and_receive(self, hidden: torch.Tensor, step: int, timeout: float) -> tuple[dict, dict]:
+        """Put the input where the server waits for the previous server's push, then read its reply."""
+        data = wire.pack({"session": self.session_id, "step": step}, {"hidden": hidden})
+        with contextlib.suppress(ServerFailure):  # if this fails, the server asks for the input when its wait ends
+            await rpc.call(self.stream.p2p, self.hop.peer_id, "push", data, timeout, token=self.stream.token)
+        return await self.stream.receive(timeout)
 
     def message(self, meta: dict, mask: torch.Tensor, position_ids: torch.Tensor,
                 hidden: torch.Tensor | None) -> bytes:

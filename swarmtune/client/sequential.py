@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ class SpanArgs:
     seed: int = 0
     offset: int = 0                            # the block that prompts[0] belongs to
     adapter: str | None = None                 # a server-hosted adapter, used instead of client LoRA
+    keep: str | None = None                    # ask servers to keep forward graphs for the backward, by this id
 
     def tensors(self, start: int, end: int) -> dict[str, torch.Tensor]:
         out = {}
@@ -99,12 +101,14 @@ class Replayer:
         return meta, tensors
 
     def call_span(self, method: str, hop: Hop, hidden: torch.Tensor, args: SpanArgs,
-                  grad_output: torch.Tensor | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+                  grad_output: torch.Tensor | None = None, keep: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
         """One forward or backward request; raises ServerFailure (including bad outputs)."""
         force = False
         for _ in range(2):  # a second try if the server forgot our LoRA digest
             lora_meta, lora_tensors = self._lora_meta(args, hop, force)
             meta = {"start": hop.start, "end": hop.end}
+            if args.keep is not None and keep:
+                meta["keep"] = args.keep
             if lora_meta is not None:
                 meta["lora"] = lora_meta
             tensors = {"hidden": self._to_wire(hidden), **args.tensors(hop.start, hop.end), **lora_tensors}
@@ -153,7 +157,7 @@ class Replayer:
         for server in self.rng.sample(others, min(2, len(others))):
             other = Hop(server, hop.start, hop.end)
             try:
-                replies[server.peer_id] = self.call_span(method, other, hidden, args, grad_output)[1]
+                replies[server.peer_id] = self.call_span(method, other, hidden, args, grad_output, keep=False)[1]
                 _check_output(other, replies[server.peer_id].get(key), hidden.shape, key)
             except ServerFailure as e:
                 replies.pop(server.peer_id, None)
@@ -331,7 +335,9 @@ class RemoteSequential(nn.Module):
         """`adapter` names a server-hosted adapter (then `lora` must be None: hosted adapters are not trained)."""
         if adapter is not None and lora is not None:
             raise ValueError("use either client LoRA or a server-hosted adapter, not both")
-        args = SpanArgs(attention_mask, position_ids, prompts, lora, seed=random.getrandbits(31), offset=self.start,
-                        adapter=adapter)
         lora_params = lora.flat_parameters(lora.keys) if lora is not None else []
+        backward_follows = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden, prompts, *lora_params))
+        args = SpanArgs(attention_mask, position_ids, prompts, lora, seed=random.getrandbits(31), offset=self.start,
+                        adapter=adapter, keep=secrets.token_hex(8) if backward_follows else None)
         return _RemoteBlocks.apply(self.replayer, self.start, self.end, args, hidden, prompts, *lora_params)

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update-period", type=float, default=15.0, help="seconds between DHT announcements")
     p.add_argument("--expiration", type=float, default=45.0, help="lifetime of an announcement in seconds")
     p.add_argument("--throughput", type=float, default=None, help="announced tokens/s per block (default: measure)")
+    p.add_argument("--activation-cache-mb", type=float, default=512,
+                   help="memory for forward graphs kept until their backward (0: always recompute the forward)")
     p.add_argument("--session-timeout", type=float, default=60.0, help="close inference sessions idle this long")
     p.add_argument("--max-batch", type=int, default=Limits.max_batch)
     p.add_argument("--max-tokens", type=int, default=Limits.max_tokens, help="batch x length per request")
@@ -119,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         num_threads=args.num_threads, update_period=args.update_period, expiration=args.expiration,
         cache_bytes=None if args.cache_mb == "auto" else int(args.cache_mb * 2**20),
         throughput=args.throughput, limits=limits, session_timeout=args.session_timeout, faults=args.fault,
+        graph_bytes=int(args.activation_cache_mb * 2**20),
     )
 
 

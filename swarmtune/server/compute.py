@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+
 import torch
 
 from swarmtune.models.span import SpanModel
 from swarmtune.server import lora as lora_lib
 from swarmtune.server.lora import LoraSet
+
+Grads = tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]
 
 
 def _seeded(lora: LoraSet | None, seed: int) -> LoraSet | None:
@@ -27,9 +32,22 @@ def forward(span: SpanModel, hidden, attention_mask, position_ids, prompts, lora
     return out.to("cpu", hidden.dtype)
 
 
-def backward(span: SpanModel, hidden, attention_mask, position_ids, prompts, lora: LoraSet | None,
-             grad_output, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
-    """Recompute the span's forward and return grads w.r.t. hidden, prompts and the LoRA tensors."""
+@dataclass
+class Graph:
+    """A forward pass kept with its autograd graph, so that its backward needs no recomputation."""
+
+    received: torch.Tensor              # the hidden states as the request carried them
+    output: torch.Tensor
+    inputs: list[torch.Tensor]          # what gradients are taken for: hidden, prompts?, LoRA tensors
+    has_prompts: bool
+    prompts_dtype: torch.dtype | None
+    nbytes: int
+    created: float = field(default_factory=time.monotonic)
+
+
+def forward_with_graph(span: SpanModel, hidden, attention_mask, position_ids, prompts, lora: LoraSet | None,
+                       seed: int = 0) -> Graph:
+    """The span's forward with gradients enabled for its inputs, prompts and LoRA tensors."""
     dtype = span.compute_dtype
     device = next(span.parameters()).device
     with torch.enable_grad():
@@ -45,12 +63,36 @@ def backward(span: SpanModel, hidden, attention_mask, position_ids, prompts, lor
             lora_tensors = lora.tensors()
         with lora_lib.activate(_seeded(lora, seed)):
             out = span(h, _to(attention_mask, device), _to(position_ids, device), prompts=p)
-        inputs = [h] + ([p] if p is not None else []) + lora_tensors
-        grads = torch.autograd.grad(out, inputs, grad_outputs=grad_output.to(device, out.dtype), allow_unused=True)
+    inputs = [h] + ([p] if p is not None else []) + lora_tensors
+    return Graph(hidden, out, inputs, p is not None, prompts.dtype if prompts is not None else None,
+                 graph_bytes(span, h))
+
+
+def graph_bytes(span: SpanModel, hidden: torch.Tensor) -> int:
+    """Roughly what a forward graph holds: a dozen hidden-sized activations per block and token."""
+    itemsize = torch.empty((), dtype=span.compute_dtype).element_size()
+    return 12 * hidden.numel() * itemsize * span.num_blocks
+
+
+def output_of(graph: Graph) -> torch.Tensor:
+    return graph.output.detach().to("cpu", graph.received.dtype)
+
+
+def backward_through(graph: Graph, grad_output: torch.Tensor) -> Grads:
+    """Gradients w.r.t. the graph's hidden input, prompts and LoRA tensors (this frees the graph)."""
+    out, inputs = graph.output, graph.inputs
+    grads = torch.autograd.grad(out, inputs, grad_outputs=grad_output.to(out.device, out.dtype), allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
-    grad_hidden = grads[0].to("cpu", hidden.dtype)
-    grad_prompts = grads[1].to("cpu", prompts.dtype) if p is not None else None
-    return grad_hidden, grad_prompts, [g.to("cpu", torch.float32) for g in grads[1 + (p is not None):]]
+    grad_hidden = grads[0].to("cpu", graph.received.dtype)
+    grad_prompts = grads[1].to("cpu", graph.prompts_dtype) if graph.has_prompts else None
+    return grad_hidden, grad_prompts, [g.to("cpu", torch.float32) for g in grads[1 + graph.has_prompts:]]
+
+
+def backward(span: SpanModel, hidden, attention_mask, position_ids, prompts, lora: LoraSet | None,
+             grad_output, seed: int = 0) -> Grads:
+    """Recompute the span's forward and return grads w.r.t. hidden, prompts and the LoRA tensors."""
+    graph = forward_with_graph(span, hidden, attention_mask, position_ids, prompts, lora, seed)
+    return backward_through(graph, grad_output)
 
 
 def _to(t: torch.Tensor | None, device, dtype=None) -> torch.Tensor | None:

@@ -25,6 +25,7 @@ from swarmtune.security import Membership
 from swarmtune.server import compute
 from swarmtune.server.executor import BACKWARD, FORWARD, INFERENCE, PriorityExecutor
 from swarmtune.server.faults import Faults
+from swarmtune.server.graphs import KeptGraphs
 from swarmtune.server.lora import LoraSet, lora_slots
 from swarmtune.server.mailbox import Mailbox
 from swarmtune.server.requests import (
@@ -56,6 +57,7 @@ class HandlerConfig:
     alloc_timeout: float = 10.0       # how long a session waits for KV memory
     lora_cache_per_peer: int = 4      # adapter versions remembered per client (digest reuse)
     faults: Faults = field(default_factory=Faults)  # test-only misbehaviour
+    graph_bytes: int = 512 << 20      # forward graphs kept for their backward (0: always recompute)
 
 
 def _response(meta: dict, tensors: dict | None = None) -> bytes:
@@ -90,6 +92,7 @@ class BlockServicer(ServicerBase):
         self._last_request: dict[str, list[float]] = defaultdict(list)
         self.tokens_in_flight: dict[str, int] = defaultdict(int)
         self.mailboxes: dict[str, Mailbox] = {}  # session id -> pushes from the previous server
+        self.graphs = KeptGraphs(config.graph_bytes)
         self.p2p = None  # set by add_p2p_handlers: servers push outputs to the next server of a chain
 
     async def add_p2p_handlers(self, p2p, *args, **kwargs) -> None:
@@ -173,19 +176,29 @@ class BlockServicer(ServicerBase):
     async def _forward(self, data: bytes, peer: str) -> bytes:
         req, lora, seed = self._parse(data, peer, backward=False)
         await self.config.faults.wait()
-        out = await self._compute(peer, req.hidden.shape[0] * req.hidden.shape[1], FORWARD, compute.forward,
-                                  self.subspan(req.start, req.end), req.hidden, req.attention_mask,
-                                  req.position_ids, req.prompts, lora, seed)
+        span, tokens = self.subspan(req.start, req.end), req.hidden.shape[0] * req.hidden.shape[1]
+        args = (span, req.hidden, req.attention_mask, req.position_ids, req.prompts, lora, seed)
+        if req.keep is not None and self.graphs.wanted(compute.graph_bytes(span, req.hidden)):
+            graph, out = await self._compute(peer, tokens, FORWARD, _forward_keeping, *args)
+            self.graphs.put((peer, req.keep, req.start, req.end), graph)
+        else:
+            out = await self._compute(peer, tokens, FORWARD, compute.forward, *args)
         self.stats["forward"] += 1
         return _response({"ok": True}, {"hidden": self.config.faults.corrupt(out)})
 
     async def _backward(self, data: bytes, peer: str) -> bytes:
         req, lora, seed = self._parse(data, peer, backward=True)
         await self.config.faults.wait()
-        grad_hidden, grad_prompts, grad_lora = await self._compute(
-            peer, req.hidden.shape[0] * req.hidden.shape[1], BACKWARD, compute.backward,
-            self.subspan(req.start, req.end), req.hidden, req.attention_mask, req.position_ids, req.prompts, lora,
-            req.grad_output, seed)
+        tokens = req.hidden.shape[0] * req.hidden.shape[1]
+        graph = self.graphs.take((peer, req.keep, req.start, req.end)) if req.keep is not None else None
+        if graph is not None and torch.equal(graph.received, req.hidden):  # the forward we kept: no recompute
+            self.stats["backward_from_kept_graph"] += 1
+            grads = await self._compute(peer, tokens, BACKWARD, compute.backward_through, graph, req.grad_output)
+        else:
+            grads = await self._compute(peer, tokens, BACKWARD, compute.backward, self.subspan(req.start, req.end),
+                                        req.hidden, req.attention_mask, req.position_ids, req.prompts, lora,
+                                        req.grad_output, seed)
+        grad_hidden, grad_prompts, grad_lora = grads
         tensors = {"grad_hidden": self.config.faults.corrupt(grad_hidden)}
         if grad_prompts is not None:
             tensors["grad_prompts"] = grad_prompts
@@ -388,6 +401,11 @@ async def _read_message(requests: AsyncIterator, reassembler: wire.Reassembler) 
         if data is not None:
             return data, token
     return None, token or ""
+
+
+def _forward_keeping(*args) -> tuple[compute.Graph, torch.Tensor]:
+    graph = compute.forward_with_graph(*args)
+    return graph, compute.output_of(graph)
 
 
 async def _drain(requests: AsyncIterator, timeout: float = 5.0) -> None:

@@ -51,6 +51,7 @@ class SpanRequest:
     lora_meta: dict | None
     lora_tensors: list[torch.Tensor] | None
     grad_output: torch.Tensor | None = None
+    keep: str | None = None  # forward: keep the graph under this id; backward: use the graph kept under it
 
 
 def need(cond: bool, message: str) -> None:
@@ -128,12 +129,14 @@ def parse_span_request(meta: dict, tensors: dict[str, torch.Tensor], span: tuple
         grad_output = check_hidden(tensors.get("grad_output"), "grad_output", hidden_size, limits)
         need(grad_output.shape == hidden.shape, "'grad_output' must have the same shape as 'hidden'")
     lora_meta, lora_tensors = parse_lora(meta, tensors)
+    keep = meta.get("keep")
+    need(keep is None or (isinstance(keep, str) and len(keep) <= 64), "'keep' must be a short string")
     return SpanRequest(
         start=start, end=end, hidden=hidden,
         attention_mask=check_mask(tensors.get("attention_mask"), batch, length),
         position_ids=check_positions(tensors.get("position_ids"), batch, length, max_position),
         prompts=check_prompts(tensors.get("prompts"), end - start, batch, hidden_size, length),
-        lora_meta=lora_meta, lora_tensors=lora_tensors, grad_output=grad_output,
+        lora_meta=lora_meta, lora_tensors=lora_tensors, grad_output=grad_output, keep=keep,
     )
 
 

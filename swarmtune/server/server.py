@@ -59,6 +59,7 @@ class ServerConfig:
     session_timeout: float = 60.0
     alloc_timeout: float = 10.0
     faults: str | None = None         # test-only misbehaviour, see swarmtune.server.faults
+    graph_bytes: int = 512 << 20      # forward graphs kept for their backward, so it needs no recomputation
 
 
 class Server:
@@ -158,7 +159,7 @@ class Server:
         span = await asyncio.to_thread(self.load, start, end)
         cache_bytes = self.cache_budget(free_before)
         handler_config = HandlerConfig(cfg.limits, cfg.session_timeout, cfg.alloc_timeout,
-                                       faults=Faults.parse(cfg.faults))
+                                       faults=Faults.parse(cfg.faults), graph_bytes=cfg.graph_bytes)
         info = dict(model=cfg.model, start=span.start, end=span.end, dtype=str(span.compute_dtype), quant=cfg.quant,
                     version=__version__, peer_id=str(self.p2p.peer_id))
         hosted = load_hosted(cfg.adapters, self.model_config, span, lora_slots(span), cfg.revision)
