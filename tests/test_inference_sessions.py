@@ -135,7 +135,7 @@ def test_many_sessions_do_not_leak(client, swarm):
 def test_chained_server_killed_mid_generation(tiny_llama, tokenizer, expected):
     """Servers pass each step along the chain; when the second one dies, the step finishes through a replacement."""
     with LocalSwarm(tiny_llama, spans=[(0, 3), (3, 6), (3, 6)]) as swarm:
-        config = ClientConfig(initial_peers=swarm.initial_peers, step_timeout=5.0, ban_base=1.0)
+        config = ClientConfig(initial_peers=swarm.initial_peers, step_timeout=5.0, ban_base=1.0, chaining=True)
         model = SwarmForCausalLM.from_pretrained(tiny_llama, client_config=config)
         try:
             sessions = []
@@ -164,5 +164,7 @@ def test_chained_server_killed_mid_generation(tiny_llama, tokenizer, expected):
                                  streamer=KillSecond())
             assert torch.equal(out, expected)
             assert len(sessions[0].recoveries) == 1
+            alive = [s for s in swarm.servers if s.proc.poll() is None]
+            assert sum(_server_state(model, s.peer_id)["stats"].get("pushes_received", 0) for s in alive) > 0
         finally:
             model.close()

@@ -20,7 +20,11 @@ class ClientConfig:
     routing_randomness: float = 1.0   # 0: always the fastest server; higher spreads training load wider
     verify_fraction: float = 0.0      # fraction of span requests re-checked on a second server
     wire_dtype: str | None = None     # cast activations for the wire (e.g. "bfloat16"); None keeps them
-    chaining: bool = True             # inference: servers pass each step's output to the next server directly
+    # inference: servers pass each step's output to the next server directly. It saves a network trip
+    # per hop but costs servers extra messages, so by default (None) it is used only over links slower
+    # than `chain_min_rtt` (measured); True or False forces it.
+    chaining: bool | None = None
+    chain_min_rtt: float = 0.003
     push_wait: float = 1.0            # how long a server waits for the previous one's push before asking us
     startup_timeout: float = 30.0
     identity_path: str | None = None  # a stable peer id (needed to be on a private swarm's allowlist)

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import random
 import secrets
+import statistics
 import time
 
 import torch
@@ -227,10 +228,15 @@ class InferenceSession:
         return self.connection.view.hosting(self.adapter)
 
     def _chainable(self, hidden: torch.Tensor) -> bool:
-        """Servers pass small steps along the chain themselves; large ones (prefills) and verified
-        chains go through the client."""
-        return (self.config.chaining and len(self.spans) > 1 and not any(s.shadows for s in self.spans)
-                and hidden.numel() * hidden.element_size() <= CHAIN_BYTES)
+        """Servers pass small steps along the chain themselves when the network is the bottleneck;
+        large steps (prefills), verified chains and fast links go through the client."""
+        if len(self.spans) < 2 or any(s.shadows for s in self.spans) or \
+                hidden.numel() * hidden.element_size() > CHAIN_BYTES:
+            return False
+        if self.config.chaining is not None:
+            return self.config.chaining
+        rtts = [self.connection.rtts.get(s.hop.peer_id) for s in self.spans]
+        return all(r is not None for r in rtts) and statistics.median(rtts) >= self.config.chain_min_rtt
 
     def _chained_step(self, h: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor
                       ) -> tuple[torch.Tensor, int]:
