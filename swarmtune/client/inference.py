@@ -206,9 +206,9 @@ class InferenceSession:
         if not self.spans:
             self._open_chain(self.start, self.end, 0, _History())
         h, index = hidden.detach().cpu(), 0
-        if self._chainable(h):
-            h, index = self._chained_step(h, mask, position_ids)
-        while index < len(self.spans):
+        if not any(s.shadows for s in self.spans):
+            h, index = self._fast_step(h, mask, position_ids, chained=self._chainable(h))
+        while index < len(self.spans):  # what the fast path left: recovery, verification
             span = self.spans[index]
             try:
                 out = span.step(h, mask, position_ids, self.steps)
@@ -230,22 +230,23 @@ class InferenceSession:
     def _chainable(self, hidden: torch.Tensor) -> bool:
         """Servers pass small steps along the chain themselves when the network is the bottleneck;
         large steps (prefills), verified chains and fast links go through the client."""
-        if len(self.spans) < 2 or any(s.shadows for s in self.spans) or \
-                hidden.numel() * hidden.element_size() > CHAIN_BYTES:
+        if len(self.spans) < 2 or hidden.numel() * hidden.element_size() > CHAIN_BYTES:
             return False
         if self.config.chaining is not None:
             return self.config.chaining
         rtts = [self.connection.rtts.get(s.hop.peer_id) for s in self.spans]
         return all(r is not None for r in rtts) and statistics.median(rtts) >= self.config.chain_min_rtt
 
-    def _chained_step(self, h: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor
-                      ) -> tuple[torch.Tensor, int]:
-        """Run a step with server-to-server pushes: one network trip per hop instead of a round trip.
+    def _fast_step(self, h: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, chained: bool
+                   ) -> tuple[torch.Tensor, int]:
+        """Run a step through all spans in one go on the network thread, chained server to server
+        (one network trip per hop instead of a round trip) or relayed by the client.
 
         Returns the output so far and the index of the first span still to run (len(spans) when
         done); a failed span is recovered and the rest of the step falls back to the client path.
         """
-        outputs, error = self.connection.run(self._chain(h, mask, position_ids),
+        run = self._chain if chained else self._relay
+        outputs, error = self.connection.run(run(h, mask, position_ids),
                                              timeout=len(self.spans) * (self.config.step_timeout + 5))
         done = len(outputs)
         inputs = [h, *outputs]
@@ -254,6 +255,18 @@ class InferenceSession:
         if error is not None:
             self._recover(done, error)
         return inputs[done], done
+
+    async def _relay(self, h, mask, position_ids) -> tuple[list[torch.Tensor], ServerFailure | None]:
+        """Send each span its input and wait for its output, in order: (outputs so far, the failure or None)."""
+        outputs = []
+        for span in self.spans:
+            try:
+                data = span.message({"step": self.steps}, mask, position_ids, outputs[-1] if outputs else h)
+                _, reply = await span.stream.exchange(data, self.config.step_timeout)
+                outputs.append(span.output(reply, h))
+            except ServerFailure as e:
+                return outputs, e
+        return outputs, None
 
     async def _chain(self, h, mask, position_ids) -> tuple[list[torch.Tensor], ServerFailure | None]:
         """Announce the step to every span, then collect outputs in order: (outputs so far, the
