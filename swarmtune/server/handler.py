@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import AsyncIterator  # noqa: UP035  (hivemind detects streaming RPCs by typing.AsyncIterator hints)
 
@@ -27,6 +27,7 @@ from swarmtune.server.executor import BACKWARD, FORWARD, INFERENCE, PriorityExec
 from swarmtune.server.faults import Faults
 from swarmtune.server.graphs import KeptGraphs
 from swarmtune.server.lora import LoraSet, lora_slots
+from swarmtune.server.lora_cache import LoraCache
 from swarmtune.server.mailbox import Mailbox
 from swarmtune.server.requests import (
     Limits,
@@ -85,7 +86,7 @@ class BlockServicer(ServicerBase):
         self.hidden_size = span.config.hidden_size
         self.slots = lora_slots(span)
         self.subspans: dict[tuple[int, int], SpanModel] = {}
-        self.lora_cache: dict[str, OrderedDict[str, LoraSet]] = defaultdict(OrderedDict)
+        self.lora_cache = LoraCache(config.lora_cache_per_peer)
         self.sessions_per_peer: dict[str, int] = defaultdict(int)
         self.active_sessions = 0
         self.stats = defaultdict(int)
@@ -119,6 +120,9 @@ class BlockServicer(ServicerBase):
     def _check_rate(self, peer: str) -> None:
         """A sliding one-second window per peer."""
         now = time.monotonic()
+        if len(self._last_request) > 10_000:  # forget peers idle for a second, so many clients leave no trace
+            self._last_request = defaultdict(list, {p: ts for p, ts in self._last_request.items()
+                                                    if ts and now - ts[-1] < 1.0})
         recent = [t for t in self._last_request[peer] if now - t < 1.0]
         if len(recent) >= self.limits.requests_per_second_per_peer:
             raise ServerBusy(f"rate limit: more than {self.limits.requests_per_second_per_peer:g} requests/s "
@@ -136,6 +140,8 @@ class BlockServicer(ServicerBase):
             return await self.executor.submit(priority, fn, *args)
         finally:
             self.tokens_in_flight[peer] -= tokens
+            if not self.tokens_in_flight[peer]:
+                del self.tokens_in_flight[peer]
 
     def resolve_lora(self, peer: str, lora_meta: dict | None, tensors: list[torch.Tensor] | None,
                      start: int, end: int) -> LoraSet | None:
@@ -148,19 +154,15 @@ class BlockServicer(ServicerBase):
                                                f"(hosted: {sorted(self.hosted_adapters)})")
             return self.hosted_adapters[name]
         digest = lora_meta.get("digest")
-        cache = self.lora_cache[peer]
         if tensors is None:
-            need(digest in cache, f"unknown LoRA digest {digest!r}: send the adapter tensors")
-            cache.move_to_end(digest)
-            lora = cache[digest]
+            lora = self.lora_cache.get(peer, digest)
+            need(lora is not None, f"unknown LoRA digest {digest!r}: send the adapter tensors")
         else:
             device = next(self.span.parameters()).device
             lora = build_lora(lora_meta, tensors, self.slots, (start, end), self.limits, self.span.compute_dtype,
                               device)
             if digest is not None:
-                cache[digest] = lora
-                while len(cache) > self.config.lora_cache_per_peer:
-                    cache.popitem(last=False)
+                self.lora_cache.put(peer, digest, lora)
         if lora.scale != lora_meta["scale"] or lora.dropout != lora_meta.get("dropout", 0.0):
             lora = LoraSet(lora.weights, float(lora_meta["scale"]), float(lora_meta.get("dropout", 0.0)))
         return lora
@@ -327,6 +329,8 @@ class BlockServicer(ServicerBase):
                 self.mailboxes.pop(session.id, None)
                 session.cache = None
                 self.sessions_per_peer[peer] -= 1
+                if not self.sessions_per_peer[peer]:
+                    del self.sessions_per_peer[peer]
                 self.active_sessions -= 1
             if reserved:
                 self.budget.release(reserved)
