@@ -30,17 +30,34 @@ CHAIN_BYTES = 256 << 10  # steps up to this size are pushed server to server (a 
 
 
 class _History:
-    """A growing [batch, length, hidden] record of what one span received (its client-side cache)."""
+    """What one span received so far, [batch, length, hidden] (its client-side cache).
+
+    Kept in a buffer that doubles when full, so that a step appends in place instead of copying
+    the whole history (megabytes per token at a 70B model's hidden size).
+    """
 
     def __init__(self, first: torch.Tensor | None = None):
-        self.data = first
+        self.buffer, self.length = None, 0
+        if first is not None:
+            self.append(first)
+
+    @property
+    def data(self) -> torch.Tensor | None:
+        return self.buffer[:, :self.length] if self.buffer is not None else None
 
     def append(self, x: torch.Tensor) -> None:
-        self.data = x if self.data is None else torch.cat([self.data, x], dim=1)
+        end = self.length + x.shape[1]
+        if self.buffer is None or end > self.buffer.shape[1]:
+            grown = x.new_empty(x.shape[0], max(end, 2 * self.length), x.shape[2])
+            if self.buffer is not None:
+                grown[:, :self.length] = self.buffer[:, :self.length]
+            self.buffer = grown
+        self.buffer[:, self.length:end] = x
+        self.length = end
 
     def reorder(self, index: torch.Tensor) -> None:
-        if self.data is not None:
-            self.data = self.data[index]
+        if self.buffer is not None:
+            self.buffer = self.buffer[index]
 
 
 class _SpanSession:
