@@ -222,7 +222,7 @@ def step_design(session, hidden_size: int) -> str:
     The client decides per step from its measured RTTs, so the benchmark asks it rather than guess.
     """
     token = torch.zeros(session.batch_size, 1, hidden_size)
-    return "server-chained" if session._chainable(token) else "client-driven"
+    return "server-chained" if session.chainable(token) else "client-driven"
 
 
 def local_model(path: str):

@@ -34,13 +34,16 @@ class ServerInfo:
     addrs: tuple[str, ...] = ()      # multiaddrs clients may dial directly
     protocol: int = PROTOCOL_VERSION
     extra: dict = field(default_factory=dict)
+    expires: float = 0.0             # when this record expires (DHT time): set by readers, not announced
 
     @property
     def span(self) -> tuple[int, int]:
         return self.start, self.end
 
     def to_record(self) -> dict:
-        return dataclasses.asdict(self) | {"adapters": list(self.adapters), "addrs": list(self.addrs)}
+        record = dataclasses.asdict(self) | {"adapters": list(self.adapters), "addrs": list(self.addrs)}
+        del record["expires"]
+        return record
 
     @classmethod
     def from_record(cls, peer_id: str, record) -> ServerInfo | None:

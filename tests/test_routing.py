@@ -81,3 +81,19 @@ def test_the_connection_measures_round_trips_to_every_server(llama_swarm):
         assert all(0 < rtt < 1.0 for rtt in connection.rtts.values()), connection.rtts
     finally:
         connection.close()
+
+
+def test_failed_server_stays_out_until_it_announces_again():
+    """A dead server's record outlives it: after its ban, it is still skipped until a newer record appears."""
+    import time
+
+    from swarmtune.client.swarm_view import Bans
+
+    bans = Bans(base=0.01)
+    bans.ban("peer", record_expires=100.0)
+    time.sleep(0.05)
+    assert bans.banned("peer", 100.0)       # the same (old) record: still out
+    assert not bans.banned("peer", 130.0)   # it announced itself again
+    assert not bans.banned("peer")          # callers without records see the timed ban only
+    bans.forgive("peer")
+    assert not bans.banned("peer", 100.0)

@@ -224,7 +224,7 @@ class InferenceSession:
             self._open_chain(self.start, self.end, 0, _History())
         h, index = hidden.detach().cpu(), 0
         if not any(s.shadows for s in self.spans):
-            h, index = self._fast_step(h, mask, position_ids, chained=self._chainable(h))
+            h, index = self._fast_step(h, mask, position_ids, chained=self.chainable(h))
         while index < len(self.spans):  # what the fast path left: recovery, verification
             span = self.spans[index]
             try:
@@ -244,7 +244,7 @@ class InferenceSession:
         """The servers this session may use: those hosting its adapter, if it names one."""
         return self.connection.view.hosting(self.adapter)
 
-    def _chainable(self, hidden: torch.Tensor) -> bool:
+    def chainable(self, hidden: torch.Tensor) -> bool:
         """Servers pass small steps along the chain themselves when the network is the bottleneck;
         large steps (prefills), verified chains and fast links go through the client."""
         if len(self.spans) < 2 or hidden.numel() * hidden.element_size() > CHAIN_BYTES:
@@ -393,7 +393,7 @@ class InferenceSession:
             self._failures += 1
             if self._failures > self.config.max_retries:
                 raise RuntimeError(f"inference step failed {self._failures} times; giving up (last: {error})")
-        duration = self.connection.bans.ban(hop.peer_id)
+        duration = self.connection.bans.ban(hop.peer_id, hop.server.expires)
         logger.warning(f"server {hop.peer_id} failed on blocks {hop.start}:{hop.end} ({error.reason}); "
                        f"banned for {duration:.0f} s")
         if count:

@@ -69,7 +69,7 @@ def inference_route(view: SwarmView, start: int, end: int, bans: Bans | None = N
     best: dict[int, float] = {start: 0.0}
     back: dict[int, Hop] = {}
     queue = [(0.0, start)]
-    servers = [s for s in view.servers.values() if not (bans and bans.banned(s.peer_id))]
+    servers = [s for s in view.servers.values() if not (bans and bans.banned(s.peer_id, s.expires))]
     measured = {peer: r for peer in view.servers if (r := rtt(peer)) is not None}
     typical = statistics.median(measured.values()) if measured else DEFAULT_RTT
     while queue:

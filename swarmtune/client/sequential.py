@@ -204,7 +204,7 @@ class Replayer:
     def fail(self, hop: Hop, error: ServerFailure, what: str, refusals: Refusals, adapter: str | None = None) -> None:
         """Ban the server; stop retrying if servers agree the request itself is invalid."""
         self.stats.failures += 1
-        duration = self.connection.bans.ban(hop.peer_id)
+        duration = self.connection.bans.ban(hop.peer_id, hop.server.expires)
         logger.warning(f"server {hop.peer_id} failed on blocks {hop.start}:{hop.end} during {what} "
                        f"({error.reason}); banned for {duration:.0f} s")
         refusals.check(error, len(self.connection.view.hosting(adapter).covering(hop.start, self.connection.bans)))
@@ -283,7 +283,7 @@ def _backward_span(replayer: Replayer, start: int, end: int, h: torch.Tensor, gr
     deadline = time.monotonic() + replayer.config.retry_budget
     refusals = Refusals()
     for _ in range(replayer.config.max_retries):
-        usable = prefer is not None and not replayer.connection.bans.banned(prefer.peer_id)
+        usable = prefer is not None and not replayer.connection.bans.banned(prefer.peer_id, prefer.server.expires)
         hop = prefer if usable else replayer.next_hop(start, end, deadline, args.adapter)
         prefer = None
         if hop.end < end:

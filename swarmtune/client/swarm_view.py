@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,20 +24,28 @@ class Bans:
     max: float = 300.0
     until: dict[str, float] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
+    stale: dict[str, float] = field(default_factory=dict)  # peer -> expiry of the record it failed under
 
-    def ban(self, peer_id: str) -> float:
+    def ban(self, peer_id: str, record_expires: float | None = None) -> float:
+        """Ban for a growing time. With `record_expires`, the server also stays out until it announces
+        itself again: a dead server's record outlives it, and retrying it would cost a timeout each time."""
         count = self.failures.get(peer_id, 0)
         duration = min(self.max, self.base * 2 ** count)
         self.failures[peer_id] = count + 1
         self.until[peer_id] = time.monotonic() + duration
+        if record_expires is not None:
+            self.stale[peer_id] = record_expires
         return duration
 
-    def banned(self, peer_id: str) -> bool:
-        return self.until.get(peer_id, 0.0) > time.monotonic()
+    def banned(self, peer_id: str, record_expires: float | None = None) -> bool:
+        if self.until.get(peer_id, 0.0) > time.monotonic():
+            return True
+        return record_expires is not None and record_expires <= self.stale.get(peer_id, float("-inf"))
 
     def forgive(self, peer_id: str) -> None:
         """A successful request resets the backoff."""
         self.failures.pop(peer_id, None)
+        self.stale.pop(peer_id, None)
 
 
 async def fetch_swarm(dht: DHTNode, prefix: str, num_blocks: int) -> list[ServerInfo]:
@@ -60,7 +69,7 @@ async def fetch_swarm(dht: DHTNode, prefix: str, num_blocks: int) -> list[Server
             expiration = getattr(item, "expiration_time", 0.0)
             if expiration >= newest.get(info.peer_id, (-1.0, None))[0]:
                 newest[info.peer_id] = (expiration, info)
-    return [info for _, info in newest.values()]
+    return [dataclasses.replace(info, expires=expiration) for expiration, info in newest.values()]
 
 
 async def fetch_servers(dht: DHTNode, prefix: str, num_blocks: int) -> dict[str, ServerInfo]:
@@ -86,7 +95,7 @@ class SwarmView:
 
     def covering(self, block: int, bans: Bans | None = None) -> list[ServerInfo]:
         return [s for s in self.servers.values()
-                if s.start <= block < s.end and not (bans and bans.banned(s.peer_id))]
+                if s.start <= block < s.end and not (bans and bans.banned(s.peer_id, s.expires))]
 
     def uncovered(self, start: int, end: int, bans: Bans | None = None) -> list[int]:
         return [b for b in range(start, end) if not self.covering(b, bans)]
