@@ -65,8 +65,10 @@ def test_flooding_client_does_not_starve_others(swarm, tiny_llama):
         _generation_time(model, inputs, repeats=1)  # warm up
         quiet = _generation_time(model, inputs)
         server = swarm.servers[0]
-        flooder = subprocess.Popen([sys.executable, "-c", FLOODER, ",".join(swarm.initial_peers), swarm.dht_prefix,
-                                    server.peer_id, "60"], stdout=subprocess.PIPE, text=True)
+        # The flooder runs at the lowest CPU priority: it stands for a client on another machine, so what is
+        # measured is the server's cost of refusing it, not two processes sharing this machine's two cores.
+        flooder = subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", FLOODER, ",".join(swarm.initial_peers),
+                                    swarm.dht_prefix, server.peer_id, "60"], stdout=subprocess.PIPE, text=True)
         assert flooder.stdout.readline().startswith("FLOODING")
         time.sleep(1.0)
         flooded = _generation_time(model, inputs)
