@@ -18,29 +18,21 @@ import os
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from swarmtune.train import config_path, open_swarm, register_recipes, resolve_model
+from swarmtune.launch import config_path, open_model, register_recipes
 
 
 def run(cfg: DictConfig) -> dict:
     """Evaluate as `cfg` says; returns the metrics, also written to ${output_dir}/metrics.json."""
     import torch
-    from transformers import AutoTokenizer
 
-    from swarmtune.client.model import SwarmForCausalLM
     from swarmtune.tuning.data import DataConfig, InstructionDataModule
     from swarmtune.tuning.evaluation import EvalConfig, GenerationEval, perplexity, response_nll, write_samples
 
     torch.manual_seed(cfg.seed)
     output_dir = cfg.output_dir
-    model_path = resolve_model(cfg.model)
     with contextlib.ExitStack() as stack:
-        client_config, dht_prefix = open_swarm(stack, cfg.swarm, model_path, os.path.join(output_dir, "swarm"))
-        model = SwarmForCausalLM.from_pretrained(model_path, client_config=client_config, dtype=cfg.model.dtype,
-                                                 dht_prefix=dht_prefix, revision=cfg.model.revision,
-                                                 adapter=cfg.adapter)
-        stack.callback(model.close)
+        model, tokenizer = open_model(stack, cfg, os.path.join(output_dir, "swarm"), adapter=cfg.adapter)
         model.eval()
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_path, revision=cfg.model.revision)
         data = InstructionDataModule(DataConfig(**OmegaConf.to_container(cfg.data, resolve=True)), tokenizer)
         eval_config = EvalConfig(**OmegaConf.to_container(cfg.eval, resolve=True))
 

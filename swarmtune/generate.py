@@ -13,25 +13,18 @@ import contextlib
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from swarmtune.train import config_path, open_swarm, resolve_model
+from swarmtune.launch import config_path, open_model
 
 
 def run(cfg: DictConfig) -> str:
     """Generate for `cfg.prompt`; returns the generated continuation."""
     import torch
-    from transformers import AutoTokenizer, TextStreamer
-
-    from swarmtune.client.model import SwarmForCausalLM
+    from transformers import TextStreamer
 
     torch.manual_seed(cfg.seed)
-    model_path = resolve_model(cfg.model)
     with contextlib.ExitStack() as stack:
-        client_config, dht_prefix = open_swarm(stack, cfg.swarm, model_path, log_dir=None)
-        model = SwarmForCausalLM.from_pretrained(model_path, client_config=client_config, dtype=cfg.model.dtype,
-                                                 dht_prefix=dht_prefix, revision=cfg.model.revision,
-                                                 adapter=cfg.adapter, active_adapter=cfg.active_adapter)
-        stack.callback(model.close)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_path, revision=cfg.model.revision)
+        model, tokenizer = open_model(stack, cfg, log_dir=None, adapter=cfg.adapter,
+                                      active_adapter=cfg.active_adapter)
         inputs = tokenizer([cfg.prompt], return_tensors="pt")
         print(cfg.prompt, end="", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True)

@@ -11,98 +11,22 @@ PEFT format and its path printed.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import os
-import shutil
-import tempfile
-from importlib import resources
-from importlib.abc import Traversable
 from pathlib import Path
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-_CHECKOUT = Path(__file__).resolve().parent.parent
-
-
-def config_path() -> str:
-    """The packaged configs (pkg://) when installed with them, else the checkout's conf/ folder."""
-    if importlib.util.find_spec("swarmtune.conf") is not None:
-        return "pkg://swarmtune.conf"
-    return str(_CHECKOUT / "conf")
-
-
-def recipes_dir() -> Traversable:
-    if importlib.util.find_spec("swarmtune.recipes") is not None:
-        return resources.files("swarmtune.recipes")
-    return _CHECKOUT / "recipes"
-
-
-def register_recipes() -> list[str]:
-    """Store every recipes/*.yaml in Hydra's ConfigStore as option NAME of group `recipe` (global package).
-
-    A search path cannot do this: Hydra names groups after folders, and the folder is `recipes/`.
-    """
-    store = ConfigStore.instance()
-    names = []
-    for entry in sorted(recipes_dir().iterdir(), key=lambda e: e.name):
-        if entry.name.endswith(".yaml"):
-            name = entry.name[:-len(".yaml")]
-            store.store(group="recipe", name=name, node=OmegaConf.create(entry.read_text()), package="_global_")
-            names.append(name)
-    return names
-
-
-def tiny_model_path(spec: DictConfig, cache_dir: str) -> str:
-    """A random tiny checkpoint made once into `cache_dir`; atomic, so concurrent runs may race safely."""
-    from swarmtune.tiny_model import make_tiny_model
-
-    cache_dir = os.path.expanduser(cache_dir)
-    path = os.path.join(cache_dir, f"tiny-{spec.family}-{spec.layers}x{spec.hidden}")
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".making-")
-    try:
-        make_tiny_model(spec.family, tmp, layers=spec.layers, hidden=spec.hidden)
-        os.rename(tmp, path)
-    except OSError:
-        if not os.path.exists(os.path.join(path, "config.json")):
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def resolve_model(model: DictConfig) -> str:
-    """The checkpoint to use: `model.path`, or the tiny demo model (made on first use)."""
-    return model.path or tiny_model_path(model.tiny, model.cache_dir)
-
-
-def open_swarm(stack: contextlib.ExitStack, swarm: DictConfig, model_path: str, log_dir: str | None):
-    """(ClientConfig, DHT prefix) for the configured swarm; with no peers, an embedded LocalSwarm
-    whose processes `stack` stops on exit."""
-    from swarmtune.client.config import ClientConfig
-    from swarmtune.swarm import LocalSwarm
-
-    peers, dht_prefix = _peer_list(swarm.initial_peers), swarm.dht_prefix
-    if not peers:
-        local = stack.enter_context(LocalSwarm(model_path, spans=[tuple(s) for s in swarm.local_spans],
-                                               log_dir=log_dir))
-        peers, dht_prefix = local.initial_peers, local.dht_prefix
-    return ClientConfig(initial_peers=peers, **OmegaConf.to_container(swarm.client, resolve=True)), dht_prefix
+from swarmtune.launch import config_path, open_model, register_recipes
 
 
 def run(cfg: DictConfig) -> tuple[str, float]:
     """Train as `cfg` says; returns the adapter directory and the last validation loss (nan if none)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from transformers import AutoTokenizer
 
-    from swarmtune.client.model import SwarmForCausalLM
     from swarmtune.tuning import loggers
     from swarmtune.tuning.checkpoint_io import AtomicCheckpointIO
     from swarmtune.tuning.data import DataConfig, InstructionDataModule
@@ -111,13 +35,8 @@ def run(cfg: DictConfig) -> tuple[str, float]:
 
     L.seed_everything(cfg.seed, workers=True)
     output_dir = cfg.output_dir
-    model_path = resolve_model(cfg.model)
     with contextlib.ExitStack() as stack:
-        client_config, dht_prefix = open_swarm(stack, cfg.swarm, model_path, os.path.join(output_dir, "swarm"))
-        model = SwarmForCausalLM.from_pretrained(model_path, client_config=client_config, dtype=cfg.model.dtype,
-                                                 dht_prefix=dht_prefix, revision=cfg.model.revision)
-        stack.callback(model.close)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_path, revision=cfg.model.revision)
+        model, tokenizer = open_model(stack, cfg, os.path.join(output_dir, "swarm"))
         data = InstructionDataModule(DataConfig(**_plain(cfg.data)), tokenizer)
         eval_config = EvalConfig(**_plain(cfg.eval))
         generation = None
@@ -143,13 +62,6 @@ def run(cfg: DictConfig) -> tuple[str, float]:
         print(f"Adapter saved to {adapter_dir}", flush=True)
         val_loss = trainer.callback_metrics.get("val/loss")
     return adapter_dir, float(val_loss) if val_loss is not None else math.nan
-
-
-def _peer_list(peers) -> list[str]:
-    """Multiaddrs from a list, or from one string of them (as an environment variable holds them)."""
-    if isinstance(peers, str):
-        return peers.replace(",", " ").split()
-    return list(peers or [])
 
 
 def _plain(node: DictConfig) -> dict:

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 from setuptools import find_namespace_packages, find_packages
 
-from swarmtune import train
+from swarmtune import launch
 from swarmtune.client.config import ClientConfig
 from swarmtune.models.checkpoint import DTYPES
 from swarmtune.tiny_model import tiny_config
@@ -28,15 +28,15 @@ from swarmtune.tuning.lora import target_shapes
 from swarmtune.tuning.module import OptimConfig, TuningConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = sorted(e.name[:-5] for e in train.recipes_dir().iterdir() if e.name.endswith(".yaml"))
+RECIPES = sorted(e.name[:-5] for e in launch.recipes_dir().iterdir() if e.name.endswith(".yaml"))
 HUB_FAMILIES = {"meta-llama/Llama-2-70b-hf": "llama", "mistralai/Mixtral-8x7B-v0.1": "mixtral"}
 PEERS = ["/ip4/10.1.2.3/tcp/31337/p2p/QmPeerA", "/ip4/10.1.2.4/tcp/31337/p2p/QmPeerB"]
 
 
 @contextlib.contextmanager
 def hydra_context():
-    train.register_recipes()
-    path = train.config_path()
+    launch.register_recipes()
+    path = launch.config_path()
     if path.startswith("pkg://"):
         with initialize_config_module(path[len("pkg://"):], version_base=None):
             yield
@@ -80,7 +80,7 @@ def test_recipe_composes(recipe, monkeypatch):
         if OmegaConf.is_missing(cfg.swarm, "initial_peers"):
             assert recipe.startswith("ptune")  # the private swarm: peers must be given
         else:
-            assert train._peer_list(cfg.swarm.initial_peers) == PEERS
+            assert launch.peer_list(cfg.swarm.initial_peers) == PEERS
         assert not cfg.data.path.startswith("pkg://")
     if tuning.lora.enabled:  # target names exist in this family's blocks
         target_shapes(tiny_config(family), tuning.lora.targets, [0])
