@@ -26,7 +26,7 @@ class ProcessFailed(RuntimeError):
     pass
 
 
-class _Process:
+class ManagedProcess:
     """A child process whose stdout is logged to a file and scanned for marker lines."""
 
     def __init__(self, args: list[str], log_path: str, env: dict | None = None):
@@ -112,7 +112,7 @@ class _Process:
         self._reader.join(timeout=5)
 
 
-class ServerProcess(_Process):
+class ServerProcess(ManagedProcess):
     def __init__(self, span: tuple[int, int] | None, args: list[str], log_path: str, env: dict | None = None):
         super().__init__(args, log_path, env)
         self.span = span
@@ -144,7 +144,7 @@ class LocalSwarm:
         self.per_server = list(per_server) if per_server else [{} for _ in self.spans]
         self.server_options = {"num_threads": 1, "update_period": 5.0, "expiration": 15.0, **server_options}
         self.dht_options = dict(dht_options or {})
-        self.bootstrap: _Process | None = None
+        self.bootstrap: ManagedProcess | None = None
         self.servers: list[ServerProcess] = []
         self.initial_peers: list[str] = []
 
@@ -162,7 +162,7 @@ class LocalSwarm:
     def start(self) -> None:
         args = [sys.executable, "-m", "swarmtune.dht", "--host", self.server_options.get("host", "127.0.0.1"),
                 *_flags(self.dht_options)]
-        self.bootstrap = _Process(args, os.path.join(self.log_dir, "dht.log"), _env())
+        self.bootstrap = ManagedProcess(args, os.path.join(self.log_dir, "dht.log"), _env())
         self.initial_peers = self.bootstrap.wait_marker("MADDR", self.start_timeout, "the bootstrap DHT peer")
         pending = [self._launch(span, extra) for span, extra in zip(self.spans, self.per_server)]
         for server in pending:

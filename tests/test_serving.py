@@ -186,3 +186,35 @@ def test_backward_reuses_the_kept_forward_graph(llama_swarm, llama_client):
     llama_client.remote(x).square().sum().backward()
     assert kept_backwards() - before == len(llama_client.remote.replayer.last_route)
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_new_swarm_server_is_its_own_bootstrap(tiny_llama, tmp_path):
+    """`--new-swarm`: the first server needs no bootstrap peer; a second server and a client join through it."""
+    import sys
+
+    from swarmtune.swarm import ManagedProcess
+
+    def server(blocks: str, *extra: str) -> ManagedProcess:
+        args = [sys.executable, "-m", "swarmtune.server", "--model", tiny_llama, "--blocks", blocks,
+                "--num-threads", "1", *extra]
+        return ManagedProcess(args, str(tmp_path / f"server-{blocks.replace(':', '-')}.log"))
+
+    first = server("0:3", "--new-swarm")
+    second = None
+    try:
+        peers = first.wait_marker("MADDR", 120, "the --new-swarm server")
+        first.wait_marker("SERVING", 120, "the --new-swarm server")
+        second = server("3:6", "--initial-peers", *peers)
+        second.wait_marker("SERVING", 120, "the joining server")
+        model = SwarmForCausalLM.from_pretrained(tiny_llama, initial_peers=peers)
+        try:
+            ids = torch.randint(3, model.config.vocab_size, (1, 6))
+            with torch.no_grad():
+                assert (model(input_ids=ids).logits - reference_model(tiny_llama)(input_ids=ids).logits
+                        ).abs().max() <= TOL
+        finally:
+            model.close()
+    finally:
+        for process in (second, first):
+            if process is not None:
+                process.stop()
