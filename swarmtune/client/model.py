@@ -92,7 +92,7 @@ class SwarmForCausalLM(PreTrainedModel, GenerationMixin):
     def from_pretrained(cls, model: str, initial_peers: list[str] | None = None, dtype: str | torch.dtype = "fp32",
                         client_config: ClientConfig | None = None, dht_prefix: str | None = None,
                         revision: str | None = None, attn_implementation: str = "sdpa", adapter: str | None = None,
-                        active_adapter: str | None = None, **kwargs) -> SwarmForCausalLM:
+                        active_adapter: str | None = None) -> SwarmForCausalLM:
         """Local parts of `model` (a checkpoint directory or hub id) plus a connection to the swarm serving it.
 
         `adapter` (a directory or hub id in PEFT format, e.g. exported by swarmtune.train) brings
