@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from swarmtune import wire
 from swarmtune.client import rpc
-from swarmtune.client.rpc import InferenceStream, ServerFailure, ServerRejected
+from swarmtune.client.rpc import MessageStream, ServerFailure, ServerRejected
 
 HIDDEN = 64  # the tiny llama's hidden size; every structured request below gets something else wrong
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -82,7 +82,7 @@ def test_inference_sessions_refuse_garbage(target):
     conn, server = target
 
     def exchange(messages: list[bytes]):
-        stream = InferenceStream(conn.p2p, server.peer_id, conn.token)
+        stream = MessageStream(conn.p2p, server.peer_id, conn.token)
         try:
             for data in messages:
                 conn.run(stream.exchange(data, 20), timeout=30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import psutil
@@ -96,6 +97,25 @@ def test_server_hangs_during_generate(victim, client, tokenizer, expected):
     streamer.server = type("Hang", (), {"kill": victim.suspend})()
     out = client.generate(**inputs, max_new_tokens=24, min_new_tokens=24, do_sample=False, streamer=streamer)
     assert torch.equal(out, expected)
+
+
+def test_server_killed_with_a_step_in_flight(swarm, tiny_llama, tokenizer, expected):
+    """The daemon does not report a dead server's stream: the client's probes must, well before the step timeout."""
+    slow = swarm.add_server((0, 6), fault="delay=1")
+    config = ClientConfig(initial_peers=swarm.initial_peers, step_timeout=60.0, ban_base=1.0)
+    model = SwarmForCausalLM.from_pretrained(tiny_llama, client_config=config)
+    try:
+        killer = threading.Timer(2.5, slow.kill)  # lands inside a 1 s step
+        killer.start()
+        started = time.monotonic()
+        out = model.generate(**tokenizer([PROMPT], return_tensors="pt"), max_new_tokens=24, min_new_tokens=24,
+                             do_sample=False)
+        killer.join()
+        assert torch.equal(out, expected)
+        assert 2.5 < time.monotonic() - started < 30  # it ran on the slow server, and did not wait for the timeout
+    finally:
+        model.close()
+        slow.stop()
 
 
 def test_session_larger_than_cache_budget_is_refused(client):

@@ -42,6 +42,7 @@ class SwarmConnection:
         self._thread.start()
         self.p2p = self.dht = None
         self.token = ""  # proof of membership sent with every RPC (empty in an open swarm)
+        self.channels: dict[str, rpc.Channel] = {}  # per server: the stream forward/backward requests reuse
         self._refresher = None
         try:
             self.run(self._start(), timeout=config.startup_timeout + 10)
@@ -65,6 +66,11 @@ class SwarmConnection:
         self.p2p = await start_p2p(opts)
         self.dht = await start_dht(self.p2p, opts, client_mode=True)
         self.token = membership.token(str(self.p2p.peer_id))
+
+    def channel(self, peer_id: str) -> rpc.Channel:
+        if peer_id not in self.channels:
+            self.channels[peer_id] = rpc.Channel(self.p2p, peer_id, self.token)
+        return self.channels[peer_id]
 
     def run(self, coro: Coroutine, timeout: float | None = None) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -126,6 +132,8 @@ class SwarmConnection:
             self._thread.join(timeout=5)
 
     async def _stop(self) -> None:
+        for channel in self.channels.values():
+            channel.close()
         others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in others:  # view refreshes, pings, streams of closed sessions
             task.cancel()

@@ -21,7 +21,7 @@ from swarmtune import wire
 from swarmtune.client import rpc
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.routing import Hop, NoServersError, inference_route
-from swarmtune.client.rpc import InferenceStream, Refusals, ServerFailure
+from swarmtune.client.rpc import MessageStream, Refusals, ServerFailure
 from swarmtune.client.swarm_view import SwarmView
 from swarmtune.client.verification import odd_ones_out, tolerance
 
@@ -66,7 +66,7 @@ class _SpanSession:
     def __init__(self, session: InferenceSession, hop: Hop, history: _History):
         self.session, self.hop, self.history = session, hop, history
         self.pending_reorder: torch.Tensor | None = None  # beam reordering to send with the next step
-        self.stream = InferenceStream(session.connection.p2p, hop.peer_id, session.connection.token)
+        self.stream = MessageStream(session.connection.p2p, hop.peer_id, session.connection.token)
         self.shadows: list[_SpanSession] = []  # other servers running the same blocks, to verify this one
         self.session_id = secrets.token_hex(16)  # lets the previous server push its outputs to this session
         self.awaiting = False  # a chained step was sent whose reply is still unread

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator
 
 import torch
@@ -12,6 +14,8 @@ from hivemind.proto import runtime_pb2
 from swarmtune import wire
 
 SERVICE = "BlockServicer"
+PROBE_PERIOD = 1.0   # seconds without a reply after which a stream checks that its server is still there
+PROBE_TIMEOUT = 10.0  # a server that does not answer an info call within this is taken for dead
 
 
 class ServerFailure(RuntimeError):
@@ -104,15 +108,16 @@ async def _call_stream(p2p: P2P, peer: PeerID, method: str, data: bytes, token: 
     raise ConnectionError("the stream closed before the reply was complete")
 
 
-class InferenceStream:
-    """One open rpc_inference stream: messages go out in order and replies come back in order.
+class MessageStream:
+    """One open streaming RPC (`inference` sessions, `spans` channels): messages go out in order and
+    replies come back in order.
 
     `send` only queues a message, so a client can address several servers before awaiting any
     reply; `exchange` is the two together. Any failure closes the stream and raises ServerFailure.
     """
 
-    def __init__(self, p2p: P2P, peer_id: str, token: str = ""):
-        self.p2p, self.peer_id, self.token = p2p, peer_id, token
+    def __init__(self, p2p: P2P, peer_id: str, token: str = "", method: str = "inference"):
+        self.p2p, self.peer_id, self.token, self.method = p2p, peer_id, token, method
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._responses: AsyncIterator | None = None
         self._reassembler = wire.Reassembler()
@@ -133,7 +138,7 @@ class InferenceStream:
         if self._responses is None:
             try:
                 self._responses = await self.p2p.iterate_protobuf_handler(
-                    PeerID.from_base58(self.peer_id), _handle("inference"), self._requests(),
+                    PeerID.from_base58(self.peer_id), _handle(self.method), self._requests(),
                     runtime_pb2.ExpertResponse)
             except Exception as e:
                 self.close()
@@ -142,7 +147,7 @@ class InferenceStream:
     async def receive(self, timeout: float) -> tuple[dict, dict]:
         """The next reply."""
         try:
-            return await asyncio.wait_for(self._receive(), timeout)
+            return await asyncio.wait_for(self._receive_while_alive(), timeout)
         except ServerFailure:
             self.close()
             raise
@@ -154,6 +159,32 @@ class InferenceStream:
         except Exception as e:
             self.close()
             raise ServerFailure(self.peer_id, f"{type(e).__name__}: {e}") from None
+
+    async def _receive_while_alive(self) -> tuple[dict, dict]:
+        """Await the reply, checking now and then that the server still answers at all.
+
+        The daemon does not report a stream whose server died (machine gone, process killed):
+        without these probes a request in flight would only fail at its timeout.
+        """
+        reply = asyncio.ensure_future(self._receive())
+        try:
+            while True:
+                done, _ = await asyncio.wait({reply}, timeout=PROBE_PERIOD)
+                if done:
+                    return reply.result()
+                probe = asyncio.ensure_future(self._probe())
+                done, _ = await asyncio.wait({reply, probe}, return_when=asyncio.FIRST_COMPLETED)
+                if reply in done:
+                    probe.cancel()
+                    return reply.result()
+                probe.result()  # raises ServerFailure if the server is unreachable or mute
+        finally:
+            if not reply.done():
+                reply.cancel()
+
+    async def _probe(self) -> None:
+        with contextlib.suppress(ServerRejected):  # a refusal is an answer: the server is alive
+            await call(self.p2p, self.peer_id, "info", wire.pack({}), PROBE_TIMEOUT, token=self.token)
 
     async def _receive(self) -> tuple[dict, dict]:
         if self._responses is None:
@@ -173,3 +204,28 @@ class InferenceStream:
         if not self.closed:
             self.closed = True
             self._outbox.put_nowait(None)
+
+
+class Channel:
+    """A long-lived `spans` stream to one server for forward and backward requests, one at a time."""
+
+    IDLE = 30.0  # reopened after this long unused (servers close channels idle past their session timeout)
+
+    def __init__(self, p2p: P2P, peer_id: str, token: str = ""):
+        self.p2p, self.peer_id, self.token = p2p, peer_id, token
+        self.stream: MessageStream | None = None
+        self.used = 0.0
+        self._lock = asyncio.Lock()
+
+    async def request(self, data: bytes, timeout: float) -> tuple[dict, dict]:
+        async with self._lock:
+            if self.stream is None or self.stream.closed or time.monotonic() - self.used > self.IDLE:
+                if self.stream is not None:
+                    self.stream.close()
+                self.stream = MessageStream(self.p2p, self.peer_id, self.token, "spans")
+            self.used = time.monotonic()
+            return await self.stream.exchange(data, timeout)
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()

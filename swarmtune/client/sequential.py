@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from swarmtune import wire
-from swarmtune.client import rpc
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.routing import Hop, NoServersError, training_route
 from swarmtune.client.rpc import Refusals, ServerFailure, ServerRejected
@@ -51,11 +50,6 @@ class SpanArgs:
         if self.prompts is not None:
             out["prompts"] = self.prompts[start - self.offset:end - self.offset]
         return out
-
-    def lora_nbytes(self, start: int, end: int) -> int:
-        if self.lora is None:
-            return 0
-        return sum(p.numel() * 4 for p in self.lora.flat_parameters(self.lora.keys_in(start, end)))
 
 
 @dataclass
@@ -106,7 +100,7 @@ class Replayer:
         force = False
         for _ in range(2):  # a second try if the server forgot our LoRA digest
             lora_meta, lora_tensors = self._lora_meta(args, hop, force)
-            meta = {"start": hop.start, "end": hop.end}
+            meta = {"method": method, "start": hop.start, "end": hop.end}
             if args.keep is not None and keep:
                 meta["keep"] = args.keep
             if lora_meta is not None:
@@ -115,15 +109,12 @@ class Replayer:
             if grad_output is not None:
                 tensors["grad_output"] = self._to_wire(grad_output)
             data = wire.pack(meta, tensors)
-            # a backward reply also carries LoRA gradients, even when the request sent only a digest
-            reply_bytes = len(data) + (args.lora_nbytes(hop.start, hop.end) if method == "backward" else 0)
             self.stats.bytes_sent += len(data)
             self.stats.lora_bytes_sent += sum(t.numel() * t.element_size() for t in lora_tensors.values())
             self.stats.requests += 1
             try:
-                reply_meta, reply = self.connection.run(rpc.call(
-                    self.connection.p2p, hop.peer_id, method, data, self.config.request_timeout,
-                    stream=reply_bytes > wire.CHUNK_BYTES, token=self.connection.token),
+                reply_meta, reply = self.connection.run(
+                    self.connection.channel(hop.peer_id).request(data, self.config.request_timeout),
                     timeout=self.config.request_timeout + 5)
             except ServerRejected as e:
                 if "unknown LoRA digest" in e.reason and not force:

@@ -167,16 +167,15 @@ class BlockServicer(ServicerBase):
             lora = LoraSet(lora.weights, float(lora_meta["scale"]), float(lora_meta.get("dropout", 0.0)))
         return lora
 
-    def _parse(self, data: bytes, peer: str, backward: bool) -> tuple[SpanRequest, LoraSet | None, int]:
-        meta, tensors = wire.unpack(data, self.limits.max_message_bytes)
+    def _parse(self, meta: dict, tensors: dict, peer: str, backward: bool) -> tuple[SpanRequest, LoraSet | None, int]:
         req = parse_span_request(meta, tensors, (self.span.start, self.span.end), self.hidden_size, MAX_POSITION,
                                  self.limits, backward=backward)
         lora = self.resolve_lora(peer, req.lora_meta, req.lora_tensors, req.start, req.end)
         seed = int(req.lora_meta.get("seed", 0)) if req.lora_meta else 0
         return req, lora, seed
 
-    async def _forward(self, data: bytes, peer: str) -> bytes:
-        req, lora, seed = self._parse(data, peer, backward=False)
+    async def _forward(self, meta: dict, tensors: dict, peer: str) -> bytes:
+        req, lora, seed = self._parse(meta, tensors, peer, backward=False)
         await self.config.faults.wait()
         span, tokens = self.subspan(req.start, req.end), req.hidden.shape[0] * req.hidden.shape[1]
         args = (span, req.hidden, req.attention_mask, req.position_ids, req.prompts, lora, seed)
@@ -188,8 +187,8 @@ class BlockServicer(ServicerBase):
         self.stats["forward"] += 1
         return _response({"ok": True}, {"hidden": self.config.faults.corrupt(out)})
 
-    async def _backward(self, data: bytes, peer: str) -> bytes:
-        req, lora, seed = self._parse(data, peer, backward=True)
+    async def _backward(self, meta: dict, tensors: dict, peer: str) -> bytes:
+        req, lora, seed = self._parse(meta, tensors, peer, backward=True)
         await self.config.faults.wait()
         tokens = req.hidden.shape[0] * req.hidden.shape[1]
         graph = self.graphs.take((peer, req.keep, req.start, req.end)) if req.keep is not None else None
@@ -210,12 +209,19 @@ class BlockServicer(ServicerBase):
         self.stats["backward"] += 1
         return _response({"ok": True}, tensors)
 
+    async def _on_channel(self, meta: dict, tensors: dict, peer: str) -> bytes:
+        method = meta.get("method")
+        need(method in ("forward", "backward"), "a channel request's 'method' must be forward or backward")
+        return await (self._forward if method == "forward" else self._backward)(meta, tensors, peer)
+
     async def _guarded(self, handler, data: bytes, context: P2PContext, token: str) -> bytes:
+        """Decode, check the caller, run `handler(meta, tensors, peer)`; every failure becomes an error reply."""
         peer = str(context.remote_id)
         try:
             self._admit(peer, token)
             self._check_rate(peer)
-            return await handler(data, peer)
+            meta, tensors = wire.unpack(data, self.limits.max_message_bytes)
+            return await handler(meta, tensors, peer)
         except (RequestError, wire.WireError) as e:
             self.stats["rejected"] += 1
             return _error(str(e), getattr(e, "retry", False))
@@ -238,8 +244,7 @@ class BlockServicer(ServicerBase):
         return runtime_pb2.ExpertResponse(
             metadata=await self._guarded(self._accept_push, request.metadata, context, request.uid))
 
-    async def _accept_push(self, data: bytes, peer: str) -> bytes:
-        meta, tensors = wire.unpack(data, self.limits.max_message_bytes)
+    async def _accept_push(self, meta: dict, tensors: dict, peer: str) -> bytes:
         mailbox = self.mailboxes.get(meta.get("session"))
         need(mailbox is not None, "push for an unknown session")
         step = get_int(meta, "step", 0, 2**31)
@@ -280,6 +285,27 @@ class BlockServicer(ServicerBase):
         for frame in wire.frames(reply):
             yield runtime_pb2.ExpertResponse(metadata=frame)
         await _drain(requests)
+
+    async def rpc_spans(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+                        ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A client's long-lived channel for forward and backward requests ('method' in each), answered in order.
+
+        Reusing one stream saves opening a libp2p stream per request, and lets its flow-control
+        window grow once instead of for every large request over a slow link.
+        """
+        reassembler = wire.Reassembler(self.limits.max_message_bytes)
+        try:
+            while True:
+                data, token = await asyncio.wait_for(_read_message(requests, reassembler), self.config.session_timeout)
+                if data is None:
+                    return
+                for frame in wire.frames(await self._guarded(self._on_channel, data, context, token)):
+                    yield runtime_pb2.ExpertResponse(metadata=frame)
+        except asyncio.TimeoutError:  # idle: the client opens a new channel when it needs one
+            return
+        except wire.WireError as e:  # the framing itself is broken: answer and close
+            yield _frame(_error(str(e)))
+            await _drain(requests)
 
     async def rpc_forward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
                                  ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
