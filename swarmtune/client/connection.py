@@ -36,6 +36,7 @@ class SwarmConnection:
         self.config, self.prefix = config, prefix
         self.bans = Bans(config.ban_base, config.ban_max)
         self.rtts: dict[str, float] = {}   # peer id -> smoothed round trip, seconds
+        self.min_rtts: dict[str, float] = {}  # peer id -> fastest round trip seen: the link, without load
         self._pinged: dict[str, float] = {}
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="swarm-client", daemon=True)
@@ -88,6 +89,7 @@ class SwarmConnection:
         for gone in set(self._pinged) - set(self.view.servers):
             del self._pinged[gone]
             self.rtts.pop(gone, None)
+            self.min_rtts.pop(gone, None)
         due = [peer for peer in self.view.servers if now - self._pinged.get(peer, float("-inf")) >= PING_PERIOD]
         limit = asyncio.Semaphore(MAX_PINGS)
         await asyncio.gather(*(self._ping(peer, limit) for peer in due))
@@ -101,6 +103,7 @@ class SwarmConnection:
         if rtt is not None:  # an unreachable server is left to the bans of failed requests
             old = self.rtts.get(peer_id)
             self.rtts[peer_id] = rtt if old is None else old + RTT_SMOOTHING * (rtt - old)
+            self.min_rtts[peer_id] = min(rtt, self.min_rtts.get(peer_id, rtt))
 
     async def _time_info(self, peer_id: str) -> float | None:
         """Seconds an info RPC to the server takes, or None if it fails."""

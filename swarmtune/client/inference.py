@@ -251,7 +251,7 @@ class InferenceSession:
             return False
         if self.config.chaining is not None:
             return self.config.chaining
-        rtts = [self.connection.rtts.get(s.hop.peer_id) for s in self.spans]
+        rtts = [self.connection.min_rtts.get(s.hop.peer_id) for s in self.spans]  # the links, not the load
         return all(r is not None for r in rtts) and statistics.median(rtts) >= self.config.chain_min_rtt
 
     def _fast_step(self, h: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, chained: bool
