@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import threading
 import time
 from collections.abc import Coroutine
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 PING_PERIOD = 30.0      # seconds between pings of one server
 PING_TIMEOUT = 5.0
 MAX_PINGS = 32          # pings in flight at once
+PING_SAMPLES = 3        # round trips timed per ping
 RTT_SMOOTHING = 0.3     # weight of the newest ping in the moving average
 
 
@@ -95,15 +97,23 @@ class SwarmConnection:
         await asyncio.gather(*(self._ping(peer, limit) for peer in due))
 
     async def _ping(self, peer_id: str, limit: asyncio.Semaphore) -> None:
+        """A few info RPCs in a row: their median feeds the load-aware `rtts`; their fastest, `min_rtts`,
+        which a single busy moment of either side would otherwise inflate until the next ping."""
         async with limit:
-            if peer_id not in self._pinged:  # the first call also dials the peer: time the next one
+            if peer_id not in self._pinged:  # the first call also dials the peer: time the next ones
                 await self._time_info(peer_id)
-            rtt = await self._time_info(peer_id)
+            samples = []
+            for _ in range(PING_SAMPLES):
+                rtt = await self._time_info(peer_id)
+                if rtt is None:
+                    break
+                samples.append(rtt)
         self._pinged[peer_id] = time.monotonic()
-        if rtt is not None:  # an unreachable server is left to the bans of failed requests
+        if samples:  # an unreachable server is left to the bans of failed requests
+            rtt = statistics.median(samples)
             old = self.rtts.get(peer_id)
             self.rtts[peer_id] = rtt if old is None else old + RTT_SMOOTHING * (rtt - old)
-            self.min_rtts[peer_id] = min(rtt, self.min_rtts.get(peer_id, rtt))
+            self.min_rtts[peer_id] = min(*samples, self.min_rtts.get(peer_id, rtt))
 
     async def _time_info(self, peer_id: str) -> float | None:
         """Seconds an info RPC to the server takes, or None if it fails."""
