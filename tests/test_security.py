@@ -102,7 +102,8 @@ def test_forged_announcement_is_ignored(llama_swarm, llama_client, loop):
 
     async def attack():
         p2p = await start_p2p(NetworkOptions(initial_peers=llama_swarm.initial_peers))
-        node = await DHTNode.create(p2p=p2p, initial_peers=llama_swarm.initial_peers)  # stores anything
+        # no validator: it stores anything, and could not read back the signed records (so no cache refresh)
+        node = await DHTNode.create(p2p=p2p, initial_peers=llama_swarm.initial_peers, cache_refresh_before_expiry=0)
         keys = [records.block_key(llama_swarm.dht_prefix, i) for i in range(6)]
         await node.store_many(keys, [forged] * 6, get_dht_time() + 60, subkeys=[victim.peer_id] * 6)
         return p2p, node
