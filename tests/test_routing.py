@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections import Counter
@@ -81,6 +82,20 @@ def test_the_connection_measures_round_trips_to_every_server(llama_swarm):
         assert all(0 < rtt < 1.0 for rtt in connection.rtts.values()), connection.rtts
     finally:
         connection.close()
+
+
+def test_a_ping_keeps_the_median_for_routing_and_the_fastest_for_the_link():
+    """One slow round trip (a busy moment of either side) must not make a near server look far."""
+    connection = SwarmConnection.__new__(SwarmConnection)  # no network: only the ping's bookkeeping
+    connection.rtts, connection.min_rtts, connection._pinged = {}, {}, {}
+    timed = iter([0.5, 0.009, 0.001, 0.004])  # the first call dials; three samples follow
+
+    async def time_info(peer_id: str) -> float:
+        return next(timed)
+
+    connection._time_info = time_info
+    asyncio.run(connection._ping("peer", asyncio.Semaphore(1)))
+    assert connection.rtts == {"peer": 0.004} and connection.min_rtts == {"peer": 0.001}
 
 
 def test_failed_server_stays_out_until_it_announces_again():
