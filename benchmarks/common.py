@@ -286,6 +286,15 @@ def unwind_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
+def run_section(run: Callable[[Bench], list], table: Callable[[list], str], description: str, name: str,
+                argv: list[str] | None = None) -> None:
+    """`python -m benchmarks.<name>`: one section on its own, with run.py's flags, printed as a table."""
+    args = parse_args(description, f"benchmarks/results/{name}", argv)
+    unwind_on_sigterm()
+    with single_threaded(), Bench(args.plan, args.out) as bench:
+        print(table(run(bench)))
+
+
 @contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
     """Client and local baseline get one torch thread, like each server: the comparison is per core."""

@@ -23,14 +23,12 @@ from benchmarks.common import (
     figures_table,
     local_model,
     median,
-    parse_args,
     rpc_rtt,
+    run_section,
     seed_everything,
-    single_threaded,
     step_design,
     timed_figure,
     token_ids,
-    unwind_on_sigterm,
 )
 from swarmtune.models import load_span
 from swarmtune.swarm import LocalSwarm
@@ -141,10 +139,7 @@ def run(bench: Bench) -> list[Figure]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(__doc__, "benchmarks/results/inference", argv)
-    unwind_on_sigterm()
-    with single_threaded(), Bench(args.plan, args.out) as bench:
-        print(figures_table(run(bench)))
+    run_section(run, figures_table, __doc__, "inference", argv)
 
 
 if __name__ == "__main__":

@@ -44,14 +44,12 @@ from benchmarks.common import (
     local_model,
     markdown_table,
     median,
-    parse_args,
     rpc_rtt,
+    run_section,
     seed_everything,
-    single_threaded,
     spread,
     step_design,
     token_ids,
-    unwind_on_sigterm,
 )
 from benchmarks.inference import timed_generate
 from benchmarks.serving import forward_step
@@ -279,10 +277,7 @@ def run(bench: Bench) -> list[Figure]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(__doc__, "benchmarks/results/network", argv)
-    unwind_on_sigterm()
-    with single_threaded(), Bench(args.plan, args.out) as bench:
-        print(network_table(run(bench)))
+    run_section(run, network_table, __doc__, "network", argv)
 
 
 if __name__ == "__main__":

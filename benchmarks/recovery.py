@@ -25,12 +25,10 @@ from benchmarks.common import (
     figures_table,
     local_model,
     median,
-    parse_args,
+    run_section,
     seed_everything,
-    single_threaded,
     timed_figure,
     token_ids,
-    unwind_on_sigterm,
 )
 from benchmarks.inference import timed_generate
 from benchmarks.serving import attach_client_lora, freeze
@@ -153,10 +151,7 @@ def run(bench: Bench) -> list[Figure]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(__doc__, "benchmarks/results/recovery", argv)
-    unwind_on_sigterm()
-    with single_threaded(), Bench(args.plan, args.out) as bench:
-        print(figures_table(run(bench)))
+    run_section(run, figures_table, __doc__, "recovery", argv)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,10 @@ from benchmarks.common import (
     figures_table,
     interleaved,
     local_model,
-    parse_args,
+    run_section,
     seed_everything,
-    single_threaded,
     timed_figure,
     token_ids,
-    unwind_on_sigterm,
 )
 from swarmtune.models.family import get_family
 from swarmtune.tuning.lora import ClientLora, target_shapes
@@ -121,10 +119,7 @@ def run(bench: Bench) -> list[Figure]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(__doc__, "benchmarks/results/serving", argv)
-    unwind_on_sigterm()
-    with single_threaded(), Bench(args.plan, args.out) as bench:
-        print(figures_table(run(bench)))
+    run_section(run, figures_table, __doc__, "serving", argv)
 
 
 if __name__ == "__main__":
