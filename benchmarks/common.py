@@ -22,8 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from swarmtune import wire
-from swarmtune.client import rpc
+from swarmtune import transport, wire
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.swarm import LocalSwarm
@@ -211,7 +210,7 @@ def rpc_rtt(client, swarm: LocalSwarm, calls: int = 10) -> float:
     for server in (s for s in swarm.servers if s.proc.poll() is None):
         for _ in range(calls):
             began = time.perf_counter()
-            conn.run(rpc.call(conn.p2p, server.peer_id, "info", data, 10.0), timeout=15.0)
+            conn.run(transport.call(conn.p2p, server.peer_id, "info", data, 10.0), timeout=15.0)
             times.append(time.perf_counter() - began)
     return median(times)
 

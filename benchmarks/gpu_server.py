@@ -62,7 +62,7 @@ from transformers.models.llama.modeling_llama import LlamaModel
 from swarmtune.models import SpanKVCache, SpanModel, get_family
 from swarmtune.server import compute, cuda
 from swarmtune.server.quantize import quantize
-from swarmtune.server.sessions import InferenceSession as ServerSession
+from swarmtune.server.sessions import ServerSession
 
 SECTIONS = ("decode", "quant", "train", "e2e", "offload")
 DECODE_TARGET_MS = 0.6          # per block, bf16, batch 1, 512 tokens of context
@@ -77,7 +77,7 @@ CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parame
 
 
 @dataclass(frozen=True)
-class Plan:
+class Shapes:
     hidden: int = 8192
     heads: int = 64
     kv_heads: int = 8
@@ -93,8 +93,8 @@ class Plan:
     start_timeout: float = 300.0    # for the server process: loading 14 GB and measuring its throughput
 
 
-FULL = Plan()
-SMALL = Plan(hidden=64, heads=4, kv_heads=2, mlp=128, blocks=2, context=16, decode_steps=4, train_shape=(2, 16),
+FULL = Shapes()
+SMALL = Shapes(hidden=64, heads=4, kv_heads=2, mlp=128, blocks=2, context=16, decode_steps=4, train_shape=(2, 16),
              train_calls=2, e2e_steps=4, e2e_rounds=2, offload_steps=2, start_timeout=120.0)
 
 
@@ -191,19 +191,20 @@ def free_memory(device: torch.device) -> None:
 # ---- models -------------------------------------------------------------------------------------
 
 
-def llama_config(plan: Plan) -> LlamaConfig:
-    config = LlamaConfig(hidden_size=plan.hidden, num_attention_heads=plan.heads, num_key_value_heads=plan.kv_heads,
-                         intermediate_size=plan.mlp, num_hidden_layers=plan.blocks, vocab_size=VOCAB,
+def llama_config(shapes: Shapes) -> LlamaConfig:
+    config = LlamaConfig(hidden_size=shapes.hidden, num_attention_heads=shapes.heads,
+                         num_key_value_heads=shapes.kv_heads, intermediate_size=shapes.mlp,
+                         num_hidden_layers=shapes.blocks, vocab_size=VOCAB,
                          max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     config._attn_implementation = "sdpa"
     return config
 
 
-def build_model(plan: Plan, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
-    """A random-weight LlamaForCausalLM of the plan's block shape, made directly on `device` in `dtype`."""
+def build_model(shapes: Shapes, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+    """A random-weight LlamaForCausalLM of the shapes's block shape, made directly on `device` in `dtype`."""
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(llama_config(plan), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(llama_config(shapes), dtype=dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -257,14 +258,14 @@ def gemv_chain(blocks: nn.ModuleList) -> tuple[Callable[[torch.Tensor], torch.Te
 # ---- decode -------------------------------------------------------------------------------------
 
 
-def decode_section(model: PreTrainedModel, plan: Plan, device: torch.device, found: dict) -> list[Row]:
+def decode_section(model: PreTrainedModel, shapes: Shapes, device: torch.device, found: dict) -> list[Row]:
     span, dtype = span_of(model), model.dtype
-    prompt = torch.randn(1, plan.context, plan.hidden, dtype=dtype, device=device)
-    token = torch.randn(1, 1, plan.hidden, dtype=dtype, device=device)
-    calls = WARMUP + plan.decode_steps
+    prompt = torch.randn(1, shapes.context, shapes.hidden, dtype=dtype, device=device)
+    token = torch.randn(1, 1, shapes.hidden, dtype=dtype, device=device)
+    calls = WARMUP + shapes.decode_steps
 
     def per_block_ms(times: list[float]) -> float:
-        return 1e3 * median_after_warmup(times) / plan.blocks
+        return 1e3 * median_after_warmup(times) / shapes.blocks
 
     rows = []
     with torch.inference_mode():
@@ -280,7 +281,7 @@ def decode_section(model: PreTrainedModel, plan: Plan, device: torch.device, fou
         rows += [
             Row("decode", f"{DTYPE_NAMES[dtype]} decode per block, ours (SpanModel + SpanKVCache)", ours_ms, "ms",
                 hf_ms, "transformers eager + DynamicCache", f"<= {DECODE_TARGET_MS}", ours_ms <= DECODE_TARGET_MS,
-                note=f"batch 1, {plan.context} tokens of context, {plan.blocks} blocks per call; server settings "
+                note=f"batch 1, {shapes.context} tokens of context, {shapes.blocks} blocks per call; server settings "
                      f"(cuDNN SDPA off) for both"),
             Row("decode", "transformers decode per block, server settings (cuDNN SDPA off)", hf_ms, "ms",
                 per_block_ms(hf_default_times), "transformers, torch defaults (cuDNN SDPA on)"),
@@ -325,14 +326,14 @@ def static_rows(span: SpanModel, prompt: torch.Tensor, token: torch.Tensor, ours
     return rows
 
 
-def quant_section(model: PreTrainedModel, plan: Plan, device: torch.device, found: dict) -> list[Row]:
+def quant_section(model: PreTrainedModel, shapes: Shapes, device: torch.device, found: dict) -> list[Row]:
     """nf4 and int8 copies of the blocks (bitsandbytes), decoding as in decode_section."""
     if importlib.util.find_spec("bitsandbytes") is None:
         return [Row("quant", "nf4 / int8 decode", None, note="skipped: bitsandbytes is not installed")]
     bf16_ms = found.get("decode_bf16_ms")
-    prompt = torch.randn(1, plan.context, plan.hidden, dtype=model.dtype, device=device)
-    token = torch.randn(1, 1, plan.hidden, dtype=model.dtype, device=device)
-    calls = WARMUP + plan.decode_steps
+    prompt = torch.randn(1, shapes.context, shapes.hidden, dtype=model.dtype, device=device)
+    token = torch.randn(1, 1, shapes.hidden, dtype=model.dtype, device=device)
+    calls = WARMUP + shapes.decode_steps
     rows = []
     for quant in ("nf4", "int8"):
         blocks = nn.ModuleList(quantize(host_copy(block, model.config, i), quant, model.dtype, device)
@@ -341,7 +342,7 @@ def quant_section(model: PreTrainedModel, plan: Plan, device: torch.device, foun
         with torch.inference_mode():
             cache = prefilled(span, prompt, calls)
             _, times = timed_calls(lambda span=span, cache=cache: span(token, cache=cache), calls, device)
-        ms = 1e3 * median_after_warmup(times) / plan.blocks
+        ms = 1e3 * median_after_warmup(times) / shapes.blocks
         target = quant == "nf4" and bf16_ms is not None
         rows.append(Row("quant", f"{quant} decode per block, ours", ms, "ms", bf16_ms, "ours bf16",
                         "<= bf16" if target else "", (ms <= bf16_ms) if target else None))
@@ -367,13 +368,13 @@ def hf_backward(model: PreTrainedModel, hidden: torch.Tensor, grad_output: torch
     return torch.autograd.grad(out, x, grad_output)[0]
 
 
-def train_section(model: PreTrainedModel, plan: Plan, device: torch.device, found: dict) -> list[Row]:
+def train_section(model: PreTrainedModel, shapes: Shapes, device: torch.device, found: dict) -> list[Row]:
     span = span_of(model)
-    batch, length = plan.train_shape
-    hidden = torch.randn(batch, length, plan.hidden, dtype=model.dtype, device=device)
+    batch, length = shapes.train_shape
+    hidden = torch.randn(batch, length, shapes.hidden, dtype=model.dtype, device=device)
     grad = torch.randn_like(hidden)
     flops = train_flops(model, batch, length)
-    calls = 1 + plan.train_calls
+    calls = 1 + shapes.train_calls
 
     def tflops(fn: Callable[[], object]) -> float:
         _, times = timed_calls(fn, calls, device)
@@ -383,7 +384,7 @@ def train_section(model: PreTrainedModel, plan: Plan, device: torch.device, foun
     hf = tflops(lambda: hf_backward(model, hidden, grad))
     ours = tflops(lambda: compute.backward(span, hidden, None, None, None, None, grad))
     ours_host = tflops(lambda: compute.backward(span, host_hidden, None, None, None, None, host_grad))
-    shape = f"{batch} x {length} tokens through {plan.blocks} blocks"
+    shape = f"{batch} x {length} tokens through {shapes.blocks} blocks"
     return [
         Row("train", "fwd+bwd w.r.t. inputs, ours (compute.backward, inputs on the device)", ours, "TFLOP/s",
             hf, "transformers (LlamaModel + autograd.grad)", f">= {TRAIN_TARGET_TFLOPS:g}",
@@ -396,7 +397,7 @@ def train_section(model: PreTrainedModel, plan: Plan, device: torch.device, foun
 # ---- end to end ---------------------------------------------------------------------------------
 
 
-def e2e_section(model: PreTrainedModel, plan: Plan, device: torch.device, found: dict) -> list[Row]:
+def e2e_section(model: PreTrainedModel, shapes: Shapes, device: torch.device, found: dict) -> list[Row]:
     """Steps/s through a server process over loopback vs the same blocks in this process."""
     if importlib.util.find_spec("hivemind") is None:
         return [Row("e2e", "server process vs in-process", None, note="skipped: hivemind is not installed")]
@@ -405,10 +406,10 @@ def e2e_section(model: PreTrainedModel, plan: Plan, device: torch.device, found:
     from swarmtune.client.inference import InferenceSession
     from swarmtune.swarm import LocalSwarm
 
-    calls = WARMUP + plan.e2e_steps
-    max_length = plan.context + 1 + plan.e2e_rounds * calls
-    prompt = torch.randn(1, plan.context, plan.hidden)
-    token = torch.randn(1, 1, plan.hidden)
+    calls = WARMUP + shapes.e2e_steps
+    max_length = shapes.context + 1 + shapes.e2e_rounds * calls
+    prompt = torch.randn(1, shapes.context, shapes.hidden)
+    token = torch.randn(1, 1, shapes.hidden)
     local = ServerSession(span_of(model), 1, max_length, None, None)
     with tempfile.TemporaryDirectory(prefix="swarmtune-gpu-bench-") as tmp:
         path, logs = os.path.join(tmp, "model"), os.path.join(tmp, "logs")
@@ -417,17 +418,17 @@ def e2e_section(model: PreTrainedModel, plan: Plan, device: torch.device, found:
         free_memory(device)
         options = dict(dtype=DTYPE_NAMES[model.dtype], device=str(device), cache_mb="auto",
                        throughput_cache=os.path.join(tmp, "throughput"))
-        with LocalSwarm(path, spans=[(0, plan.blocks)], log_dir=logs,
-                        start_timeout=plan.start_timeout, **options) as swarm:
+        with LocalSwarm(path, spans=[(0, shapes.blocks)], log_dir=logs,
+                        start_timeout=shapes.start_timeout, **options) as swarm:
             connection = SwarmConnection(ClientConfig(initial_peers=swarm.initial_peers), swarm.dht_prefix,
-                                         plan.blocks)
+                                         shapes.blocks)
             try:
                 with InferenceSession(connection, max_length, 1) as remote:
                     remote.step(prompt)
                     local.step(prompt, None, None, None)
                     swarm_first, local_first = remote.step(token), local.step(token, None, None, None)
                     times: dict[str, list[float]] = {"swarm": [], "local": []}
-                    for _ in range(plan.e2e_rounds):
+                    for _ in range(shapes.e2e_rounds):
                         times["swarm"] += wall_times(lambda: remote.step(token), calls)[WARMUP:]
                         times["local"] += wall_times(lambda: local.step(token, None, None, None), calls)[WARMUP:]
             finally:
@@ -435,7 +436,8 @@ def e2e_section(model: PreTrainedModel, plan: Plan, device: torch.device, found:
             budget = [line.rsplit(": ", 1)[-1] for line in swarm.servers[0].lines if "KV cache budget" in line]
     swarm_rate, local_rate = (1 / statistics.median(times[k]) for k in ("swarm", "local"))
     found["swarm_steps_s"] = swarm_rate
-    note = f"batch 1, {plan.blocks} blocks, context {plan.context}+; server KV budget {budget[-1] if budget else '?'}"
+    kv_budget = budget[-1] if budget else "?"
+    note = f"batch 1, {shapes.blocks} blocks, context {shapes.context}+; server KV budget {kv_budget}"
     return [
         Row("e2e", "steps/s, server process via InferenceSession (loopback)", swarm_rate, "steps/s", local_rate,
             "same blocks in-process (server session code)", f">= {E2E_TARGET_RATIO:g} x baseline",
@@ -487,16 +489,16 @@ def _pinned_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
     return out.copy_(t)
 
 
-def offload_section(model: PreTrainedModel, plan: Plan, device: torch.device, found: dict) -> list[Row]:
+def offload_section(model: PreTrainedModel, shapes: Shapes, device: torch.device, found: dict) -> list[Row]:
     span = span_of(model)
-    prompt = torch.randn(1, plan.context, plan.hidden, dtype=model.dtype, device=device)
-    token = torch.randn(1, 1, plan.hidden, dtype=model.dtype, device=device)
-    calls = 1 + plan.offload_steps
+    prompt = torch.randn(1, shapes.context, shapes.hidden, dtype=model.dtype, device=device)
+    token = torch.randn(1, 1, shapes.hidden, dtype=model.dtype, device=device)
+    calls = 1 + shapes.offload_steps
     offloaded = Offloaded(span)
     with torch.inference_mode():
         cache = prefilled(span, prompt, calls)
         resident_first, resident_times = timed_calls(lambda: span(token, cache=cache), calls, device)
-        offload_cache = span.make_cache(1, plan.context + calls)
+        offload_cache = span.make_cache(1, shapes.context + calls)
         offloaded(prompt, offload_cache)
         offload_first, offload_times = timed_calls(lambda: offloaded(token, offload_cache), calls, device)
     rate = 1 / statistics.median(offload_times[1:])
@@ -514,7 +516,7 @@ def offload_section(model: PreTrainedModel, plan: Plan, device: torch.device, fo
 # ---- report -------------------------------------------------------------------------------------
 
 
-def fmt(x: float | None) -> str:
+def short(x: float | None) -> str:
     if x is None:
         return "-"
     return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
@@ -535,8 +537,8 @@ def table(rows: list[Row], enforce: bool) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
         ratio = r.value / r.baseline if r.value is not None and r.baseline else None
-        baseline = f"{fmt(r.baseline)} ({r.baseline_name})" if r.baseline is not None else "-"
-        cells = [r.section, r.name, f"{fmt(r.value)} {r.unit}".strip(), baseline, fmt(ratio), r.target,
+        baseline = f"{short(r.baseline)} ({r.baseline_name})" if r.baseline is not None else "-"
+        cells = [r.section, r.name, f"{short(r.value)} {r.unit}".strip(), baseline, short(ratio), r.target,
                  verdict(r, enforce), r.note]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -548,7 +550,7 @@ def environment(device: torch.device) -> dict:
             "python": platform.python_version(), "cuda": torch.version.cuda}
 
 
-def run_section(name: str, fn: Callable[[], list[Row]], rows: list[Row]) -> None:
+def run_guarded(name: str, fn: Callable[[], list[Row]], rows: list[Row]) -> None:
     """Run one section; an exception becomes a failed row, and the other sections still run."""
     began = time.perf_counter()
     try:
@@ -561,7 +563,7 @@ def run_section(name: str, fn: Callable[[], list[Row]], rows: list[Row]) -> None
     print(f"[{name}] {time.perf_counter() - began:.1f} s", flush=True)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_flags(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--small", action="store_true", help="tiny shapes (CPU tests); speed targets not enforced")
@@ -576,33 +578,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_flags(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: run with --small --device cpu --no-enforce to test on a CPU")
-    plan, enforce = (SMALL if args.small else FULL), not (args.small or args.no_enforce)
+    shapes, enforce = (SMALL if args.small else FULL), not (args.small or args.no_enforce)
     env = environment(device)
-    print(f"{env} plan={plan} enforce={enforce}", flush=True)
+    print(f"{env} shapes={shapes} enforce={enforce}", flush=True)
     torch.manual_seed(0)
     cuda.configure(device)  # what servers do; the decode section also times transformers under torch's defaults
     began = time.perf_counter()
-    model = build_model(plan, torch.bfloat16, device)
+    model = build_model(shapes, torch.bfloat16, device)
     print(f"[model] {time.perf_counter() - began:.1f} s", flush=True)
     sections = {"decode": decode_section, "quant": quant_section, "train": train_section, "e2e": e2e_section,
                 "offload": offload_section}
     rows: list[Row] = []
     found: dict = {}
     for name in args.sections.split(","):
-        run_section(name, lambda fn=sections[name]: fn(model, plan, device, found), rows)
+        run_guarded(name, lambda fn=sections[name]: fn(model, shapes, device, found), rows)
         free_memory(device)
     print(table(rows, enforce), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "plan": asdict(plan), "enforce": enforce,
+            json.dump({"environment": env, "shapes": asdict(shapes), "enforce": enforce,
                        "rows": [asdict(r) for r in rows]}, f, indent=1)
     failed = [r for r in rows if r.ok is False and (r.check or enforce)]
     for r in failed:
-        print(f"FAILED: {r.section}: {r.name}: {fmt(r.value)} {r.unit} (target {r.target}) {r.note}", flush=True)
+        print(f"FAILED: {r.section}: {r.name}: {short(r.value)} {r.unit} (target {r.target}) {r.note}", flush=True)
     return 1 if failed else 0
 
 

@@ -26,12 +26,12 @@ def client_loop(kind: str, peers: list[str], prefix: str, model: str, seconds: f
     """Run operations of one kind until the time is up; report (kind, latencies, errors)."""
     import torch
 
+    from swarmtune.adapters.lora import ClientLora, target_shapes
     from swarmtune.client.config import ClientConfig
     from swarmtune.client.connection import SwarmConnection
     from swarmtune.client.inference import InferenceSession
     from swarmtune.client.sequential import RemoteSequential
     from swarmtune.models import load_config
-    from swarmtune.tuning.lora import ClientLora, target_shapes
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)

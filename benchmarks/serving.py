@@ -27,8 +27,8 @@ from benchmarks.common import (
     timed_figure,
     token_ids,
 )
+from swarmtune.adapters.lora import ClientLora, target_shapes
 from swarmtune.models.family import get_family
-from swarmtune.tuning.lora import ClientLora, target_shapes
 
 SECTION = "serving"
 TOKENS_TARGET = 0.8

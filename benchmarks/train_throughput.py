@@ -22,15 +22,16 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from swarmtune.client.model import SwarmForCausalLM
+from swarmtune.client.span_requests import LoraShipments
 from swarmtune.swarm import LocalSwarm
 from swarmtune.tiny_model import make_tiny_model
 from swarmtune.tuning.module import LoraSettings, OptimConfig, SwarmLM, TuningConfig
 
 
-class _Forgetful(set):
+class _Forgetful(LoraShipments):
     """A digest memory that never remembers: every request carries the adapter tensors."""
 
-    def add(self, item) -> None:
+    def record(self, peer: str, digest: str) -> None:
         pass
 
 
@@ -85,14 +86,14 @@ def main() -> None:
                 module = SwarmLM(model, TuningConfig(lora=lora), OptimConfig())
                 swarm_step = train_step(module, torch.optim.AdamW(module.lora.parameters(), lr=1e-4))
                 replayer = model.remote.replayer
-                remembering = replayer._lora_sent
+                remembering = model.connection.lora_shipments
                 stats = replayer.stats
                 runs = {"local": [], True: [], False: []}
                 bytes_per_step = {}
                 for _ in range(args.rounds):  # interleaved, so load from other processes hits all alike
                     runs["local"].append(timed_steps(local_step, batches, args.warmup))
                     for reuse in (True, False):
-                        replayer._lora_sent = remembering if reuse else _Forgetful()
+                        model.connection.lora_shipments = remembering if reuse else _Forgetful()
                         sent, lora_sent = stats.bytes_sent, stats.lora_bytes_sent
                         runs[reuse].append(timed_steps(swarm_step, batches, args.warmup))
                         n = len(batches)

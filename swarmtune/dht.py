@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import signal
 
+from swarmtune import errors
 from swarmtune.p2p import NetworkOptions, start_dht, start_p2p, visible_maddrs
 from swarmtune.security import Membership
 
@@ -36,11 +37,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--public", action="store_true", help="enable NAT traversal (port mapping, AutoNAT, relays)")
     p.add_argument("--swarm-key", default=None, help="private swarm: file with the shared swarm key")
     p.add_argument("--allowed-peers", nargs="*", default=None, help="private swarm: peer ids allowed to take part")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     args = p.parse_args(argv)
-    membership = Membership.from_options(args.swarm_key, args.allowed_peers)
-    asyncio.run(run(NetworkOptions(host=args.host, port=args.port, identity_path=args.identity,
-                                   initial_peers=args.initial_peers, announce_maddrs=args.announce_maddrs,
-                                   public=args.public, membership=membership)))
+    with errors.reported(args.debug):
+        errors.check_multiaddrs(args.initial_peers, "--initial-peers")
+        errors.check_multiaddrs(args.announce_maddrs, "--announce-maddrs", peer_id=False)
+        if args.swarm_key is not None:
+            errors.check_file(args.swarm_key, "--swarm-key")
+        membership = Membership.from_options(args.swarm_key, args.allowed_peers)
+        asyncio.run(run(NetworkOptions(host=args.host, port=args.port, identity_path=args.identity,
+                                       initial_peers=args.initial_peers, announce_maddrs=args.announce_maddrs,
+                                       public=args.public, membership=membership)))
 
 
 if __name__ == "__main__":

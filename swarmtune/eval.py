@@ -1,12 +1,12 @@
 """python -m swarmtune.eval [recipe=NAME] [adapter=DIR] [split=NAME] [key=value ...]: evaluate through a swarm.
 
-Takes the training config of the recipe (model, swarm, data), loads `adapter` (an exported PEFT
-adapter; null: the base model) and measures on one split of the data:
+Takes the model, swarm and data of the recipe (what training used), loads `adapter` (an exported
+PEFT adapter; null: the base model) and measures on one split of the data:
   loss, ppl      mean NLL over the response tokens of every row, and its exp (forward passes)
   exact_match    greedy generations vs the reference responses, normalised (inference sessions)
 The metrics are printed as one JSON line and saved to ${output_dir}/metrics.json; the generations
-go to ${output_dir}/samples.jsonl. With no swarm.initial_peers, an embedded LocalSwarm serves the
-model, as in training.
+go to ${output_dir}/samples.jsonl. With no swarm.initial_peers, the swarm of
+`python -m swarmtune.swarm up` or an embedded LocalSwarm serves the model, as in training.
 """
 
 from __future__ import annotations
@@ -16,31 +16,38 @@ import json
 import os
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from swarmtune.launch import config_path, open_model, register_recipes
+from swarmtune.errors import UserError
+from swarmtune.launch import config_path, open_model, register_recipes, reported, settings
+
+GROUPS = ("model", "swarm", "data")  # what evaluation takes of a recipe
 
 
 def run(cfg: DictConfig) -> dict:
     """Evaluate as `cfg` says; returns the metrics, also written to ${output_dir}/metrics.json."""
     import torch
 
-    from swarmtune.tuning.data import DataConfig, InstructionDataModule
+    from swarmtune.tuning.data import DataConfig, InstructionDataModule, check_data_path
     from swarmtune.tuning.evaluation import EvalConfig, GenerationEval, perplexity, response_nll, write_samples
 
+    data_config = settings(DataConfig, cfg.data, "data")
+    check_data_path(data_config.path)
+    eval_config = settings(EvalConfig, cfg.eval, "eval")
     torch.manual_seed(cfg.seed)
     output_dir = cfg.output_dir
     with contextlib.ExitStack() as stack:
         model, tokenizer = open_model(stack, cfg, os.path.join(output_dir, "swarm"), adapter=cfg.adapter)
         model.eval()
-        data = InstructionDataModule(DataConfig(**OmegaConf.to_container(cfg.data, resolve=True)), tokenizer)
-        eval_config = EvalConfig(**OmegaConf.to_container(cfg.eval, resolve=True))
-
-        nll, tokens = response_nll(model, data.eval_dataloader(cfg.split))
+        data = InstructionDataModule(data_config, tokenizer, seed=cfg.seed)
+        try:
+            loader, examples = data.eval_dataloader(cfg.split), data.eval_examples(cfg.split, eval_config.num_samples)
+        except KeyError as e:
+            raise UserError(f"split: {e.args[0]}") from None
+        nll, tokens = response_nll(model, loader)
         if not tokens:
-            raise ValueError(f"Split {cfg.split!r} has no response tokens to evaluate")
-        generation = GenerationEval(data.eval_prompts(cfg.split, eval_config.num_samples), tokenizer, eval_config)
-        scores, samples = generation.run(model)
+            raise UserError(f"split {cfg.split!r} has no response tokens to evaluate")
+        scores, samples = GenerationEval(examples, tokenizer, eval_config).run(model)
 
     metrics = {"split": cfg.split, "adapter": cfg.adapter, "tokens": tokens, "loss": nll / tokens,
                "ppl": perplexity(nll, tokens), "samples": len(samples), **scores}
@@ -57,11 +64,12 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=config_path(), config_name="eval", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
-    run(cfg)
+    with reported():
+        run(cfg)
 
 
 def main() -> None:
-    register_recipes()
+    register_recipes(GROUPS)
     _hydra_main()
 
 

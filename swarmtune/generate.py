@@ -1,9 +1,10 @@
 """python -m swarmtune.generate [adapter=DIR] prompt="..." [swarm.initial_peers=[...]]: generate through a swarm.
 
-The text streams to stdout as it is generated. With no peers given it starts an embedded
-LocalSwarm of the configured model (by default the tiny demo model, the one swarmtune.train
-trains), so `python -m swarmtune.train` followed by
-`python -m swarmtune.generate adapter=<the printed path>` works on a fresh machine.
+The text streams to stdout as it is generated. With no peers given it uses the swarm that
+`python -m swarmtune.swarm up` keeps running for the configured model, or else starts an embedded
+LocalSwarm of it (by default the tiny demo model, the one swarmtune.train trains), so
+`python -m swarmtune.train` followed by `python -m swarmtune.generate adapter=<the printed path>`
+works on a fresh machine.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import contextlib
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from swarmtune.launch import config_path, open_model
+from swarmtune.errors import UserError
+from swarmtune.launch import config_path, open_model, plain, reported
 
 
 def run(cfg: DictConfig) -> str:
@@ -21,6 +23,7 @@ def run(cfg: DictConfig) -> str:
     import torch
     from transformers import TextStreamer
 
+    generation = generation_kwargs(cfg.generation)
     torch.manual_seed(cfg.seed)
     with contextlib.ExitStack() as stack:
         model, tokenizer = open_model(stack, cfg, log_dir=None, adapter=cfg.adapter,
@@ -28,13 +31,33 @@ def run(cfg: DictConfig) -> str:
         inputs = tokenizer([cfg.prompt], return_tensors="pt")
         print(cfg.prompt, end="", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True)
-        out = model.generate(**inputs, streamer=streamer, **OmegaConf.to_container(cfg.generation, resolve=True))
+        out = model.generate(**inputs, streamer=streamer, **generation)
         return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def generation_kwargs(node: DictConfig) -> dict:
+    """`generation` as keyword arguments of transformers' generate(), checked before anything starts."""
+    from transformers import GenerationConfig
+
+    kwargs = plain(node)
+    known = GenerationConfig()
+    unknown = sorted(k for k in kwargs if not hasattr(known, k))
+    if unknown:
+        raise UserError(f"generation.{unknown[0]} is not an argument of transformers' generate()")
+    limits = {"max_new_tokens": 1, "num_beams": 1, "top_k": 0}
+    for key, low in limits.items():
+        if key in kwargs and not (isinstance(kwargs[key], int) and kwargs[key] >= low):
+            raise UserError(f"generation.{key} must be an integer >= {low}, got {kwargs[key]!r}")
+    for key in ("temperature", "repetition_penalty", "top_p"):
+        if key in kwargs and not (isinstance(kwargs[key], (int, float)) and kwargs[key] > 0):
+            raise UserError(f"generation.{key} must be a positive number, got {kwargs[key]!r}")
+    return kwargs
 
 
 @hydra.main(config_path=config_path(), config_name="generate", version_base=None)
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with reported():
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,32 @@
-"""What the entry points (train, generate, eval) share: configs, recipes, the model and its swarm.
+"""What the entry points (train, generate, eval, swarm up) share: configs, recipes, the model and its swarm.
 
-Configs are found whether swarmtune is installed (as package data) or run from a checkout.
-Without swarm peers, an embedded LocalSwarm serves the model for the duration of the command.
+Configs are found whether swarmtune is installed (as package data) or run from a checkout. Every
+value a command reads is checked against its dataclass, and every path and address looked at,
+before anything slow starts. Without swarm peers, the command uses the swarm that
+`python -m swarmtune.swarm up` keeps running for the model, or else an embedded LocalSwarm that
+serves it for the duration of the command.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
 from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from swarmtune import errors
+from swarmtune.errors import UserError
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
 
@@ -34,19 +44,63 @@ def recipes_dir() -> Traversable:
     return _CHECKOUT / "recipes"
 
 
-def register_recipes() -> list[str]:
+def register_recipes(groups: tuple[str, ...] | None = None) -> list[str]:
     """Store every recipes/*.yaml in Hydra's ConfigStore as option NAME of group `recipe` (global package).
 
     A search path cannot do this: Hydra names groups after folders, and the folder is `recipes/`.
+    With `groups`, a recipe keeps only its choices and values for those groups (and for `eval`),
+    for commands whose config has no other groups.
     """
     store = ConfigStore.instance()
     names = []
     for entry in sorted(recipes_dir().iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".yaml"):
             name = entry.name[:-len(".yaml")]
-            store.store(group="recipe", name=name, node=OmegaConf.create(entry.read_text()), package="_global_")
+            node = OmegaConf.create(entry.read_text())
+            if groups is not None:
+                node = _only(node, groups)
+            store.store(group="recipe", name=name, node=node, package="_global_")
             names.append(name)
     return names
+
+
+def _only(recipe: DictConfig, groups: tuple[str, ...]) -> DictConfig:
+    defaults = [d for d in recipe.get("defaults", []) if isinstance(d, str) and d == "_self_"
+                or isinstance(d, DictConfig) and any(k.split("/")[-1] in groups for k in d)]
+    kept = {key: recipe[key] for key in recipe if key in groups or key == "eval"}
+    return OmegaConf.create({"defaults": defaults, **kept})
+
+
+def reported() -> contextlib.AbstractContextManager:
+    """What the Hydra entry points wrap their work in: user errors (bad values in the config included)
+    in one or two lines, unless HYDRA_FULL_ERROR=1."""
+    return errors.reported(expected=(OmegaConfBaseException,))
+
+
+# ---- config values ---------------------------------------------------------------------------------
+
+
+def settings(cls, node, where: str):
+    """`cls(**node)` for a config node, or a UserError naming the key that is unknown or invalid."""
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UserError(f"{where}.{unknown[0]} is not a setting: use one of {', '.join(fields)}")
+    for name, f in fields.items():  # nested settings (tuning.lora) are checked as such
+        if name in values and isinstance(values[name], dict) and dataclasses.is_dataclass(f.default_factory):
+            values[name] = settings(f.default_factory, values[name], f"{where}.{name}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+# ---- the model -------------------------------------------------------------------------------------
 
 
 def tiny_model_path(spec: DictConfig, cache_dir: str) -> str:
@@ -71,35 +125,99 @@ def tiny_model_path(spec: DictConfig, cache_dir: str) -> str:
 
 
 def resolve_model(model: DictConfig) -> str:
-    """The checkpoint to use: `model.path`, or the tiny demo model (made on first use)."""
-    return model.path or tiny_model_path(model.tiny, model.cache_dir)
+    """The checkpoint to use: `model.path` (checked), or the tiny demo model (made on first use)."""
+    if model.path:
+        errors.check_source(model.path, "model.path")
+        return model.path
+    return tiny_model_path(model.tiny, model.cache_dir)
 
 
-def open_swarm(stack: contextlib.ExitStack, swarm: DictConfig, model_path: str, log_dir: str | None):
-    """(ClientConfig, DHT prefix) for the configured swarm; with no peers, an embedded LocalSwarm
-    whose processes `stack` stops on exit."""
+def model_config(model: DictConfig, model_path: str):
+    """The checkpoint's config: a missing, unreachable or unsupported model fails here, before any swarm."""
+    from swarmtune.models import load_config, parse_dtype
+
+    try:
+        parse_dtype(model.dtype)
+    except ValueError as e:
+        raise UserError(f"model.dtype: {e}") from None
+    try:
+        return load_config(model_path, revision=model.revision)
+    except UserError:
+        raise
+    except Exception as e:  # transformers' own words: a config it cannot read
+        raise UserError(f"cannot read the config of {model_path}: {e}") from None
+
+
+def load_adapter(adapter: str | None, config, revision: str | None):
+    """A PEFT-format adapter read (and checked against the model) before any swarm starts."""
+    if adapter is None:
+        return None
+    from swarmtune.adapters import peft_format
+
+    try:
+        return peft_format.load_adapter(adapter, config, revision)
+    except UserError:
+        raise
+    except Exception as e:  # the hub's or safetensors' own words
+        raise UserError(f"adapter {adapter}: {e}") from None
+
+
+# ---- the swarm -------------------------------------------------------------------------------------
+
+
+def client_settings(swarm: DictConfig):
+    """The ClientConfig for `swarm`, its peers checked (none: a local swarm will serve)."""
     from swarmtune.client.config import ClientConfig
-    from swarmtune.swarm import LocalSwarm
 
-    peers, dht_prefix = peer_list(swarm.initial_peers), swarm.dht_prefix
-    if not peers:
+    peers = peer_list(swarm.initial_peers)
+    errors.check_multiaddrs(peers, "swarm.initial_peers")
+    return settings(ClientConfig, {**plain(swarm.client), "initial_peers": peers, "dht_prefix": swarm.dht_prefix},
+                    "swarm.client")
+
+
+def open_swarm(stack: contextlib.ExitStack, swarm: DictConfig, client_config, model_path: str,
+               log_dir: str | None):
+    """`client_config` with the peers of the swarm to use: as configured, the one `swarm up` keeps for this
+    model, or an embedded LocalSwarm whose processes `stack` stops on exit."""
+    from swarmtune.swarm import LocalSwarm, find_running
+
+    if client_config.initial_peers:
+        return client_config
+    running = find_running(model_path)
+    if running is not None:
+        print(f"Using the swarm that `python -m swarmtune.swarm up` runs for {model_path} (pid {running['pid']})",
+              file=sys.stderr, flush=True)
+        peers, prefix = running["initial_peers"], running["dht_prefix"]
+    else:
         local = stack.enter_context(LocalSwarm(model_path, spans=[tuple(s) for s in swarm.local_spans],
                                                log_dir=log_dir))
-        peers, dht_prefix = local.initial_peers, local.dht_prefix
-    return ClientConfig(initial_peers=peers, **OmegaConf.to_container(swarm.client, resolve=True)), dht_prefix
+        peers, prefix = local.initial_peers, local.dht_prefix
+    return dataclasses.replace(client_config, initial_peers=peers, dht_prefix=client_config.dht_prefix or prefix)
 
 
-def open_model(stack: contextlib.ExitStack, cfg: DictConfig, log_dir: str | None, **adapters):
-    """(model, tokenizer) for `cfg.model` on `cfg.swarm`; `stack` closes the model (and any embedded swarm)."""
+def open_model(stack: contextlib.ExitStack, cfg: DictConfig, log_dir: str | None, adapter: str | None = None,
+               active_adapter: str | None = None):
+    """(model, tokenizer) for `cfg.model` on `cfg.swarm`; `stack` closes the model (and any embedded swarm).
+
+    Everything that can be checked without the swarm is checked first: the swarm's settings, the
+    model, the adapter.
+    """
     from transformers import AutoTokenizer
 
     from swarmtune.client.model import SwarmForCausalLM
 
+    client_config = client_settings(cfg.swarm)
+    if adapter is not None:
+        errors.check_source(adapter, "adapter")
     model_path = resolve_model(cfg.model)
-    client_config, dht_prefix = open_swarm(stack, cfg.swarm, model_path, log_dir)
+    config = model_config(cfg.model, model_path)
+    loaded = load_adapter(adapter, config, cfg.model.revision)
+    client_config = open_swarm(stack, cfg.swarm, client_config, model_path, log_dir)
     model = SwarmForCausalLM.from_pretrained(model_path, client_config=client_config, dtype=cfg.model.dtype,
-                                             dht_prefix=dht_prefix, revision=cfg.model.revision, **adapters)
+                                             revision=cfg.model.revision, active_adapter=active_adapter)
     stack.callback(model.close)
+    if loaded is not None:
+        model.attach_adapter(loaded)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_path, revision=cfg.model.revision)
     return model, tokenizer
 
@@ -109,3 +227,15 @@ def peer_list(peers) -> list[str]:
     if isinstance(peers, str):
         return peers.replace(",", " ").split()
     return list(peers or [])
+
+
+@contextlib.contextmanager
+def composed(config_name: str, overrides: list[str]) -> Iterator[DictConfig]:
+    """A primary config composed with Hydra's compose API (for commands that are not Hydra apps)."""
+    from hydra import compose, initialize_config_dir, initialize_config_module
+
+    path = config_path()
+    init = initialize_config_module(path[len("pkg://"):], version_base=None) if path.startswith("pkg://") \
+        else initialize_config_dir(path, version_base=None)
+    with init:
+        yield compose(config_name, overrides=overrides)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 from dataclasses import dataclass, field
 
 # bf16 tensors must not be widened to fp32 by hivemind's serializer (swarmtune's own wire format
@@ -18,8 +19,10 @@ os.environ.setdefault("USE_LEGACY_BFLOAT16", "0")
 
 from hivemind.dht.node import DHTNode  # noqa: E402
 from hivemind.p2p import P2P  # noqa: E402
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError  # noqa: E402
 from hivemind.utils.auth import AuthRole, AuthRPCWrapper  # noqa: E402
 
+from swarmtune.errors import UserError  # noqa: E402
 from swarmtune.security import Identity, Membership, PeerSignatureValidator  # noqa: E402
 
 
@@ -46,8 +49,17 @@ async def start_p2p(opts: NetworkOptions) -> P2P:
     The daemon runs in a session of its own, so a Ctrl-C or SIGTERM sent to our process group
     reaches only us, and we can still withdraw from the DHT before stopping it.
     """
-    with _daemon_in_own_session():
-        return await asyncio.wait_for(_create_p2p(opts), opts.startup_timeout + 5)
+    try:
+        with _daemon_in_own_session():
+            return await asyncio.wait_for(_create_p2p(opts), opts.startup_timeout + 5)
+    except P2PDaemonError as e:
+        reason = re.sub(r"^Daemon failed to start:\s*(\d{4}/\d\d/\d\d \d\d:\d\d:\d\d )?", "", str(e))
+        if "bootstrap peers" in reason:
+            raise UserError(f"none of the initial peers answered ({' '.join(opts.initial_peers)}): check the "
+                            f"addresses and that the swarm is running") from None
+        raise UserError(f"the libp2p daemon did not start: {reason}") from None
+    except asyncio.TimeoutError:
+        raise UserError(f"the libp2p daemon did not start within {opts.startup_timeout:g} s") from None
 
 
 @contextlib.contextmanager

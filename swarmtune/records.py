@@ -1,7 +1,8 @@
 """What servers announce on the DHT, and how such records are read back safely.
 
 Per block, the DHT key ``"{prefix}.{block}"`` holds one subkey per server (its peer id) with a
-`ServerInfo`; the key ``"{prefix}"`` holds a `ModelInfo`. Records expire unless refreshed.
+`ServerInfo`; the key ``"{prefix}"`` holds a `ModelInfo`, and the key `MODELS_KEY` the same
+`ModelInfo` with its prefix, so that a reader can list every model a swarm serves. Records expire unless refreshed.
 Readers validate every record: anything malformed, of another protocol version or offline is
 skipped, never fatal.
 """
@@ -14,7 +15,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+MODELS_KEY = "_swarmtune.models"
 STATES = ("joining", "online", "offline")
 
 
@@ -76,8 +78,10 @@ class ModelInfo:
     model_id: str
     model_type: str = ""
 
-    def to_record(self) -> dict:
-        return dataclasses.asdict(self) | {"protocol": PROTOCOL_VERSION}
+    def to_record(self, prefix: str | None = None) -> dict:
+        """The record under the model's own key, or with `prefix`, the one under MODELS_KEY."""
+        record = dataclasses.asdict(self) | {"protocol": PROTOCOL_VERSION}
+        return record if prefix is None else record | {"prefix": prefix}
 
     @classmethod
     def from_record(cls, record) -> ModelInfo | None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +21,9 @@ from collections.abc import Sequence
 
 import psutil
 
-from swarmtune import records
+from swarmtune import errors, records
+from swarmtune.atomic import write_atomic
+from swarmtune.errors import UserError
 
 
 class ProcessFailed(RuntimeError):
@@ -230,15 +234,123 @@ def _env() -> dict:
     return env
 
 
-def main(argv: list[str] | None = None) -> None:
-    """python -m swarmtune.swarm status ...: commands about a running swarm."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] != "status":
-        raise SystemExit("usage: python -m swarmtune.swarm status --initial-peers MADDR [MADDR ...] "
-                         "(--model NAME | --dht-prefix PREFIX)")
-    from swarmtune import status
+# ---- a local swarm that outlives commands: `python -m swarmtune.swarm up` ------------------------------
 
-    status.main(argv[1:])
+
+def registry_dir() -> str:
+    """Where running `swarm up` swarms are recorded (beside the tiny demo models)."""
+    return os.path.join(os.path.expanduser(os.environ.get("SWARMTUNE_CACHE", "~/.cache/swarmtune")), "swarms")
+
+
+def _record_path(model: str) -> str:
+    key = hashlib.sha256(os.path.realpath(model).encode()).hexdigest()[:16]
+    return os.path.join(registry_dir(), f"{key}.json")
+
+
+def running_swarms() -> list[dict]:
+    """The `swarm up` swarms alive now: what each recorded (model, initial_peers, dht_prefix, pid)."""
+    found = []
+    for name in sorted(os.listdir(registry_dir())) if os.path.isdir(registry_dir()) else []:
+        path = os.path.join(registry_dir(), name)
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            alive = "swarmtune.swarm" in " ".join(psutil.Process(record["pid"]).cmdline())
+        except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+            alive = False
+        if alive:
+            found.append(record)
+        else:  # its process is gone (killed, or the machine restarted): forget it
+            with contextlib.suppress(OSError):
+                os.remove(path)
+    return found
+
+
+def find_running(model: str) -> dict | None:
+    """The running `swarm up` swarm of this checkpoint, if any."""
+    here = os.path.realpath(model)
+    return next((r for r in running_swarms() if r["model"] == here), None)
+
+
+def up(overrides: list[str]) -> None:
+    """Serve the configured model (as train, generate and eval would embed it) until stopped, and record it,
+    so that those commands use it instead of starting their own."""
+    from swarmtune import launch
+
+    with launch.composed("local_swarm", overrides) as cfg:
+        model = launch.resolve_model(cfg.model)
+        launch.model_config(cfg.model, model)
+        spans = [tuple(s) for s in cfg.swarm.local_spans]
+    if find_running(model) is not None:
+        raise UserError(f"a swarm for {model} is up already: stop it with python -m swarmtune.swarm down")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log_dir = tempfile.mkdtemp(prefix="swarmtune-up-")
+    with LocalSwarm(model, spans=spans, log_dir=log_dir) as swarm:
+        record = {"model": os.path.realpath(model), "initial_peers": swarm.initial_peers,
+                  "dht_prefix": swarm.dht_prefix, "pid": os.getpid(), "log_dir": log_dir,
+                  "spans": [list(s.span) for s in swarm.servers]}
+        path = _record_path(model)
+        write_atomic(path, json.dumps(record, indent=2).encode())
+        try:
+            print(f"Swarm up: {len(swarm.servers)} servers of {model} (logs in {log_dir})\n"
+                  f"initial peers: {' '.join(swarm.initial_peers)}\n"
+                  f"train, generate and eval without swarm.initial_peers use it; stop it with Ctrl-C or "
+                  f"python -m swarmtune.swarm down", flush=True)
+            while not stop.wait(1.0):
+                if any(server.proc.poll() is not None for server in swarm.servers):
+                    raise UserError(f"a server of the swarm exited; its log is in {log_dir}")
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
+def down(timeout: float = 30.0) -> list[dict]:
+    """Stop every `swarm up` swarm (SIGTERM, waiting up to `timeout` for each); returns what was stopped."""
+    stopped = running_swarms()
+    for record in stopped:
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(record["pid"])
+            process.terminate()
+            process.wait(timeout)
+    return stopped
+
+
+USAGE = """usage: python -m swarmtune.swarm COMMAND ...
+  up [key=value ...]    serve the configured model (model.path=..., swarm.local_spans=...) on 127.0.0.1
+                        until stopped; train, generate and eval without swarm.initial_peers use it
+  down                  stop the swarms that `up` started
+  status [--initial-peers MADDR ...] [--model NAME | --dht-prefix PREFIX]
+                        what a swarm serves (without peers: the swarms `up` started)"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m swarmtune.swarm up|down|status ...: a swarm on this machine, and what a swarm serves."""
+    argv = sys.argv[1:] if argv is None else argv
+    command, args = (argv[0], argv[1:]) if argv else ("", [])
+    debug = "--debug" in args
+    with errors.reported(debug, expected=launch_errors()):
+        if command == "up":
+            up([a for a in args if a != "--debug"])
+        elif command == "down":
+            stopped = down()
+            print("\n".join(f"stopped the swarm of {r['model']} (pid {r['pid']})" for r in stopped)
+                  or "no swarm is up", flush=True)
+        elif command == "status":
+            from swarmtune import status
+
+            status.main(args)
+        else:
+            raise SystemExit(USAGE)
+
+
+def launch_errors() -> tuple[type[BaseException], ...]:
+    """Mistakes in `up`'s overrides, as Hydra and OmegaConf report them."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return HydraException, OmegaConfBaseException
 
 
 if __name__ == "__main__":

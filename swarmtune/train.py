@@ -1,25 +1,27 @@
 """python -m swarmtune.train [recipe=NAME] [key=value ...]: fine-tune a swarm-served model with Lightning.
 
 With no arguments it runs recipe `tiny_local`: a random tiny model served by an embedded
-LocalSwarm on 127.0.0.1, trained on the bundled instruction set in a minute or two on a CPU.
-With `swarm.initial_peers=[...]` it joins an existing swarm instead. Recipes live in the
-top-level recipes/ folder and are registered as the Hydra config group `recipe`, so they are
-found from any working directory, installed or not. At the end the adapter is exported in
-PEFT format and its path printed.
+LocalSwarm on 127.0.0.1 (or by the swarm `python -m swarmtune.swarm up` keeps running), trained
+on the bundled instruction set in a minute or two on a CPU. With `swarm.initial_peers=[...]` it
+joins an existing swarm instead. Recipes live in the top-level recipes/ folder and are
+registered as the Hydra config group `recipe`, so they are found from any working directory,
+installed or not. At the end the adapter is exported in PEFT format and its path printed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from swarmtune.launch import config_path, open_model, register_recipes
+from swarmtune import errors
+from swarmtune.launch import config_path, open_model, plain, register_recipes, reported, settings
 
 
 def run(cfg: DictConfig) -> tuple[str, float]:
@@ -29,33 +31,46 @@ def run(cfg: DictConfig) -> tuple[str, float]:
 
     from swarmtune.tuning import loggers
     from swarmtune.tuning.checkpoint_io import AtomicCheckpointIO
-    from swarmtune.tuning.data import DataConfig, InstructionDataModule
+    from swarmtune.tuning.data import DataConfig, InstructionDataModule, check_data_path
     from swarmtune.tuning.evaluation import EvalConfig, GenerationEval
     from swarmtune.tuning.module import OptimConfig, SwarmLM, TuningConfig
+    from swarmtune.tuning.progress import StepProgressBar
 
-    L.seed_everything(cfg.seed, workers=True)
+    _log_once()
+    # Every setting is checked, and the trainer built, before anything slow starts.
+    data_config = settings(DataConfig, cfg.data, "data")
+    check_data_path(data_config.path)
+    tuning, optim = settings(TuningConfig, cfg.tuning, "tuning"), settings(OptimConfig, cfg.optim, "optim")
+    eval_config = settings(EvalConfig, cfg.eval, "eval")
+    if cfg.generate_every_n_val < 0:
+        raise errors.UserError(f"generate_every_n_val must be >= 0, got {cfg.generate_every_n_val}")
     output_dir = cfg.output_dir
-    with contextlib.ExitStack() as stack:
-        model, tokenizer = open_model(stack, cfg, os.path.join(output_dir, "swarm"))
-        data = InstructionDataModule(DataConfig(**_plain(cfg.data)), tokenizer)
-        eval_config = EvalConfig(**_plain(cfg.eval))
-        generation = None
-        if eval_config.generate_every_n_val:
-            generation = GenerationEval(data.eval_prompts("validation", eval_config.num_samples), tokenizer,
-                                        eval_config)
-        module = SwarmLM(model, TuningConfig.from_dict(_plain(cfg.tuning)), OptimConfig(**_plain(cfg.optim)),
-                         seed=cfg.seed, generation=generation)
-
-        logger = loggers.build_logger(_plain(cfg.logger), output_dir, **_run_names(cfg))
-        stack.callback(loggers.finish, logger)
-        if logger is not None:
-            logger.log_hyperparams(_plain(cfg))
-        trainer_args = _plain(cfg.trainer)
-        ckpt_path, checkpoint = trainer_args.pop("ckpt_path"), trainer_args.pop("checkpoint")
+    logger = loggers.build_logger(plain(cfg.logger), output_dir, **_run_names(cfg))
+    trainer_args = plain(cfg.trainer)
+    ckpt_path, checkpoint = trainer_args.pop("ckpt_path"), trainer_args.pop("checkpoint")
+    if ckpt_path is not None:
+        errors.check_file(ckpt_path, "trainer.ckpt_path")
+    try:
         checkpoints = ModelCheckpoint(dirpath=os.path.join(output_dir, "checkpoints"), filename="{step}",
                                       **checkpoint)
         trainer = L.Trainer(**trainer_args, default_root_dir=output_dir, logger=logger or False,
-                            callbacks=[checkpoints], plugins=[AtomicCheckpointIO()])
+                            callbacks=[checkpoints, StepProgressBar()], plugins=[AtomicCheckpointIO()])
+    except Exception as e:  # Lightning's own words on a bad argument
+        raise errors.UserError(f"trainer: {e}") from None
+
+    L.seed_everything(cfg.seed, workers=True)
+    with contextlib.ExitStack() as stack:
+        stack.callback(loggers.finish, logger)
+        model, tokenizer = open_model(stack, cfg, os.path.join(output_dir, "swarm"))
+        data = InstructionDataModule(data_config, tokenizer, seed=cfg.seed)
+        generation = None
+        if cfg.generate_every_n_val:
+            generation = GenerationEval(data.eval_examples("validation", eval_config.num_samples), tokenizer,
+                                        eval_config)
+        module = SwarmLM(model, tuning, optim, seed=cfg.seed, generation=generation,
+                         generate_every_n_val=cfg.generate_every_n_val)
+        if logger is not None:
+            logger.log_hyperparams(plain(cfg))
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
         adapter_dir = module.export(cfg.export.dir)
@@ -64,8 +79,14 @@ def run(cfg: DictConfig) -> tuple[str, float]:
     return adapter_dir, float(val_loss) if val_loss is not None else math.nan
 
 
-def _plain(node: DictConfig) -> dict:
-    return OmegaConf.to_container(node, resolve=True)
+def _log_once() -> None:
+    """Lightning gives its loggers console handlers of their own; under Hydra, whose handlers on the root
+    logger print and save every line, that printed each of Lightning's lines twice."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
 
 
 def _run_names(cfg: DictConfig) -> dict:
@@ -81,7 +102,8 @@ def _run_names(cfg: DictConfig) -> dict:
 @hydra.main(config_path=config_path(), config_name="config", version_base=None)
 def _hydra_main(cfg: DictConfig) -> float:
     """Returns the last validation loss, for Hydra sweepers that optimise it."""
-    return run(cfg)[1]
+    with reported():
+        return run(cfg)[1]
 
 
 def main() -> None:

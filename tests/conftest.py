@@ -11,23 +11,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if "XDG_CACHE_HOME" not in os.environ:  # servers cache their throughput measurements: keep them out of ~/.cache
-    import tempfile
+import tempfile  # noqa: E402
 
-    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="swarmtune-test-cache-")
+# Servers cache their throughput measurements, and `swarm up` records its swarms: none of it in ~/.cache,
+# nor may a swarm a user keeps up stand in for the tests' own.
+os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="swarmtune-test-cache-"))
+os.environ["SWARMTUNE_CACHE"] = tempfile.mkdtemp(prefix="swarmtune-test-home-")
 
-import contextlib  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import psutil  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from swarmtune.tiny_model import make_tiny_model  # noqa: E402
-
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom"]
+from tests.helpers import TrainProcess  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -49,14 +45,6 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_models) -> str:
     return tiny_models("llama")
-
-
-def reference_model(path: str):
-    """The same checkpoint as a plain local transformers model (fp32, eval mode)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    attn = "eager" if AutoConfig.from_pretrained(path).model_type == "bloom" else "sdpa"
-    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")
@@ -90,39 +78,6 @@ def bloom_client(tiny_models):
         model.close()
 
 
-class TrainProcess:
-    """`python -m swarmtune.train ARGS`, logging to a file; `stop()` kills it and everything it started."""
-
-    def __init__(self, args: list[str], log: Path, env: dict | None = None):
-        self.log = log
-        with open(log, "w") as f:
-            self.proc = subprocess.Popen([sys.executable, "-m", "swarmtune.train", *args], stdout=f,
-                                         stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                         start_new_session=True)
-
-    def wait(self, timeout: float) -> str:
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            pytest.fail(f"training did not finish within {timeout:.0f} s:\n{self.output()[-3000:]}")
-        assert self.proc.returncode == 0, self.output()[-5000:]
-        return self.output()
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def stop(self) -> None:
-        children = []
-        with contextlib.suppress(psutil.NoSuchProcess):
-            children = psutil.Process(self.proc.pid).children(recursive=True)
-        for p in [self.proc, *children]:
-            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
-                p.kill()
-        self.proc.wait(10)  # reaped here, not by psutil, so returncode tells how it ended
-        psutil.wait_procs(children, timeout=10)
-
-
 @pytest.fixture
 def train_process():
     """Start `python -m swarmtune.train ARGS` processes; all are killed at teardown."""
@@ -135,12 +90,6 @@ def train_process():
     yield start
     for process in started:
         process.stop()
-
-
-def adapter_path(output: str) -> str:
-    lines = [line for line in output.splitlines() if line.startswith("Adapter saved to ")]
-    assert lines, output[-3000:]
-    return lines[-1][len("Adapter saved to "):].strip()
 
 
 @pytest.fixture(scope="session")

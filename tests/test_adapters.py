@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.swarm import LocalSwarm
-from tests.conftest import adapter_path, reference_model
+from tests.helpers import adapter_path, reference_model
 
 PROMPTS = ["Question: what do bees make? Answer:", "Once upon a time"]
 GENERATE = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)

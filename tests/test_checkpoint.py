@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from swarmtune.models import CheckpointError, get_family, load_client_parts, load_config, load_span, parse_dtype
 from swarmtune.models import checkpoint as checkpoint_module
 from swarmtune.models.checkpoint import INDEX_FILE, open_checkpoint
-from tests.conftest import FAMILIES, reference_model
+from tests.helpers import FAMILIES, reference_model
 
 TOL = 1e-5
 HUB_ID = "swarmtune-tests/tiny-model"

@@ -19,8 +19,8 @@ def tokenizer(tiny_llama):
     return AutoTokenizer.from_pretrained(tiny_llama)
 
 
-def setup(tokenizer, **kwargs) -> InstructionDataModule:
-    dm = InstructionDataModule(DataConfig(**{"path": BUNDLED, **TEMPLATE, **kwargs}), tokenizer)
+def setup(tokenizer, seed: int = 0, **kwargs) -> InstructionDataModule:
+    dm = InstructionDataModule(DataConfig(**{"path": BUNDLED, **TEMPLATE, **kwargs}), tokenizer, seed=seed)
     dm.setup("fit")
     return dm
 

@@ -17,13 +17,13 @@ from omegaconf import OmegaConf
 from peft import PeftModel
 from transformers import AutoConfig, AutoTokenizer
 
+from swarmtune import eval as eval_entry
+from swarmtune.adapters.lora import ClientLora, target_shapes
+from swarmtune.adapters.peft_format import save_adapter
 from swarmtune.client.model import SwarmForCausalLM
-from swarmtune.tuning.data import IGNORE, DataConfig, EvalPrompt, InstructionDataModule
+from swarmtune.tuning.data import IGNORE, DataConfig, EvalExample, InstructionDataModule
 from swarmtune.tuning.evaluation import SAMPLE_COLUMNS, EvalConfig, exact_match, generate, log_samples, normalize, score
-from swarmtune.tuning.export import save_adapter
-from swarmtune.tuning.lora import ClientLora, target_shapes
-from tests.conftest import adapter_path, reference_model
-from tests.test_recipes import PEERS, RECIPES, hydra_context
+from tests.helpers import PEERS, RECIPES, adapter_path, hydra_context, reference_model
 
 
 def peer_list(swarm) -> str:
@@ -36,8 +36,8 @@ def test_exact_match_normalises_case_punctuation_articles_and_spaces():
     assert exact_match("an apple!", "Apple")
     assert not exact_match("eleven", "twelve.") and not exact_match("", "eleven.")
     assert not exact_match("theme", "me")  # articles are whole words only
-    prompts = [EvalPrompt("Q1", [1], "eleven."), EvalPrompt("Q2", [1], "The sky is blue."),
-               EvalPrompt("Q3", [1], "four.")]
+    prompts = [EvalExample("Q1", [1], "eleven."), EvalExample("Q2", [1], "The sky is blue."),
+               EvalExample("Q3", [1], "four.")]
     assert score(prompts, ["Eleven", "sky is blue", "five"]) == {"exact_match": 2 / 3}
     assert score([], []) == {}
 
@@ -57,19 +57,23 @@ def test_every_recipe_composes_for_eval(recipe, monkeypatch):
     monkeypatch.setenv("SWARMTUNE_INITIAL_PEERS", ",".join(PEERS))
     with hydra_context():
         train_cfg = compose("config", overrides=[f"recipe={recipe}"])
+    with hydra_context(eval_entry.GROUPS):
         eval_cfg = compose("eval", overrides=[f"recipe={recipe}", "adapter=/runs/x/adapter"])
     train_eval = EvalConfig(**OmegaConf.to_container(train_cfg.eval))
-    assert train_eval.generate_every_n_val >= 1 and train_eval.num_samples and "adapter" not in train_cfg
+    assert train_cfg.generate_every_n_val >= 1 and train_eval.num_samples and "adapter" not in train_cfg
     assert EvalConfig(**OmegaConf.to_container(eval_cfg.eval)).num_samples is None
     assert eval_cfg.adapter == "/runs/x/adapter" and eval_cfg.split == "validation"
     assert eval_cfg.model == train_cfg.model and eval_cfg.data == train_cfg.data
+    assert eval_cfg.swarm == train_cfg.swarm and eval_cfg.seed == train_cfg.seed
+    # nothing that evaluation would not read: no training groups, no training-only values
+    assert set(eval_cfg) == {"model", "swarm", "data", "adapter", "split", "seed", "output_dir", "eval"}
 
 
 def test_validation_generates_through_the_swarm_and_logs(tmp_path, tiny_llama, llama_swarm, train_process):
     """tiny_local with a validation after every step and generation in every second one."""
     run_dir = tmp_path / "run"
     args = ["recipe=tiny_local", f"model.path={tiny_llama}", f"swarm.initial_peers={peer_list(llama_swarm)}",
-            "trainer.max_steps=4", "trainer.val_check_interval=1", "eval.generate_every_n_val=2", "eval.num_samples=3",
+            "trainer.max_steps=4", "trainer.val_check_interval=1", "generate_every_n_val=2", "eval.num_samples=3",
             "eval.max_new_tokens=6", "logger=csv", f"hydra.run.dir={run_dir}"]
     output = train_process(args, tmp_path / "train.log").wait(timeout=240)
     with open(run_dir / "csv" / "metrics.csv") as f:
@@ -93,7 +97,7 @@ def test_validation_generates_through_the_swarm_and_logs(tmp_path, tiny_llama, l
     last = [s for s in samples if s["step"] == 4]
     model = SwarmForCausalLM.from_pretrained(tiny_llama, initial_peers=llama_swarm.initial_peers, adapter=adapter)
     try:
-        prompts = [EvalPrompt(s["prompt"], [tokenizer.bos_token_id] + tokenizer.encode(s["prompt"],
+        prompts = [EvalExample(s["prompt"], [tokenizer.bos_token_id] + tokenizer.encode(s["prompt"],
                               add_special_tokens=False), s["reference"]) for s in last]
         assert generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=8) == [s["generation"] for s in last]
     finally:
@@ -113,7 +117,7 @@ def random_adapter(path, model_path: str) -> str:
 
 def composed_data(model_path: str, tokenizer) -> InstructionDataModule:
     """The data module of the default recipe, as the entry points compose it."""
-    with hydra_context():
+    with hydra_context(eval_entry.GROUPS):
         cfg = compose("eval", overrides=[f"model.path={model_path}"])
     return InstructionDataModule(DataConfig(**OmegaConf.to_container(cfg.data)), tokenizer)
 

@@ -10,12 +10,12 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
+from swarmtune.adapters import peft_format
+from swarmtune.adapters.lora import ClientLora, target_shapes
+from swarmtune.adapters.prompts import SoftPrompts
 from swarmtune.atomic import write_atomic
 from swarmtune.models import load_config
-from swarmtune.tuning import export
-from swarmtune.tuning.lora import ClientLora, target_shapes
-from swarmtune.tuning.prompts import SoftPrompts
-from tests.conftest import reference_model
+from tests.helpers import reference_model
 
 
 def random_lora(config, targets=None, blocks=None, rank=4, alpha=8.0, seed=0) -> ClientLora:
@@ -47,11 +47,11 @@ def test_peft_loads_exported_lora(tiny_models, tmp_path, family, targets, blocks
     config = load_config(path)
     lora = random_lora(config, targets, blocks)
     head = torch.randn(config.vocab_size, config.hidden_size)
-    export.save_adapter(str(tmp_path), config, path, lora=lora, lm_head=head)
+    peft_format.save_adapter(str(tmp_path), config, path, lora=lora, lm_head=head)
 
-    state = load_file(tmp_path / export.ADAPTER_WEIGHTS)
+    state = load_file(tmp_path / peft_format.ADAPTER_WEIGHTS)
     prefix = "base_model.model.model.layers." if family == "llama" else "base_model.model.transformer.h."
-    assert all(k.startswith(prefix) or k == export.LM_HEAD_KEY for k in state)
+    assert all(k.startswith(prefix) or k == peft_format.LM_HEAD_KEY for k in state)
 
     peft_model = PeftModel.from_pretrained(reference_model(path), str(tmp_path))
     loaded = {n for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
@@ -76,7 +76,7 @@ def test_import_adapter_written_by_peft(tiny_models, tmp_path, family):
                 p.normal_(0, 0.1)
     peft_model.save_pretrained(str(tmp_path))
 
-    lora = export.load_lora(str(tmp_path), load_config(path))
+    lora = peft_format.load_lora(str(tmp_path), load_config(path))
     assert lora.rank == 4 and lora.scale == pytest.approx(12 / 2) and lora.use_rslora
     assert len(lora.keys) == 6 * len(targets)
     for key in lora.keys:
@@ -90,25 +90,25 @@ def test_roundtrip_with_prompts(tiny_llama, tmp_path):
     prompts = SoftPrompts(5, config.hidden_size, config.num_hidden_layers, shallow=True, deep=True)
     with torch.no_grad():
         prompts.deep.normal_()
-    export.save_adapter(str(tmp_path), config, tiny_llama, lora=lora, prompts=prompts)
+    peft_format.save_adapter(str(tmp_path), config, tiny_llama, lora=lora, soft_prompts=prompts)
 
-    adapter = export.load_adapter(str(tmp_path), config)
+    adapter = peft_format.load_adapter(str(tmp_path), config)
     assert adapter.lora.keys == lora.keys and adapter.lm_head is None
     for key in lora.keys:
         for ours, theirs in zip(lora.pair(key), adapter.lora.pair(key)):
             torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-    torch.testing.assert_close(adapter.prompts.prompt, prompts.prompt, rtol=0, atol=0)
-    torch.testing.assert_close(adapter.prompts.deep, prompts.deep, rtol=0, atol=0)
-    written = json.loads((tmp_path / export.ADAPTER_CONFIG).read_text())
+    torch.testing.assert_close(adapter.soft_prompts.prompt, prompts.prompt, rtol=0, atol=0)
+    torch.testing.assert_close(adapter.soft_prompts.deep, prompts.deep, rtol=0, atol=0)
+    written = json.loads((tmp_path / peft_format.ADAPTER_CONFIG).read_text())
     assert written["layers_to_transform"] == [0, 2, 5] and written["layers_pattern"] == "layers"
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
 def test_rejects_adapter_of_another_model(tiny_models, tiny_llama, tmp_path):
     small = tiny_models("llama", layers=6, hidden=32)
-    export.save_adapter(str(tmp_path), load_config(small), small, lora=random_lora(load_config(small)))
+    peft_format.save_adapter(str(tmp_path), load_config(small), small, lora=random_lora(load_config(small)))
     with pytest.raises(ValueError, match="do not match"):
-        export.load_lora(str(tmp_path), load_config(tiny_llama))
+        peft_format.load_lora(str(tmp_path), load_config(tiny_llama))
 
 
 def test_interrupted_write_keeps_old_file(tmp_path, monkeypatch):

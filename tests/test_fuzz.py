@@ -8,9 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from swarmtune import wire
-from swarmtune.client import rpc
-from swarmtune.client.rpc import MessageStream, ServerFailure, ServerRejected
+from swarmtune import transport, wire
+from swarmtune.transport import MessageStream, ServerFailure, ServerRejected
 
 HIDDEN = 64  # the tiny llama's hidden size; every structured request below gets something else wrong
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -60,7 +59,7 @@ def target(llama_swarm, llama_client):
 
 
 def _call(conn, peer_id: str, method: str, data: bytes, stream: bool = False):
-    return conn.run(rpc.call(conn.p2p, peer_id, method, data, 20, stream=stream, token=conn.token), timeout=30)
+    return conn.run(transport.call(conn.p2p, peer_id, method, data, 20, stream=stream, token=conn.token), timeout=30)
 
 
 @pytest.mark.parametrize("method,stream", [("forward", False), ("backward", False), ("forward", True),

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
-from tests.conftest import reference_model
+from tests.helpers import reference_model
 
 PROMPTS = ["The swarm is a group of computers that", "Once upon a time"]
 

@@ -11,14 +11,13 @@ import torch
 from transformers import AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
-from swarmtune import wire
-from swarmtune.client import rpc
+from swarmtune import transport, wire
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.inference import InferenceSession
 from swarmtune.client.model import SwarmForCausalLM
-from swarmtune.client.rpc import RequestRefused
+from swarmtune.client.span_requests import RequestRefused
 from swarmtune.swarm import LocalSwarm
-from tests.conftest import reference_model
+from tests.helpers import reference_model
 
 PROMPT = "The swarm is a group of computers that"
 
@@ -127,7 +126,7 @@ def test_session_larger_than_cache_budget_is_refused(client):
 
 def _server_state(model: SwarmForCausalLM, peer_id: str) -> dict:
     conn = model.connection
-    meta, _ = conn.run(rpc.call(conn.p2p, peer_id, "info", wire.pack({}), 10), timeout=15)
+    meta, _ = conn.run(transport.call(conn.p2p, peer_id, "info", wire.pack({}), 10), timeout=15)
     return meta
 
 

@@ -21,7 +21,7 @@ SLOWDOWN_BOUND = 3.0  # stated bound: generation under flood takes at most 3x as
 FLOODER = textwrap.dedent("""
     import sys, time, torch
     from swarmtune import wire
-    from swarmtune.client import rpc
+    from swarmtune import transport
     from swarmtune.client.config import ClientConfig
     from swarmtune.client.connection import SwarmConnection
     peers, prefix, peer_id, seconds = sys.argv[1].split(","), sys.argv[2], sys.argv[3], float(sys.argv[4])
@@ -33,8 +33,8 @@ FLOODER = textwrap.dedent("""
     while time.monotonic() < deadline:
         for data in (small, small, small, huge):
             try:
-                conn.run(rpc.call(conn.p2p, peer_id, "forward", data, 10), timeout=15)
-            except rpc.ServerFailure:
+                conn.run(transport.call(conn.p2p, peer_id, "forward", data, 10), timeout=15)
+            except transport.ServerFailure:
                 refused += 1
             sent += 1
     print(f"SENT {sent} refused {refused}", flush=True)

@@ -11,9 +11,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.models.rotary import ATTENTION, MLP
 from swarmtune.tuning.module import LoraSettings, OptimConfig, SwarmLM, TuningConfig
-from tests.conftest import reference_model
+from tests.helpers import reference_model
 
 TOL = 1e-5
 
@@ -62,8 +63,8 @@ class Reference:
                 self.lora_pairs[key] = (target.lora_A["default"].weight, target.lora_B["default"].weight)
             self.copy_lora(module)
         self.prompt = self.deep = None
-        if module.prompts is not None:
-            prompts = module.prompts
+        if module.soft_prompts is not None:
+            prompts = module.soft_prompts
             self.prompt = prompts.prompt.detach().clone().requires_grad_(True) if prompts.prompt is not None else None
             self.deep = prompts.deep.detach().clone().requires_grad_(True) if prompts.deep is not None else None
             self.length = prompts.length
@@ -128,8 +129,9 @@ def test_gradients_match_local_reference(swarm_lm, tiny_llama, tuning):
             for ours, theirs in zip(module.lora.pair(key), reference.lora_pairs[key]):
                 assert float(ours.grad.abs().max()) > 0, key
                 assert max_diff(ours.grad, theirs.grad) <= TOL, key
-    if module.prompts is not None:
-        for ours, theirs in ((module.prompts.prompt, reference.prompt), (module.prompts.deep, reference.deep)):
+    if module.soft_prompts is not None:
+        prompts = module.soft_prompts
+        for ours, theirs in ((prompts.prompt, reference.prompt), (prompts.deep, reference.deep)):
             if ours is not None:
                 assert float(ours.grad.abs().max()) > 0
                 assert max_diff(ours.grad, theirs.grad) <= TOL
@@ -167,3 +169,61 @@ def test_lora_dropout_only_in_training(swarm_lm, tiny_llama):
         expected = reference(**batch).logits
     assert max_diff(evaluated, expected) <= TOL
     assert max_diff(trained, expected) > 1e-4
+
+
+def test_generation_reuses_the_lora_version_training_sent(swarm_lm, tiny_llama, llama_client):
+    """Validation's inference sessions name the adapter by digest when servers hold that version already,
+    and resend it when a server forgot it; the tokens are the local model's either way."""
+    module = swarm_lm(TuningConfig(lora=LoraSettings(rank=4, alpha=8)))
+    randomize(module.lora.parameters(), seed=6)
+    reference = Reference(tiny_llama, module)
+    lora_bytes = sum(p.numel() * p.element_size() for p in module.lora.parameters())
+    prompt = make_batch(seed=7)["input_ids"][:1, :6]
+    expected = reference.model.generate(prompt, max_new_tokens=5, do_sample=False)
+
+    def generate_counting() -> int:
+        with llama_client.inference_session(max_length=16) as session:
+            assert torch.equal(llama_client.generate(prompt, max_new_tokens=5, do_sample=False), expected)
+            return session.bytes_sent
+
+    module.eval()
+    cold = generate_counting()       # the first session sends the tensors (and servers remember them)
+    warm = generate_counting()       # the next names them by digest
+    assert cold - warm >= lora_bytes and warm < lora_bytes
+    lora, connection = llama_client.lora, llama_client.connection
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.mul_(1.0)  # in place: a new version, which no server holds, but which we claim they do
+    for server in connection.view.servers.values():
+        connection.lora_shipments.record(server.peer_id, lora.digest(lora.keys_in(server.start, server.end)))
+    assert generate_counting() >= lora_bytes  # refused by digest, then sent in full
+
+
+@pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
+def test_petals_prompt_tuning_spelling(mode, llama_swarm, tiny_llama):
+    """from_pretrained(tuning_mode=..., pre_seq_len=N), as in Petals: only the prompts train, and their
+    gradients are the local model's."""
+    model = SwarmForCausalLM.from_pretrained(tiny_llama, initial_peers=llama_swarm.initial_peers, tuning_mode=mode,
+                                             pre_seq_len=3)
+    try:
+        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        assert trainable == ["soft_prompts.prompt"] + (["soft_prompts.deep"] if mode == "deep_ptune" else [])
+        randomize([p for p in model.parameters() if p.requires_grad], seed=8)
+        reference = Reference(tiny_llama, model)
+        batch = make_batch(seed=9)
+        loss, ref_loss = model(**batch).loss, reference(**batch).loss
+        loss.backward()
+        ref_loss.backward()
+        assert abs(loss.item() - ref_loss.item()) <= TOL
+        for ours, theirs in ((model.soft_prompts.prompt, reference.prompt), (model.soft_prompts.deep, reference.deep)):
+            if ours is not None:
+                assert float(ours.grad.abs().max()) > 0 and max_diff(ours.grad, theirs.grad) <= TOL
+    finally:
+        model.close()
+
+
+def test_petals_spelling_is_checked_before_connecting():
+    with pytest.raises(ValueError, match="tuning_mode"):
+        SwarmForCausalLM.from_pretrained("unused", tuning_mode="prefix", pre_seq_len=3)
+    with pytest.raises(ValueError, match="pre_seq_len"):
+        SwarmForCausalLM.from_pretrained("unused", tuning_mode="ptune")

@@ -22,7 +22,7 @@ from swarmtune.models import (
     load_span,
     supported_model_types,
 )
-from tests.conftest import FAMILIES, reference_model
+from tests.helpers import FAMILIES, reference_model
 
 TOL = 1e-5
 SPANS = [(0, 2), (2, 5), (5, 6)]
@@ -151,11 +151,11 @@ def test_deep_prompts_match_between_full_pass_and_incremental_decoding(llama_spa
     hidden = torch.randn(2, 7, hidden_size, generator=g)
     prompts = torch.randn(span.num_blocks, 2, 3, hidden_size, generator=g)
 
-    full = span(hidden, prompts=prompts)
+    full = span(hidden, deep_prompts=prompts)
     assert (full - span(hidden)).abs().max() > 1e-2, "deep prompts must change the output"
 
     cache = span.make_cache(2, 7)
-    steps = [span(hidden[:, a:b], cache=cache, prompts=prompts) for a, b in [(0, 2), (2, 3), (3, 4), (4, 7)]]
+    steps = [span(hidden[:, a:b], cache=cache, deep_prompts=prompts) for a, b in [(0, 2), (2, 3), (3, 4), (4, 7)]]
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= TOL
 
 

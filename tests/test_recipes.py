@@ -14,43 +14,23 @@ import lightning as L
 import psutil
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir, initialize_config_module
+from hydra import compose
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 from setuptools import find_namespace_packages, find_packages
 
 from swarmtune import launch
+from swarmtune.adapters.lora import target_shapes
 from swarmtune.client.config import ClientConfig
+from swarmtune.launch import plain
 from swarmtune.models.checkpoint import DTYPES
 from swarmtune.tiny_model import tiny_config
 from swarmtune.tuning.data import DataConfig
-from swarmtune.tuning.lora import target_shapes
 from swarmtune.tuning.module import OptimConfig, TuningConfig
+from tests.helpers import PEERS, RECIPES, hydra_context
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = sorted(e.name[:-5] for e in launch.recipes_dir().iterdir() if e.name.endswith(".yaml"))
 HUB_FAMILIES = {"meta-llama/Llama-2-70b-hf": "llama", "mistralai/Mixtral-8x7B-v0.1": "mixtral"}
-PEERS = ["/ip4/10.1.2.3/tcp/31337/p2p/QmPeerA", "/ip4/10.1.2.4/tcp/31337/p2p/QmPeerB"]
-
-
-@contextlib.contextmanager
-def hydra_context():
-    launch.register_recipes()
-    path = launch.config_path()
-    if path.startswith("pkg://"):
-        with initialize_config_module(path[len("pkg://"):], version_base=None):
-            yield
-    else:
-        with initialize_config_dir(path, version_base=None):
-            yield
-
-
-def plain(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True)
-
-
-def test_all_four_recipes_exist():
-    assert {"tiny_local", "lora_llama70b", "ptune_llama70b", "lora_mixtral"} <= set(RECIPES)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -60,7 +40,7 @@ def test_recipe_composes(recipe, monkeypatch):
         cfg = compose("config", overrides=[f"recipe={recipe}"])
     # Everything the entry point builds from the config accepts it.
     DataConfig(**plain(cfg.data))
-    tuning = TuningConfig.from_dict(plain(cfg.tuning))
+    tuning = TuningConfig(**plain(cfg.tuning))
     OptimConfig(**plain(cfg.optim))
     trainer = plain(cfg.trainer)
     checkpoint = trainer.pop("checkpoint")

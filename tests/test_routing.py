@@ -7,10 +7,11 @@ import random
 import time
 from collections import Counter
 
+from swarmtune.client.bans import Bans
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.routing import inference_route, training_route
-from swarmtune.client.swarm_view import Bans, SwarmView
+from swarmtune.directory import SwarmView
 from swarmtune.records import ServerInfo
 
 
@@ -102,7 +103,7 @@ def test_failed_server_stays_out_until_it_announces_again():
     """A dead server's record outlives it: after its ban, it is still skipped until a newer record appears."""
     import time
 
-    from swarmtune.client.swarm_view import Bans
+    from swarmtune.client.bans import Bans
 
     bans = Bans(base=0.01)
     bans.ban("peer", record_expires=100.0)

@@ -14,16 +14,15 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.serializer import MSGPackSerializer
 
-from swarmtune import records, wire
-from swarmtune.client import rpc
+from swarmtune import records, transport, wire
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.model import SwarmForCausalLM
-from swarmtune.client.rpc import ServerRejected
-from swarmtune.client.swarm_view import fetch_servers
+from swarmtune.directory import fetch_servers
 from swarmtune.p2p import NetworkOptions, start_p2p
 from swarmtune.security import Identity, PeerSignatureValidator, SwarmKeyAuthorizer, generate_swarm_key
 from swarmtune.swarm import LocalSwarm, ProcessFailed
-from tests.conftest import reference_model
+from swarmtune.transport import ServerRejected
+from tests.helpers import reference_model
 
 
 class _Loop:
@@ -144,7 +143,7 @@ def _outsider_call(loop, swarm, token: str = "") -> None:
             addrs = [Multiaddr(a.split("/p2p/")[0]) for a in server.maddrs]
             await p2p._client.connect(PeerID.from_base58(server.peer_id), addrs)  # dial it directly
             data = wire.pack({"start": 0, "end": 1}, {"hidden": torch.randn(1, 2, 64)})
-            return await rpc.call(p2p, swarm.servers[0].peer_id, "forward", data, 20, token=token)
+            return await transport.call(p2p, swarm.servers[0].peer_id, "forward", data, 20, token=token)
         finally:
             await p2p.shutdown()
 

@@ -8,15 +8,14 @@ import psutil
 import pytest
 import torch
 
-from swarmtune import wire
-from swarmtune.client import rpc
+from swarmtune import transport, wire
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.client.routing import NoServersError
-from swarmtune.client.rpc import ServerRejected
 from swarmtune.client.sequential import RemoteSequential
-from tests.conftest import reference_model
+from swarmtune.transport import ServerRejected
+from tests.helpers import reference_model
 
 TOL = 1e-5
 
@@ -69,13 +68,13 @@ def test_bloom_matches_local(bloom_client):
 def test_request_above_unary_limit_streams(llama_client, tiny_llama, monkeypatch):
     """Requests reuse a channel per server, in frames: a message above one RPC's limit round-trips."""
     sizes = []
-    original = rpc.Channel.request
+    original = transport.Channel.request
 
     async def spy(self, data, timeout):
         sizes.append(len(data))
         return await original(self, data, timeout)
 
-    monkeypatch.setattr(rpc.Channel, "request", spy)
+    monkeypatch.setattr(transport.Channel, "request", spy)
     hidden = torch.randn(4, 1100, llama_client.config.hidden_size)  # ~1.1 MiB of fp32 per request
     ref = reference_model(tiny_llama)
     with torch.no_grad():
@@ -120,7 +119,7 @@ def test_malformed_requests_are_refused_and_server_keeps_serving(llama_swarm, ll
     conn = llama_client.connection
 
     def send(method: str, data: bytes):
-        return conn.run(rpc.call(conn.p2p, server.peer_id, method, data, 30), timeout=40)
+        return conn.run(transport.call(conn.p2p, server.peer_id, method, data, 30), timeout=40)
 
     for name, make in BAD_REQUESTS.items():
         meta, tensors = make(hidden_size)
@@ -175,8 +174,8 @@ def test_backward_reuses_the_kept_forward_graph(llama_swarm, llama_client):
         total = 0
         for server in llama_swarm.servers:
             if server.proc.poll() is None:
-                meta, _ = conn.run(rpc.call(conn.p2p, server.peer_id, "info", wire.pack({}), 10, token=conn.token),
-                                   timeout=15)
+                info = transport.call(conn.p2p, server.peer_id, "info", wire.pack({}), 10, token=conn.token)
+                meta, _ = conn.run(info, timeout=15)
                 total += meta["stats"].get("backward_from_kept_graph", 0)
         return total
 

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from swarmtune import swarm
+from swarmtune import records, swarm
 from swarmtune.records import ModelInfo, ServerInfo
 from swarmtune.status import format_status, uncovered
+from swarmtune.swarm import ManagedProcess
 
 
 def test_the_table_flags_blocks_without_an_online_server():
@@ -42,6 +43,29 @@ def test_status_of_a_running_swarm(llama_swarm, tiny_llama):
     assert "NO SERVER" not in done.stdout
 
 
+def test_status_without_a_model_lists_every_model_the_swarm_serves(llama_swarm, tiny_llama, tiny_models, tmp_path):
+    """A bloom server joins the llama swarm's DHT: both models are listed, each with its table."""
+    bloom = tiny_models("bloom")
+    server = ManagedProcess([sys.executable, "-m", "swarmtune.server", "--model", bloom, "--blocks", "0:6",
+                             "--initial-peers", *llama_swarm.initial_peers, "--num-threads", "1",
+                             "--update-period", "5", "--expiration", "15"], str(tmp_path / "bloom.log"))
+    try:
+        server.wait_marker("SERVING", 180, "the bloom server")
+        done = subprocess.run([sys.executable, "-m", "swarmtune.swarm", "status", "--initial-peers",
+                               *llama_swarm.initial_peers], capture_output=True, text=True, timeout=120)
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 model(s) announced" in done.stdout
+    listing = done.stdout.split("\n\n")[0]
+    for path in (tiny_llama, bloom):
+        prefix = records.dht_prefix(path)
+        assert prefix in listing and path in listing
+        assert f"{path} (DHT prefix {prefix!r}" in done.stdout  # and its table follows
+    assert "bloom" in listing and "llama" in listing
+
+
 def test_unknown_command_prints_usage():
-    with pytest.raises(SystemExit, match="usage: python -m swarmtune.swarm status"):
+    with pytest.raises(SystemExit, match="usage: python -m swarmtune.swarm COMMAND") as raised:
         swarm.main(["stats"])
+    assert all(f"\n  {command} " in str(raised.value) for command in ("up", "down", "status"))

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from swarmtune.models import load_span
 from swarmtune.tiny_model import VOCAB_SIZE, make_tiny_model, tiny_config, train_tokenizer
-from tests.conftest import FAMILIES
+from tests.helpers import FAMILIES
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_tiny_model.py"
 

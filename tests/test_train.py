@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 from pathlib import Path
@@ -10,8 +11,8 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from swarmtune.tuning.export import load_lora
-from tests.conftest import adapter_path, reference_model
+from swarmtune.adapters.peft_format import load_lora
+from tests.helpers import adapter_path, reference_model
 
 TOL = 1e-5
 
@@ -28,6 +29,8 @@ def test_tiny_local_end_to_end(tiny_local_run, tiny_llama, llama_client):
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1, losses
     assert (run_dir / "swarm" / "dht.log").exists()  # its own LocalSwarm served the run
+    assert output.count("GPU available") == 1  # Lightning's lines once, through Hydra's logging
+    assert "30/30" in output and "/-2" not in output  # the bar counts steps, not epochs of -1
 
     adapter = adapter_path(output)
     assert Path(adapter) == run_dir / "adapter"
@@ -90,3 +93,20 @@ def test_wandb_goes_offline_without_credentials(tmp_path, monkeypatch):
     started = time.monotonic()
     assert not loggers._reachable("127.0.0.1", 9, timeout=5.0)  # nothing listens on the discard port
     assert time.monotonic() - started < 1.0  # refused at once, not timed out
+
+
+def test_the_seed_decides_the_data_split(tiny_local_run, tiny_llama, llama_swarm, train_process, tmp_path):
+    """seed=1 holds out other validation rows than the default seed 0 (whose run is tiny_local_run)."""
+    peers = ",".join(f"'{p}'" for p in llama_swarm.initial_peers)
+    run_dir = tmp_path / "run"
+    train_process([f"model.path={tiny_llama}", f"swarm.initial_peers=[{peers}]", "logger=csv", "seed=1",
+                   "trainer.max_steps=1", "trainer.val_check_interval=1", "eval.max_new_tokens=1",
+                   f"hydra.run.dir={run_dir}"], tmp_path / "train.log").wait(timeout=240)
+
+    def validation_prompts(directory: Path) -> set[str]:
+        rows = [json.loads(line) for line in (directory / "samples.jsonl").read_text().splitlines()]
+        first = min(r["step"] for r in rows)
+        return {r["prompt"] for r in rows if r["step"] == first}
+
+    seed0, seed1 = validation_prompts(tiny_local_run[0]), validation_prompts(run_dir)
+    assert len(seed0) == len(seed1) == 8 and seed0 != seed1

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.swarm import LocalSwarm
-from tests.conftest import reference_model
+from tests.helpers import reference_model
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,11 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from swarmtune import wire
-from swarmtune.client import rpc
+from swarmtune import transport, wire
+from swarmtune.client.bans import Bans
 from swarmtune.client.config import ClientConfig
-from swarmtune.client.swarm_view import Bans, SwarmView, fetch_model_info, fetch_servers
+from swarmtune.client.span_requests import LoraShipments
+from swarmtune.directory import SwarmView, fetch_model_info, fetch_servers
 from swarmtune.p2p import NetworkOptions, start_dht, start_p2p
 from swarmtune.security import Membership
 
@@ -45,7 +46,8 @@ class SwarmConnection:
         self._thread.start()
         self.p2p = self.dht = None
         self.token = ""  # proof of membership sent with every RPC (empty in an open swarm)
-        self.channels: dict[str, rpc.Channel] = {}  # per server: the stream forward/backward requests reuse
+        self.channels: dict[str, transport.Channel] = {}  # per server: the stream forward/backward requests reuse
+        self.lora_shipments = LoraShipments()  # which servers hold which versions of our LoRA
         self._refresher = None
         try:
             self.run(self._start(), timeout=config.startup_timeout + 10)
@@ -70,9 +72,9 @@ class SwarmConnection:
         self.dht = await start_dht(self.p2p, opts, client_mode=True)
         self.token = membership.token(str(self.p2p.peer_id))
 
-    def channel(self, peer_id: str) -> rpc.Channel:
+    def channel(self, peer_id: str) -> transport.Channel:
         if peer_id not in self.channels:
-            self.channels[peer_id] = rpc.Channel(self.p2p, peer_id, self.token)
+            self.channels[peer_id] = transport.Channel(self.p2p, peer_id, self.token)
         return self.channels[peer_id]
 
     def run(self, coro: Coroutine, timeout: float | None = None) -> Any:
@@ -80,7 +82,6 @@ class SwarmConnection:
 
     async def update_view(self) -> None:
         self.view.servers = await fetch_servers(self.dht, self.prefix, self.view.num_blocks)
-        self.view.updated = time.monotonic()
 
     def refresh(self) -> None:
         self.run(self.update_view(), timeout=self.config.request_timeout)
@@ -119,10 +120,10 @@ class SwarmConnection:
         """Seconds an info RPC to the server takes, or None if it fails."""
         began = time.perf_counter()
         try:
-            await rpc.call(self.p2p, peer_id, "info", wire.pack({}), PING_TIMEOUT, token=self.token)
-        except rpc.ServerRejected:  # it answered, if only to refuse: the round trip still counts
+            await transport.call(self.p2p, peer_id, "info", wire.pack({}), PING_TIMEOUT, token=self.token)
+        except transport.ServerRejected:  # it answered, if only to refuse: the round trip still counts
             pass
-        except rpc.ServerFailure:
+        except transport.ServerFailure:
             return None
         return time.perf_counter() - began
 

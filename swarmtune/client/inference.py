@@ -17,13 +17,14 @@ import time
 
 import torch
 
-from swarmtune import wire
-from swarmtune.client import rpc
+from swarmtune import transport, wire
+from swarmtune.adapters.lora import ClientLora
 from swarmtune.client.connection import SwarmConnection
-from swarmtune.client.routing import Hop, NoServersError, inference_route
-from swarmtune.client.rpc import MessageStream, Refusals, ServerFailure
-from swarmtune.client.swarm_view import SwarmView
-from swarmtune.client.verification import odd_ones_out, tolerance
+from swarmtune.client.routing import Hop, inference_route
+from swarmtune.client.span_requests import Refusals, alternatives, ban_failed, check_output, vote, wait_for_route
+from swarmtune.directory import SwarmView
+from swarmtune.records import ServerInfo
+from swarmtune.transport import MessageStream, ServerFailure
 
 logger = logging.getLogger(__name__)
 CHAIN_BYTES = 256 << 10  # steps up to this size are pushed server to server (a push is a single RPC frame)
@@ -72,25 +73,23 @@ class _SpanSession:
         self.awaiting = False  # a chained step was sent whose reply is still unread
 
     def open(self) -> None:
-        s = self.session
-        meta = {"type": "open", "start": self.hop.start, "end": self.hop.end, "max_length": s.max_length,
-                "batch_size": s.batch_size, "session_id": self.session_id}
-        tensors = {}
-        if s.adapter is not None:
-            meta["lora"] = {"adapter": s.adapter, "keys": [], "scale": 1.0}
-        elif s.lora is not None:
-            keys = s.lora.keys_in(self.hop.start, self.hop.end)
-            if keys:
-                meta["lora"] = {"keys": keys, "scale": s.lora.scale, "dropout": 0.0}
-                for i, key in enumerate(keys):
-                    a, b = s.lora.pair(key)
-                    tensors[f"lora.A.{i}"], tensors[f"lora.B.{i}"] = a.detach(), b.detach()
-        if s.prompts is not None:
-            tensors["prompts"] = s.prompts[self.hop.start:self.hop.end].expand(-1, s.batch_size, -1, -1)
-        data = wire.pack(meta, tensors)
-        s.bytes_sent += len(data)
-        self.session.connection.run(self.stream.exchange(data, s.config.connect_timeout),
-                                    timeout=s.config.connect_timeout + 5)
+        s, timeout = self.session, self.session.config.connect_timeout
+
+        def request(lora_meta: dict | None, lora_tensors: dict[str, torch.Tensor]) -> None:
+            meta = {"type": "open", "start": self.hop.start, "end": self.hop.end, "max_length": s.max_length,
+                    "batch_size": s.batch_size, "session_id": self.session_id}
+            if lora_meta is not None:
+                meta["lora"] = lora_meta
+            tensors = dict(lora_tensors)
+            if s.deep_prompts is not None:
+                tensors["deep_prompts"] = s.deep_prompts[self.hop.start:self.hop.end].expand(-1, s.batch_size, -1, -1)
+            data = wire.pack(meta, tensors)
+            s.bytes_sent += len(data)
+            if self.stream.closed:  # a refused open ends its stream
+                self.stream = MessageStream(s.connection.p2p, self.hop.peer_id, s.connection.token)
+            s.connection.run(self.stream.exchange(data, timeout), timeout=timeout + 5)
+
+        s.connection.lora_shipments.send(request, self.hop, s.lora, s.active_adapter)  # no dropout in generation
 
     def step(self, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, step: int) -> torch.Tensor:
         """This span's output for new tokens (checked against the shadows, if any)."""
@@ -113,7 +112,7 @@ class _SpanSession:
         """Put the input where the server waits for the previous server's push, then read its reply."""
         data = wire.pack({"session": self.session_id, "step": step}, {"hidden": hidden})
         with contextlib.suppress(ServerFailure):  # if this fails, the server asks for the input when its wait ends
-            await rpc.call(self.stream.p2p, self.hop.peer_id, "push", data, timeout, token=self.stream.token)
+            await transport.call(self.stream.p2p, self.hop.peer_id, "push", data, timeout, token=self.stream.token)
         return await self.stream.receive(timeout)
 
     def message(self, meta: dict, mask: torch.Tensor, position_ids: torch.Tensor,
@@ -130,16 +129,12 @@ class _SpanSession:
 
     def output(self, reply: dict, like: torch.Tensor) -> torch.Tensor:
         """The span's output from a step reply, checked."""
-        out = reply.get("hidden")
-        if out is None or out.shape != like.shape:
-            raise ServerFailure(self.hop.peer_id, f"bad step output shape {None if out is None else list(out.shape)}")
-        if not bool(torch.isfinite(out).all()):
-            raise ServerFailure(self.hop.peer_id, "step output contains NaN or infinite values")
+        out = check_output(self.hop.peer_id, reply.get("hidden"), like.shape, "hidden")
         self.pending_reorder = None
         return out.to(like.dtype)
 
     def _verified(self, out, hidden, mask, position_ids, step: int) -> torch.Tensor:
-        """Compare with the shadows; on a mismatch a third server decides and the outvoted are dropped."""
+        """Compare with the shadows; without agreement more servers vote, and the outvoted are dropped."""
         s = self.session
         replicas = {self.hop.peer_id: self}
         results = {self.hop.peer_id: out}
@@ -151,20 +146,30 @@ class _SpanSession:
                 self.shadows.remove(shadow)
                 shadow.close()
                 s.ban(shadow.hop, e, count=False)
-        tol = tolerance(*(r.hop.server for r in replicas.values()))
-        verdict = odd_ones_out(results, tol)
-        if verdict is None:  # one against one: ask a third server
-            third = s.open_replica(self.hop, exclude=set(results), history=self.history)
-            if third is not None:
-                results[third.hop.peer_id] = third.send(hidden, mask, position_ids, step)
-                replicas[third.hop.peer_id] = third
-                verdict = odd_ones_out(results, tolerance(*(r.hop.server for r in replicas.values())))
-        if verdict is None:
-            raise ServerFailure(self.hop.peer_id, "output disagrees with another server and no third can decide")
-        winner, losers = verdict
+
+        def ask_another(asked: set[str]) -> tuple[ServerInfo, torch.Tensor] | None:
+            while (replica := s.open_replica(self.hop, exclude=asked, history=self.history)) is not None:
+                try:
+                    result = replica.send(hidden, mask, position_ids, step)
+                except ServerFailure as e:
+                    replica.close_stream()
+                    s.ban(replica.hop, e, count=False)
+                    asked = asked | {replica.hop.peer_id}
+                    continue
+                replicas[replica.hop.peer_id] = replica
+                return replica.hop.server, result
+            return None
+
+        try:
+            winner, losers = vote(results, {p: r.hop.server for p, r in replicas.items()}, s.connection.bans,
+                                  f"an inference step of blocks {self.hop.start}:{self.hop.end}", ask_another)
+        except ServerFailure:  # no majority: this span is replaced, with none of these servers
+            for replica in replicas.values():
+                if replica is not self:
+                    replica.close_stream()
+            raise
+        s.mismatches += len(losers)
         for peer in losers:
-            s.mismatches += 1
-            s.ban(replicas[peer].hop, ServerFailure(peer, "outvoted by other servers on the same blocks"), count=False)
             replicas[peer].close_stream()
         if winner != self.hop.peer_id:  # this span continues on the winner's connection
             other = replicas[winner]
@@ -186,11 +191,12 @@ class _SpanSession:
 class InferenceSession:
     """Generation state for one batch across the swarm; `step` runs new tokens' hidden states through all blocks."""
 
-    def __init__(self, connection: SwarmConnection, max_length: int, batch_size: int, lora=None, prompts=None,
-                 adapter: str | None = None, start: int = 0, end: int | None = None):
+    def __init__(self, connection: SwarmConnection, max_length: int, batch_size: int, lora: ClientLora | None = None,
+                 deep_prompts: torch.Tensor | None = None, active_adapter: str | None = None, start: int = 0,
+                 end: int | None = None):
         self.connection, self.config = connection, connection.config
         self.max_length, self.batch_size = max_length, batch_size
-        self.lora, self.prompts, self.adapter = lora, prompts, adapter
+        self.lora, self.deep_prompts, self.active_adapter = lora, deep_prompts, active_adapter
         self.start, self.end = start, connection.view.num_blocks if end is None else end
         self.spans: list[_SpanSession] = []
         self.mask: torch.Tensor | None = None          # [batch, length] of every token so far
@@ -242,7 +248,7 @@ class InferenceSession:
 
     def view(self) -> SwarmView:
         """The servers this session may use: those hosting its adapter, if it names one."""
-        return self.connection.view.hosting(self.adapter)
+        return self.connection.view.hosting(self.active_adapter)
 
     def chainable(self, hidden: torch.Tensor) -> bool:
         """Servers pass small steps along the chain themselves when the network is the bottleneck;
@@ -338,19 +344,12 @@ class InferenceSession:
 
     def _open_chain(self, start: int, end: int, index: int, history: _History) -> int:
         """Open sessions on a fresh chain for blocks [start, end) at position `index`; returns its length."""
+        connection = self.connection
         deadline = time.monotonic() + self.config.retry_budget
-        delay = 0.2
-        while True:
-            try:
-                hops = inference_route(self.view(), start, end, self.connection.bans,
-                                       rtt=self.connection.rtts.get)
-            except NoServersError as e:
-                if time.monotonic() + delay > deadline:
-                    raise NoServersError(e.blocks, self.connection.prefix, self.adapter) from None
-                time.sleep(delay)
-                delay = min(2 * delay, 5.0)
-                self.connection.refresh()
-                continue
+        while True:  # each failed open is banned and counted: `ban` gives up after max_retries
+            hops = wait_for_route(
+                lambda: inference_route(self.view(), start, end, connection.bans, connection.rtts.get),
+                connection.refresh, deadline, connection.prefix, self.active_adapter)
             opened = []
             for i, hop in enumerate(hops):
                 span = _SpanSession(self, hop, history if i == 0 else _History())
@@ -393,11 +392,9 @@ class InferenceSession:
             self._failures += 1
             if self._failures > self.config.max_retries:
                 raise RuntimeError(f"inference step failed {self._failures} times; giving up (last: {error})")
-        duration = self.connection.bans.ban(hop.peer_id, hop.server.expires)
-        logger.warning(f"server {hop.peer_id} failed on blocks {hop.start}:{hop.end} ({error.reason}); "
-                       f"banned for {duration:.0f} s")
+        ban_failed(self.connection.bans, hop, error, "an inference session")
         if count:
-            self._refusals.check(error, len(self.view().covering(hop.start, self.connection.bans)))
+            self._refusals.check(error, alternatives(self.view(), hop, self.connection.bans))
 
     def _replace(self, index: int, error: ServerFailure) -> int:
         old = self.spans.pop(index)

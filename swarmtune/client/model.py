@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 
 import torch
@@ -18,13 +19,15 @@ from transformers import Cache, GenerationMixin, PretrainedConfig, PreTrainedMod
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from swarmtune import records
+from swarmtune.adapters import peft_format
+from swarmtune.adapters.lora import ClientLora
+from swarmtune.adapters.prompts import SoftPrompts
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.inference import InferenceSession
 from swarmtune.client.sequential import RemoteSequential
+from swarmtune.errors import check_multiaddrs
 from swarmtune.models import ClientParts, load_client_parts, load_config, parse_dtype
-from swarmtune.tuning.lora import ClientLora
-from swarmtune.tuning.prompts import SoftPrompts
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +83,11 @@ class SwarmForCausalLM(PreTrainedModel, GenerationMixin):
         self.remote = RemoteSequential(connection)
         self.lora: ClientLora | None = None          # client LoRA applied in every remote call
         self.soft_prompts: SoftPrompts | None = None  # a trained prefix (and deep prompts) before every input
-        self.adapter: str | None = None  # a server-hosted adapter (by name) instead of client LoRA
+        self.active_adapter: str | None = None  # a server-hosted adapter (by name) instead of client LoRA
         self._session: InferenceSession | None = None
 
     @property
-    def prompts(self) -> torch.Tensor | None:
+    def deep_prompts(self) -> torch.Tensor | None:
         """Deep prompts [num_blocks, 1, prefix, hidden] that servers add before every block."""
         return self.soft_prompts.deep_prompts() if self.soft_prompts is not None else None
 
@@ -92,37 +95,59 @@ class SwarmForCausalLM(PreTrainedModel, GenerationMixin):
     def from_pretrained(cls, model: str, initial_peers: list[str] | None = None, dtype: str | torch.dtype = "fp32",
                         client_config: ClientConfig | None = None, dht_prefix: str | None = None,
                         revision: str | None = None, attn_implementation: str = "sdpa", adapter: str | None = None,
-                        active_adapter: str | None = None) -> SwarmForCausalLM:
+                        active_adapter: str | None = None, tuning_mode: str | None = None,
+                        pre_seq_len: int = 0) -> SwarmForCausalLM:
         """Local parts of `model` (a checkpoint directory or hub id) plus a connection to the swarm serving it.
 
         `adapter` (a directory or hub id in PEFT format, e.g. exported by swarmtune.train) brings
         its LoRA, soft prompts and LM head to every forward pass and generation; its LoRA travels
-        to each server once per session. `active_adapter` names an adapter that servers host
-        themselves: requests go only to those servers and carry no adapter weights.
+        to each server once. `active_adapter` names an adapter that servers host themselves:
+        requests go only to those servers and carry no adapter weights. `tuning_mode` and
+        `pre_seq_len` are Petals' spelling of `train_prompts(pre_seq_len, deep=tuning_mode == "deep_ptune")`.
         """
-        config = load_config(model, attn_implementation, revision)
+        if tuning_mode not in (None, "ptune", "deep_ptune"):
+            raise ValueError(f"tuning_mode must be 'ptune', 'deep_ptune' or None, not {tuning_mode!r}")
+        if (tuning_mode is None) != (pre_seq_len == 0):
+            raise ValueError("give tuning_mode and pre_seq_len (the number of prompt positions, >= 1) together")
         client_config = client_config or ClientConfig()
         if initial_peers is not None:
-            client_config.initial_peers = list(initial_peers)
+            client_config = dataclasses.replace(client_config, initial_peers=list(initial_peers))
+        check_multiaddrs(client_config.initial_peers, "initial_peers")
+        config = load_config(model, attn_implementation, revision)
+        loaded = peft_format.load_adapter(adapter, config, revision) if adapter is not None else None
         prefix = dht_prefix or client_config.dht_prefix or records.dht_prefix(model)
         parts = load_client_parts(model, parse_dtype(dtype), revision=revision, config=config)
         connection = SwarmConnection(client_config, prefix, config.num_hidden_layers)
         swarm_model = cls(config, parts, connection, model_name=model)
-        if adapter is not None:
-            swarm_model.load_adapter(adapter, revision)
-        swarm_model.adapter = active_adapter
+        if loaded is not None:
+            swarm_model.attach_adapter(loaded)
+        if tuning_mode is not None:
+            swarm_model.train_prompts(pre_seq_len, deep=tuning_mode == "deep_ptune")
+        swarm_model.active_adapter = active_adapter
         return swarm_model
 
     def load_adapter(self, adapter: str, revision: str | None = None) -> None:
         """Apply a PEFT-format adapter (LoRA, soft prompts, LM head) from a directory or hub id."""
-        from swarmtune.tuning.export import load_adapter
+        self.attach_adapter(peft_format.load_adapter(adapter, self.config, revision))
 
-        loaded = load_adapter(adapter, self.config, revision)
-        self.lora = loaded.lora.eval() if loaded.lora is not None else None
-        self.soft_prompts = loaded.prompts.eval() if loaded.prompts is not None else None
-        if loaded.lm_head is not None:
-            weight = loaded.lm_head.to(self.parts.lm_head.weight.dtype)
+    def attach_adapter(self, adapter: peft_format.Adapter) -> None:
+        """Apply an adapter already read from disk (in eval mode: no dropout until someone trains it further)."""
+        self.lora = adapter.lora.eval() if adapter.lora is not None else None
+        self.soft_prompts = adapter.soft_prompts.eval() if adapter.soft_prompts is not None else None
+        if adapter.lm_head is not None:
+            weight = adapter.lm_head.to(self.parts.lm_head.weight.dtype)
             self.parts.lm_head.weight = nn.Parameter(weight, requires_grad=False)
+
+    def train_prompts(self, length: int, deep: bool = False, seed: int = 0) -> SoftPrompts:
+        """Prompt tuning on this model, as Petals' ptune modes: `length` trainable prompt positions before
+        every input (with `deep`, also a trainable prefix before every block); everything else is frozen,
+        so the parameters that require grad are the ones to optimize."""
+        if self.soft_prompts is not None:
+            raise ValueError("this model has soft prompts already (from its adapter)")
+        self.requires_grad_(False)
+        self.soft_prompts = SoftPrompts(length, self.config.hidden_size, self.config.num_hidden_layers, shallow=True,
+                                        deep=deep, init_embeddings=self.parts.embed_tokens.weight, seed=seed)
+        return self.soft_prompts
 
     # ---- transformers plumbing ---------------------------------------------------------------------
 
@@ -164,8 +189,8 @@ class SwarmForCausalLM(PreTrainedModel, GenerationMixin):
     # ---- sessions --------------------------------------------------------------------------------
 
     def open_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
-        return InferenceSession(self.connection, max_length, batch_size, lora=self.lora, prompts=self.prompts,
-                                adapter=self.adapter)
+        return InferenceSession(self.connection, max_length, batch_size, lora=self.lora,
+                                deep_prompts=self.deep_prompts, active_adapter=self.active_adapter)
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int, batch_size: int = 1):
@@ -202,7 +227,8 @@ class SwarmForCausalLM(PreTrainedModel, GenerationMixin):
             mask = attention_mask[:, -new:] if attention_mask is not None else None
             hidden = cache.session.step(hidden, mask, position_ids)
         else:
-            hidden = self.remote(hidden, attention_mask, position_ids, self.prompts, self.lora, self.adapter)
+            hidden = self.remote(hidden, attention_mask, position_ids, self.deep_prompts, self.lora,
+                                 self.active_adapter)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.parts.logits(hidden)

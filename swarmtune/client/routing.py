@@ -15,19 +15,22 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from swarmtune.client.swarm_view import Bans, SwarmView
+from swarmtune.client.bans import Bans
+from swarmtune.directory import SwarmView, format_blocks
+from swarmtune.errors import UserError
 from swarmtune.records import ServerInfo
 
 DEFAULT_RTT = 0.05  # seconds, assumed while no server has been measured
 
 
-class NoServersError(RuntimeError):
+class NoServersError(UserError, RuntimeError):
     """Some blocks have no live, unbanned server."""
 
     def __init__(self, blocks: list[int], model: str = "", adapter: str | None = None):
         self.blocks = blocks
+        of = f" of {model}" if model else ""
         hosting = f" with adapter {adapter!r}" if adapter else ""
-        super().__init__(f"No live server holds block(s) {_ranges(blocks)}{' of ' + model if model else ''}{hosting}: "
+        super().__init__(f"No live server holds block(s) {format_blocks(blocks)}{of}{hosting}: "
                          f"wait for servers to join or start one with python -m swarmtune.server --blocks ...")
 
 
@@ -95,17 +98,3 @@ def inference_route(view: SwarmView, start: int, end: int, bans: Bans | None = N
         hops.append(back[block])
         block = back[block].start
     return hops[::-1]
-
-
-def _ranges(blocks: list[int]) -> str:
-    if not blocks:
-        return "?"
-    out, first, prev = [], blocks[0], blocks[0]
-    for b in blocks[1:] + [None]:
-        if b is not None and b == prev + 1:
-            prev = b
-            continue
-        out.append(f"{first}" if first == prev else f"{first}:{prev + 1}")
-        if b is not None:
-            first = prev = b
-    return ", ".join(out)

@@ -19,11 +19,19 @@ import torch
 from torch import nn
 
 from swarmtune import wire
+from swarmtune.adapters.lora import ClientLora
 from swarmtune.client.connection import SwarmConnection
-from swarmtune.client.routing import Hop, NoServersError, training_route
-from swarmtune.client.rpc import Refusals, ServerFailure, ServerRejected
-from swarmtune.client.verification import odd_ones_out, tolerance
-from swarmtune.tuning.lora import ClientLora
+from swarmtune.client.routing import Hop, training_route
+from swarmtune.client.span_requests import (
+    Refusals,
+    alternatives,
+    ban_failed,
+    check_output,
+    vote,
+    wait_for_route,
+)
+from swarmtune.records import ServerInfo
+from swarmtune.transport import ServerFailure
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +42,11 @@ class SpanArgs:
 
     attention_mask: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
-    prompts: torch.Tensor | None = None        # [num_blocks, batch, prefix, hidden] deep prompts
+    deep_prompts: torch.Tensor | None = None   # [num_blocks, batch, prefix, hidden]
     lora: ClientLora | None = None
     seed: int = 0
-    offset: int = 0                            # the block that prompts[0] belongs to
-    adapter: str | None = None                 # a server-hosted adapter, used instead of client LoRA
+    offset: int = 0                            # the block that deep_prompts[0] belongs to
+    active_adapter: str | None = None          # a server-hosted adapter, used instead of client LoRA
     keep: str | None = None                    # ask servers to keep forward graphs for the backward, by this id
 
     def tensors(self, start: int, end: int) -> dict[str, torch.Tensor]:
@@ -47,8 +55,8 @@ class SpanArgs:
             out["attention_mask"] = self.attention_mask
         if self.position_ids is not None:
             out["position_ids"] = self.position_ids
-        if self.prompts is not None:
-            out["prompts"] = self.prompts[start - self.offset:end - self.offset]
+        if self.deep_prompts is not None:
+            out["deep_prompts"] = self.deep_prompts[start - self.offset:end - self.offset]
         return out
 
 
@@ -72,34 +80,13 @@ class Replayer:
         self.rng = rng or random.Random()
         self.stats = TransferStats()
         self.last_route: list[Hop] = []  # the hops of the latest forward pass
-        self._lora_sent: set[tuple[str, str]] = set()  # (peer, digest) pairs the server holds
 
     # ---- one request to one server ----------------------------------------------------------------
 
-    def _lora_meta(self, args: SpanArgs, hop: Hop, force_tensors: bool) -> tuple[dict | None, dict]:
-        if args.adapter is not None:
-            return {"adapter": args.adapter, "keys": [], "scale": 1.0}, {}
-        if args.lora is None:
-            return None, {}
-        keys = args.lora.keys_in(hop.start, hop.end)
-        if not keys:
-            return None, {}
-        digest = args.lora.digest(keys)
-        meta = dict(keys=keys, scale=args.lora.scale, dropout=args.lora.dropout, seed=args.seed, digest=digest)
-        if not force_tensors and (hop.peer_id, digest) in self._lora_sent:
-            return meta, {}
-        tensors = {}
-        for i, key in enumerate(keys):
-            a, b = args.lora.pair(key)
-            tensors[f"lora.A.{i}"], tensors[f"lora.B.{i}"] = a.detach(), b.detach()
-        return meta, tensors
-
     def call_span(self, method: str, hop: Hop, hidden: torch.Tensor, args: SpanArgs,
-                  grad_output: torch.Tensor | None = None, keep: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
-        """One forward or backward request; raises ServerFailure (including bad outputs)."""
-        force = False
-        for _ in range(2):  # a second try if the server forgot our LoRA digest
-            lora_meta, lora_tensors = self._lora_meta(args, hop, force)
+                  grad_output: torch.Tensor | None = None, keep: bool = True) -> dict[str, torch.Tensor]:
+        """One forward or backward request; raises ServerFailure."""
+        def request(lora_meta: dict | None, lora_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             meta = {"method": method, "start": hop.start, "end": hop.end}
             if args.keep is not None and keep:
                 meta["keep"] = args.keep
@@ -112,64 +99,46 @@ class Replayer:
             self.stats.bytes_sent += len(data)
             self.stats.lora_bytes_sent += sum(t.numel() * t.element_size() for t in lora_tensors.values())
             self.stats.requests += 1
-            try:
-                reply_meta, reply = self.connection.run(
-                    self.connection.channel(hop.peer_id).request(data, self.config.request_timeout),
-                    timeout=self.config.request_timeout + 5)
-            except ServerRejected as e:
-                if "unknown LoRA digest" in e.reason and not force:
-                    self._lora_sent.discard((hop.peer_id, lora_meta["digest"]))
-                    force = True
-                    continue
-                raise
-            if lora_meta is not None and "digest" in lora_meta:
-                self._lora_sent.add((hop.peer_id, lora_meta["digest"]))
+            _, reply = self.connection.run(
+                self.connection.channel(hop.peer_id).request(data, self.config.request_timeout),
+                timeout=self.config.request_timeout + 5)
             self.stats.bytes_received += sum(t.numel() * t.element_size() for t in reply.values())
-            return reply_meta, reply
-        raise ServerFailure(hop.peer_id, "kept rejecting our LoRA digest")
+            return reply
+
+        lora = args.lora
+        return self.connection.lora_shipments.send(request, hop, lora, args.active_adapter,
+                                                   lora.dropout if lora is not None else 0.0, args.seed)
 
     def checked_call(self, method: str, hop: Hop, hidden: torch.Tensor, args: SpanArgs,
                      grad_output: torch.Tensor | None = None) -> tuple[Hop, dict[str, torch.Tensor]]:
         """A request whose output is checked for shape and finiteness and, for a `verify_fraction`
         of requests, against other servers; returns the hop whose result is kept, and that result."""
-        expected = "hidden" if method == "forward" else "grad_hidden"
-        reply = self.call_span(method, hop, hidden, args, grad_output)[1]
-        _check_output(hop, reply.get(expected), hidden.shape, expected)
-        if self.config.verify_fraction > 0 and self.rng.random() < self.config.verify_fraction:
-            return self._cross_check(method, hop, hidden, args, grad_output, reply, expected)
-        return hop, reply
-
-    def _cross_check(self, method, hop: Hop, hidden, args, grad_output, reply: dict, key: str
-                     ) -> tuple[Hop, dict]:
-        """Ask a second server (and a third if they disagree); ban whoever the majority outvotes."""
-        view, bans = self.connection.view.hosting(args.adapter), self.connection.bans
-        others = [s for s in view.covering(hop.start, bans) if s.end >= hop.end and s.peer_id != hop.peer_id]
+        key = "hidden" if method == "forward" else "grad_hidden"
+        reply = self.call_span(method, hop, hidden, args, grad_output)
+        check_output(hop.peer_id, reply.get(key), hidden.shape, key)
+        if not (self.config.verify_fraction > 0 and self.rng.random() < self.config.verify_fraction):
+            return hop, reply
+        view, bans = self.connection.view.hosting(args.active_adapter), self.connection.bans
         replies, servers = {hop.peer_id: reply}, {hop.peer_id: hop.server}
-        for server in self.rng.sample(others, min(2, len(others))):
-            other = Hop(server, hop.start, hop.end)
-            try:
-                replies[server.peer_id] = self.call_span(method, other, hidden, args, grad_output, keep=False)[1]
-                _check_output(other, replies[server.peer_id].get(key), hidden.shape, key)
-            except ServerFailure as e:
-                replies.pop(server.peer_id, None)
-                self.fail(other, e, f"{method} verification", Refusals(), args.adapter)
-                continue
-            servers[server.peer_id] = server
-            verdict = odd_ones_out({p: r[key] for p, r in replies.items()}, tolerance(*servers.values()))
-            if verdict is not None:
-                winner, losers = verdict
-                for peer in losers:
-                    self.stats.mismatches += 1
-                    duration = bans.ban(peer)
-                    logger.warning(f"server {peer} disagrees with the majority on blocks {hop.start}:{hop.end} "
-                                   f"({method}); banned for {duration:.0f} s")
-                return Hop(servers[winner], hop.start, hop.end), replies[winner]
-        if len(replies) > 1:  # two servers disagree and nobody can break the tie: trust neither
-            for peer in replies:
-                if peer != hop.peer_id:
-                    bans.ban(peer)
-            raise ServerFailure(hop.peer_id, "result disagrees with another server and no third server can decide")
-        return hop, reply
+
+        def ask_another(asked: set[str]) -> tuple[ServerInfo, torch.Tensor] | None:
+            others = [s for s in view.covering(hop.start, bans) if s.end >= hop.end and s.peer_id not in asked]
+            for server in self.rng.sample(others, len(others)):
+                other = Hop(server, hop.start, hop.end)
+                try:
+                    other_reply = self.call_span(method, other, hidden, args, grad_output, keep=False)
+                    check_output(server.peer_id, other_reply.get(key), hidden.shape, key)
+                except ServerFailure as e:
+                    self.fail(other, e, f"{method} verification", Refusals(), args.active_adapter)
+                    continue
+                replies[server.peer_id] = other_reply
+                return server, other_reply[key]
+            return None
+
+        winner, losers = vote({hop.peer_id: reply[key]}, servers, bans, f"{method} of blocks {hop.start}:{hop.end}",
+                              ask_another)
+        self.stats.mismatches += len(losers)
+        return Hop(servers[winner], hop.start, hop.end), replies[winner]
 
     def _to_wire(self, t: torch.Tensor) -> torch.Tensor:
         dtype = self.config.wire_dtype
@@ -177,28 +146,21 @@ class Replayer:
 
     # ---- routing with retries ---------------------------------------------------------------------
 
-    def next_hop(self, block: int, end: int, deadline: float, adapter: str | None = None) -> Hop:
+    def next_hop(self, block: int, end: int, deadline: float, active_adapter: str | None = None) -> Hop:
         """The first hop of a fresh training route from `block`, waiting (bounded) for servers to appear."""
-        delay = 0.2
-        while True:
-            try:
-                return training_route(self.connection.view.hosting(adapter), block, end, self.connection.bans,
-                                      self.rng,
-                                      self.config.routing_randomness)[0]
-            except NoServersError as e:
-                if time.monotonic() + delay > deadline:
-                    raise NoServersError(e.blocks, self.connection.prefix, adapter) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                self.connection.refresh()
+        connection = self.connection
+        return wait_for_route(
+            lambda: training_route(connection.view.hosting(active_adapter), block, end, connection.bans, self.rng,
+                                   self.config.routing_randomness)[0],
+            connection.refresh, deadline, connection.prefix, active_adapter)
 
-    def fail(self, hop: Hop, error: ServerFailure, what: str, refusals: Refusals, adapter: str | None = None) -> None:
+    def fail(self, hop: Hop, error: ServerFailure, what: str, refusals: Refusals,
+             active_adapter: str | None = None) -> None:
         """Ban the server; stop retrying if servers agree the request itself is invalid."""
         self.stats.failures += 1
-        duration = self.connection.bans.ban(hop.peer_id, hop.server.expires)
-        logger.warning(f"server {hop.peer_id} failed on blocks {hop.start}:{hop.end} during {what} "
-                       f"({error.reason}); banned for {duration:.0f} s")
-        refusals.check(error, len(self.connection.view.hosting(adapter).covering(hop.start, self.connection.bans)))
+        bans = self.connection.bans
+        ban_failed(bans, hop, error, what)
+        refusals.check(error, alternatives(self.connection.view.hosting(active_adapter), hop, bans))
 
     def run_span(self, method: str, block: int, end: int, hidden: torch.Tensor, args: SpanArgs,
                  grad_output: torch.Tensor | None = None, prefer: Hop | None = None) -> tuple[Hop, dict]:
@@ -209,7 +171,8 @@ class Replayer:
         deadline = time.monotonic() + self.config.retry_budget
         failed_at, refusals = None, Refusals()
         for attempt in range(self.config.max_retries):
-            hop = prefer if prefer is not None and attempt == 0 else self.next_hop(block, end, deadline, args.adapter)
+            use_preferred = prefer is not None and attempt == 0
+            hop = prefer if use_preferred else self.next_hop(block, end, deadline, args.active_adapter)
             try:
                 hop, reply = self.checked_call(method, hop, hidden, args, grad_output)
                 self.connection.bans.forgive(hop.peer_id)
@@ -220,23 +183,14 @@ class Replayer:
                 return hop, reply
             except ServerFailure as e:
                 failed_at = failed_at or time.monotonic()
-                self.fail(hop, e, method, refusals, args.adapter)
+                self.fail(hop, e, method, refusals, args.active_adapter)
         raise RuntimeError(f"blocks {block}:{end}: {self.config.max_retries} attempts failed; giving up")
-
-
-def _check_output(hop: Hop, t: torch.Tensor | None, shape: torch.Size, name: str) -> None:
-    if t is None:
-        raise ServerFailure(hop.peer_id, f"reply lacks '{name}'")
-    if t.shape != shape:
-        raise ServerFailure(hop.peer_id, f"'{name}' has shape {list(t.shape)}, expected {list(shape)}")
-    if not bool(torch.isfinite(t).all()):
-        raise ServerFailure(hop.peer_id, f"'{name}' contains NaN or infinite values")
 
 
 class _RemoteBlocks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, replayer: Replayer, start: int, end: int, args: SpanArgs, hidden: torch.Tensor,
-                prompts: torch.Tensor | None, *lora_params: torch.Tensor) -> torch.Tensor:
+                deep_prompts: torch.Tensor | None, *lora_params: torch.Tensor) -> torch.Tensor:
         inputs, hops = [], []
         h, block = hidden.detach(), start
         while block < end:
@@ -247,24 +201,24 @@ class _RemoteBlocks(torch.autograd.Function):
             block = hop.end
         ctx.replayer, ctx.args, ctx.hops, ctx.inputs = replayer, args, hops, inputs
         replayer.last_route = list(hops)
-        ctx.has_prompts, ctx.num_lora = prompts is not None, len(lora_params)
+        ctx.has_deep_prompts, ctx.num_lora = deep_prompts is not None, len(lora_params)
         return h
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         replayer, args = ctx.replayer, ctx.args
-        grad_prompts = torch.zeros_like(args.prompts) if ctx.has_prompts else None
+        grad_deep = torch.zeros_like(args.deep_prompts) if ctx.has_deep_prompts else None
         grad_lora = {key: [torch.zeros_like(p) for p in args.lora.pair(key)] for key in args.lora.keys} \
             if ctx.num_lora else {}
         grad = grad_output.contiguous()
         for hop, h in zip(reversed(ctx.hops), reversed(ctx.inputs)):
-            grad = _backward_span(replayer, hop.start, hop.end, h, grad, args, grad_prompts, grad_lora, prefer=hop)
+            grad = _backward_span(replayer, hop.start, hop.end, h, grad, args, grad_deep, grad_lora, prefer=hop)
         lora_grads = [g for key in args.lora.keys for g in grad_lora[key]] if ctx.num_lora else []
-        return (None, None, None, None, grad.to(grad_output.dtype), grad_prompts, *lora_grads)
+        return (None, None, None, None, grad.to(grad_output.dtype), grad_deep, *lora_grads)
 
 
 def _backward_span(replayer: Replayer, start: int, end: int, h: torch.Tensor, grad: torch.Tensor, args: SpanArgs,
-                   grad_prompts: torch.Tensor | None, grad_lora: dict, prefer: Hop | None) -> torch.Tensor:
+                   grad_deep: torch.Tensor | None, grad_lora: dict, prefer: Hop | None) -> torch.Tensor:
     """Gradient w.r.t. the input of blocks [start, end), accumulating prompt and LoRA gradients.
 
     Tries `prefer` (the forward's server) first. If the best replacement covers only part of the
@@ -275,38 +229,34 @@ def _backward_span(replayer: Replayer, start: int, end: int, h: torch.Tensor, gr
     refusals = Refusals()
     for _ in range(replayer.config.max_retries):
         usable = prefer is not None and not replayer.connection.bans.banned(prefer.peer_id, prefer.server.expires)
-        hop = prefer if usable else replayer.next_hop(start, end, deadline, args.adapter)
+        hop = prefer if usable else replayer.next_hop(start, end, deadline, args.active_adapter)
         prefer = None
         if hop.end < end:
             first, fwd = replayer.run_span("forward", start, hop.end, h, args, prefer=hop)
-            grad = _backward_span(replayer, first.end, end, fwd["hidden"].to(h.dtype), grad, args, grad_prompts,
+            grad = _backward_span(replayer, first.end, end, fwd["hidden"].to(h.dtype), grad, args, grad_deep,
                                   grad_lora, prefer=None)
-            return _backward_span(replayer, start, first.end, h, grad, args, grad_prompts, grad_lora, prefer=first)
+            return _backward_span(replayer, start, first.end, h, grad, args, grad_deep, grad_lora, prefer=first)
         try:
             hop, reply = replayer.checked_call("backward", hop, h, args, grad)
-            _accumulate(hop, reply, args, grad_prompts, grad_lora)
+            _accumulate(hop, reply, args, grad_deep, grad_lora)
         except ServerFailure as e:
-            replayer.fail(hop, e, "backward", refusals, args.adapter)
+            replayer.fail(hop, e, "backward", refusals, args.active_adapter)
             continue
         replayer.connection.bans.forgive(hop.peer_id)
         return reply["grad_hidden"].to(h.dtype)
     raise RuntimeError(f"blocks {start}:{end}: {replayer.config.max_retries} backward attempts failed; giving up")
 
 
-def _accumulate(hop: Hop, reply: dict, args: SpanArgs, grad_prompts: torch.Tensor | None, grad_lora: dict) -> None:
-    if grad_prompts is not None:
-        g = reply.get("grad_prompts")
-        expected = grad_prompts[hop.start - args.offset:hop.end - args.offset]
-        if g is None or g.shape != expected.shape:
-            raise ServerFailure(hop.peer_id, "missing or misshapen prompt gradient")
-        expected += g.to(grad_prompts.dtype)
+def _accumulate(hop: Hop, reply: dict, args: SpanArgs, grad_deep: torch.Tensor | None, grad_lora: dict) -> None:
+    if grad_deep is not None:
+        mine = grad_deep[hop.start - args.offset:hop.end - args.offset]
+        name = "grad_deep_prompts"
+        mine += check_output(hop.peer_id, reply.get(name), mine.shape, name).to(mine.dtype)
     if args.lora is not None:
         for i, key in enumerate(args.lora.keys_in(hop.start, hop.end)):
             for j, ab in enumerate("AB"):
-                g = reply.get(f"grad.lora.{ab}.{i}")
-                if g is None or g.shape != grad_lora[key][j].shape or not bool(torch.isfinite(g).all()):
-                    raise ServerFailure(hop.peer_id, f"missing or bad LoRA gradient for {key}")
-                grad_lora[key][j] += g.to(grad_lora[key][j].dtype)
+                mine, name = grad_lora[key][j], f"grad.lora.{ab}.{i}"
+                mine += check_output(hop.peer_id, reply.get(name), mine.shape, name).to(mine.dtype)
 
 
 class RemoteSequential(nn.Module):
@@ -321,14 +271,16 @@ class RemoteSequential(nn.Module):
         self.replayer = Replayer(connection, rng)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, prompts: torch.Tensor | None = None,
-                lora: ClientLora | None = None, adapter: str | None = None) -> torch.Tensor:
-        """`adapter` names a server-hosted adapter (then `lora` must be None: hosted adapters are not trained)."""
-        if adapter is not None and lora is not None:
+                position_ids: torch.Tensor | None = None, deep_prompts: torch.Tensor | None = None,
+                lora: ClientLora | None = None, active_adapter: str | None = None) -> torch.Tensor:
+        """`active_adapter` names a server-hosted adapter (then `lora` must be None: hosted adapters are not
+        trained)."""
+        if active_adapter is not None and lora is not None:
             raise ValueError("use either client LoRA or a server-hosted adapter, not both")
         lora_params = lora.flat_parameters(lora.keys) if lora is not None else []
         backward_follows = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (hidden, prompts, *lora_params))
-        args = SpanArgs(attention_mask, position_ids, prompts, lora, seed=random.getrandbits(31), offset=self.start,
-                        adapter=adapter, keep=secrets.token_hex(8) if backward_follows else None)
-        return _RemoteBlocks.apply(self.replayer, self.start, self.end, args, hidden, prompts, *lora_params)
+            t is not None and t.requires_grad for t in (hidden, deep_prompts, *lora_params))
+        args = SpanArgs(attention_mask, position_ids, deep_prompts, lora, seed=random.getrandbits(31),
+                        offset=self.start, active_adapter=active_adapter,
+                        keep=secrets.token_hex(8) if backward_follows else None)
+        return _RemoteBlocks.apply(self.replayer, self.start, self.end, args, hidden, deep_prompts, *lora_params)

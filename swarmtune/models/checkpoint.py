@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
+from swarmtune.errors import UserError, check_source
 from swarmtune.models.family import Family, StateDict, get_family
 from swarmtune.models.span import SpanModel
 
@@ -26,7 +27,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "fp16": torch.float16, "float16": torch.float16}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file is missing, unreadable or lacks a tensor."""
 
 
@@ -44,6 +45,7 @@ def load_config(model: str, attn_implementation: str = "sdpa", revision: str | N
 
     For a hub id only config.json is fetched, through the same huggingface_hub call as the shards.
     """
+    check_source(model, "model")
     source = model if os.path.isdir(model) else hub_file(model, "config.json", revision)
     config = AutoConfig.from_pretrained(source)
     config._name_or_path = model  # the hub id, as transformers records it, not the cached file's path

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from swarmtune.errors import UserError
+
 StateDict = dict[str, torch.Tensor]
 
 
@@ -47,6 +49,10 @@ class Family:
         return out[0] if isinstance(out, tuple) else out
 
 
+class UnsupportedModel(UserError, ValueError):
+    """The checkpoint's family is not one swarmtune can serve."""
+
+
 _REGISTRY: dict[str, Family] = {}
 
 
@@ -66,7 +72,7 @@ def get_family(model_type: str) -> Family:
     try:
         return _REGISTRY[model_type]
     except KeyError:
-        raise ValueError(
+        raise UnsupportedModel(
             f"Unsupported model_type {model_type!r}: swarmtune supports {', '.join(supported_model_types())}"
         ) from None
 

@@ -15,8 +15,8 @@ class SpanModel(nn.Module):
 
     `forward` takes the hidden states of the new tokens, the 2D padding mask of all tokens so far
     (past and new), optional position ids (default: consecutive after the cache, as transformers
-    does) and an optional KV cache. `prompts` ([num_blocks, batch, prefix_len, hidden]) are deep
-    prompts: added to the first prefix_len positions before each block.
+    does) and an optional KV cache. `deep_prompts` ([num_blocks, batch, prefix_len, hidden]) are
+    added to the first prefix_len positions before each block.
     """
 
     def __init__(self, family: Family, config: PretrainedConfig, start: int, end: int, blocks: nn.ModuleList,
@@ -38,7 +38,7 @@ class SpanModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: SpanKVCache | None = None,
-        prompts: torch.Tensor | None = None,
+        deep_prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, length = hidden.shape[:2]
         past = cache.length if cache is not None else 0
@@ -48,8 +48,8 @@ class SpanModel(nn.Module):
             position_ids = torch.arange(past, past + length, device=hidden.device).expand(batch, length)
         per_layer = self.family.layer_inputs(self, hidden, attention_mask, position_ids, cache)
         for i, (block, kwargs) in enumerate(zip(self.blocks, per_layer)):
-            if prompts is not None:
-                hidden = add_deep_prompt(hidden, prompts[i], past)
+            if deep_prompts is not None:
+                hidden = add_deep_prompt(hidden, deep_prompts[i], past)
             hidden = self.family.run_block(block, hidden, kwargs)
         if cache is not None:
             cache.advance(length)

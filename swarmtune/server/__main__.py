@@ -1,4 +1,7 @@
-"""python -m swarmtune.server --model PATH_OR_ID --initial-peers MADDR ... (--blocks A:B | --num-blocks N|auto)"""
+"""python -m swarmtune.server --model PATH_OR_ID --initial-peers MADDR ... (--blocks A:B | --num-blocks N|auto)
+
+Defaults are those of ServerConfig, HandlerConfig and Limits: the flags only expose them.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +9,20 @@ import argparse
 import asyncio
 import logging
 
+from swarmtune import errors
 from swarmtune.p2p import NetworkOptions
 from swarmtune.security import Membership
+from swarmtune.server.faults import Faults
+from swarmtune.server.handler import HandlerConfig
+from swarmtune.server.hosted_adapters import parse_spec
 from swarmtune.server.quantize import QUANT_TYPES
 from swarmtune.server.requests import Limits
 from swarmtune.server.server import Server, ServerConfig
 
+MiB = 2**20
 
-def parse_span(text: str) -> tuple[int, int]:
+
+def parse_blocks(text: str) -> tuple[int, int]:
     try:
         start, end = (int(x) for x in text.split(":"))
     except ValueError:
@@ -49,23 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m swarmtune.server", description="Serve a span of frozen blocks.")
     p.add_argument("--model", required=True, help="local checkpoint directory or Hugging Face model id")
     span = p.add_mutually_exclusive_group(required=True)
-    span.add_argument("--blocks", type=parse_span, help="the span to serve, START:END")
+    span.add_argument("--blocks", type=parse_blocks, help="the span to serve, START:END")
     span.add_argument("--num-blocks", type=parse_num_blocks,
                       help="serve this many blocks ('auto': as many as fit in free memory) where the swarm needs "
                            "them most, and move when another span would serve it markedly better")
-    p.add_argument("--balance-period", type=float, default=120.0,
+    p.add_argument("--balance-period", type=float, default=ServerConfig.balance_period,
                    help="with --num-blocks: mean seconds between checks whether to move (randomised +-50%%)")
     p.add_argument("--throughput-cache", default=None,
                    help="directory caching the measured throughput per hardware and model shape "
                         "(default: ~/.cache/swarmtune)")
     p.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of peers already in the swarm")
     p.add_argument("--new-swarm", action="store_true", help="start a new swarm, this server being its bootstrap")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute dtype of the blocks")
-    p.add_argument("--quant", default="none", choices=list(QUANT_TYPES),
+    p.add_argument("--dtype", default=ServerConfig.dtype, choices=["fp32", "bf16", "fp16"],
+                   help="compute dtype of the blocks")
+    p.add_argument("--quant", default=ServerConfig.quant, choices=list(QUANT_TYPES),
                    help="store linear weights in 8 bits (int8) or 4 bits (nf4) with bitsandbytes")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for a public server)")
-    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--device", default=ServerConfig.device)
+    p.add_argument("--host", default=NetworkOptions.host, help="address to listen on (0.0.0.0 for a public server)")
+    p.add_argument("--port", type=int, default=NetworkOptions.port)
     p.add_argument("--announce-maddrs", nargs="*", default=[], help="public multiaddrs to announce")
     p.add_argument("--public", action="store_true",
                    help="enable NAT traversal (port mapping, AutoNAT, relays) for servers behind NAT")
@@ -76,21 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", nargs="*", default=[], metavar="[NAME=]PATH_OR_ID",
                    help="PEFT LoRA adapters to host for every client that names them (active_adapter=NAME)")
     p.add_argument("--revision", default=None)
-    p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--attn-implementation", default=ServerConfig.attn_implementation, choices=["sdpa", "eager"])
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--cache-mb", type=parse_cache_mb, default=256.0,
+    p.add_argument("--cache-mb", type=parse_cache_mb, default=ServerConfig.cache_bytes / MiB,
                    help="KV cache budget in MiB ('auto': most of the memory left free by the blocks; with "
                         "--num-blocks auto, the blocks then leave room for a cache of a few thousand tokens each)")
-    p.add_argument("--update-period", type=float, default=15.0, help="seconds between DHT announcements")
-    p.add_argument("--expiration", type=float, default=45.0, help="lifetime of an announcement in seconds")
+    p.add_argument("--update-period", type=float, default=ServerConfig.update_period,
+                   help="seconds between DHT announcements")
+    p.add_argument("--expiration", type=float, default=ServerConfig.expiration,
+                   help="lifetime of an announcement in seconds")
     p.add_argument("--throughput", type=float, default=None, help="announced tokens/s per block (default: measure)")
-    p.add_argument("--activation-cache-mb", type=float, default=512,
+    p.add_argument("--activation-cache-mb", type=float, default=HandlerConfig.graph_bytes / MiB,
                    help="memory for forward graphs kept until their backward (0: always recompute the forward)")
-    p.add_argument("--session-timeout", type=float, default=60.0, help="close inference sessions idle this long")
+    p.add_argument("--session-timeout", type=float, default=HandlerConfig.session_timeout,
+                   help="close inference sessions idle this long")
     p.add_argument("--max-batch", type=int, default=Limits.max_batch)
     p.add_argument("--max-tokens", type=int, default=Limits.max_tokens, help="batch x length per request")
     p.add_argument("--max-length", type=int, default=Limits.max_length, help="tokens per inference session")
-    p.add_argument("--max-message-mb", type=float, default=Limits.max_message_bytes / 2**20)
+    p.add_argument("--max-message-mb", type=float, default=Limits.max_message_bytes / MiB)
     p.add_argument("--max-sessions-per-peer", type=int, default=Limits.max_sessions_per_peer)
     p.add_argument("--max-tokens-in-flight", type=int, default=Limits.max_tokens_in_flight_per_peer,
                    help="tokens one peer may have queued or computing at once")
@@ -98,37 +111,52 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests (and inference steps) per second from one peer")
     p.add_argument("--fault", default=None, help="testing only: misbehave on purpose (delay=S,nan,shape,perturb=X)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The server's config, with every mistake the flags can hold found before anything slow starts."""
     if not args.initial_peers and not args.new_swarm:
-        raise SystemExit("give --initial-peers of an existing swarm, or --new-swarm to start one")
+        raise errors.UserError("give --initial-peers of an existing swarm, or --new-swarm to start one")
+    errors.check_multiaddrs(args.initial_peers, "--initial-peers")
+    errors.check_multiaddrs(args.announce_maddrs, "--announce-maddrs", peer_id=False)
+    errors.check_source(args.model, "--model")
+    if args.swarm_key is not None:
+        errors.check_file(args.swarm_key, "--swarm-key")
+    for spec in args.adapters:
+        errors.check_source(parse_spec(spec)[1], "--adapters")
+    try:
+        faults = Faults.parse(args.fault)
+    except ValueError as e:
+        raise errors.UserError(f"--fault: {e}") from None
     network = NetworkOptions(host=args.host, port=args.port, initial_peers=list(args.initial_peers),
                              announce_maddrs=list(args.announce_maddrs), identity_path=args.identity,
                              public=args.public,
                              membership=Membership.from_options(args.swarm_key, args.allowed_peers))
     limits = Limits(max_batch=args.max_batch, max_tokens=args.max_tokens, max_length=args.max_length,
-                    max_message_bytes=int(args.max_message_mb * 2**20),
+                    max_message_bytes=int(args.max_message_mb * MiB),
                     max_sessions_per_peer=args.max_sessions_per_peer,
                     max_tokens_in_flight_per_peer=args.max_tokens_in_flight,
                     requests_per_second_per_peer=args.max_requests_per_second)
+    handler = HandlerConfig(limits=limits, session_timeout=args.session_timeout, faults=faults,
+                            graph_bytes=int(args.activation_cache_mb * MiB))
     return ServerConfig(
         model=args.model, blocks=args.blocks, num_blocks=None if args.num_blocks == "auto" else args.num_blocks,
         balance_period=args.balance_period, throughput_cache=args.throughput_cache,
         network=network, dtype=args.dtype, quant=args.quant, device=args.device, adapters=list(args.adapters),
         dht_prefix=args.dht_prefix, attn_implementation=args.attn_implementation, revision=args.revision,
         num_threads=args.num_threads, update_period=args.update_period, expiration=args.expiration,
-        cache_bytes=None if args.cache_mb == "auto" else int(args.cache_mb * 2**20),
-        throughput=args.throughput, limits=limits, session_timeout=args.session_timeout, faults=args.fault,
-        graph_bytes=int(args.activation_cache_mb * 2**20),
+        cache_bytes=None if args.cache_mb == "auto" else int(args.cache_mb * MiB),
+        throughput=args.throughput, handler=handler,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(Server(config_from_args(args)).run())
+    with errors.reported(args.debug):
+        asyncio.run(Server(config_from_args(args)).run())
 
 
 if __name__ == "__main__":

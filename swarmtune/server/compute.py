@@ -22,13 +22,13 @@ def _seeded(lora: LoraSet | None, seed: int) -> LoraSet | None:
     return LoraSet(lora.weights, lora.scale, lora.dropout, generator)
 
 
-def forward(span: SpanModel, hidden, attention_mask, position_ids, prompts, lora: LoraSet | None,
+def forward(span: SpanModel, hidden, attention_mask, position_ids, deep_prompts, lora: LoraSet | None,
             seed: int = 0) -> torch.Tensor:
     dtype = span.compute_dtype
     device = next(span.parameters()).device
     with torch.inference_mode(), lora_lib.activate(_seeded(lora, seed)):
         out = span(hidden.to(device, dtype), _to(attention_mask, device), _to(position_ids, device),
-                   prompts=_to(prompts, device, dtype))
+                   deep_prompts=_to(deep_prompts, device, dtype))
     return out.to("cpu", hidden.dtype)
 
 
@@ -38,21 +38,21 @@ class Graph:
 
     received: torch.Tensor              # the hidden states as the request carried them
     output: torch.Tensor
-    inputs: list[torch.Tensor]          # what gradients are taken for: hidden, prompts?, LoRA tensors
-    has_prompts: bool
-    prompts_dtype: torch.dtype | None
+    inputs: list[torch.Tensor]          # what gradients are taken for: hidden, deep prompts?, LoRA tensors
+    has_deep_prompts: bool
+    deep_prompts_dtype: torch.dtype | None
     nbytes: int
     created: float = field(default_factory=time.monotonic)
 
 
-def forward_with_graph(span: SpanModel, hidden, attention_mask, position_ids, prompts, lora: LoraSet | None,
+def forward_with_graph(span: SpanModel, hidden, attention_mask, position_ids, deep_prompts, lora: LoraSet | None,
                        seed: int = 0) -> Graph:
-    """The span's forward with gradients enabled for its inputs, prompts and LoRA tensors."""
+    """The span's forward with gradients enabled for its inputs, deep prompts and LoRA tensors."""
     dtype = span.compute_dtype
     device = next(span.parameters()).device
     with torch.enable_grad():
         h = hidden.to(device, dtype).requires_grad_(True)
-        p = _to(prompts, device, dtype)
+        p = _to(deep_prompts, device, dtype)
         if p is not None:
             p.requires_grad_(True)
         lora_tensors = []
@@ -62,9 +62,9 @@ def forward_with_graph(span: SpanModel, hidden, attention_mask, position_ids, pr
             lora = LoraSet(weights, lora.scale, lora.dropout)
             lora_tensors = lora.tensors()
         with lora_lib.activate(_seeded(lora, seed)):
-            out = span(h, _to(attention_mask, device), _to(position_ids, device), prompts=p)
+            out = span(h, _to(attention_mask, device), _to(position_ids, device), deep_prompts=p)
     inputs = [h] + ([p] if p is not None else []) + lora_tensors
-    return Graph(hidden, out, inputs, p is not None, prompts.dtype if prompts is not None else None,
+    return Graph(hidden, out, inputs, p is not None, deep_prompts.dtype if deep_prompts is not None else None,
                  graph_bytes(span, h))
 
 
@@ -79,19 +79,19 @@ def output_of(graph: Graph) -> torch.Tensor:
 
 
 def backward_through(graph: Graph, grad_output: torch.Tensor) -> Grads:
-    """Gradients w.r.t. the graph's hidden input, prompts and LoRA tensors (this frees the graph)."""
+    """Gradients w.r.t. the graph's hidden input, deep prompts and LoRA tensors (this frees the graph)."""
     out, inputs = graph.output, graph.inputs
     grads = torch.autograd.grad(out, inputs, grad_outputs=grad_output.to(out.device, out.dtype), allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
     grad_hidden = grads[0].to("cpu", graph.received.dtype)
-    grad_prompts = grads[1].to("cpu", graph.prompts_dtype) if graph.has_prompts else None
-    return grad_hidden, grad_prompts, [g.to("cpu", torch.float32) for g in grads[1 + graph.has_prompts:]]
+    grad_deep = grads[1].to("cpu", graph.deep_prompts_dtype) if graph.has_deep_prompts else None
+    return grad_hidden, grad_deep, [g.to("cpu", torch.float32) for g in grads[1 + graph.has_deep_prompts:]]
 
 
-def backward(span: SpanModel, hidden, attention_mask, position_ids, prompts, lora: LoraSet | None,
+def backward(span: SpanModel, hidden, attention_mask, position_ids, deep_prompts, lora: LoraSet | None,
              grad_output, seed: int = 0) -> Grads:
-    """Recompute the span's forward and return grads w.r.t. hidden, prompts and the LoRA tensors."""
-    graph = forward_with_graph(span, hidden, attention_mask, position_ids, prompts, lora, seed)
+    """Recompute the span's forward and return grads w.r.t. hidden, deep prompts and the LoRA tensors."""
+    graph = forward_with_graph(span, hidden, attention_mask, position_ids, deep_prompts, lora, seed)
     return backward_through(graph, grad_output)
 
 

@@ -19,7 +19,7 @@ import torch
 from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
-from swarmtune import wire
+from swarmtune import transport, wire
 from swarmtune.models.span import SpanModel
 from swarmtune.security import Membership
 from swarmtune.server import compute
@@ -35,17 +35,17 @@ from swarmtune.server.requests import (
     ServerBusy,
     SpanRequest,
     build_lora,
+    check_deep_prompts,
     check_hidden,
     check_mask,
     check_positions,
-    check_prompts,
     get_int,
     need,
     parse_lora,
-    parse_span,
     parse_span_request,
+    requested_blocks,
 )
-from swarmtune.server.sessions import CacheBudget, InferenceSession
+from swarmtune.server.sessions import CacheBudget, ServerSession
 
 logger = logging.getLogger(__name__)
 MAX_POSITION = 1 << 24
@@ -53,7 +53,7 @@ MAX_POSITION = 1 << 24
 
 @dataclass
 class HandlerConfig:
-    limits: Limits
+    limits: Limits = field(default_factory=Limits)
     session_timeout: float = 60.0     # idle inference sessions are closed after this long
     alloc_timeout: float = 10.0       # how long a session waits for KV memory
     lora_cache_per_peer: int = 4      # adapter versions remembered per client (digest reuse)
@@ -178,7 +178,7 @@ class BlockServicer(ServicerBase):
         req, lora, seed = self._parse(meta, tensors, peer, backward=False)
         await self.config.faults.wait()
         span, tokens = self.subspan(req.start, req.end), req.hidden.shape[0] * req.hidden.shape[1]
-        args = (span, req.hidden, req.attention_mask, req.position_ids, req.prompts, lora, seed)
+        args = (span, req.hidden, req.attention_mask, req.position_ids, req.deep_prompts, lora, seed)
         if req.keep is not None and self.graphs.wanted(compute.graph_bytes(span, req.hidden)):
             graph, out = await self._compute(peer, tokens, FORWARD, _forward_keeping, *args)
             self.graphs.put((peer, req.keep, req.start, req.end), graph)
@@ -197,12 +197,12 @@ class BlockServicer(ServicerBase):
             grads = await self._compute(peer, tokens, BACKWARD, compute.backward_through, graph, req.grad_output)
         else:
             grads = await self._compute(peer, tokens, BACKWARD, compute.backward, self.subspan(req.start, req.end),
-                                        req.hidden, req.attention_mask, req.position_ids, req.prompts, lora,
+                                        req.hidden, req.attention_mask, req.position_ids, req.deep_prompts, lora,
                                         req.grad_output, seed)
-        grad_hidden, grad_prompts, grad_lora = grads
+        grad_hidden, grad_deep, grad_lora = grads
         tensors = {"grad_hidden": self.config.faults.corrupt(grad_hidden)}
-        if grad_prompts is not None:
-            tensors["grad_prompts"] = grad_prompts
+        if grad_deep is not None:
+            tensors["grad_deep_prompts"] = grad_deep
         if req.lora_meta is not None and "adapter" not in req.lora_meta:
             for i in range(len(grad_lora) // 2):
                 tensors[f"grad.lora.A.{i}"], tensors[f"grad.lora.B.{i}"] = grad_lora[2 * i], grad_lora[2 * i + 1]
@@ -254,12 +254,10 @@ class BlockServicer(ServicerBase):
 
     async def _push(self, target: dict, step: int, hidden: torch.Tensor) -> None:
         """Send our output to the next server of the chain; if this fails, the client sends it instead."""
-        from swarmtune.client import rpc
-
         try:
             data = wire.pack({"session": target["session"], "step": step}, {"hidden": hidden})
             token = self.membership.token(str(self.p2p.peer_id))
-            await rpc.call(self.p2p, target["peer"], "push", data, timeout=10, token=token)
+            await transport.call(self.p2p, target["peer"], "push", data, timeout=10, token=token)
         except Exception as e:
             logger.debug(f"push to {target.get('peer')} failed: {e}")
 
@@ -361,17 +359,17 @@ class BlockServicer(ServicerBase):
             if reserved:
                 self.budget.release(reserved)
 
-    async def _open_session(self, data: bytes, peer: str) -> tuple[InferenceSession, int]:
+    async def _open_session(self, data: bytes, peer: str) -> tuple[ServerSession, int]:
         meta, tensors = wire.unpack(data, self.limits.max_message_bytes)
         need(meta.get("type") == "open", "the first message of a session must be of type 'open'")
-        start, end = parse_span(meta, (self.span.start, self.span.end))
+        start, end = requested_blocks(meta, (self.span.start, self.span.end))
         batch = get_int(meta, "batch_size", 1, self.limits.max_batch)
         max_length = get_int(meta, "max_length", 1, self.limits.max_length)
         if self.sessions_per_peer[peer] >= self.limits.max_sessions_per_peer:
             raise ServerBusy(f"too many open sessions from this peer (limit {self.limits.max_sessions_per_peer})")
         lora_meta, lora_tensors = parse_lora(meta, tensors)
         lora = self.resolve_lora(peer, lora_meta, lora_tensors, start, end)
-        prompts = check_prompts(tensors.get("prompts"), end - start, batch, self.hidden_size, max_length)
+        deep_prompts = check_deep_prompts(tensors.get("deep_prompts"), end - start, batch, self.hidden_size, max_length)
         span = self.subspan(start, end)
         nbytes = span.make_cache_nbytes(batch, max_length)
         await self.budget.acquire(nbytes, self.config.alloc_timeout)
@@ -380,7 +378,7 @@ class BlockServicer(ServicerBase):
                                     and session_id not in self.mailboxes),
              "'session_id' must be a new string of 16 to 64 characters")
         try:
-            session = InferenceSession(span, batch, max_length, lora, prompts, session_id)
+            session = ServerSession(span, batch, max_length, lora, deep_prompts, session_id)
         except BaseException:
             self.budget.release(nbytes)
             raise
@@ -388,7 +386,7 @@ class BlockServicer(ServicerBase):
         self.active_sessions += 1
         return session, nbytes
 
-    async def _inference_step(self, session: InferenceSession, data: bytes, peer: str) -> bytes:
+    async def _inference_step(self, session: ServerSession, data: bytes, peer: str) -> bytes:
         """One step. Its hidden states come in the message, or (chaining) pushed by the previous server;
         the output goes back to the client and, when asked, on to the next server."""
         meta, tensors = wire.unpack(data, self.limits.max_message_bytes)

@@ -47,7 +47,7 @@ class SpanRequest:
     hidden: torch.Tensor
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
-    prompts: torch.Tensor | None
+    deep_prompts: torch.Tensor | None
     lora_meta: dict | None
     lora_tensors: list[torch.Tensor] | None
     grad_output: torch.Tensor | None = None
@@ -66,7 +66,8 @@ def get_int(meta: dict, key: str, lo: int, hi: int) -> int:
     return value
 
 
-def parse_span(meta: dict, span: tuple[int, int]) -> tuple[int, int]:
+def requested_blocks(meta: dict, span: tuple[int, int]) -> tuple[int, int]:
+    """The request's [start, end), which must lie within the served `span`."""
     start = get_int(meta, "start", span[0], span[1] - 1)
     end = get_int(meta, "end", start + 1, span[1])
     return start, end
@@ -106,22 +107,22 @@ def check_positions(pos: torch.Tensor | None, batch: int, length: int, max_posit
     return pos.long()
 
 
-def check_prompts(prompts: torch.Tensor | None, num_blocks: int, batch: int, hidden_size: int,
+def check_deep_prompts(deep_prompts: torch.Tensor | None, num_blocks: int, batch: int, hidden_size: int,
                   max_prefix: int) -> torch.Tensor | None:
-    if prompts is None:
+    if deep_prompts is None:
         return None
-    need(prompts.dtype in FLOAT_DTYPES, "'prompts' must be a float tensor")
-    need(prompts.dim() == 4 and prompts.shape[0] == num_blocks and prompts.shape[1] in (1, batch)
-         and prompts.shape[3] == hidden_size and 1 <= prompts.shape[2] <= max_prefix,
-         f"'prompts' must have shape [{num_blocks}, batch or 1, prefix <= {max_prefix}, {hidden_size}], "
-         f"got {list(prompts.shape)}")
-    need(bool(torch.isfinite(prompts).all()), "'prompts' contains NaN or infinite values")
-    return prompts  # batch 1 broadcasts in the blocks, so its gradient keeps the shape the client sent
+    need(deep_prompts.dtype in FLOAT_DTYPES, "'deep_prompts' must be a float tensor")
+    need(deep_prompts.dim() == 4 and deep_prompts.shape[0] == num_blocks and deep_prompts.shape[1] in (1, batch)
+         and deep_prompts.shape[3] == hidden_size and 1 <= deep_prompts.shape[2] <= max_prefix,
+         f"'deep_prompts' must have shape [{num_blocks}, batch or 1, prefix <= {max_prefix}, {hidden_size}], "
+         f"got {list(deep_prompts.shape)}")
+    need(bool(torch.isfinite(deep_prompts).all()), "'deep_prompts' contains NaN or infinite values")
+    return deep_prompts  # batch 1 broadcasts in the blocks, so its gradient keeps the shape the client sent
 
 
 def parse_span_request(meta: dict, tensors: dict[str, torch.Tensor], span: tuple[int, int], hidden_size: int,
                        max_position: int, limits: Limits, backward: bool = False) -> SpanRequest:
-    start, end = parse_span(meta, span)
+    start, end = requested_blocks(meta, span)
     hidden = check_hidden(tensors.get("hidden"), "hidden", hidden_size, limits)
     batch, length = hidden.shape[:2]
     grad_output = None
@@ -135,7 +136,7 @@ def parse_span_request(meta: dict, tensors: dict[str, torch.Tensor], span: tuple
         start=start, end=end, hidden=hidden,
         attention_mask=check_mask(tensors.get("attention_mask"), batch, length),
         position_ids=check_positions(tensors.get("position_ids"), batch, length, max_position),
-        prompts=check_prompts(tensors.get("prompts"), end - start, batch, hidden_size, length),
+        deep_prompts=check_deep_prompts(tensors.get("deep_prompts"), end - start, batch, hidden_size, length),
         lora_meta=lora_meta, lora_tensors=lora_tensors, grad_output=grad_output, keep=keep,
     )
 

@@ -14,7 +14,7 @@ import torch
 from hivemind.utils import get_dht_time
 
 from swarmtune import records
-from swarmtune.client.swarm_view import fetch_swarm
+from swarmtune.directory import fetch_swarm
 from swarmtune.models import load_config, load_span, parse_dtype
 from swarmtune.models.family import get_family
 from swarmtune.models.span import SpanModel
@@ -22,13 +22,11 @@ from swarmtune.p2p import NetworkOptions, start_dht, start_p2p, visible_maddrs
 from swarmtune.records import ModelInfo, ServerInfo
 from swarmtune.security import Identity
 from swarmtune.server import block_selection, cuda, throughput
-from swarmtune.server.adapters import load_hosted
 from swarmtune.server.executor import PriorityExecutor
-from swarmtune.server.faults import Faults
 from swarmtune.server.handler import BlockServicer, HandlerConfig
+from swarmtune.server.hosted_adapters import load_hosted
 from swarmtune.server.lora import lora_slots, wrap_targets
 from swarmtune.server.quantize import quantize
-from swarmtune.server.requests import Limits
 from swarmtune.server.sessions import CacheBudget
 from swarmtune.version import __version__
 
@@ -55,11 +53,7 @@ class ServerConfig:
     update_period: float = 15.0       # seconds between announcements
     expiration: float = 45.0          # an announcement's lifetime
     throughput: float | None = None   # announced forward tokens/s per block (None: measure)
-    limits: Limits = field(default_factory=Limits)
-    session_timeout: float = 60.0
-    alloc_timeout: float = 10.0
-    faults: str | None = None         # test-only misbehaviour, see swarmtune.server.faults
-    graph_bytes: int = 512 << 20      # forward graphs kept for their backward, so it needs no recomputation
+    handler: HandlerConfig = field(default_factory=HandlerConfig)  # limits, timeouts, memory for requests
 
 
 class Server:
@@ -112,10 +106,11 @@ class Server:
         start, end = info.span
         expiration = get_dht_time() + self.config.expiration
         keys = [records.block_key(self.prefix, i) for i in range(start, end)]
-        model_info = ModelInfo(self.model_config.num_hidden_layers, self.config.model, self.model_config.model_type)
+        model = ModelInfo(self.model_config.num_hidden_layers, self.config.model, self.model_config.model_type)
         await self.dht.store_many(
-            keys + [self.prefix], [info.to_record()] * len(keys) + [model_info.to_record()],
-            expiration_time=expiration, subkeys=[info.peer_id] * (len(keys) + 1))
+            keys + [self.prefix, records.MODELS_KEY],
+            [info.to_record()] * len(keys) + [model.to_record(), model.to_record(self.prefix)],
+            expiration_time=expiration, subkeys=[info.peer_id] * (len(keys) + 2))
 
     async def run(self) -> None:
         cfg = self.config
@@ -158,12 +153,10 @@ class Server:
         free_before = throughput.free_bytes(cfg.device)
         span = await asyncio.to_thread(self.load, start, end)
         cache_bytes = self.cache_budget(free_before)
-        handler_config = HandlerConfig(cfg.limits, cfg.session_timeout, cfg.alloc_timeout,
-                                       faults=Faults.parse(cfg.faults), graph_bytes=cfg.graph_bytes)
         info = dict(model=cfg.model, start=span.start, end=span.end, dtype=str(span.compute_dtype), quant=cfg.quant,
                     version=__version__, peer_id=str(self.p2p.peer_id))
         hosted = load_hosted(cfg.adapters, self.model_config, span, lora_slots(span), cfg.revision)
-        self.servicer = BlockServicer(span, self.executor, CacheBudget(cache_bytes), handler_config, info,
+        self.servicer = BlockServicer(span, self.executor, CacheBudget(cache_bytes), cfg.handler, info,
                                       hosted_adapters=hosted, membership=cfg.network.membership)
         await self.servicer.add_p2p_handlers(self.p2p)
         self.state = "online"

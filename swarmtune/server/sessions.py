@@ -50,19 +50,18 @@ class CacheBudget:
         self._freed.set()
 
 
-class InferenceSession:
-    """A client's generation state on this server: KV cache and the padding mask of all tokens so far."""
+class ServerSession:
+    """A client's inference session as this server holds it: KV cache and the padding mask of all tokens so far."""
 
     def __init__(self, span: SpanModel, batch_size: int, max_length: int, lora: LoraSet | None,
-                 prompts: torch.Tensor | None, session_id: str | None = None):
+                 deep_prompts: torch.Tensor | None, session_id: str | None = None):
         self.span, self.id = span, session_id
         self.max_length = max_length
         self.cache = span.make_cache(batch_size, max_length)
         self.device = self.cache.keys.device
         self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)
         self.lora = lora
-        self.prompts = prompts.to(self.device, span.compute_dtype) if prompts is not None else None
-        self.last_active = time.monotonic()
+        self.deep_prompts = deep_prompts.to(self.device, span.compute_dtype) if deep_prompts is not None else None
 
     @property
     def length(self) -> int:
@@ -87,7 +86,6 @@ class InferenceSession:
         pos = position_ids.to(self.device) if position_ids is not None else None
         with torch.inference_mode(), lora_lib.activate(self.lora):
             out = self.span(hidden.to(self.device, self.span.compute_dtype), full_mask, pos, cache=self.cache,
-                            prompts=self.prompts)
+                            deep_prompts=self.deep_prompts)
         self.mask = full_mask
-        self.last_active = time.monotonic()
         return out.to("cpu", hidden.dtype)

@@ -9,7 +9,7 @@ loss ignores padding), or packed into fixed-length rows without padding.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
 
@@ -19,32 +19,46 @@ from datasets import Dataset, DatasetDict, load_dataset
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from swarmtune.errors import check_positive, check_source
+
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 IGNORE = -100
 
 
 @dataclass
 class DataConfig:
-    path: str                                  # hub dataset id, local file or directory, or pkg://package/file
-    name: str | None = None                    # hub dataset configuration
-    split: str = "train"
-    revision: str | None = None
-    prompt_template: str = "{prompt}"
-    response_template: str = "{response}"
-    train_on_prompt: bool = False
+    path: str = field(metadata={"help": "hub dataset id, local file (json, jsonl, csv, parquet) or directory, "
+                                        "or pkg://package/file"})
+    name: str | None = field(default=None, metadata={"help": "hub dataset configuration"})
+    split: str = field(default="train", metadata={"help": "the split to train on"})
+    revision: str | None = field(default=None, metadata={"help": "hub dataset revision"})
+    prompt_template: str = field(default="{prompt}", metadata={"help": "format string over a row's columns"})
+    response_template: str = field(default="{response}", metadata={"help": "format string over a row's columns"})
+    train_on_prompt: bool = field(default=False, metadata={"help": "labels cover the prompt too"})
     add_bos: bool = True
     add_eos: bool = True
-    max_length: int = 512
-    packing: bool = False
+    max_length: int = field(default=512, metadata={"help": "tokens per row; longer rows are cut"})
+    packing: bool = field(default=False, metadata={"help": "concatenate rows into rows of exactly max_length"})
     batch_size: int = 8
-    eval_batch_size: int | None = None
-    val_split: str | None = None               # a split of the dataset to validate on, else a held-out fraction
+    eval_batch_size: int | None = field(default=None, metadata={"help": "null: batch_size"})
+    val_split: str | None = field(default=None, metadata={"help": "a split to validate on; null: hold out "
+                                                                  "val_fraction of the training split"})
     val_fraction: float = 0.05
     max_val_samples: int | None = None
-    seed: int = 0
-    num_workers: int = 0
-    num_proc: int | None = None
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    num_proc: int | None = field(default=None, metadata={"help": "processes for tokenizing"})
     cache_dir: str | None = None
+
+    def __post_init__(self):
+        for name in ("max_length", "batch_size"):
+            check_positive(self, name)
+        check_positive(self, "eval_batch_size", optional=True)
+        check_positive(self, "max_val_samples", optional=True)
+        check_positive(self, "num_proc", optional=True)
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
 def resolve_path(path: str) -> str:
@@ -53,6 +67,11 @@ def resolve_path(path: str) -> str:
         return path
     package, _, name = path[len("pkg://"):].partition("/")
     return str(resources.files(package).joinpath(name))
+
+
+def check_data_path(path: str) -> None:
+    """Fail fast on a data path that is neither here nor shaped like a hub dataset id."""
+    check_source(resolve_path(path), "data.path", files=True)
 
 
 def load_raw(cfg: DataConfig) -> DatasetDict:
@@ -66,12 +85,12 @@ def load_raw(cfg: DataConfig) -> DatasetDict:
     return load_dataset(path, cfg.name, revision=cfg.revision, cache_dir=cfg.cache_dir)
 
 
-def train_val_split(raw: DatasetDict, cfg: DataConfig) -> tuple[Dataset, Dataset]:
+def train_val_split(raw: DatasetDict, cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
     train = raw[cfg.split]
     if cfg.val_split is not None:
         val = raw[cfg.val_split]
     else:
-        parts = train.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed)
+        parts = train.train_test_split(test_size=cfg.val_fraction, seed=seed)
         train, val = parts["train"], parts["test"]
     if cfg.max_val_samples is not None and len(val) > cfg.max_val_samples:
         val = val.select(range(cfg.max_val_samples))
@@ -79,7 +98,7 @@ def train_val_split(raw: DatasetDict, cfg: DataConfig) -> tuple[Dataset, Dataset
 
 
 @dataclass
-class EvalPrompt:
+class EvalExample:
     """A row as generation sees it: the prompt tokenized exactly as in training, and its reference answer."""
 
     prompt: str
@@ -94,8 +113,8 @@ def encode_prompt(row: dict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
     return prompt
 
 
-def eval_prompt(row: dict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> EvalPrompt:
-    return EvalPrompt(cfg.prompt_template.format_map(row), encode_prompt(row, tokenizer, cfg),
+def eval_example(row: dict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> EvalExample:
+    return EvalExample(cfg.prompt_template.format_map(row), encode_prompt(row, tokenizer, cfg),
                       cfg.response_template.format_map(row))
 
 
@@ -147,9 +166,10 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 class InstructionDataModule(L.LightningDataModule):
-    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0):
+        """`seed` decides the held-out validation rows and the order of training rows."""
         super().__init__()
-        self.cfg, self.tokenizer = cfg, tokenizer
+        self.cfg, self.tokenizer, self.seed = cfg, tokenizer, seed
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("The tokenizer has neither a pad nor an eos token to pad with")
@@ -169,7 +189,7 @@ class InstructionDataModule(L.LightningDataModule):
         """The raw splits and the train/validation rows, without tokenizing anything (evaluation needs one split)."""
         if self.raw is None:
             self.raw = load_raw(self.cfg)
-            train, val = train_val_split(self.raw, self.cfg)
+            train, val = train_val_split(self.raw, self.cfg, self.seed)
             self.rows = {"train": train, "validation": val}
 
     def _tokenized(self, rows: Dataset) -> Dataset:
@@ -185,17 +205,17 @@ class InstructionDataModule(L.LightningDataModule):
             raise KeyError(f"The dataset has no split {split!r}: use validation, train or one of {list(self.raw)}")
         return self.raw[split]
 
-    def eval_prompts(self, split: str = "validation", limit: int | None = None) -> list[EvalPrompt]:
+    def eval_examples(self, split: str = "validation", limit: int | None = None) -> list[EvalExample]:
         """The first `limit` prompts of `split` with their references, skipping prompts that leave no room
         for a response within max_length (training drops those rows too)."""
-        prompts = []
+        examples = []
         for row in self.split_rows(split):
-            if limit is not None and len(prompts) >= limit:
+            if limit is not None and len(examples) >= limit:
                 break
-            prompt = eval_prompt(row, self.tokenizer, self.cfg)
-            if len(prompt.input_ids) < self.cfg.max_length:
-                prompts.append(prompt)
-        return prompts
+            example = eval_example(row, self.tokenizer, self.cfg)
+            if len(example.input_ids) < self.cfg.max_length:
+                examples.append(example)
+        return examples
 
     def eval_dataloader(self, split: str = "validation") -> DataLoader:
         """Token batches of `split`, in order, for loss and perplexity."""
@@ -207,7 +227,7 @@ class InstructionDataModule(L.LightningDataModule):
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.cfg.num_workers,
                           collate_fn=partial(collate, pad_id=self.pad_id),
-                          generator=torch.Generator().manual_seed(self.cfg.seed) if shuffle else None)
+                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train, self.cfg.batch_size, shuffle=True)

@@ -13,7 +13,7 @@ import json
 import math
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,17 +22,22 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from swarmtune.client.model import SwarmForCausalLM
-from swarmtune.tuning.data import IGNORE, EvalPrompt
+from swarmtune.errors import check_positive
+from swarmtune.tuning.data import IGNORE, EvalExample
 
 SAMPLE_COLUMNS = ["prompt", "reference", "generation", "exact_match"]
 
 
 @dataclass
 class EvalConfig:
-    generate_every_n_val: int = 1   # generate in every Nth validation run; 0: never
-    num_samples: int | None = 8     # the first N prompts of the split; None: all
+    num_samples: int | None = field(default=8, metadata={"help": "the first N examples of the split; null: all"})
     max_new_tokens: int = 32
-    batch_size: int = 8             # prompts per inference session
+    batch_size: int = field(default=8, metadata={"help": "examples per inference session"})
+
+    def __post_init__(self):
+        check_positive(self, "num_samples", optional=True)
+        check_positive(self, "max_new_tokens")
+        check_positive(self, "batch_size")
 
 
 # ---- scoring ----------------------------------------------------------------------------------------
@@ -52,12 +57,12 @@ def exact_match(generation: str, reference: str) -> bool:
     return normalize(generation) == normalize(reference)
 
 
-def score(prompts: list[EvalPrompt], generations: list[str]) -> dict[str, float]:
-    """The share of generations that equal their reference answer, normalised (empty without prompts)."""
-    if not prompts:
+def score(examples: list[EvalExample], generations: list[str]) -> dict[str, float]:
+    """The share of generations that equal their reference answer, normalised (empty without examples)."""
+    if not examples:
         return {}
-    hits = sum(exact_match(g, p.reference) for p, g in zip(prompts, generations, strict=True))
-    return {"exact_match": hits / len(prompts)}
+    hits = sum(exact_match(g, e.reference) for e, g in zip(examples, generations, strict=True))
+    return {"exact_match": hits / len(examples)}
 
 
 # ---- generation and perplexity -----------------------------------------------------------------------
@@ -75,13 +80,13 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def generate(model: SwarmForCausalLM, tokenizer: PreTrainedTokenizerBase, prompts: list[EvalPrompt],
+def generate(model: SwarmForCausalLM, tokenizer: PreTrainedTokenizerBase, examples: list[EvalExample],
              max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy responses to `prompts` through inference sessions, decoded up to the end-of-sequence token."""
+    """Greedy responses to `examples` through inference sessions, decoded up to the end-of-sequence token."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     responses = []
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = left_pad([p.input_ids for p in prompts[start:start + batch_size]], pad_id)
+    for start in range(0, len(examples), batch_size):
+        ids, mask = left_pad([e.input_ids for e in examples[start:start + batch_size]], pad_id)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              num_beams=1, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
         for row in out[:, ids.shape[1]:].tolist():
@@ -118,23 +123,23 @@ def perplexity(nll: float, tokens: int) -> float:
 
 @dataclass
 class GenerationEval:
-    """A fixed set of prompts that SwarmLM decodes during validation, and how."""
+    """A fixed set of examples that SwarmLM decodes during validation, and how."""
 
-    prompts: list[EvalPrompt]
+    examples: list[EvalExample]
     tokenizer: PreTrainedTokenizerBase
     config: EvalConfig
 
     def run(self, model: SwarmForCausalLM) -> tuple[dict[str, float], list[dict]]:
         """(metrics, one sample row per prompt) for `model` as it is now."""
-        generations = generate(model, self.tokenizer, self.prompts, self.config.max_new_tokens,
+        generations = generate(model, self.tokenizer, self.examples, self.config.max_new_tokens,
                                self.config.batch_size)
-        return score(self.prompts, generations), sample_rows(self.prompts, generations)
+        return score(self.examples, generations), sample_rows(self.examples, generations)
 
 
-def sample_rows(prompts: list[EvalPrompt], generations: list[str]) -> list[dict]:
-    return [{"prompt": p.prompt, "reference": p.reference, "generation": g,
-             "exact_match": exact_match(g, p.reference)}
-            for p, g in zip(prompts, generations, strict=True)]
+def sample_rows(examples: list[EvalExample], generations: list[str]) -> list[dict]:
+    return [{"prompt": e.prompt, "reference": e.reference, "generation": g,
+             "exact_match": exact_match(g, e.reference)}
+            for e, g in zip(examples, generations, strict=True)]
 
 
 def write_samples(path: str, rows: list[dict], step: int | None = None) -> None:

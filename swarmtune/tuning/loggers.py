@@ -10,6 +10,8 @@ import threading
 
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
+from swarmtune.errors import UserError
+
 WANDB_HOST = "api.wandb.ai"
 
 
@@ -29,7 +31,7 @@ def build_logger(cfg: dict, save_dir: str, name: str | None = None, group: str |
         return TensorBoardLogger(save_dir, name="tensorboard", version="")
     if kind == "none":
         return None
-    raise ValueError(f"Unknown logger kind {kind!r}: use wandb, csv, tensorboard or none")
+    raise UserError(f"logger.kind {kind!r} is unknown: use wandb, csv, tensorboard or none")
 
 
 def wandb_mode(mode: str) -> str:

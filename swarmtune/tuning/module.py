@@ -19,12 +19,13 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+from swarmtune.adapters.lora import ClientLora, target_shapes
+from swarmtune.adapters.peft_format import save_adapter
+from swarmtune.adapters.prompts import SoftPrompts
 from swarmtune.client.model import SwarmForCausalLM
+from swarmtune.errors import check_positive
 from swarmtune.tuning.data import IGNORE
 from swarmtune.tuning.evaluation import GenerationEval, log_samples, write_samples
-from swarmtune.tuning.export import save_adapter
-from swarmtune.tuning.lora import ClientLora, target_shapes
-from swarmtune.tuning.prompts import SoftPrompts
 
 
 @dataclass
@@ -32,60 +33,88 @@ class LoraSettings:
     enabled: bool = True
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] | None = None      # projections by short name or path; None: the family's defaults
-    blocks: list[int] | None = None       # None: every block
-    use_rslora: bool = False
+    dropout: float = field(default=0.0, metadata={"help": "on the adapter's input, in training only"})
+    targets: list[str] | None = field(default=None, metadata={
+        "help": "projections by short name (q_proj) or path inside the block; null: all the family supports"})
+    blocks: list[int] | None = field(default=None, metadata={"help": "block indices; null: every block"})
+    use_rslora: bool = field(default=False, metadata={"help": "scale by alpha / sqrt(rank), not alpha / rank"})
+
+    def __post_init__(self):
+        check_positive(self, "rank")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must lie in [0, 1), got {self.dropout}")
 
 
 @dataclass
 class TuningConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
-    prompt: bool = False                  # a trainable prefix of input embeddings
-    deep_prompt: bool = False             # a trainable prefix added before every block
-    prefix_length: int = 16               # positions the soft prompts take in front of each example
+    prompt: bool = field(default=False, metadata={"help": "a trainable prefix of input embeddings"})
+    deep_prompt: bool = field(default=False, metadata={"help": "a trainable prefix added before every block"})
+    prefix_length: int = field(default=16, metadata={"help": "positions the soft prompts take before each example"})
     train_lm_head: bool = False
 
-    @classmethod
-    def from_dict(cls, d: dict) -> TuningConfig:
-        return cls(**{**d, "lora": LoraSettings(**d.get("lora", {}))})
+    def __post_init__(self):
+        if isinstance(self.lora, dict):  # as a config file gives it
+            self.lora = LoraSettings(**self.lora)
+        check_positive(self, "prefix_length")
+        if not (self.lora.enabled or self.prompt or self.deep_prompt or self.train_lm_head):
+            raise ValueError("nothing to train: enable lora, prompt, deep_prompt or train_lm_head")
+
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"                   # adamw, adam or sgd
+    name: str = field(default="adamw", metadata={"help": "adamw, adam or sgd"})
     lr: float = 2e-4
-    prompt_lr: float | None = None        # soft prompts usually want a larger rate; None: `lr`
+    prompt_lr: float | None = field(default=None, metadata={"help": "for soft prompts, which usually want a "
+                                                                     "larger rate; null: lr"})
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    momentum: float = 0.9                 # sgd only
-    scheduler: str = "cosine"             # any transformers.get_scheduler name: linear, cosine, constant, ...
+    momentum: float = field(default=0.9, metadata={"help": "sgd only"})
+    scheduler: str = field(default="cosine", metadata={"help": "a transformers.get_scheduler name: linear, "
+                                                                "cosine, constant, ..."})
     warmup_steps: int = 0
+
+    def __post_init__(self):
+        from transformers import SchedulerType
+
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.name!r}: use one of {', '.join(OPTIMIZERS)}")
+        schedulers = [s.value for s in SchedulerType]
+        if self.scheduler not in schedulers:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}: use one of {', '.join(schedulers)}")
+        check_positive(self, "lr")
+        check_positive(self, "prompt_lr", optional=True)
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError("warmup_steps and weight_decay must be >= 0")
 
 
 class SwarmLM(L.LightningModule):
     def __init__(self, model: SwarmForCausalLM, tuning: TuningConfig, optim: OptimConfig, seed: int = 0,
-                 generation: GenerationEval | None = None):
+                 generation: GenerationEval | None = None, generate_every_n_val: int = 1):
         super().__init__()
         self.tuning, self.optim = tuning, optim
-        self.generation = generation  # prompts decoded through the swarm during validation
+        self.generation = generation  # examples decoded through the swarm in every Nth validation run
+        self.generate_every_n_val = generate_every_n_val
         self._validations = 0
         config = model.config
-        # Trainable modules are registered before `model`, so checkpoint keys read "lora.…", "prompts.…".
+        # Trainable modules are registered before `model`, so checkpoint keys read "lora.…", "soft_prompts.…".
         self.lora: ClientLora | None = None
         if tuning.lora.enabled:
             shapes = target_shapes(config, tuning.lora.targets, tuning.lora.blocks)
             self.lora = ClientLora(shapes, tuning.lora.rank, tuning.lora.alpha, tuning.lora.dropout,
                                    tuning.lora.use_rslora)
-        self.prompts: SoftPrompts | None = None
+        self.soft_prompts: SoftPrompts | None = None
         if tuning.prompt or tuning.deep_prompt:
-            self.prompts = SoftPrompts(tuning.prefix_length, config.hidden_size, config.num_hidden_layers,
+            self.soft_prompts = SoftPrompts(tuning.prefix_length, config.hidden_size, config.num_hidden_layers,
                                        shallow=tuning.prompt, deep=tuning.deep_prompt,
                                        init_embeddings=model.parts.embed_tokens.weight, seed=seed)
         self.model = model.requires_grad_(False)
         self.model.lora = self.lora
-        self.model.soft_prompts = self.prompts
+        self.model.soft_prompts = self.soft_prompts
         if tuning.train_lm_head:
             head = model.parts.lm_head
             # A fresh parameter unties it from the input embeddings, as PEFT's modules_to_save does.
@@ -120,7 +149,7 @@ class SwarmLM(L.LightningModule):
         if self.generation is None or self.trainer.sanity_checking:
             return
         self._validations += 1
-        every = self.generation.config.generate_every_n_val
+        every = self.generate_every_n_val
         if every and self._validations % every == 0:
             self.evaluate_generation()
 
@@ -149,7 +178,7 @@ class SwarmLM(L.LightningModule):
     def configure_optimizers(self):
         from transformers import get_scheduler
 
-        prompt_params = list(self.prompts.parameters()) if self.prompts is not None else []
+        prompt_params = list(self.soft_prompts.parameters()) if self.soft_prompts is not None else []
         prompt_ids = {id(p) for p in prompt_params}
         other = [p for p in self.parameters() if p.requires_grad and id(p) not in prompt_ids]
         groups = [g for g in ({"params": other, "lr": self.optim.lr},
@@ -159,10 +188,8 @@ class SwarmLM(L.LightningModule):
             optimizer = torch.optim.AdamW(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         elif o.name == "adam":
             optimizer = torch.optim.Adam(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        elif o.name == "sgd":
+        else:  # sgd: OptimConfig admits no other name
             optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-        else:
-            raise ValueError(f"Unknown optimizer {o.name!r}: use adamw, adam or sgd")
         total = self.trainer.estimated_stepping_batches
         scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps,
                                   num_training_steps=int(total) if math.isfinite(total) else None)
@@ -203,5 +230,5 @@ class SwarmLM(L.LightningModule):
     def export(self, out_dir: str) -> str:
         """PEFT-format LoRA (+ LM head) and soft prompts, loadable without swarmtune by plain PEFT."""
         head = self.model.parts.lm_head.weight if self.tuning.train_lm_head else None
-        return save_adapter(out_dir, self.model.config, self.model.model_name, lora=self.lora, prompts=self.prompts,
-                            lm_head=head)
+        return save_adapter(out_dir, self.model.config, self.model.model_name, lora=self.lora,
+                            soft_prompts=self.soft_prompts, lm_head=head)

@@ -43,7 +43,7 @@ class SoftPrompts(nn.Module):
         return embeds, attention_mask, labels
 
     def deep_prompts(self) -> torch.Tensor | None:
-        """Deep prompts as `SwarmForCausalLM.prompts` takes them: [num_blocks, 1, length, hidden]."""
+        """Deep prompts as `SwarmForCausalLM.deep_prompts` gives them to servers: [num_blocks, 1, length, hidden]."""
         return self.deep.unsqueeze(1) if self.deep is not None else None
 
 

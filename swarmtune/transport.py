@@ -1,4 +1,6 @@
-"""Calling one server: request/response RPCs and inference streams, with every failure as ServerFailure."""
+"""Calling a server over hivemind's P2P: request/response RPCs and message streams, with every failure
+as one exception type, ServerFailure. Clients use it, and so do servers when they pass an inference
+step on to the next server of a chain."""
 
 from __future__ import annotations
 
@@ -32,27 +34,6 @@ class ServerRejected(ServerFailure):
     def __init__(self, peer_id: str, reason: str, retry: bool = True):
         super().__init__(peer_id, reason)
         self.retry = retry
-
-
-class RequestRefused(RuntimeError):
-    """Servers refused the request itself (malformed, or larger than they allow): retrying will not help."""
-
-
-class Refusals:
-    """Tracks servers that refused a request as invalid.
-
-    One such verdict could be a faulty server, so the client tries another; a second server
-    agreeing, or having no other server to try, ends the retries with the servers' message.
-    """
-
-    def __init__(self):
-        self.peers: set[str] = set()
-
-    def check(self, error: ServerFailure, alternatives: int) -> None:
-        if isinstance(error, ServerRejected) and not error.retry:
-            self.peers.add(error.peer_id)
-            if len(self.peers) >= 2 or alternatives == 0:
-                raise RequestRefused(f"the swarm refused the request: {error.reason}") from error
 
 
 def _handle(method: str) -> str:

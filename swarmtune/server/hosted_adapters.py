@@ -12,6 +12,8 @@ import os
 
 from transformers import PretrainedConfig
 
+from swarmtune.adapters.peft_format import load_adapter
+from swarmtune.errors import UserError
 from swarmtune.models.span import SpanModel
 from swarmtune.server.lora import LoraSet
 
@@ -25,15 +27,13 @@ def parse_spec(spec: str) -> tuple[str, str]:
         path = spec
         name = os.path.basename(os.path.normpath(spec)) if os.path.isdir(spec) else spec
     if not name or not path:
-        raise ValueError(f"bad adapter spec {spec!r}: use NAME=PATH or PATH")
+        raise UserError(f"--adapters: bad adapter spec {spec!r}: use NAME=PATH or PATH")
     return name, path
 
 
 def load_hosted(specs: list[str], config: PretrainedConfig, span: SpanModel, slots: dict[str, tuple[int, int]],
                 revision: str | None = None) -> dict[str, LoraSet]:
     """The LoRA weights of each adapter for this server's blocks, on its device and in its compute dtype."""
-    from swarmtune.tuning.export import load_adapter
-
     device = next(span.parameters()).device
     hosted = {}
     for spec in specs:
@@ -41,7 +41,7 @@ def load_hosted(specs: list[str], config: PretrainedConfig, span: SpanModel, slo
         adapter = load_adapter(path, config, revision)
         if adapter.lora is None:
             raise ValueError(f"adapter {path} has no LoRA weights to host")
-        if adapter.prompts is not None or adapter.lm_head is not None:
+        if adapter.soft_prompts is not None or adapter.lm_head is not None:
             logger.warning(f"adapter {name}: servers apply its LoRA only; its soft prompts and LM head stay with "
                            f"clients, which load them with adapter={path}")
         lora = adapter.lora

@@ -21,10 +21,11 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from transformers import PretrainedConfig
 
+from swarmtune.adapters.lora import ClientLora, target_shapes
+from swarmtune.adapters.prompts import SoftPrompts
 from swarmtune.atomic import write_atomic
+from swarmtune.errors import UserError
 from swarmtune.models.family import Family, get_family
-from swarmtune.tuning.lora import ClientLora, target_shapes
-from swarmtune.tuning.prompts import SoftPrompts
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -34,12 +35,16 @@ PEFT_PREFIX = "base_model.model."
 LM_HEAD_KEY = PEFT_PREFIX + "lm_head.weight"
 
 
+class AdapterError(UserError, ValueError):
+    """An adapter that is missing, malformed, or made for another model."""
+
+
 @dataclass
 class Adapter:
     """What an adapter directory holds, ready to attach to a `SwarmForCausalLM` of the same base model."""
 
     lora: ClientLora | None = None
-    prompts: SoftPrompts | None = None
+    soft_prompts: SoftPrompts | None = None
     lm_head: torch.Tensor | None = None
 
 
@@ -47,7 +52,7 @@ class Adapter:
 
 
 def save_adapter(out_dir: str, config: PretrainedConfig, base_model: str, lora: ClientLora | None = None,
-                 prompts: SoftPrompts | None = None, lm_head: torch.Tensor | None = None) -> str:
+                 soft_prompts: SoftPrompts | None = None, lm_head: torch.Tensor | None = None) -> str:
     """Write whichever of LoRA, LM head and soft prompts are given to `out_dir`; returns `out_dir`."""
     if lm_head is not None and lora is None:
         raise ValueError("a trained LM head is stored as PEFT modules_to_save, which needs a LoRA adapter")
@@ -64,11 +69,12 @@ def save_adapter(out_dir: str, config: PretrainedConfig, base_model: str, lora: 
         write_atomic(os.path.join(out_dir, ADAPTER_WEIGHTS), safetensors_bytes(tensors, metadata={"format": "pt"}))
         peft_config = lora_config_dict(lora, family, config, base_model, with_lm_head=lm_head is not None)
         write_atomic(os.path.join(out_dir, ADAPTER_CONFIG), json.dumps(peft_config, indent=2, sort_keys=True).encode())
-    if prompts is not None:
-        tensors = {name: p.detach().float().contiguous() for name, p in (("prompt", prompts.prompt),
-                                                                            ("deep", prompts.deep)) if p is not None}
+    if soft_prompts is not None:
+        parts = (("prompt", soft_prompts.prompt), ("deep", soft_prompts.deep))
+        tensors = {name: p.detach().float().contiguous() for name, p in parts if p is not None}
         write_atomic(os.path.join(out_dir, PROMPTS_WEIGHTS), safetensors_bytes(tensors, metadata={"format": "pt"}))
-        meta = dict(length=prompts.length, shallow=prompts.prompt is not None, deep=prompts.deep is not None,
+        meta = dict(length=soft_prompts.length, shallow=soft_prompts.prompt is not None,
+                    deep=soft_prompts.deep is not None,
                     hidden_size=config.hidden_size, num_blocks=config.num_hidden_layers,
                     base_model_name_or_path=base_model)
         write_atomic(os.path.join(out_dir, PROMPTS_CONFIG), json.dumps(meta, indent=2).encode())
@@ -117,9 +123,9 @@ def load_adapter(adapter: str, config: PretrainedConfig, revision: str | None = 
     if files.has(ADAPTER_CONFIG):
         out.lora, out.lm_head = _load_lora(files, config)
     if files.has(PROMPTS_CONFIG):
-        out.prompts = _load_prompts(files, config)
-    if out.lora is None and out.prompts is None:
-        raise FileNotFoundError(f"{adapter} holds neither {ADAPTER_CONFIG} nor {PROMPTS_CONFIG}")
+        out.soft_prompts = _load_prompts(files, config)
+    if out.lora is None and out.soft_prompts is None:
+        raise AdapterError(f"{adapter} holds neither {ADAPTER_CONFIG} nor {PROMPTS_CONFIG}")
     return out
 
 
@@ -127,7 +133,7 @@ def load_lora(adapter: str, config: PretrainedConfig, revision: str | None = Non
     """A PEFT LoRA adapter (written by `save_adapter` or by plain PEFT) as a ClientLora."""
     lora = load_adapter(adapter, config, revision).lora
     if lora is None:
-        raise FileNotFoundError(f"{adapter} has no {ADAPTER_CONFIG}")
+        raise AdapterError(f"{adapter} has no {ADAPTER_CONFIG}")
     return lora
 
 
@@ -161,13 +167,13 @@ def _load_lora(files: _AdapterFiles, config: PretrainedConfig) -> tuple[ClientLo
     with open(files.path(ADAPTER_CONFIG)) as f:
         peft_config = json.load(f)
     if peft_config.get("peft_type") != "LORA":
-        raise ValueError(f"{files.adapter}: only LoRA adapters are supported, not {peft_config.get('peft_type')}")
+        raise AdapterError(f"{files.adapter}: only LoRA adapters are supported, not {peft_config.get('peft_type')}")
     for option, plain in _UNSUPPORTED.items():
         if peft_config.get(option, plain) not in (plain, None, {}, False):
-            raise ValueError(f"{files.adapter}: LoRA option {option}={peft_config[option]!r} is not supported")
+            raise AdapterError(f"{files.adapter}: LoRA option {option}={peft_config[option]!r} is not supported")
     extra = set(peft_config.get("modules_to_save") or []) - {"lm_head"}
     if extra:
-        raise ValueError(f"{files.adapter}: modules_to_save {sorted(extra)} are not supported (only lm_head)")
+        raise AdapterError(f"{files.adapter}: modules_to_save {sorted(extra)} are not supported (only lm_head)")
     state = load_file(files.path(ADAPTER_WEIGHTS))
     lm_head = state.pop(LM_HEAD_KEY, None)
     family = get_family(config.model_type)
@@ -176,16 +182,16 @@ def _load_lora(files: _AdapterFiles, config: PretrainedConfig) -> tuple[ClientLo
     shapes = {}
     for key, (a, b) in pairs.items():
         if key not in known:
-            raise ValueError(f"{files.adapter}: LoRA on {key}, which {config.model_type} blocks lack")
+            raise AdapterError(f"{files.adapter}: LoRA on {key}, which {config.model_type} blocks lack")
         if (a.shape[1], b.shape[0]) != known[key] or a.shape[0] != b.shape[1]:
-            raise ValueError(f"{files.adapter}: LoRA shapes of {key} ({list(a.shape)}, {list(b.shape)}) do not "
+            raise AdapterError(f"{files.adapter}: LoRA shapes of {key} ({list(a.shape)}, {list(b.shape)}) do not "
                              f"match the base model's {known[key]}")
         shapes[key] = known[key]
     ranks = {a.shape[0] for a, _ in pairs.values()}
     if len(ranks) != 1 or ranks != {peft_config["r"]}:
-        raise ValueError(f"{files.adapter}: LoRA ranks {sorted(ranks)} differ from r={peft_config['r']}")
+        raise AdapterError(f"{files.adapter}: LoRA ranks {sorted(ranks)} differ from r={peft_config['r']}")
     if lm_head is not None and tuple(lm_head.shape) != (config.vocab_size, config.hidden_size):
-        raise ValueError(f"{files.adapter}: lm_head shape {list(lm_head.shape)} does not match the base model")
+        raise AdapterError(f"{files.adapter}: lm_head shape {list(lm_head.shape)} does not match the base model")
     lora = ClientLora(shapes, rank=peft_config["r"], alpha=peft_config["lora_alpha"],
                       dropout=peft_config.get("lora_dropout", 0.0), use_rslora=peft_config.get("use_rslora", False))
     with torch.no_grad():
@@ -204,14 +210,14 @@ def _lora_pairs(state: dict[str, torch.Tensor], family: Family, where: str) -> d
     for name, tensor in state.items():
         match = pattern.fullmatch(name)
         if match is None:
-            raise ValueError(f"{where}: unexpected tensor {name} in {ADAPTER_WEIGHTS}")
+            raise AdapterError(f"{where}: unexpected tensor {name} in {ADAPTER_WEIGHTS}")
         block, path, ab = match.groups()
         found.setdefault(f"{int(block)}.{path}", {})[ab] = tensor
     missing = [key for key, ab in found.items() if set(ab) != {"A", "B"}]
     if missing:
-        raise ValueError(f"{where}: LoRA {missing[0]} lacks its A or B matrix")
+        raise AdapterError(f"{where}: LoRA {missing[0]} lacks its A or B matrix")
     if not found:
-        raise ValueError(f"{where}: {ADAPTER_WEIGHTS} holds no LoRA weights")
+        raise AdapterError(f"{where}: {ADAPTER_WEIGHTS} holds no LoRA weights")
     return {key: (ab["A"], ab["B"]) for key, ab in found.items()}
 
 
@@ -219,7 +225,7 @@ def _load_prompts(files: _AdapterFiles, config: PretrainedConfig) -> SoftPrompts
     with open(files.path(PROMPTS_CONFIG)) as f:
         meta = json.load(f)
     if (meta["hidden_size"], meta["num_blocks"]) != (config.hidden_size, config.num_hidden_layers):
-        raise ValueError(f"{files.adapter}: prompts are for hidden size {meta['hidden_size']} and "
+        raise AdapterError(f"{files.adapter}: prompts are for hidden size {meta['hidden_size']} and "
                          f"{meta['num_blocks']} blocks, not this model's")
     state = load_file(files.path(PROMPTS_WEIGHTS))
     prompts = SoftPrompts(meta["length"], meta["hidden_size"], meta["num_blocks"], shallow=meta["shallow"],

@@ -1,0 +1,126 @@
+"""What tests share besides fixtures: reference models, recipes, and processes they start.
+
+Tests import these from here (fixtures stay in conftest.py, where pytest finds them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from swarmtune import launch
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom"]
+RECIPES = sorted(e.name[:-5] for e in launch.recipes_dir().iterdir() if e.name.endswith(".yaml"))
+PEERS = ["/ip4/10.1.2.3/tcp/31337/p2p/Qmb7FeGu3HqZ7rwcsYCd8iBELnmmCu1ahRKvGkwaAX2iEZ",  # well-formed, never dialled
+         "/ip4/10.1.2.4/tcp/31337/p2p/QmNYG4mfj1dhLZBYBWEFyhYC2S2QDHZ8Ra5K7XKqtqBLAd"]
+
+
+def reference_model(path: str):
+    """The same checkpoint as a plain local transformers model (fp32, eval mode)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    attn = "eager" if AutoConfig.from_pretrained(path).model_type == "bloom" else "sdpa"
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32).eval()
+
+
+@contextlib.contextmanager
+def hydra_context(groups: tuple[str, ...] | None = None):
+    """Hydra's compose API over swarmtune's configs, with the recipes registered (only `groups` of them)."""
+    from hydra import initialize_config_dir, initialize_config_module
+
+    launch.register_recipes(groups)
+    path = launch.config_path()
+    if path.startswith("pkg://"):
+        with initialize_config_module(path[len("pkg://"):], version_base=None):
+            yield
+    else:
+        with initialize_config_dir(path, version_base=None):
+            yield
+
+
+class TrainProcess:
+    """`python -m swarmtune.train ARGS`, logging to a file; `stop()` kills it and everything it started."""
+
+    def __init__(self, args: list[str], log: Path, env: dict | None = None):
+        self.log = log
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen([sys.executable, "-m", "swarmtune.train", *args], stdout=f,
+                                         stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                         start_new_session=True)
+
+    def wait(self, timeout: float) -> str:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"training did not finish within {timeout:.0f} s:\n{self.output()[-3000:]}")
+        assert self.proc.returncode == 0, self.output()[-5000:]
+        return self.output()
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> None:
+        children = []
+        with contextlib.suppress(psutil.NoSuchProcess):
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        for p in [self.proc, *children]:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                p.kill()
+        self.proc.wait(10)  # reaped here, not by psutil, so returncode tells how it ended
+        psutil.wait_procs(children, timeout=10)
+
+
+def adapter_path(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith("Adapter saved to ")]
+    assert lines, output[-3000:]
+    return lines[-1][len("Adapter saved to "):].strip()
+
+
+@dataclass
+class Outcome:
+    returncode: int
+    stderr: str
+    stdout: str
+    started_swarm: bool     # did the command start a server or DHT process of its own?
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+
+def run(module: str, *args: str, env: dict | None = None, unset: tuple[str, ...] = (), timeout: float = 120
+        ) -> Outcome:
+    """`python -m MODULE ARGS`, watching its children for swarm processes; killed (with them) at the end."""
+    environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=out, stderr=err, text=True,
+                                env=environment, start_new_session=True)
+        started = False
+        deadline = time.monotonic() + timeout
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(psutil.Error):
+                    started |= any(word in " ".join(p.cmdline()) for p in psutil.Process(proc.pid).children(True)
+                                   for word in ("swarmtune.server", "swarmtune.dht"))
+                time.sleep(0.05)
+            assert proc.poll() is not None, f"{module} {' '.join(args)} did not finish within {timeout:.0f} s"
+        finally:
+            with contextlib.suppress(psutil.Error):
+                for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+                    p.kill()
+            proc.wait(10)
+        out.seek(0)
+        err.seek(0)
+        return Outcome(proc.returncode, err.read(), out.read(), started)
