@@ -2,8 +2,8 @@
 
 Per block, the DHT key ``"{prefix}.{block}"`` holds one subkey per server (its peer id) with a
 `ServerInfo`; the key ``"{prefix}"`` holds a `ModelInfo`, and the key `MODELS_KEY` the same
-`ModelInfo` with its prefix, so that a reader can list every model a swarm serves. Records expire unless refreshed.
-Readers validate every record: anything malformed, of another protocol version or offline is
+`ModelInfo` with its prefix, so that a reader can list every model a swarm serves. Records expire
+unless refreshed. Readers validate every record: anything malformed, of another protocol version or offline is
 skipped, never fatal.
 """
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 PROTOCOL_VERSION = 2
 MODELS_KEY = "_swarmtune.models"
+MAX_BLOCKS = 1024  # far above any model served (Llama 3.1 405B has 126): a record claiming more is a lie
 STATES = ("joining", "online", "offline")
 
 
@@ -88,9 +89,11 @@ class ModelInfo:
         if not isinstance(record, dict) or record.get("protocol") != PROTOCOL_VERSION:
             return None
         try:
-            return cls(_int(record["num_blocks"]), str(record["model_id"]), str(record.get("model_type", "")))
+            info = cls(_int(record["num_blocks"]), str(record["model_id"])[:256],
+                       str(record.get("model_type", ""))[:64])
         except (KeyError, TypeError, ValueError):
             return None
+        return info if 0 < info.num_blocks <= MAX_BLOCKS else None
 
 
 def _int(x) -> int:

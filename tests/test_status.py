@@ -29,6 +29,13 @@ def test_the_table_flags_blocks_without_an_online_server():
     assert uncovered(servers, 6) == [2, 3]
 
 
+def test_model_records_that_claim_absurd_sizes_are_ignored():
+    good = ModelInfo(80, "org/model", "llama")
+    assert ModelInfo.from_record(good.to_record("model")) == good
+    for num_blocks in (0, -3, records.MAX_BLOCKS + 1, 10**6, True, "80"):
+        assert ModelInfo.from_record({**good.to_record(), "num_blocks": num_blocks}) is None
+
+
 def test_status_of_a_running_swarm(llama_swarm, tiny_llama):
     cmd = [sys.executable, "-m", "swarmtune.swarm", "status", "--model", tiny_llama,
            "--initial-peers", *llama_swarm.initial_peers]
