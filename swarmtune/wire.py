@@ -18,7 +18,9 @@ DTYPES: dict[str, torch.dtype] = {
     "int64": torch.int64, "int32": torch.int32, "bool": torch.bool, "uint8": torch.uint8,
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
-HEADER_LIMIT = 1 << 20
+HEADER_LIMIT = 256 << 10        # a header with LoRA for 80 blocks x 7 projections takes about 60 KiB
+MAX_ITEMS = 16384               # per msgpack array or map: bounds the work a header can ask of the parser
+MAX_ELEMENTS = 1 << 40          # per tensor, counting zero-sized dimensions as 1 (so no stride overflows)
 CHUNK_BYTES = 1 << 20  # below hivemind's 2 MiB unary limit, with room for protobuf framing
 DEFAULT_MAX_MESSAGE = 256 << 20
 
@@ -51,7 +53,8 @@ def unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE) -> tuple[dict, dic
         raise WireError(f"bad header length {header_len}")
     try:
         header = msgpack.unpackb(data[4:4 + header_len], raw=False, strict_map_key=True, use_list=True,
-                                 max_bin_len=HEADER_LIMIT, max_str_len=HEADER_LIMIT)
+                                 max_bin_len=HEADER_LIMIT, max_str_len=HEADER_LIMIT, max_array_len=MAX_ITEMS,
+                                 max_map_len=MAX_ITEMS, max_ext_len=0)
     except Exception as e:
         raise WireError(f"header is not valid msgpack: {e}") from None
     if not isinstance(header, dict) or not isinstance(header.get("meta"), dict) \
@@ -79,7 +82,8 @@ def _check_spec(spec) -> tuple[str, torch.dtype, list[int]]:
     name, dtype, shape = spec
     if not isinstance(name, str) or dtype not in DTYPES:
         raise WireError(f"bad tensor name or dtype in {spec!r:.100}")
-    if not isinstance(shape, list) or len(shape) > 8 or not all(isinstance(d, int) and 0 <= d < 2**31 for d in shape):
+    dims_ok = isinstance(shape, list) and len(shape) <= 8 and all(type(d) is int and 0 <= d < 2**31 for d in shape)
+    if not dims_ok or math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:  # bools are not sizes
         raise WireError(f"bad shape for tensor {name!r}: {shape!r:.100}")
     return name, DTYPES[dtype], shape
 

@@ -30,7 +30,7 @@ def bad_span_requests(draw) -> bytes:
         width = draw(st.integers(1, 80).filter(lambda h: h != HIDDEN))
         shape = [draw(st.integers(1, 3)), draw(st.integers(1, 4)), width]
         tensors["hidden"] = torch.zeros(shape, dtype=draw(dtypes))
-    for name in draw(st.lists(st.sampled_from(["attention_mask", "position_ids", "prompts", "grad_output",
+    for name in draw(st.lists(st.sampled_from(["attention_mask", "position_ids", "deep_prompts", "grad_output",
                                                 "lora.A.0", "lora.B.0", "reorder", "x"]), max_size=3)):
         tensors[name] = torch.zeros(draw(shapes), dtype=draw(dtypes))
     return wire.pack(meta, tensors)
@@ -70,8 +70,9 @@ def test_span_rpcs_refuse_garbage(target, method, stream):
     @FUZZ
     @given(data=messages)
     def check(data):
-        with pytest.raises(ServerRejected):
+        with pytest.raises(ServerRejected) as raised:
             _call(conn, server.peer_id, method, data, stream)
+        assert not raised.value.retry, raised.value.reason  # the client's fault, never the server's
 
     check()
     _assert_still_serving(conn, server)
@@ -93,8 +94,9 @@ def test_inference_sessions_refuse_garbage(target):
     @FUZZ
     @given(data=messages, after_open=st.booleans())
     def check(data, after_open):
-        with pytest.raises(ServerFailure):  # the error reply closes the stream on our side
+        with pytest.raises(ServerFailure) as raised:  # the error reply closes the stream on our side
             exchange([opening, data] if after_open else [data])
+        assert not getattr(raised.value, "retry", False), raised.value.reason
 
     check()
     _assert_still_serving(conn, server)

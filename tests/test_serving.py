@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import msgpack
 import psutil
 import pytest
 import torch
@@ -113,6 +114,12 @@ BAD_REQUESTS = {
 }
 
 
+def _raw(meta: dict, specs: list) -> bytes:
+    """A message whose header says what `wire.pack` never would."""
+    header = msgpack.packb({"meta": meta, "tensors": specs})
+    return len(header).to_bytes(4, "little") + header
+
+
 def test_malformed_requests_are_refused_and_server_keeps_serving(llama_swarm, llama_client):
     server = llama_swarm.servers[0]  # serves block 0
     hidden_size = llama_client.config.hidden_size
@@ -125,13 +132,18 @@ def test_malformed_requests_are_refused_and_server_keeps_serving(llama_swarm, ll
         meta, tensors = make(hidden_size)
         with pytest.raises(ServerRejected) as err:
             send("forward", wire.pack(meta, tensors))
-        assert err.value.reason, name
+        assert err.value.reason and not err.value.retry, name  # the client's error: no other server is tried
     garbage = [b"", b"\x00\x01", b"\xff" * 64, (10).to_bytes(4, "little") + b"not msgpack",
-               wire.pack({"start": 0, "end": 1}, {"hidden": torch.randn(1, 4, hidden_size)})[:-7]]
+               wire.pack({"start": 0, "end": 1}, {"hidden": torch.randn(1, 4, hidden_size)})[:-7],
+               _raw({"start": 0, "end": 1}, [["hidden", "float32", [1, True, hidden_size]]]),  # a bool as a size
+               _raw({"start": 0, "end": 1}, [["hidden", "float32", [2**31 - 1] * 7 + [0]]]),  # strides overflow
+               _raw({"start": 0, "end": 1}, [{}] * 200_000),                               # a header bomb
+               _raw({"start": 0, "end": 1, "x": [[[]] * 8000] * 8}, [])]                    # nested, within limits
     for data in garbage:
         for method in ("forward", "backward"):
-            with pytest.raises(ServerRejected):
+            with pytest.raises(ServerRejected) as err:
                 send(method, data)
+            assert not err.value.retry, err.value.reason
     meta, tensors = _good_request(hidden_size, 0, 1)
     with pytest.raises(ServerRejected, match="grad_output"):
         send("backward", wire.pack(meta, tensors))

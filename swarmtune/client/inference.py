@@ -64,8 +64,9 @@ class _History:
 class _SpanSession:
     """This client's session with one server for blocks [hop.start, hop.end)."""
 
-    def __init__(self, session: InferenceSession, hop: Hop, history: _History):
+    def __init__(self, session: InferenceSession, hop: Hop, history: _History, upstream: str | None = None):
         self.session, self.hop, self.history = session, hop, history
+        self.upstream = upstream  # the server before this one in the chain: the only one that may push to it
         self.pending_reorder: torch.Tensor | None = None  # beam reordering to send with the next step
         self.stream = MessageStream(session.connection.p2p, hop.peer_id, session.connection.token)
         self.shadows: list[_SpanSession] = []  # other servers running the same blocks, to verify this one
@@ -78,6 +79,8 @@ class _SpanSession:
         def request(lora_meta: dict | None, lora_tensors: dict[str, torch.Tensor]) -> None:
             meta = {"type": "open", "start": self.hop.start, "end": self.hop.end, "max_length": s.max_length,
                     "batch_size": s.batch_size, "session_id": self.session_id}
+            if self.upstream is not None:
+                meta["push_from"] = self.upstream
             if lora_meta is not None:
                 meta["lora"] = lora_meta
             tensors = dict(lora_tensors)
@@ -298,6 +301,8 @@ class InferenceSession:
         try:
             for i, span in enumerate(spans):
                 meta = {"step": step, "await_push": i > 0, "push_wait": self.config.push_wait}
+                if i > 0:  # after a recovery the server before this one may have changed
+                    meta["push_from"] = spans[i - 1].hop.peer_id
                 if i + 1 < len(spans):
                     meta["push_to"] = {"peer": spans[i + 1].hop.peer_id, "session": spans[i + 1].session_id}
                 await span.stream.send(span.message(meta, mask, position_ids, h if i == 0 else None))
@@ -352,7 +357,9 @@ class InferenceSession:
                 connection.refresh, deadline, connection.prefix, self.active_adapter)
             opened = []
             for i, hop in enumerate(hops):
-                span = _SpanSession(self, hop, history if i == 0 else _History())
+                upstream = hops[i - 1] if i else self.spans[index - 1].hop if index else None
+                span = _SpanSession(self, hop, history if i == 0 else _History(),
+                                    upstream.peer_id if upstream is not None else None)
                 try:
                     span.open()
                 except ServerFailure as e:

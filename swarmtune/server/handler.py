@@ -247,6 +247,8 @@ class BlockServicer(ServicerBase):
     async def _accept_push(self, meta: dict, tensors: dict, peer: str) -> bytes:
         mailbox = self.mailboxes.get(meta.get("session"))
         need(mailbox is not None, "push for an unknown session")
+        need(peer in (mailbox.owner, mailbox.upstream),
+             "push refused: only the session's client and the server its client named before this one may push")
         step = get_int(meta, "step", 0, 2**31)
         mailbox.put(step, check_hidden(tensors.get("hidden"), "hidden", self.hidden_size, self.limits))
         self.stats["pushes_received"] += 1
@@ -327,8 +329,6 @@ class BlockServicer(ServicerBase):
                 return
             self._admit(peer, token)
             session, reserved = await self._open_session(data, peer)
-            if session.id is not None:
-                self.mailboxes[session.id] = Mailbox()
             yield _frame(_response({"ok": True, "opened": True}))
             while True:
                 data, _ = await asyncio.wait_for(_read_message(requests, reassembler), self.config.session_timeout)
@@ -360,28 +360,36 @@ class BlockServicer(ServicerBase):
                 self.budget.release(reserved)
 
     async def _open_session(self, data: bytes, peer: str) -> tuple[ServerSession, int]:
+        """A new session and the bytes reserved for it. Everything is checked before the reservation,
+        and any error after it releases it."""
         meta, tensors = wire.unpack(data, self.limits.max_message_bytes)
         need(meta.get("type") == "open", "the first message of a session must be of type 'open'")
         start, end = requested_blocks(meta, (self.span.start, self.span.end))
         batch = get_int(meta, "batch_size", 1, self.limits.max_batch)
         max_length = get_int(meta, "max_length", 1, self.limits.max_length)
+        session_id, upstream = meta.get("session_id"), _peer_field(meta, "push_from")
+        need(session_id is None or (isinstance(session_id, str) and 16 <= len(session_id) <= 64),
+             "'session_id' must be a string of 16 to 64 characters")
         if self.sessions_per_peer[peer] >= self.limits.max_sessions_per_peer:
             raise ServerBusy(f"too many open sessions from this peer (limit {self.limits.max_sessions_per_peer})")
         lora_meta, lora_tensors = parse_lora(meta, tensors)
         lora = self.resolve_lora(peer, lora_meta, lora_tensors, start, end)
         deep_prompts = check_deep_prompts(tensors.get("deep_prompts"), end - start, batch, self.hidden_size, max_length)
         span = self.subspan(start, end)
-        nbytes = span.make_cache_nbytes(batch, max_length)
+        itemsize = torch.empty((), dtype=span.compute_dtype).element_size()
+        nbytes = span.make_cache_nbytes(batch, max_length)  # what the session holds: its cache, prompts, adapter
+        nbytes += deep_prompts.numel() * itemsize if deep_prompts is not None else 0
+        if lora is not None and lora_meta is not None and "adapter" not in lora_meta:
+            nbytes += sum(t.numel() * t.element_size() for t in lora.tensors())
         await self.budget.acquire(nbytes, self.config.alloc_timeout)
-        session_id = meta.get("session_id")
-        need(session_id is None or (isinstance(session_id, str) and 16 <= len(session_id) <= 64
-                                    and session_id not in self.mailboxes),
-             "'session_id' must be a new string of 16 to 64 characters")
         try:
+            need(session_id not in self.mailboxes, "'session_id' is already in use: choose a new one")
             session = ServerSession(span, batch, max_length, lora, deep_prompts, session_id)
         except BaseException:
             self.budget.release(nbytes)
             raise
+        if session_id is not None:
+            self.mailboxes[session_id] = Mailbox(owner=peer, upstream=upstream)
         self.sessions_per_peer[peer] += 1
         self.active_sessions += 1
         return session, nbytes
@@ -391,6 +399,9 @@ class BlockServicer(ServicerBase):
         the output goes back to the client and, when asked, on to the next server."""
         meta, tensors = wire.unpack(data, self.limits.max_message_bytes)
         hidden = tensors.get("hidden")
+        upstream = _peer_field(meta, "push_from")
+        if upstream is not None and session.id is not None:  # the chain changed: another server pushes now
+            self.mailboxes[session.id].upstream = upstream
         if hidden is None and meta.get("await_push") and session.id is not None:
             step = get_int(meta, "step", 0, 2**31)
             wait = meta.get("push_wait", 1.0)
@@ -429,6 +440,12 @@ async def _read_message(requests: AsyncIterator, reassembler: wire.Reassembler) 
         if data is not None:
             return data, token
     return None, token or ""
+
+
+def _peer_field(meta: dict, key: str) -> str | None:
+    value = meta.get(key)
+    need(value is None or isinstance(value, str) and 0 < len(value) <= 128, f"'{key}' must be a peer id")
+    return value
 
 
 def _forward_keeping(*args) -> tuple[compute.Graph, torch.Tensor]:

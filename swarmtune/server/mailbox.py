@@ -16,7 +16,11 @@ MAX_WAITING = 4
 
 
 class Mailbox:
-    def __init__(self):
+    """Pushes for one session, taken only from its client (`owner`) or the server it named as the previous
+    one of its chain (`upstream`): anyone else knowing the session id could otherwise write its inputs."""
+
+    def __init__(self, owner: str, upstream: str | None = None):
+        self.owner, self.upstream = owner, upstream
         self._items: dict[int, torch.Tensor] = {}
         self._arrived = asyncio.Event()
 

@@ -1,0 +1,131 @@
+"""Strangers' requests that used to take a server out of service or corrupt another client's session,
+each through the real RPC path: rejected opens keep no KV memory, and only a session's chain may push."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from swarmtune import transport, wire
+from swarmtune.client.config import ClientConfig
+from swarmtune.client.connection import SwarmConnection
+from swarmtune.client.model import SwarmForCausalLM
+from swarmtune.transport import ServerFailure, ServerRejected
+from tests.helpers import reference_model
+
+HIDDEN = 64
+
+
+def info(conn: SwarmConnection, peer_id: str) -> dict:
+    meta, _ = conn.run(transport.call(conn.p2p, peer_id, "info", wire.pack({}), 10, token=conn.token), timeout=15)
+    return meta
+
+
+def open_session(conn: SwarmConnection, peer_id: str, meta: dict, tensors: dict | None = None
+                 ) -> transport.MessageStream:
+    """An inference stream whose 'open' was accepted (else raises the server's refusal)."""
+    stream = transport.MessageStream(conn.p2p, peer_id, conn.token)
+    try:
+        conn.run(stream.exchange(wire.pack({"type": "open", **meta}, tensors), 20), timeout=30)
+    except BaseException:
+        conn.loop.call_soon_threadsafe(stream.close)
+        raise
+    return stream
+
+
+def wait_until(condition, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_rejected_opens_keep_no_kv_memory(llama_swarm, llama_client):
+    """Every kind of refused open, and an aborted one, leaves the server's KV budget as it found it."""
+    conn, server = llama_client.connection, llama_swarm.servers[1]  # blocks 1:4
+    wait_until(lambda: info(conn, server.peer_id)["active_sessions"] == 0, "earlier sessions did not close")
+    free = info(conn, server.peer_id)["cache_bytes_free"]
+    good = {"start": 1, "end": 4, "max_length": 64, "batch_size": 2}
+    held = open_session(conn, server.peer_id, {**good, "session_id": "a" * 32})
+    refused = [
+        ({**good, "session_id": "short"}, None),                          # a malformed id
+        ({**good, "session_id": "a" * 32}, None),                         # an id in use
+        ({**good, "session_id": "b" * 32, "push_from": 7}, None),         # a malformed upstream
+        ({**good, "lora": {"keys": ["1.self_attn.q_proj"], "scale": 1.0, "digest": "never-sent"}}, None),
+        ({**good, "max_length": 10**6}, None),                            # over the server's limit
+        (good, {"deep_prompts": torch.zeros(2, 1, 2, HIDDEN)}),          # prompts for 2 of its 3 blocks
+        ({**good, "batch_size": 64, "max_length": 8192}, None),           # more than the whole budget
+    ]
+    try:
+        for meta, tensors in refused:
+            with pytest.raises(ServerRejected) as raised:
+                open_session(conn, server.peer_id, meta, tensors)
+            assert not raised.value.retry, raised.value.reason
+    finally:
+        conn.loop.call_soon_threadsafe(held.close)
+    wait_until(lambda: info(conn, server.peer_id)["cache_bytes_free"] == free,
+               f"the KV budget did not come back to {free} bytes free")
+
+
+def test_only_the_chain_may_push(llama_swarm, tiny_llama):
+    """A third peer that knows a chained session's ids cannot write its inputs or end it; the servers' own
+    pushes still arrive, and the victim's tokens are the local model's."""
+    victim = SwarmForCausalLM.from_pretrained(
+        tiny_llama, client_config=ClientConfig(initial_peers=llama_swarm.initial_peers, chaining=True))
+    attacker = SwarmConnection(ClientConfig(initial_peers=llama_swarm.initial_peers), llama_swarm.dht_prefix, 6)
+    prompt = torch.tensor([[1, 45, 67, 89, 12]])
+    expected = reference_model(tiny_llama).generate(prompt, max_new_tokens=12, do_sample=False)
+    try:
+        with victim.inference_session(max_length=32) as session:
+            first = victim.generate(prompt, max_new_tokens=4, do_sample=False)
+            downstream = session.spans[1:]
+            assert downstream and all(span.upstream for span in downstream)
+            received = {s.hop.peer_id: info(attacker, s.hop.peer_id)["stats"].get("pushes_received", 0)
+                        for s in downstream}
+            for span in downstream:
+                for step in range(session.steps, session.steps + 8):
+                    forged = wire.pack({"session": span.session_id, "step": step},
+                                       {"hidden": torch.full((1, 1, HIDDEN), 100.0)})
+                    with pytest.raises(ServerRejected, match="push refused"):
+                        attacker.run(transport.call(attacker.p2p, span.hop.peer_id, "push", forged, 10,
+                                                    token=attacker.token), timeout=15)
+            more = victim.generate(first, max_new_tokens=8, do_sample=False)
+            for span in downstream:  # the chain's own pushes were taken
+                stats = info(attacker, span.hop.peer_id)["stats"]
+                assert stats.get("pushes_received", 0) >= received[span.hop.peer_id] + 8, stats
+    finally:
+        attacker.close()
+        victim.close()
+    assert torch.equal(more, expected)
+
+
+def test_a_forged_push_for_an_unknown_session_is_refused(llama_swarm, llama_client):
+    conn = llama_client.connection
+    forged = wire.pack({"session": "c" * 32, "step": 0}, {"hidden": torch.zeros(1, 1, HIDDEN)})
+    with pytest.raises(ServerFailure, match="unknown session"):
+        conn.run(transport.call(conn.p2p, llama_swarm.servers[1].peer_id, "push", forged, 10, token=conn.token),
+                 timeout=15)
+
+
+def test_sessions_are_charged_for_their_prompts_and_adapter(llama_swarm, llama_client):
+    """A session's deep prompts and client LoRA live as long as its cache: the budget counts them too."""
+    conn, server = llama_client.connection, llama_swarm.servers[1]  # blocks 1:4, fp32
+    wait_until(lambda: info(conn, server.peer_id)["active_sessions"] == 0, "earlier sessions did not close")
+    free = info(conn, server.peer_id)["cache_bytes_free"]
+
+    def charged(meta: dict, tensors: dict | None = None) -> int:
+        stream = open_session(conn, server.peer_id, {"start": 1, "end": 4, "max_length": 64, "batch_size": 2, **meta},
+                              tensors)
+        try:
+            return free - info(conn, server.peer_id)["cache_bytes_free"]
+        finally:
+            conn.loop.call_soon_threadsafe(stream.close)
+            wait_until(lambda: info(conn, server.peer_id)["cache_bytes_free"] == free, "the session was not freed")
+
+    cache_only = charged({})
+    prompts = torch.zeros(3, 1, 8, HIDDEN)
+    assert charged({}, {"deep_prompts": prompts}) - cache_only == prompts.numel() * 4
+    lora = {"lora.A.0": torch.zeros(4, HIDDEN), "lora.B.0": torch.zeros(HIDDEN, 4)}
+    assert charged({"lora": {"keys": ["1.self_attn.q_proj"], "scale": 1.0}}, lora) - cache_only == 2 * 4 * HIDDEN * 4
