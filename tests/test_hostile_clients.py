@@ -3,15 +3,19 @@ each through the real RPC path: rejected opens keep no KV memory, and only a ses
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 import torch
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
 
 from swarmtune import transport, wire
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.model import SwarmForCausalLM
+from swarmtune.swarm import LocalSwarm
 from swarmtune.transport import ServerFailure, ServerRejected
 from tests.helpers import reference_model
 
@@ -129,3 +133,41 @@ def test_sessions_are_charged_for_their_prompts_and_adapter(llama_swarm, llama_c
     assert charged({}, {"deep_prompts": prompts}) - cache_only == prompts.numel() * 4
     lora = {"lora.A.0": torch.zeros(4, HIDDEN), "lora.B.0": torch.zeros(HIDDEN, 4)}
     assert charged({"lora": {"keys": ["1.self_attn.q_proj"], "scale": 1.0}}, lora) - cache_only == 2 * 4 * HIDDEN * 4
+
+
+@pytest.fixture(scope="module")
+def strict_server(tiny_llama):
+    """One server for all blocks whose streams may stay idle for 3 s at most."""
+    with LocalSwarm(tiny_llama, spans=[(0, 6)], session_timeout=3) as swarm:
+        conn = SwarmConnection(ClientConfig(initial_peers=swarm.initial_peers), swarm.dht_prefix, 6)
+        try:
+            yield conn, swarm.servers[0]
+        finally:
+            conn.close()
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["idle", "trickling"])
+def test_streams_that_never_finish_a_message_are_closed(strict_server, trickle):
+    """A forward stream that sends nothing, or one 'more follows' frame a second, is answered and closed
+    after the session timeout instead of being held open."""
+    conn, server = strict_server
+    trickling = asyncio.Event()
+
+    async def call() -> dict:
+        async def frames():
+            while trickle and not trickling.is_set():
+                yield runtime_pb2.ExpertRequest(uid=conn.token, metadata=b"\x01" + bytes(1024))
+                await asyncio.sleep(1.0)
+            await trickling.wait()
+
+        responses = await conn.p2p.iterate_protobuf_handler(PeerID.from_base58(server.peer_id),
+                                                            "BlockServicer.rpc_forward_stream", frames(),
+                                                            runtime_pb2.ExpertResponse)
+        reply = await asyncio.wait_for(responses.__anext__(), 30)
+        return wire.unpack(wire.Reassembler().add(reply.metadata))[0]
+
+    try:
+        meta = conn.run(call(), timeout=40)
+    finally:
+        conn.loop.call_soon_threadsafe(trickling.set)
+    assert "no whole message within 3 s" in meta["error"] and meta["retry"]

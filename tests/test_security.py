@@ -10,6 +10,7 @@ import torch
 from hivemind.dht.node import DHTNode
 from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.serializer import MSGPackSerializer
@@ -149,6 +150,39 @@ def _outsider_call(loop, swarm, token: str = "") -> None:
 
     with pytest.raises(ServerRejected, match="not a member"):
         loop.run(call())
+
+
+def _outsider_first_frame(loop, swarm) -> dict:
+    """An outsider opens a forward stream and sends the first frame of a many-frame message, holding back
+    the rest: the server's answer, which must come without the rest."""
+    async def call():
+        p2p = await start_p2p(NetworkOptions(initial_peers=swarm.initial_peers))
+        hold = asyncio.Event()
+        try:
+            server = swarm.servers[0]
+            addrs = [Multiaddr(a.split("/p2p/")[0]) for a in server.maddrs]
+            await p2p._client.connect(PeerID.from_base58(server.peer_id), addrs)
+
+            async def frames():
+                yield runtime_pb2.ExpertRequest(uid="", metadata=b"\x01" + bytes(1 << 20))  # "more follows"
+                await hold.wait()
+
+            responses = await p2p.iterate_protobuf_handler(PeerID.from_base58(server.peer_id),
+                                                           "BlockServicer.rpc_forward_stream", frames(),
+                                                           runtime_pb2.ExpertResponse)
+            reply = await asyncio.wait_for(responses.__anext__(), 20)
+            return wire.unpack(wire.Reassembler().add(reply.metadata))[0]
+        finally:
+            hold.set()
+            await p2p.shutdown()
+
+    return loop.run(call())
+
+
+def test_outsiders_are_refused_on_their_first_frame(private_swarm, loop):
+    """Before the server reads (and buffers) the rest of their message."""
+    meta = _outsider_first_frame(loop, private_swarm)
+    assert "not a member" in meta["error"] and not meta["retry"]
 
 
 def test_private_swarm_serves_members(private_swarm, swarm_key, tiny_llama):

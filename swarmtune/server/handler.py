@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import AsyncIterator  # noqa: UP035  (hivemind detects streaming RPCs by typing.AsyncIterator hints)
 
@@ -214,12 +215,22 @@ class BlockServicer(ServicerBase):
         need(method in ("forward", "backward"), "a channel request's 'method' must be forward or backward")
         return await (self._forward if method == "forward" else self._backward)(meta, tensors, peer)
 
-    async def _guarded(self, handler, data: bytes, context: P2PContext, token: str) -> bytes:
-        """Decode, check the caller, run `handler(meta, tensors, peer)`; every failure becomes an error reply."""
+    def _admission(self, peer: str, member: bool = True):
+        """What a stream checks on the first frame of each message, before it reads any more of it: the
+        caller's membership (unless `member` is known already) and its request rate."""
+        def check(token: str) -> None:
+            if not member:
+                self._admit(peer, token)
+            self._check_rate(peer)
+        return check
+
+    async def _guarded(self, handler, data: bytes, context: P2PContext, token: str | None) -> bytes:
+        """Decode, check the caller (unless `token` is None: a stream admitted it on the first frame), run
+        `handler(meta, tensors, peer)`; every failure becomes an error reply."""
         peer = str(context.remote_id)
         try:
-            self._admit(peer, token)
-            self._check_rate(peer)
+            if token is not None:
+                self._admission(peer, member=False)(token)
             meta, tensors = wire.unpack(data, self.limits.max_message_bytes)
             return await handler(meta, tensors, peer)
         except (RequestError, wire.WireError) as e:
@@ -276,12 +287,18 @@ class BlockServicer(ServicerBase):
 
     async def _stream(self, handler, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
                       ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        admission = self._admission(str(context.remote_id), member=False)
         try:
-            data, token = await _read_message(requests, wire.Reassembler(self.limits.max_message_bytes))
+            data = await asyncio.wait_for(
+                _read_message(requests, wire.Reassembler(self.limits.max_message_bytes), admission),
+                self.config.session_timeout)
             need(data is not None, "the stream ended before a whole message arrived")
-            reply = await self._guarded(handler, data, context, token)
+            reply = await self._guarded(handler, data, context, None)
+        except asyncio.TimeoutError:
+            reply = _error(f"no whole message within {self.config.session_timeout:.0f} s", retry=True)
         except (RequestError, wire.WireError) as e:
-            reply = _error(str(e))
+            self.stats["rejected"] += 1
+            reply = _error(str(e), getattr(e, "retry", False))
         for frame in wire.frames(reply):
             yield runtime_pb2.ExpertResponse(metadata=frame)
         await _drain(requests)
@@ -294,17 +311,22 @@ class BlockServicer(ServicerBase):
         window grow once instead of for every large request over a slow link.
         """
         reassembler = wire.Reassembler(self.limits.max_message_bytes)
+        admission, peer = None, str(context.remote_id)
         try:
             while True:
-                data, token = await asyncio.wait_for(_read_message(requests, reassembler), self.config.session_timeout)
+                admission = admission or self._admission(peer, member=False)
+                data = await asyncio.wait_for(_read_message(requests, reassembler, admission),
+                                                 self.config.session_timeout)
                 if data is None:
                     return
-                for frame in wire.frames(await self._guarded(self._on_channel, data, context, token)):
+                admission = self._admission(peer)  # a member now: later messages only count toward its rate
+                for frame in wire.frames(await self._guarded(self._on_channel, data, context, None)):
                     yield runtime_pb2.ExpertResponse(metadata=frame)
         except asyncio.TimeoutError:  # idle: the client opens a new channel when it needs one
             return
-        except wire.WireError as e:  # the framing itself is broken: answer and close
-            yield _frame(_error(str(e)))
+        except (RequestError, wire.WireError) as e:  # refused on a first frame, or the framing is broken
+            self.stats["rejected"] += 1
+            yield _frame(_error(str(e), getattr(e, "retry", False)))
             await _drain(requests)
 
     async def rpc_forward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -324,17 +346,17 @@ class BlockServicer(ServicerBase):
         reassembler = wire.Reassembler(self.limits.max_message_bytes)
         session, reserved = None, 0
         try:
-            data, token = await asyncio.wait_for(_read_message(requests, reassembler), self.config.session_timeout)
+            data = await asyncio.wait_for(_read_message(requests, reassembler, self._admission(peer, member=False)),
+                                             self.config.session_timeout)
             if data is None:
                 return
-            self._admit(peer, token)
             session, reserved = await self._open_session(data, peer)
             yield _frame(_response({"ok": True, "opened": True}))
             while True:
-                data, _ = await asyncio.wait_for(_read_message(requests, reassembler), self.config.session_timeout)
+                data = await asyncio.wait_for(_read_message(requests, reassembler, self._admission(peer)),
+                                                 self.config.session_timeout)
                 if data is None:
                     return
-                self._check_rate(peer)
                 reply = await self._inference_step(session, data, peer)
                 for frame in wire.frames(reply):
                     yield runtime_pb2.ExpertResponse(metadata=frame)
@@ -428,18 +450,20 @@ class BlockServicer(ServicerBase):
         return _response({"ok": True, "step": meta.get("step"), "length": session.length}, {"hidden": out})
 
 
-async def _read_message(requests: AsyncIterator, reassembler: wire.Reassembler) -> tuple[bytes | None, str]:
-    """The next whole message from a stream of frames and the membership token of its first frame.
-
-    The message is None when the stream ends between messages.
-    """
-    token = None
+async def _read_message(requests: AsyncIterator, reassembler: wire.Reassembler,
+                        admission: Callable[[str], None]) -> bytes | None:
+    """The next whole message from a stream of frames; `admission` checks the membership token of its first
+    frame before another frame is read (it raises to refuse the caller). None: the stream ended between
+    messages."""
+    first = True
     async for request in requests:
-        token = request.uid if token is None else token
+        if first:
+            admission(request.uid)
+            first = False
         data = reassembler.add(request.metadata)
         if data is not None:
-            return data, token
-    return None, token or ""
+            return data
+    return None
 
 
 def _peer_field(meta: dict, key: str) -> str | None:
