@@ -4,6 +4,8 @@ each through the real RPC path: rejected opens keep no KV memory, and only a ses
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 
 import pytest
@@ -137,8 +139,8 @@ def test_sessions_are_charged_for_their_prompts_and_adapter(llama_swarm, llama_c
 
 @pytest.fixture(scope="module")
 def strict_server(tiny_llama):
-    """One server for all blocks whose streams may stay idle for 3 s at most."""
-    with LocalSwarm(tiny_llama, spans=[(0, 6)], session_timeout=3) as swarm:
+    """One server for all blocks whose streams may stay idle for 3 s at most, and forward graphs 2 s."""
+    with LocalSwarm(tiny_llama, spans=[(0, 6)], session_timeout=3, activation_cache_ttl=2) as swarm:
         conn = SwarmConnection(ClientConfig(initial_peers=swarm.initial_peers), swarm.dht_prefix, 6)
         try:
             yield conn, swarm.servers[0]
@@ -171,3 +173,38 @@ def test_streams_that_never_finish_a_message_are_closed(strict_server, trickle):
     finally:
         conn.loop.call_soon_threadsafe(trickling.set)
     assert "no whole message within 3 s" in meta["error"] and meta["retry"]
+
+
+def test_kept_graphs_expire_without_further_requests(strict_server):
+    """A forward that asks to keep its graph, and a backward that never comes: the memory is back after the
+    graph's time, with no other request to push it out."""
+    conn, server = strict_server
+    data = wire.pack({"method": "forward", "start": 0, "end": 6, "keep": "never-backward"},
+                     {"hidden": torch.randn(1, 16, HIDDEN)})
+    conn.run(conn.channel(server.peer_id).request(data, 30), timeout=40)
+    assert info(conn, server.peer_id)["graph_bytes_kept"] > 0
+    wait_until(lambda: info(conn, server.peer_id)["graph_bytes_kept"] == 0, "the kept graph did not expire")
+
+
+GRAPH_MEMORY = """
+import gc, sys, psutil, torch
+from swarmtune.models import load_span
+from swarmtune.server import compute
+span = load_span(sys.argv[1], 0, 6, torch.float32, "cpu", "sdpa")
+hidden = torch.randn(1, int(sys.argv[2]), span.config.hidden_size)
+gc.collect()
+before = psutil.Process().memory_info().rss
+graph = compute.forward_with_graph(span, hidden, None, None, None, None)
+gc.collect()
+print(graph.nbytes, psutil.Process().memory_info().rss - before)
+"""
+
+
+def test_a_kept_graph_is_counted_at_what_it_holds(tiny_llama):
+    """What a graph is charged is what it keeps alive (a fresh process's memory growth), attention's
+    quadratic share included: the per-token estimate it replaced was a quarter of it at 2,048 tokens."""
+    out = subprocess.run([sys.executable, "-c", GRAPH_MEMORY, tiny_llama, "2048"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    charged, grown = (int(x) for x in out.stdout.split())
+    assert 0.6 * grown <= charged <= 1.4 * grown, (charged, grown)

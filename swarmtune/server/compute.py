@@ -50,7 +50,16 @@ def forward_with_graph(span: SpanModel, hidden, attention_mask, position_ids, de
     """The span's forward with gradients enabled for its inputs, deep prompts and LoRA tensors."""
     dtype = span.compute_dtype
     device = next(span.parameters()).device
-    with torch.enable_grad():
+    weights = {t.untyped_storage().data_ptr() for t in (*span.parameters(), *span.buffers())}
+    saved: dict[int, int] = {}  # what autograd keeps for the backward, by storage: the graph's real size
+
+    def count(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
         h = hidden.to(device, dtype).requires_grad_(True)
         p = _to(deep_prompts, device, dtype)
         if p is not None:
@@ -64,14 +73,18 @@ def forward_with_graph(span: SpanModel, hidden, attention_mask, position_ids, de
         with lora_lib.activate(_seeded(lora, seed)):
             out = span(h, _to(attention_mask, device), _to(position_ids, device), deep_prompts=p)
     inputs = [h] + ([p] if p is not None else []) + lora_tensors
+    count(out)
     return Graph(hidden, out, inputs, p is not None, deep_prompts.dtype if deep_prompts is not None else None,
-                 graph_bytes(span, h))
+                 sum(saved.values()))
 
 
 def graph_bytes(span: SpanModel, hidden: torch.Tensor) -> int:
-    """Roughly what a forward graph holds: a dozen hidden-sized activations per block and token."""
+    """An upper estimate of what a forward graph will hold, known before running it: a dozen hidden-sized
+    activations per block and token, and attention's [batch, heads, length, length] per block."""
     itemsize = torch.empty((), dtype=span.compute_dtype).element_size()
-    return 12 * hidden.numel() * itemsize * span.num_blocks
+    batch, length = hidden.shape[:2]
+    attention = batch * span.config.num_attention_heads * length * length
+    return (12 * hidden.numel() + attention) * itemsize * span.num_blocks
 
 
 def output_of(graph: Graph) -> torch.Tensor:

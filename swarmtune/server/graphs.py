@@ -2,8 +2,9 @@
 
 A client that will back-propagate asks the server to keep the forward's autograd graph under a
 request id; the backward then only walks it back. Graphs cost memory (activations of every block),
-so they are bounded in bytes and age: when one was evicted, expired, or the backward goes to
-another server, the backward simply recomputes the forward, as a stateless server would.
+so they are bounded in bytes (what autograd really saved for each, see `compute.forward_with_graph`)
+and age (the servicer expires them on a timer too): when one was evicted, expired, or the backward
+goes to another server, the backward simply recomputes the forward, as a stateless server would.
 """
 
 from __future__ import annotations
@@ -24,15 +25,17 @@ class KeptGraphs:
         return 0 < nbytes <= self.max_bytes
 
     def put(self, key: tuple, graph: Graph) -> None:
-        self._expire()
+        self.expire()
         self._drop(key)
+        if graph.nbytes > self.max_bytes:  # larger than the estimate let through: not kept
+            return
         while self.items and self.nbytes + graph.nbytes > self.max_bytes:
             self._drop(next(iter(self.items)))  # the oldest first
         self.items[key] = graph
         self.nbytes += graph.nbytes
 
     def take(self, key: tuple) -> Graph | None:
-        self._expire()
+        self.expire()
         graph = self.items.pop(key, None)
         if graph is not None:
             self.nbytes -= graph.nbytes
@@ -43,7 +46,7 @@ class KeptGraphs:
         if graph is not None:
             self.nbytes -= graph.nbytes
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
         now = time.monotonic()
         for key in [k for k, g in self.items.items() if now - g.created > self.ttl]:
             self._drop(key)

@@ -60,6 +60,7 @@ class HandlerConfig:
     lora_cache_per_peer: int = 4      # adapter versions remembered per client (digest reuse)
     faults: Faults = field(default_factory=Faults)  # test-only misbehaviour
     graph_bytes: int = 512 << 20      # forward graphs kept for their backward (0: always recompute)
+    graph_ttl: float = 120.0          # seconds a kept graph waits for its backward
 
 
 def _response(meta: dict, tensors: dict | None = None) -> bytes:
@@ -94,12 +95,25 @@ class BlockServicer(ServicerBase):
         self._last_request: dict[str, list[float]] = defaultdict(list)
         self.tokens_in_flight: dict[str, int] = defaultdict(int)
         self.mailboxes: dict[str, Mailbox] = {}  # session id -> pushes from the previous server
-        self.graphs = KeptGraphs(config.graph_bytes)
+        self.graphs = KeptGraphs(config.graph_bytes, config.graph_ttl)
         self.p2p = None  # set by add_p2p_handlers: servers push outputs to the next server of a chain
+        self._sweeper: asyncio.Task | None = None
 
     async def add_p2p_handlers(self, p2p, *args, **kwargs) -> None:
         self.p2p = p2p
         await super().add_p2p_handlers(p2p, *args, **kwargs)
+        self._sweeper = asyncio.create_task(self._expire_graphs())
+
+    async def remove_p2p_handlers(self, p2p, *args, **kwargs) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await super().remove_p2p_handlers(p2p, *args, **kwargs)
+
+    async def _expire_graphs(self) -> None:
+        """Kept graphs past their age go even when no request comes along to push them out."""
+        while True:
+            await asyncio.sleep(self.graphs.ttl / 8)
+            self.graphs.expire()
 
     # ---- helpers -------------------------------------------------------------------------------
 
@@ -247,7 +261,7 @@ class BlockServicer(ServicerBase):
         if not self.membership.admits(str(context.remote_id), request.uid):
             return runtime_pb2.ExpertResponse(metadata=_error("not a member of this private swarm"))
         meta = dict(self.info, cache_bytes_free=self.budget.free, active_sessions=self.active_sessions,
-                    stats=dict(self.stats))
+                    graph_bytes_kept=self.graphs.nbytes, stats=dict(self.stats))
         return runtime_pb2.ExpertResponse(metadata=_response(meta))
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
