@@ -1,14 +1,15 @@
-"""One compute thread per server, fed by a priority queue.
+"""One compute thread per server, fed by priority and, within a priority, fairly across peers.
 
 Blocks share one device; running requests one at a time keeps memory predictable and lets
-interactive inference steps jump ahead of queued training work.
+interactive inference steps jump ahead of queued training work. Among requests of the same
+priority the peer served least so far goes next (start-time fair queuing over each request's
+cost), so one peer's queue of long requests waits behind its own work, not in front of others'.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import queue
+import collections
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -18,22 +19,59 @@ INFERENCE, FORWARD, BACKWARD = 0, 1, 2
 
 class PriorityExecutor:
     def __init__(self, name: str = "compute"):
-        self._queue: queue.PriorityQueue = queue.PriorityQueue()
-        self._counter = itertools.count()
+        self._changed = threading.Condition()
+        self._queues: dict[int, dict[str, collections.deque]] = collections.defaultdict(dict)  # priority -> peer
+        self._served: dict[str, float] = {}  # peer -> the cost served to it, on the clock below
+        self._clock = 0.0                     # the served cost of the request that started last
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    async def submit(self, priority: int, fn: Callable[..., Any], *args) -> Any:
+    async def submit(self, priority: int, fn: Callable[..., Any], *args, peer: str = "", cost: float = 1.0) -> Any:
+        """`fn(*args)` on the compute thread; `cost` (any unit, the same for every request) is what the
+        request takes from `peer`'s fair share."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put((priority, next(self._counter), fn, args, loop, future))
+        with self._changed:
+            queues = self._queues[priority]
+            if peer not in queues:  # a peer that was idle starts level with the others, not with credit
+                queues[peer] = collections.deque()
+                self._served[peer] = max(self._served.get(peer, 0.0), self._clock)
+            queues[peer].append((fn, args, loop, future, cost))
+            self._changed.notify()
         return await future
+
+    def _next(self):
+        """The next request (the caller holds the lock), or None when stopping."""
+        while not self._stopping:
+            for priority in sorted(p for p, queues in self._queues.items() if queues):
+                queues = self._queues[priority]
+                peer = min(queues, key=self._served.__getitem__)
+                job = queues[peer].popleft()
+                self._clock = self._served[peer]
+                self._served[peer] += job[-1]
+                if not queues[peer]:
+                    del queues[peer]
+                if len(self._served) > 64 + 2 * sum(len(q) for q in self._queues.values()):
+                    self._forget_idle()
+                return job
+            self._changed.wait()
+        return None
+
+    def _forget_idle(self) -> None:
+        """Idle peers the clock has caught up with would restart at the clock anyway: forget them, so that
+        many peers leave no trace."""
+        active = {peer for queues in self._queues.values() for peer in queues}
+        for peer in [p for p, served in self._served.items() if p not in active and served <= self._clock]:
+            del self._served[peer]
 
     def _run(self) -> None:
         while True:
-            priority, _, fn, args, loop, future = self._queue.get()
-            if fn is None:
+            with self._changed:
+                job = self._next()
+            if job is None:
                 return
+            fn, args, loop, future, _ = job
             if future.cancelled():
                 continue
             try:
@@ -43,7 +81,9 @@ class PriorityExecutor:
             loop.call_soon_threadsafe(_resolve, future, result, error)
 
     def shutdown(self) -> None:
-        self._queue.put((-1, -1, None, (), None, None))
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
         self._thread.join(timeout=10)
 
 

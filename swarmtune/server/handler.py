@@ -50,6 +50,7 @@ from swarmtune.server.sessions import CacheBudget, ServerSession
 
 logger = logging.getLogger(__name__)
 MAX_POSITION = 1 << 24
+ATTENTION_SCALE = 1024  # context length at which a token's attention costs about as much as the rest of it
 
 
 @dataclass
@@ -145,14 +146,16 @@ class BlockServicer(ServicerBase):
         recent.append(now)
         self._last_request[peer] = recent
 
-    async def _compute(self, peer: str, tokens: int, priority: int, fn, *args):
-        """Run `fn` on the compute thread, within the peer's budget of tokens in flight."""
+    async def _compute(self, peer: str, tokens: int, context: int, priority: int, fn, *args):
+        """Run `fn` on the compute thread, within the peer's budget of tokens in flight, charged to the peer's
+        fair share of compute by its cost: `tokens` new tokens, each attending to `context` positions."""
         if self.tokens_in_flight[peer] + tokens > self.limits.max_tokens_in_flight_per_peer:
             raise ServerBusy(f"this peer already has {self.tokens_in_flight[peer]} tokens in flight "
                              f"(limit {self.limits.max_tokens_in_flight_per_peer})")
         self.tokens_in_flight[peer] += tokens
         try:
-            return await self.executor.submit(priority, fn, *args)
+            cost = tokens * (1 + context / ATTENTION_SCALE) * (2 if priority == BACKWARD else 1)
+            return await self.executor.submit(priority, fn, *args, peer=peer, cost=cost)
         finally:
             self.tokens_in_flight[peer] -= tokens
             if not self.tokens_in_flight[peer]:
@@ -192,26 +195,28 @@ class BlockServicer(ServicerBase):
     async def _forward(self, meta: dict, tensors: dict, peer: str) -> bytes:
         req, lora, seed = self._parse(meta, tensors, peer, backward=False)
         await self.config.faults.wait()
-        span, tokens = self.subspan(req.start, req.end), req.hidden.shape[0] * req.hidden.shape[1]
+        span, (batch, length) = self.subspan(req.start, req.end), req.hidden.shape[:2]
         args = (span, req.hidden, req.attention_mask, req.position_ids, req.deep_prompts, lora, seed)
         if req.keep is not None and self.graphs.wanted(compute.graph_bytes(span, req.hidden)):
-            graph, out = await self._compute(peer, tokens, FORWARD, _forward_keeping, *args)
+            graph, out = await self._compute(peer, batch * length, length, FORWARD, _forward_keeping, *args)
             self.graphs.put((peer, req.keep, req.start, req.end), graph)
         else:
-            out = await self._compute(peer, tokens, FORWARD, compute.forward, *args)
+            out = await self._compute(peer, batch * length, length, FORWARD, compute.forward, *args)
         self.stats["forward"] += 1
         return _response({"ok": True}, {"hidden": self.config.faults.corrupt(out)})
 
     async def _backward(self, meta: dict, tensors: dict, peer: str) -> bytes:
         req, lora, seed = self._parse(meta, tensors, peer, backward=True)
         await self.config.faults.wait()
-        tokens = req.hidden.shape[0] * req.hidden.shape[1]
+        batch, length = req.hidden.shape[:2]
         graph = self.graphs.take((peer, req.keep, req.start, req.end)) if req.keep is not None else None
         if graph is not None and torch.equal(graph.received, req.hidden):  # the forward we kept: no recompute
             self.stats["backward_from_kept_graph"] += 1
-            grads = await self._compute(peer, tokens, BACKWARD, compute.backward_through, graph, req.grad_output)
+            grads = await self._compute(peer, batch * length, length, BACKWARD, compute.backward_through, graph,
+                                        req.grad_output)
         else:
-            grads = await self._compute(peer, tokens, BACKWARD, compute.backward, self.subspan(req.start, req.end),
+            grads = await self._compute(peer, batch * length, length, BACKWARD, compute.backward,
+                                        self.subspan(req.start, req.end),
                                         req.hidden, req.attention_mask, req.position_ids, req.deep_prompts, lora,
                                         req.grad_output, seed)
         grad_hidden, grad_deep, grad_lora = grads
@@ -456,7 +461,8 @@ class BlockServicer(ServicerBase):
                  f"'reorder' must be an integer tensor of shape [{batch}]")
         await self.config.faults.wait()
         out = self.config.faults.corrupt(
-            await self._compute(peer, batch * length, INFERENCE, session.step, hidden, mask, pos, reorder))
+            await self._compute(peer, batch * length, session.length + length, INFERENCE, session.step, hidden, mask,
+                                pos, reorder))
         self.stats["inference_steps"] += 1
         target = meta.get("push_to")
         if isinstance(target, dict) and isinstance(target.get("peer"), str) and isinstance(meta.get("step"), int):
