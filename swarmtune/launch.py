@@ -230,12 +230,22 @@ def peer_list(peers) -> list[str]:
 
 
 @contextlib.contextmanager
-def composed(config_name: str, overrides: list[str]) -> Iterator[DictConfig]:
-    """A primary config composed with Hydra's compose API (for commands that are not Hydra apps)."""
-    from hydra import compose, initialize_config_dir, initialize_config_module
+def config_context() -> Iterator[None]:
+    """Hydra's compose API over swarmtune's configs, wherever they are (for commands that are not Hydra apps,
+    and tests)."""
+    from hydra import initialize_config_dir, initialize_config_module
 
     path = config_path()
     init = initialize_config_module(path[len("pkg://"):], version_base=None) if path.startswith("pkg://") \
         else initialize_config_dir(path, version_base=None)
     with init:
+        yield
+
+
+@contextlib.contextmanager
+def composed(config_name: str, overrides: list[str]) -> Iterator[DictConfig]:
+    """A primary config composed with Hydra's compose API."""
+    from hydra import compose
+
+    with config_context():
         yield compose(config_name, overrides=overrides)

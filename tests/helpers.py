@@ -37,16 +37,9 @@ def reference_model(path: str):
 @contextlib.contextmanager
 def hydra_context(groups: tuple[str, ...] | None = None):
     """Hydra's compose API over swarmtune's configs, with the recipes registered (only `groups` of them)."""
-    from hydra import initialize_config_dir, initialize_config_module
-
     launch.register_recipes(groups)
-    path = launch.config_path()
-    if path.startswith("pkg://"):
-        with initialize_config_module(path[len("pkg://"):], version_base=None):
-            yield
-    else:
-        with initialize_config_dir(path, version_base=None):
-            yield
+    with launch.config_context():
+        yield
 
 
 class TrainProcess:
