@@ -70,14 +70,19 @@ class Plan:
     kills: int = 3
     settings: tuple[Setting, ...] = PAPER_SETTINGS
     net_repeats: int = 5
+    hostile_window: float = 30.0              # seconds each attack class runs beside the legitimate clients
+    hostile_classes: tuple[str, ...] = ()     # attack classes to run (benchmarks.hostile.ATTACKS keys); () = all
+    hostile_rebaseline: bool = True           # measure the no-attack baseline again at the end
 
 
 PLANS = {
     "full": Plan("full"),
     "quick": Plan("quick", wide_hidden=128, new_tokens=16, session_steps=32, forward_shapes=((1, 32), (4, 64)),
-                  train_shape=(2, 32), repeats=3, kills=1, settings=PAPER_SETTINGS[:1], net_repeats=3),
+                  train_shape=(2, 32), repeats=3, kills=1, settings=PAPER_SETTINGS[:1], net_repeats=3,
+                  hostile_window=10.0),
     "smoke": Plan("smoke", wide_hidden=64, new_tokens=4, batches=(1,), session_steps=8, forward_shapes=((1, 16),),
-                  train_shape=(1, 16), lora_rank=2, repeats=1, kills=1, settings=PAPER_SETTINGS[:1], net_repeats=1),
+                  train_shape=(1, 16), lora_rank=2, repeats=1, kills=1, settings=PAPER_SETTINGS[:1], net_repeats=1,
+                  hostile_window=2.0, hostile_classes=("flood", "headers"), hostile_rebaseline=False),
 }
 
 

@@ -62,7 +62,7 @@ from transformers.models.llama.modeling_llama import LlamaModel
 from swarmtune.models import SpanKVCache, SpanModel, get_family
 from swarmtune.server import compute, cuda
 from swarmtune.server.quantize import quantize
-from swarmtune.server.sessions import ServerSession
+from swarmtune.server.sessions import Lease, ServerSession
 
 SECTIONS = ("decode", "quant", "train", "e2e", "offload")
 DECODE_TARGET_MS = 0.6          # per block, bf16, batch 1, 512 tokens of context
@@ -410,7 +410,7 @@ def e2e_section(model: PreTrainedModel, shapes: Shapes, device: torch.device, fo
     max_length = shapes.context + 1 + shapes.e2e_rounds * calls
     prompt = torch.randn(1, shapes.context, shapes.hidden)
     token = torch.randn(1, 1, shapes.hidden)
-    local = ServerSession(span_of(model), 1, max_length, None, None)
+    local = ServerSession(span_of(model), 1, max_length, None, None, Lease("local", 0, None))
     with tempfile.TemporaryDirectory(prefix="swarmtune-gpu-bench-") as tmp:
         path, logs = os.path.join(tmp, "model"), os.path.join(tmp, "logs")
         os.makedirs(logs)

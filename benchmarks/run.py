@@ -24,7 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks import inference, network, recovery, serving  # noqa: E402
+from benchmarks import hostile, inference, network, recovery, serving  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     Bench,
     Figure,
@@ -37,10 +37,12 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 
-# recovery last: it kills servers of the run's loopback swarms, which the network section's loopback row reuses
+# recovery after network: it kills servers of the run's loopback swarms, which the network section's loopback row
+# reuses; hostile starts swarms of its own
 SECTIONS: dict[str, Callable[[Bench], list[Figure]]] = {
-    "inference": inference.run, "serving": serving.run, "network": network.run, "recovery": recovery.run}
-TABLES: dict[str, Callable[[list[Figure]], str]] = {"network": network.network_table}
+    "inference": inference.run, "serving": serving.run, "network": network.run, "recovery": recovery.run,
+    "hostile": hostile.run}
+TABLES: dict[str, Callable[[list[Figure]], str]] = {"network": network.network_table, "hostile": hostile.hostile_table}
 
 
 def command(plan: Plan, out: str) -> str:
@@ -93,6 +95,9 @@ def network_panels(figures: list[Figure]) -> list[Panel]:
         panels.append((what, labels, [f.baseline for f in chosen], [f.swarm for f in chosen],
                        chosen[0].baseline_name))
     return panels
+
+
+PANELS: dict[str, Callable[[list[Figure]], list[Panel]]] = {"network": network_panels, "hostile": hostile.panels}
 
 
 def report(out: str, plan: Plan, results: dict[str, list[Figure]], errors: dict[str, str], meta: dict) -> None:
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 "errors": errors})
     report(args.out, args.plan, results, errors, meta)
     for name, figures in results.items():
-        panels = network_panels(figures) if name == "network" else section_panels(figures)
+        panels = PANELS.get(name, section_panels)(figures)
         plot_panels(panels, os.path.join(args.out, f"plot_{name}.png"), f"{name}: swarm vs same-run baseline")
     return 1 if errors else 0
 

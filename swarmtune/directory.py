@@ -50,30 +50,45 @@ async def fetch_servers(dht: DHTNode, prefix: str, num_blocks: int) -> dict[str,
 
 
 async def fetch_model_info(dht: DHTNode, prefix: str) -> ModelInfo | None:
-    """What most servers say about the model under `prefix` (each server signs its own copy)."""
+    """What the model under `prefix` is, from what its servers say (each signs its own claim)."""
     entry = await dht.get(prefix, latest=True)
-    return _most_common(ModelInfo.from_record(getattr(item, "value", None)) for item in _items(entry))
+    return await settle_claims(dht, prefix, {peer: ModelInfo.from_record(value) for peer, value in _items(entry)})
 
 
 async def fetch_models(dht: DHTNode) -> dict[str, ModelInfo]:
-    """Every model announced on this DHT, by DHT prefix (what most of its servers say about it)."""
+    """Every model announced on this DHT, by DHT prefix."""
     entry = await dht.get(records.MODELS_KEY, latest=True)
-    claims: dict[str, list[ModelInfo | None]] = collections.defaultdict(list)
-    for item in _items(entry):
-        value = getattr(item, "value", None)
+    claims: dict[str, dict[str, ModelInfo | None]] = collections.defaultdict(dict)
+    for peer, value in _items(entry):
         prefix = value.get("prefix") if isinstance(value, dict) else None
         if isinstance(prefix, str):
-            claims[prefix].append(ModelInfo.from_record(value))
-    models = {prefix: _most_common(found) for prefix, found in claims.items()}
-    return {prefix: info for prefix, info in sorted(models.items()) if info is not None}
+            claims[prefix][peer] = ModelInfo.from_record(value)
+    models = {prefix: await settle_claims(dht, prefix, found) for prefix, found in sorted(claims.items())}
+    return {prefix: info for prefix, info in models.items() if info is not None}
 
 
-def _items(entry) -> list:
-    return list(entry.value.values()) if entry is not None and hasattr(entry.value, "values") else []
+async def settle_claims(dht: DHTNode, prefix: str, claims: dict[str, ModelInfo | None]) -> ModelInfo | None:
+    """The claim to believe, by signer. Anyone can sign a claim, so when claims disagree, those of peers with
+    an online server record for the model outweigh any number from peers that serve nothing; then the most
+    common wins. Claims are bounded (records.MAX_BLOCKS), so checking them is a bounded lookup. A client
+    that has the checkpoint trusts its config instead."""
+    claims = {peer: info for peer, info in claims.items() if info is not None}
+    if len(set(claims.values())) <= 1:
+        return next(iter(claims.values()), None)
+    servers = await fetch_servers(dht, prefix, max(info.num_blocks for info in claims.values()))
+    backed = [info for peer, info in claims.items() if peer in servers]
+    return _most_common(backed or claims.values())
+
+
+def _items(entry) -> list[tuple[str, object]]:
+    """(subkey, value) of a dictionary record: the subkey is the signer's peer id."""
+    if entry is None or not hasattr(entry.value, "items"):
+        return []
+    return [(str(key), getattr(item, "value", None)) for key, item in entry.value.items()]
 
 
 def _most_common(found) -> ModelInfo | None:
-    found = [info for info in found if info is not None]
+    found = list(found)
     return collections.Counter(found).most_common(1)[0][0] if found else None
 
 

@@ -19,11 +19,14 @@ os.environ.setdefault("USE_LEGACY_BFLOAT16", "0")
 
 from hivemind.dht.node import DHTNode  # noqa: E402
 from hivemind.p2p import P2P  # noqa: E402
+from hivemind.p2p.p2p_daemon_bindings.control import DEFAULT_MAX_MSG_SIZE  # noqa: E402
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError  # noqa: E402
 from hivemind.utils.auth import AuthRole, AuthRPCWrapper  # noqa: E402
 
 from swarmtune.errors import UserError  # noqa: E402
 from swarmtune.security import Identity, Membership, PeerSignatureValidator  # noqa: E402
+
+MAX_FRAME_BYTES = DEFAULT_MAX_MSG_SIZE + (64 << 10)  # hivemind's own streams send chunks of 4 MiB, plus framing
 
 
 @dataclass
@@ -37,10 +40,29 @@ class NetworkOptions:
     public: bool = False
     startup_timeout: float = 30.0
     membership: Membership = field(default_factory=Membership)
+    max_frame_bytes: int = MAX_FRAME_BYTES  # servers allow only their own frames' size
 
     def host_maddrs(self) -> list[str]:
         kind = "ip6" if ":" in self.host else "ip4"
         return [f"/{kind}/{self.host}/tcp/{self.port}"]
+
+
+class FrameTooLarge(asyncio.IncompleteReadError):
+    """A stream frame announced more bytes than any peer sends: the stream is closed, as if the peer hung up."""
+
+
+def bound_stream_frames(max_bytes: int) -> None:
+    """hivemind reads a stream frame whole at whatever length its 8-byte prefix claims, before any handler
+    sees it, so one frame could make us buffer gigabytes. Refuse a frame longer than `max_bytes` on its
+    prefix: the stream ends there (hivemind treats the error like a hang-up) and nothing is read."""
+    async def receive_bounded(reader: asyncio.StreamReader) -> bytes:
+        header = await reader.readexactly(P2P.HEADER_LEN)
+        length = int.from_bytes(header, P2P.BYTEORDER)
+        if length > max_bytes:
+            raise FrameTooLarge(header, length)
+        return await reader.readexactly(length)
+
+    P2P.receive_raw_data = staticmethod(receive_bounded)
 
 
 async def start_p2p(opts: NetworkOptions) -> P2P:
@@ -49,6 +71,7 @@ async def start_p2p(opts: NetworkOptions) -> P2P:
     The daemon runs in a session of its own, so a Ctrl-C or SIGTERM sent to our process group
     reaches only us, and we can still withdraw from the DHT before stopping it.
     """
+    bound_stream_frames(opts.max_frame_bytes)
     try:
         with _daemon_in_own_session():
             return await asyncio.wait_for(_create_p2p(opts), opts.startup_timeout + 5)

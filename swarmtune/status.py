@@ -56,21 +56,37 @@ def format_status(model: ModelInfo, prefix: str, servers: Sequence[ServerInfo]) 
     return "\n".join(lines)
 
 
+def checkpoint_info(model: str) -> ModelInfo | None:
+    """The model as its own config describes it, where that is readable here without a download (a local
+    directory, or a hub id in the local cache): the truth that the swarm's records are checked against."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model, local_files_only=True)
+        return ModelInfo(int(config.num_hidden_layers), model, config.model_type)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
 async def read_status(initial_peers: list[str], prefix: str | None, membership: Membership | None = None,
-                      identity_path: str | None = None) -> tuple[str, bool]:
-    """The status of the model under `prefix` (None: of every model announced), and whether every block of
-    those models has an online server."""
+                      identity_path: str | None = None, checkpoint: ModelInfo | None = None) -> tuple[str, bool]:
+    """The status of the model under `prefix` (None: of every model announced; `checkpoint`: what the model's
+    config says it is), and whether every block of those models has an online server."""
     opts = NetworkOptions(initial_peers=list(initial_peers), identity_path=identity_path,
                           membership=membership or Membership())
     p2p = await start_p2p(opts)
     dht = None
     try:
         dht = await start_dht(p2p, opts, client_mode=True)
+        notes = []
         if prefix is not None:
-            model = await fetch_model_info(dht, prefix)
-            if model is None:
+            model = announced = await fetch_model_info(dht, prefix)
+            if announced is None:
                 return f"No swarm at {' '.join(initial_peers)} announces a model under the DHT prefix {prefix!r}", False
-            models = {prefix: model}
+            if checkpoint is not None and announced.num_blocks != checkpoint.num_blocks:
+                notes.append(f"Note: the swarm's records say {announced.num_blocks} blocks, the checkpoint's config "
+                             f"{checkpoint.num_blocks}: the table follows the checkpoint.")
+            models = {prefix: checkpoint or model}
         else:
             models = await fetch_models(dht)
             if not models:
@@ -80,7 +96,7 @@ async def read_status(initial_peers: list[str], prefix: str | None, membership: 
             servers = await fetch_swarm(dht, name, model.num_blocks)
             texts.append(format_status(model, name, servers))
             complete = complete and not uncovered(servers, model.num_blocks)
-        return "\n\n".join(texts), complete
+        return "\n\n".join(texts + notes), complete
     finally:
         if dht is not None:
             await asyncio.wait_for(dht.shutdown(), 5)
@@ -113,12 +129,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.swarm_key is not None:
             errors.check_file(args.swarm_key, "--swarm-key")
         prefix = args.dht_prefix or (records.dht_prefix(args.model) if args.model else None)
+        checkpoint = checkpoint_info(args.model) if args.model else None
         membership = Membership.from_options(args.swarm_key, None)
         texts, complete = [], True
         for peers in swarms:
             try:
-                text, whole = asyncio.run(asyncio.wait_for(read_status(peers, prefix, membership, args.identity),
-                                                           args.timeout))
+                status = read_status(peers, prefix, membership, args.identity, checkpoint)
+                text, whole = asyncio.run(asyncio.wait_for(status, args.timeout))
             except asyncio.TimeoutError:
                 raise errors.UserError(f"the swarm did not answer within {args.timeout:g} s (--timeout)") from None
             texts.append(text)

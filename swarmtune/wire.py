@@ -19,7 +19,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 HEADER_LIMIT = 256 << 10        # a header with LoRA for 80 blocks x 7 projections takes about 60 KiB
-MAX_ITEMS = 16384               # per msgpack array or map: bounds the work a header can ask of the parser
+MAX_ITEMS = 16384               # per msgpack array or map
+MAX_CONTAINERS = 8192           # arrays and maps in a whole header, so that parsing one costs milliseconds at
+                                # most (a LoRA header for 80 blocks x 7 projections holds about 2,300)
 MAX_ELEMENTS = 1 << 40          # per tensor, counting zero-sized dimensions as 1 (so no stride overflows)
 CHUNK_BYTES = 1 << 20  # below hivemind's 2 MiB unary limit, with room for protobuf framing
 DEFAULT_MAX_MESSAGE = 256 << 20
@@ -42,6 +44,11 @@ def pack(meta: dict, tensors: dict[str, torch.Tensor] | None = None) -> bytes:
     return b"".join([len(header).to_bytes(4, "little"), header, *buffers])
 
 
+def header_bytes(data: bytes) -> int:
+    """The header length a message claims (0 if it is too short to say)."""
+    return int.from_bytes(data[:4], "little") if len(data) >= 4 else 0
+
+
 def unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE) -> tuple[dict, dict[str, torch.Tensor]]:
     """Decode `pack`'s output, validating it; raises WireError naming the problem."""
     if len(data) > max_bytes:
@@ -51,10 +58,21 @@ def unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE) -> tuple[dict, dic
     header_len = int.from_bytes(data[:4], "little")
     if header_len > min(HEADER_LIMIT, len(data) - 4):
         raise WireError(f"bad header length {header_len}")
+    containers = 0
+
+    def counted(container):
+        nonlocal containers
+        containers += 1
+        if containers > MAX_CONTAINERS:
+            raise WireError(f"header holds more than {MAX_CONTAINERS} arrays and maps")
+        return container
+
     try:
         header = msgpack.unpackb(data[4:4 + header_len], raw=False, strict_map_key=True, use_list=True,
                                  max_bin_len=HEADER_LIMIT, max_str_len=HEADER_LIMIT, max_array_len=MAX_ITEMS,
-                                 max_map_len=MAX_ITEMS, max_ext_len=0)
+                                 max_map_len=MAX_ITEMS, max_ext_len=0, list_hook=counted, object_hook=counted)
+    except WireError:
+        raise
     except Exception as e:
         raise WireError(f"header is not valid msgpack: {e}") from None
     if not isinstance(header, dict) or not isinstance(header.get("meta"), dict) \

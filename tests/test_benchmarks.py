@@ -17,8 +17,11 @@ import time
 
 import pytest
 
+from benchmarks.attackers import header_bombs
+from benchmarks.hostile import p99
 from benchmarks.network import bound, window_round_trips
 from scripts import netem
+from swarmtune import wire
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,12 +29,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_smoke_run_writes_sane_results(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     assert not results["errors"]
     figures = results["figures"]
-    assert {f["section"] for f in figures} == {"inference", "serving", "network", "recovery"}
+    assert {f["section"] for f in figures} == {"inference", "serving", "network", "recovery", "hostile"}
     for f in figures:
         assert math.isfinite(f["swarm"]) and f["swarm"] >= 0, f
         if f["baseline"] is not None:
@@ -44,10 +47,48 @@ def test_smoke_run_writes_sane_results(tmp_path):
             assert f["details"]["design"] in ("client-driven", "server-chained") and 0 < f["ratio"] <= 1.05, f
     died = next(f for f in figures if f["name"] == "generation step in which a server died")
     assert "tokens identical to local: yes" in died["note"]
+    check_hostile([f for f in figures if f["section"] == "hostile"])
     table = (out / "results.md").read_text()
     assert "| figure | swarm | baseline (same run) |" in table and "python -m benchmarks.run --smoke" in table
-    for section in ("inference", "serving", "network", "recovery"):
+    assert "| class | attackers sent | generation step p50 / p99 ms (no attack) |" in table
+    for section in ("inference", "serving", "network", "recovery", "hostile"):
         assert (out / f"plot_{section}.png").stat().st_size > 1000
+
+
+def check_hostile(figures: list[dict]) -> None:
+    """Every class has its five figures, measured: the clients stepped, the attackers attacked, the server's
+    memory and budget were read. Whether the server met its targets is the benchmark's to report, not ours."""
+    by_class: dict[str, dict[str, dict]] = {}
+    for f in figures:
+        by_class.setdefault(f["details"]["class"], {})[f["details"]["measure"]] = f
+    assert {"no attack", "flood", "headers"} <= set(by_class)
+    for name, measures in by_class.items():
+        assert set(measures) == {"gen_steps", "gen_opens", "train_steps", "rss", "budget"}, name
+        assert not any(e.startswith("benchmark:") for e in measures["rss"]["details"]["errors"]), name
+        assert all(measures[m]["details"]["samples"] > 0 for m in ("gen_steps", "gen_opens", "train_steps")), name
+        assert 100 < measures["rss"]["swarm"] < 8192 and measures["rss"]["baseline"] > 300, name   # MiB
+        assert measures["budget"]["baseline"] == pytest.approx(32.0), name   # the configured KV budget, free
+        attackers = measures["budget"]["details"]["attackers"]
+        assert (name == "no attack") == (not attackers), name
+        assert all(a.get("sent", 0) + a.get("streams", 0) > 0 for a in attackers), (name, attackers)
+
+
+def test_header_bombs_fit_the_header_limit():
+    """Each bomb is as large as a header may be, and the wire refuses it or finds no tensors in it."""
+    bombs = header_bombs()
+    assert len(bombs) >= 4
+    for bomb in bombs:
+        assert len(bomb) - 4 <= wire.HEADER_LIMIT
+        try:
+            _, tensors = wire.unpack(bomb)
+        except wire.WireError:
+            continue
+        assert tensors == {}
+
+
+def test_p99_is_nearest_rank():
+    assert p99(list(range(1, 101))) == 99
+    assert p99([5.0]) == 5.0 and math.isnan(p99([]))
 
 
 def test_bounds_count_one_way_trips_per_design():

@@ -1,11 +1,14 @@
-"""The compute thread: inference before training, and within a priority the peer served least goes next."""
+"""The compute threads: inference before training, within a priority the peer served least goes next, and short
+requests have a lane of their own."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 
-from swarmtune.server.executor import BACKWARD, FORWARD, INFERENCE, PriorityExecutor
+import pytest
+
+from swarmtune.server.executor import BACKWARD, FORWARD, INFERENCE, SHORT_COST, PriorityExecutor
 
 
 def run_queued(jobs: list[tuple[int, str, float]]) -> list[str]:
@@ -45,3 +48,52 @@ def test_costly_requests_count_for_more():
 def test_inference_goes_first_whoever_queued_training():
     order = run_queued([(BACKWARD, "a", 1.0), (FORWARD, "a", 1.0), (INFERENCE, "b", 1.0)])
     assert order == ["b2", "a1", "a0"]
+
+
+def test_a_short_request_does_not_wait_behind_a_long_one():
+    """A long request holds its lane; short ones (another peer's decoding steps) run meanwhile, and a second
+    long one waits its turn."""
+    executor, hold, order = PriorityExecutor(), threading.Event(), []
+
+    async def main():
+        long = asyncio.ensure_future(executor.submit(FORWARD, hold.wait, peer="a", cost=SHORT_COST * 100))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(executor.submit(FORWARD, order.append, "long", peer="c", cost=SHORT_COST + 1))
+        for i in range(3):
+            await asyncio.wait_for(executor.submit(INFERENCE, order.append, f"short{i}", peer="b", cost=8.0), 5)
+        assert not queued.done()
+        hold.set()
+        await asyncio.wait_for(asyncio.gather(long, queued), 10)
+
+    try:
+        asyncio.run(main())
+    finally:
+        executor.shutdown()
+    assert order == ["short0", "short1", "short2", "long"]
+
+
+def test_a_cancelled_request_leaves_the_queue_and_a_running_one_is_waited_for():
+    """A caller that gives up takes its queued request (and its tensors) back; if it runs already, the caller's
+    cancellation completes only when the request ends, so that its cleanup cannot free what is in use."""
+    executor, hold, ran = PriorityExecutor(), threading.Event(), []
+
+    async def main():
+        running = asyncio.ensure_future(executor.submit(FORWARD, hold.wait, peer="a"))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(executor.submit(FORWARD, ran.append, "queued", peer="b"))
+        await asyncio.sleep(0.05)
+        queued.cancel()
+        running.cancel()
+        await asyncio.sleep(0.2)
+        assert not running.done()  # still inside hold.wait
+        hold.set()
+        for task in (queued, running):
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 5)
+        await asyncio.wait_for(executor.submit(FORWARD, ran.append, "later", peer="b"), 5)
+
+    try:
+        asyncio.run(main())
+    finally:
+        executor.shutdown()
+    assert ran == ["later"]

@@ -4,13 +4,14 @@ each through the real RPC path: rejected opens keep no KV memory, and only a ses
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from swarmtune import transport, wire
@@ -138,14 +139,34 @@ def test_sessions_are_charged_for_their_prompts_and_adapter(llama_swarm, llama_c
 
 
 @pytest.fixture(scope="module")
-def strict_server(tiny_llama):
-    """One server for all blocks whose streams may stay idle for 3 s at most, and forward graphs 2 s."""
-    with LocalSwarm(tiny_llama, spans=[(0, 6)], session_timeout=3, activation_cache_ttl=2) as swarm:
-        conn = SwarmConnection(ClientConfig(initial_peers=swarm.initial_peers), swarm.dht_prefix, 6)
-        try:
-            yield conn, swarm.servers[0]
-        finally:
-            conn.close()
+def strict_swarm(tiny_llama):
+    """One server for all blocks whose streams may stay idle for 3 s at most, forward graphs 2 s; one peer's
+    requests may hold 4 MiB; 1 MiB of KV memory, and sessions idle for 1 s may be evicted for another peer."""
+    with LocalSwarm(tiny_llama, spans=[(0, 6)], session_timeout=3, activation_cache_ttl=2, max_message_mb=4,
+                    cache_mb=1, evict_idle_after=1) as swarm:
+        yield swarm
+
+
+def connect(swarm: LocalSwarm) -> SwarmConnection:
+    return SwarmConnection(ClientConfig(initial_peers=swarm.initial_peers), swarm.dht_prefix, 6)
+
+
+@pytest.fixture(scope="module")
+def strict_server(strict_swarm):
+    conn = connect(strict_swarm)
+    try:
+        yield conn, strict_swarm.servers[0]
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def another_peer(strict_swarm):
+    conn = connect(strict_swarm)
+    try:
+        yield conn
+    finally:
+        conn.close()
 
 
 @pytest.mark.parametrize("trickle", [False, True], ids=["idle", "trickling"])
@@ -208,3 +229,114 @@ def test_a_kept_graph_is_counted_at_what_it_holds(tiny_llama):
     assert out.returncode == 0, out.stderr[-2000:]
     charged, grown = (int(x) for x in out.stdout.split())
     assert 0.6 * grown <= charged <= 1.4 * grown, (charged, grown)
+
+
+def test_an_oversized_frame_is_refused_on_its_length_prefix(strict_server):
+    """A frame that announces 600 MiB: the server hangs up after reading its 8-byte prefix, not after 600 MiB
+    (nor at its session timeout), and goes on serving."""
+    conn, server = strict_server
+
+    async def send_prefix() -> float:
+        _, reader, writer = await conn.p2p.call_binary_stream_handler(PeerID.from_base58(server.peer_id),
+                                                                      "BlockServicer.rpc_forward_stream")
+        began = time.monotonic()
+        writer.write(P2P.MESSAGE_MARKER + (600 << 20).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + bytes(4096))
+        await writer.drain()
+        try:
+            rest = await asyncio.wait_for(reader.read(), 10)  # at most an error reply, then the end of the stream
+            assert rest == b"" or b"the stream ended before a whole message arrived" in rest, rest[:200]
+        finally:
+            writer.close()
+        return time.monotonic() - began
+
+    assert conn.run(send_prefix(), timeout=20) < 2.5  # the server's session timeout is 3 s
+    assert info(conn, server.peer_id)["receiving_bytes"] == 0
+
+
+def test_one_peer_cannot_buffer_more_than_one_message_across_streams(strict_server, another_peer):
+    """Streams that never finish their message: the peer's second stream is refused once the two hold more than
+    one message's limit (4 MiB), while another peer's forward goes through; the bytes come back when they end."""
+    (conn, server), other = strict_server, another_peer
+    release = asyncio.Event()
+    frame = b"\x01" + bytes(1 << 20)
+
+    async def partial_message(frames: int) -> dict | None:
+        """Sends `frames` 'more follows' frames, then waits; the server's error reply if it sends one."""
+        async def requests():
+            for _ in range(frames):
+                yield runtime_pb2.ExpertRequest(uid=conn.token, metadata=frame)
+            await release.wait()
+
+        responses = await conn.p2p.iterate_protobuf_handler(PeerID.from_base58(server.peer_id),
+                                                            "BlockServicer.rpc_forward_stream", requests(),
+                                                            runtime_pb2.ExpertResponse)
+        with contextlib.suppress(asyncio.TimeoutError):
+            reply = await asyncio.wait_for(responses.__anext__(), 1.5)
+            return wire.unpack(wire.Reassembler().add(reply.metadata))[0]
+        return None
+
+    async def scenario():
+        first = asyncio.create_task(partial_message(3))
+        await asyncio.sleep(0.5)
+        return first, await partial_message(3)
+
+    try:
+        first, refused = conn.run(scenario(), timeout=30)
+        assert refused is not None and "this peer's requests already hold" in refused["error"], refused
+        assert info(conn, server.peer_id)["receiving_bytes"] >= 3 << 20
+        data = wire.pack({"start": 0, "end": 6}, {"hidden": torch.randn(1, 4, HIDDEN)})
+        meta, tensors = other.run(transport.call(other.p2p, server.peer_id, "forward", data, 20), timeout=30)
+        assert tensors["hidden"].shape == (1, 4, HIDDEN)
+    finally:
+        conn.loop.call_soon_threadsafe(release.set)
+    wait_until(lambda: info(conn, server.peer_id)["receiving_bytes"] == 0, "the streams' bytes were not released")
+
+
+def test_idle_sessions_of_a_peer_over_its_share_make_room_for_another(strict_server, another_peer):
+    """A peer holding most of the KV memory in an idle session: another peer's open is served by evicting it
+    (within the wait for memory), the evicted session's next step is refused with retry, and the memory of
+    both comes back."""
+    (conn, server), legit = strict_server, another_peer
+    wait_until(lambda: info(conn, server.peer_id)["active_sessions"] == 0, "earlier sessions did not close")
+    free = info(conn, server.peer_id)["cache_bytes_free"]
+    probe = open_session(conn, server.peer_id, {"start": 0, "end": 6, "max_length": 100, "batch_size": 1})
+    per_token = (free - info(conn, server.peer_id)["cache_bytes_free"]) / 100
+    conn.loop.call_soon_threadsafe(probe.close)
+    wait_until(lambda: info(conn, server.peer_id)["cache_bytes_free"] == free, "the probe was not freed")
+    hog = open_session(conn, server.peer_id, {"start": 0, "end": 6, "max_length": int(0.7 * free / per_token),
+                                              "batch_size": 1, "session_id": "h" * 32})
+    try:
+        began = time.monotonic()
+        mine = open_session(legit, server.peer_id, {"start": 0, "end": 6, "max_length": int(0.5 * free / per_token),
+                                                    "batch_size": 1})
+        assert time.monotonic() - began < 8  # the open waits (10 s at most) until the hog's session is evictable
+        step = wire.pack({"type": "step", "step": 0}, {"hidden": torch.randn(1, 2, HIDDEN)})
+        with pytest.raises(ServerRejected, match="evicted") as raised:  # before the hog's stream times out (3 s)
+            conn.run(hog.exchange(step, 20), timeout=30)
+        assert raised.value.retry
+        _, out = legit.run(mine.exchange(step, 20), timeout=30)
+        assert out["hidden"].shape == (1, 2, HIDDEN)
+        assert info(conn, server.peer_id)["evictions"] >= 1
+        legit.loop.call_soon_threadsafe(mine.close)
+    finally:
+        conn.loop.call_soon_threadsafe(hog.close)
+    wait_until(lambda: info(conn, server.peer_id)["cache_bytes_free"] == free, "the KV budget did not come back")
+
+
+def test_a_kept_graph_with_lora_is_not_charged_for_the_frozen_weights(tiny_llama):
+    """Its LoRA tensors join the graph's inputs; the frozen weights that autograd also saves are the server's own
+    and were once counted as if the graph held a copy of them."""
+    from swarmtune.models import load_span
+    from swarmtune.server import compute
+    from swarmtune.server.lora import LoraSet, wrap_targets
+
+    span = load_span(tiny_llama, 0, 6, torch.float32, "cpu", "sdpa")
+    wrap_targets(span.blocks, 0, ("self_attn.q_proj", "mlp.down_proj"))
+    hidden = torch.randn(1, 16, HIDDEN)
+    plain = compute.forward_with_graph(span, hidden, None, None, None, None).nbytes
+    mlp = span.config.intermediate_size
+    lora = LoraSet({"0.self_attn.q_proj": (torch.zeros(4, HIDDEN), torch.zeros(HIDDEN, 4)),
+                    "0.mlp.down_proj": (torch.zeros(4, mlp), torch.zeros(HIDDEN, 4))}, 1.0)
+    with_lora = compute.forward_with_graph(span, hidden, None, None, None, lora).nbytes
+    weights = sum(p.numel() * p.element_size() for p in span.parameters())
+    assert plain < with_lora < plain + weights / 4, (plain, with_lora, weights)

@@ -1,4 +1,5 @@
-"""A client that floods a server past its limits does not slow another client's generation much."""
+"""Clients that flood a server past its limits: another client's generation is not slowed much, and malformed
+requests count more toward the request rate."""
 
 from __future__ import annotations
 
@@ -80,3 +81,32 @@ def test_flooding_client_does_not_starve_others(swarm, tiny_llama):
             flooder.kill()
             flooder.wait(10)
         model.close()
+
+
+def test_malformed_requests_count_more_toward_the_rate(swarm, tiny_llama):
+    """Five malformed requests use up what fifty good ones would (50/s here): the next request within the
+    second is refused for its rate, with retry, and a second later the peer is served again."""
+    from swarmtune import transport, wire
+    from swarmtune.client.connection import SwarmConnection
+    from swarmtune.transport import ServerRejected
+
+    conn = SwarmConnection(ClientConfig(initial_peers=swarm.initial_peers), swarm.dht_prefix, 6)
+    server = swarm.servers[0].peer_id
+
+    def forward(length: int) -> None:
+        data = wire.pack({"start": 0, "end": 6}, {"hidden": torch.randn(1, length, 63 if length == 1 else 64)})
+        conn.run(transport.call(conn.p2p, server, "forward", data, 10, token=conn.token), timeout=15)
+
+    try:
+        time.sleep(1.0)  # nothing left of the module's earlier traffic in the one-second window
+        for _ in range(5):
+            with pytest.raises(ServerRejected, match="shape") as raised:
+                forward(1)  # hidden size 63: the client's error
+            assert not raised.value.retry
+        with pytest.raises(ServerRejected, match="rate limit") as raised:
+            forward(4)
+        assert raised.value.retry
+        time.sleep(1.1)
+        forward(4)
+    finally:
+        conn.close()

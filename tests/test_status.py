@@ -76,3 +76,44 @@ def test_unknown_command_prints_usage():
     with pytest.raises(SystemExit, match="usage: python -m swarmtune.swarm COMMAND") as raised:
         swarm.main(["stats"])
     assert all(f"\n  {command} " in str(raised.value) for command in ("up", "down", "status"))
+
+
+FAKE_CLAIMS = """
+import asyncio, dataclasses, sys
+from hivemind.utils import get_dht_time
+from swarmtune import records
+from swarmtune.p2p import NetworkOptions, start_dht, start_p2p
+from swarmtune.records import ModelInfo
+from swarmtune.security import Identity
+
+async def claim(initial_peers, prefix):
+    identity = Identity.load_or_create(None)
+    opts = NetworkOptions(initial_peers=initial_peers, identity_path=identity.path)
+    p2p = await start_p2p(opts)
+    dht = await start_dht(p2p, opts, identity=identity)
+    lie = ModelInfo(3, "org/fake", "llama")
+    stored = await dht.store_many([prefix, records.MODELS_KEY], [lie.to_record(), lie.to_record(prefix)],
+                                  expiration_time=get_dht_time() + 30, subkeys=[identity.peer_id] * 2)
+    assert all(stored.values()), stored
+    await dht.shutdown()
+    await p2p.shutdown()
+
+for _ in range(4):
+    asyncio.run(claim(sys.argv[2:], sys.argv[1]))
+"""
+
+
+def test_peers_that_serve_nothing_cannot_outvote_the_servers_on_the_model(llama_swarm, tiny_llama):
+    """Four self-signed records claim the model has 3 blocks (the servers, 3 of them, say 6): status still shows
+    6 blocks, with or without the checkpoint, and notes the disagreement where it has the checkpoint."""
+    fake = subprocess.run([sys.executable, "-c", FAKE_CLAIMS, llama_swarm.dht_prefix, *llama_swarm.initial_peers],
+                          capture_output=True, text=True, timeout=120)
+    assert fake.returncode == 0, fake.stderr[-3000:]
+    status = [sys.executable, "-m", "swarmtune.swarm", "status", "--initial-peers", *llama_swarm.initial_peers]
+    for extra in (["--dht-prefix", llama_swarm.dht_prefix], ["--model", tiny_llama]):
+        done = subprocess.run(status + extra, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert re.search(r": 6 blocks, 3 of \d+ servers online", done.stdout), done.stdout
+    assert "the swarm's records say 6 blocks" not in done.stdout  # the servers' claim stood
+    listed = subprocess.run(status, capture_output=True, text=True, timeout=120)
+    assert re.search(rf"{re.escape(llama_swarm.dht_prefix)}\s+6\s+llama", listed.stdout), listed.stdout

@@ -7,6 +7,8 @@ mask window and (for mixtral) the checkpoint layout differ.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from transformers import PretrainedConfig
 from transformers.models.llama import modeling_llama
@@ -20,6 +22,9 @@ from swarmtune.models.masks import causal_mask
 
 ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# transformers' "dynamic" and "longrope" rotary types rewrite their inverse frequencies for each call's
+# length; a server runs spans on two threads, so calls take turns (they are cheap)
+_ROTARY_LOCK = threading.Lock()
 
 
 def _layer_window(config: PretrainedConfig, layer_idx: int) -> int | None:
@@ -32,7 +37,8 @@ def _layer_window(config: PretrainedConfig, layer_idx: int) -> int | None:
 
 def layer_inputs(span, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  cache) -> list[dict]:
-    position_embeddings = span.position_module(hidden, position_ids)
+    with _ROTARY_LOCK:
+        position_embeddings = span.position_module(hidden, position_ids)
     masks: dict[int | None, torch.Tensor] = {}
     boolean = span.config._attn_implementation == "sdpa"
     out = []

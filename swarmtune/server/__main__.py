@@ -9,7 +9,7 @@ import argparse
 import asyncio
 import logging
 
-from swarmtune import errors
+from swarmtune import errors, wire
 from swarmtune.p2p import NetworkOptions
 from swarmtune.security import Membership
 from swarmtune.server.faults import Faults
@@ -20,6 +20,7 @@ from swarmtune.server.requests import Limits
 from swarmtune.server.server import Server, ServerConfig
 
 MiB = 2**20
+SERVER_FRAME_BYTES = wire.CHUNK_BYTES + (64 << 10)  # a server takes only swarmtune's own frames (and their framing)
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -102,11 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a kept forward graph waits for its backward before it is dropped")
     p.add_argument("--session-timeout", type=float, default=HandlerConfig.session_timeout,
                    help="close inference sessions idle this long")
+    p.add_argument("--evict-idle-after", type=float, default=HandlerConfig.evict_idle_after,
+                   help="while a peer waits for KV memory, evict sessions of peers over their fair share that "
+                        "have been idle this long")
     p.add_argument("--max-batch", type=int, default=Limits.max_batch)
     p.add_argument("--max-tokens", type=int, default=Limits.max_tokens, help="batch x length per request")
     p.add_argument("--max-length", type=int, default=Limits.max_length, help="tokens per inference session")
-    p.add_argument("--max-message-mb", type=float, default=Limits.max_message_bytes / MiB)
+    p.add_argument("--max-message-mb", type=float, default=Limits.max_message_bytes / MiB,
+                   help="one request; also what one peer's requests may hold here at once")
+    p.add_argument("--max-receiving-mb", type=float, default=Limits.max_receiving_bytes / MiB,
+                   help="requests being received or served, all peers together")
     p.add_argument("--max-sessions-per-peer", type=int, default=Limits.max_sessions_per_peer)
+    p.add_argument("--max-streams-per-peer", type=int, default=Limits.max_streams_per_peer,
+                   help="open streams of every kind from one peer")
     p.add_argument("--max-tokens-in-flight", type=int, default=Limits.max_tokens_in_flight_per_peer,
                    help="tokens one peer may have queued or computing at once")
     p.add_argument("--max-requests-per-second", type=float, default=Limits.requests_per_second_per_peer,
@@ -128,21 +137,26 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         errors.check_file(args.swarm_key, "--swarm-key")
     for spec in args.adapters:
         errors.check_source(parse_spec(spec)[1], "--adapters")
+    if args.max_receiving_mb < args.max_message_mb:
+        raise errors.UserError(f"--max-receiving-mb ({args.max_receiving_mb:g}) must be at least --max-message-mb "
+                               f"({args.max_message_mb:g}): a whole message must fit")
     try:
         faults = Faults.parse(args.fault)
     except ValueError as e:
         raise errors.UserError(f"--fault: {e}") from None
     network = NetworkOptions(host=args.host, port=args.port, initial_peers=list(args.initial_peers),
                              announce_maddrs=list(args.announce_maddrs), identity_path=args.identity,
-                             public=args.public,
+                             public=args.public, max_frame_bytes=SERVER_FRAME_BYTES,
                              membership=Membership.from_options(args.swarm_key, args.allowed_peers))
     limits = Limits(max_batch=args.max_batch, max_tokens=args.max_tokens, max_length=args.max_length,
                     max_message_bytes=int(args.max_message_mb * MiB),
-                    max_sessions_per_peer=args.max_sessions_per_peer,
+                    max_receiving_bytes=int(args.max_receiving_mb * MiB),
+                    max_sessions_per_peer=args.max_sessions_per_peer, max_streams_per_peer=args.max_streams_per_peer,
                     max_tokens_in_flight_per_peer=args.max_tokens_in_flight,
                     requests_per_second_per_peer=args.max_requests_per_second)
     handler = HandlerConfig(limits=limits, session_timeout=args.session_timeout, faults=faults,
-                            graph_bytes=int(args.activation_cache_mb * MiB), graph_ttl=args.activation_cache_ttl)
+                            graph_bytes=int(args.activation_cache_mb * MiB), graph_ttl=args.activation_cache_ttl,
+                            evict_idle_after=args.evict_idle_after)
     return ServerConfig(
         model=args.model, blocks=args.blocks, num_blocks=None if args.num_blocks == "auto" else args.num_blocks,
         balance_period=args.balance_period, throughput_cache=args.throughput_cache,

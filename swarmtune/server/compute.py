@@ -66,9 +66,9 @@ def forward_with_graph(span: SpanModel, hidden, attention_mask, position_ids, de
             p.requires_grad_(True)
         lora_tensors = []
         if lora is not None:
-            weights = {k: (a.detach().requires_grad_(True), b.detach().requires_grad_(True))
-                       for k, (a, b) in lora.weights.items()}
-            lora = LoraSet(weights, lora.scale, lora.dropout)
+            trainable = {k: (a.detach().requires_grad_(True), b.detach().requires_grad_(True))
+                         for k, (a, b) in lora.weights.items()}
+            lora = LoraSet(trainable, lora.scale, lora.dropout)
             lora_tensors = lora.tensors()
         with lora_lib.activate(_seeded(lora, seed)):
             out = span(h, _to(attention_mask, device), _to(position_ids, device), deep_prompts=p)

@@ -1,45 +1,59 @@
-"""One compute thread per server, fed by priority and, within a priority, fairly across peers.
+"""The compute threads of a server: two lanes, each fed by priority and, within a priority, fairly across peers.
 
-Blocks share one device; running requests one at a time keeps memory predictable and lets
-interactive inference steps jump ahead of queued training work. Among requests of the same
-priority the peer served least so far goes next (start-time fair queuing over each request's
-cost), so one peer's queue of long requests waits behind its own work, not in front of others'.
+Blocks share one device; running requests one at a time per lane keeps memory predictable and
+lets interactive inference steps jump ahead of queued training work. A request cannot be paused
+once it runs, so short requests (cost up to SHORT_COST: decoding steps, short prompts, small
+training batches) have a lane of their own and never wait behind a long one; long requests take
+turns in the other. Within a lane, among requests of the same priority, the peer served least so
+far goes next (start-time fair queuing over each request's cost), so one peer's queue of requests
+waits behind its own work, not in front of others'.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
 
 INFERENCE, FORWARD, BACKWARD = 0, 1, 2
+SHORT_COST = 4096.0  # in the callers' cost unit: about 4,096 tokens of short context (server.handler)
 
 
-class PriorityExecutor:
-    def __init__(self, name: str = "compute"):
+class _Lane:
+    """One compute thread and its queues: priority -> peer -> requests."""
+
+    def __init__(self, name: str):
         self._changed = threading.Condition()
-        self._queues: dict[int, dict[str, collections.deque]] = collections.defaultdict(dict)  # priority -> peer
+        self._queues: dict[int, dict[str, collections.deque]] = collections.defaultdict(dict)
         self._served: dict[str, float] = {}  # peer -> the cost served to it, on the clock below
         self._clock = 0.0                     # the served cost of the request that started last
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    async def submit(self, priority: int, fn: Callable[..., Any], *args, peer: str = "", cost: float = 1.0) -> Any:
-        """`fn(*args)` on the compute thread; `cost` (any unit, the same for every request) is what the
-        request takes from `peer`'s fair share."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
+    def put(self, priority: int, peer: str, job: tuple) -> None:
         with self._changed:
             queues = self._queues[priority]
             if peer not in queues:  # a peer that was idle starts level with the others, not with credit
                 queues[peer] = collections.deque()
                 self._served[peer] = max(self._served.get(peer, 0.0), self._clock)
-            queues[peer].append((fn, args, loop, future, cost))
+            queues[peer].append(job)
             self._changed.notify()
-        return await future
+
+    def discard(self, priority: int, peer: str, job: tuple) -> bool:
+        """Take a queued request back (its caller gave up); False if it has started already."""
+        with self._changed:
+            queue = self._queues[priority].get(peer, ())
+            at = next((i for i, queued in enumerate(queue) if queued is job), None)  # by identity: args hold tensors
+            if at is None:
+                return False
+            del queue[at]
+            if not queue:
+                del self._queues[priority][peer]
+            return True
 
     def _next(self):
         """The next request (the caller holds the lock), or None when stopping."""
@@ -72,8 +86,6 @@ class PriorityExecutor:
             if job is None:
                 return
             fn, args, loop, future, _ = job
-            if future.cancelled():
-                continue
             try:
                 result, error = fn(*args), None
             except BaseException as e:  # delivered to the awaiting handler, which replies with it
@@ -85,6 +97,33 @@ class PriorityExecutor:
             self._stopping = True
             self._changed.notify_all()
         self._thread.join(timeout=10)
+
+
+class PriorityExecutor:
+    def __init__(self, name: str = "compute"):
+        self._short, self._long = _Lane(f"{name}-short"), _Lane(f"{name}-long")
+
+    async def submit(self, priority: int, fn: Callable[..., Any], *args, peer: str = "", cost: float = 1.0) -> Any:
+        """`fn(*args)` on a compute thread; `cost` (any unit, the same for every request, SHORT_COST's for
+        the lane) is what the request takes from `peer`'s fair share."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        lane = self._short if cost <= SHORT_COST else self._long
+        job = (fn, args, loop, future, cost)
+        lane.put(priority, peer, job)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # a queued request is dropped with its tensors; a running one still uses what the caller's
+            # cleanup is about to release (KV cache, budgets), so the caller waits until it ends
+            if not lane.discard(priority, peer, job):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({future})
+            raise
+
+    def shutdown(self) -> None:
+        self._short.shutdown()
+        self._long.shutdown()
 
 
 def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -13,6 +13,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator  # noqa: UP035  (hivemind detects streaming RPCs by typing.AsyncIterator hints)
 
@@ -30,6 +31,7 @@ from swarmtune.server.graphs import KeptGraphs
 from swarmtune.server.lora import LoraSet, lora_slots
 from swarmtune.server.lora_cache import LoraCache
 from swarmtune.server.mailbox import Mailbox
+from swarmtune.server.receiving import Intake, ReceiveBudget
 from swarmtune.server.requests import (
     Limits,
     RequestError,
@@ -47,10 +49,14 @@ from swarmtune.server.requests import (
     requested_blocks,
 )
 from swarmtune.server.sessions import CacheBudget, ServerSession
+from swarmtune.server.streams import serve_on_demand
 
 logger = logging.getLogger(__name__)
 MAX_POSITION = 1 << 24
 ATTENTION_SCALE = 1024  # context length at which a token's attention costs about as much as the rest of it
+REFUSAL_WEIGHT = 10     # a malformed request counts as this many toward its peer's request rate
+SMALL_HEADER = 8 << 10  # bytes of header parsed on the event loop: any request but one that ships a large LoRA
+STREAMING_RPCS = ("rpc_spans", "rpc_forward_stream", "rpc_backward_stream", "rpc_inference")
 
 
 @dataclass
@@ -62,6 +68,7 @@ class HandlerConfig:
     faults: Faults = field(default_factory=Faults)  # test-only misbehaviour
     graph_bytes: int = 512 << 20      # forward graphs kept for their backward (0: always recompute)
     graph_ttl: float = 120.0          # seconds a kept graph waits for its backward
+    evict_idle_after: float = 1.0     # a session idle this long may be evicted for a peer that waits for memory
 
 
 def _response(meta: dict, tensors: dict | None = None) -> bytes:
@@ -91,23 +98,29 @@ class BlockServicer(ServicerBase):
         self.subspans: dict[tuple[int, int], SpanModel] = {}
         self.lora_cache = LoraCache(config.lora_cache_per_peer)
         self.sessions_per_peer: dict[str, int] = defaultdict(int)
+        self.streams_per_peer: dict[str, int] = defaultdict(int)
         self.active_sessions = 0
         self.stats = defaultdict(int)
         self._last_request: dict[str, list[float]] = defaultdict(list)
         self.tokens_in_flight: dict[str, int] = defaultdict(int)
         self.mailboxes: dict[str, Mailbox] = {}  # session id -> pushes from the previous server
         self.graphs = KeptGraphs(config.graph_bytes, config.graph_ttl)
+        self.receiving = ReceiveBudget(self.limits.max_receiving_bytes, self.limits.max_message_bytes)
         self.p2p = None  # set by add_p2p_handlers: servers push outputs to the next server of a chain
+        self._parser = ThreadPoolExecutor(1, thread_name_prefix="headers")
         self._sweeper: asyncio.Task | None = None
 
     async def add_p2p_handlers(self, p2p, *args, **kwargs) -> None:
         self.p2p = p2p
         await super().add_p2p_handlers(p2p, *args, **kwargs)
+        for method in STREAMING_RPCS:  # without hivemind's read-ahead, which no budget could charge
+            await serve_on_demand(p2p, self._get_handle_name(None, method), getattr(self, method))
         self._sweeper = asyncio.create_task(self._expire_graphs())
 
     async def remove_p2p_handlers(self, p2p, *args, **kwargs) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        self._parser.shutdown(wait=False, cancel_futures=True)
         await super().remove_p2p_handlers(p2p, *args, **kwargs)
 
     async def _expire_graphs(self) -> None:
@@ -128,6 +141,14 @@ class BlockServicer(ServicerBase):
                 self.span.blocks[start - offset:end - offset], self.span.position_module, self.span.compute_dtype)
         return self.subspans[(start, end)]
 
+    async def _decode(self, data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
+        """`wire.unpack`; a large header (up to wire.MAX_CONTAINERS arrays and maps, milliseconds of parsing) is
+        parsed on a thread of its own, so that the event loop goes on serving meanwhile."""
+        if wire.header_bytes(data) <= SMALL_HEADER:
+            return wire.unpack(data, self.limits.max_message_bytes)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._parser, wire.unpack, data, self.limits.max_message_bytes)
+
     def _admit(self, peer: str, token: str) -> None:
         if not self.membership.admits(peer, token):
             self.stats["refused_outsiders"] += 1
@@ -145,6 +166,16 @@ class BlockServicer(ServicerBase):
                              f"from this peer")
         recent.append(now)
         self._last_request[peer] = recent
+
+    def _refused(self, peer: str, error: RequestError | wire.WireError) -> bytes:
+        """The error reply to a refused request. A malformed one (the client's fault, not a busy server) counts
+        REFUSAL_WEIGHT times toward the peer's request rate: refusing costs the server too, and honest clients
+        rarely send one."""
+        self.stats["rejected"] += 1
+        retry = getattr(error, "retry", False)
+        if not retry:
+            self._last_request[peer].extend([time.monotonic()] * (REFUSAL_WEIGHT - 1))
+        return _error(str(error), retry)
 
     async def _compute(self, peer: str, tokens: int, context: int, priority: int, fn, *args):
         """Run `fn` on the compute thread, within the peer's budget of tokens in flight, charged to the peer's
@@ -244,21 +275,25 @@ class BlockServicer(ServicerBase):
         return check
 
     async def _guarded(self, handler, data: bytes, context: P2PContext, token: str | None) -> bytes:
-        """Decode, check the caller (unless `token` is None: a stream admitted it on the first frame), run
-        `handler(meta, tensors, peer)`; every failure becomes an error reply."""
+        """Decode, check the caller, run `handler(meta, tensors, peer)`; every failure becomes an error reply.
+        A unary call passes its `token` and is admitted and charged here; a stream (`token` None) did both
+        on the message's frames."""
         peer = str(context.remote_id)
+        intake = Intake(self.receiving, peer)
         try:
             if token is not None:
                 self._admission(peer, member=False)(token)
-            meta, tensors = wire.unpack(data, self.limits.max_message_bytes)
+                intake.charge(len(data))
+            meta, tensors = await self._decode(data)
             return await handler(meta, tensors, peer)
         except (RequestError, wire.WireError) as e:
-            self.stats["rejected"] += 1
-            return _error(str(e), getattr(e, "retry", False))
+            return self._refused(peer, e)
         except Exception as e:
             logger.exception("request failed")
             self.stats["failed"] += 1
             return _error(f"server error: {type(e).__name__}: {e}", retry=True)
+        finally:
+            intake.release()
 
     # ---- unary RPCs -------------------------------------------------------------------------------
 
@@ -266,7 +301,8 @@ class BlockServicer(ServicerBase):
         if not self.membership.admits(str(context.remote_id), request.uid):
             return runtime_pb2.ExpertResponse(metadata=_error("not a member of this private swarm"))
         meta = dict(self.info, cache_bytes_free=self.budget.free, active_sessions=self.active_sessions,
-                    graph_bytes_kept=self.graphs.nbytes, stats=dict(self.stats))
+                    graph_bytes_kept=self.graphs.nbytes, receiving_bytes=self.receiving.used,
+                    evictions=self.budget.evictions, stats=dict(self.stats))
         return runtime_pb2.ExpertResponse(metadata=_response(meta))
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -306,24 +342,35 @@ class BlockServicer(ServicerBase):
 
     async def _stream(self, handler, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
                       ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        admission = self._admission(str(context.remote_id), member=False)
+        peer = str(context.remote_id)
+        intake = Intake(self.receiving, peer)
         try:
-            data = await asyncio.wait_for(
-                _read_message(requests, wire.Reassembler(self.limits.max_message_bytes), admission),
-                self.config.session_timeout)
-            need(data is not None, "the stream ended before a whole message arrived")
-            reply = await self._guarded(handler, data, context, None)
-        except asyncio.TimeoutError:
-            reply = _error(f"no whole message within {self.config.session_timeout:.0f} s", retry=True)
-        except (RequestError, wire.WireError) as e:
-            self.stats["rejected"] += 1
-            reply = _error(str(e), getattr(e, "retry", False))
-        for frame in wire.frames(reply):
-            yield runtime_pb2.ExpertResponse(metadata=frame)
+            try:
+                data = await asyncio.wait_for(
+                    _read_message(requests, wire.Reassembler(self.limits.max_message_bytes),
+                                  self._admission(peer, member=False), intake),
+                    self.config.session_timeout)
+                need(data is not None, "the stream ended before a whole message arrived")
+                reply = await self._guarded(handler, data, context, None)
+                del data
+            except asyncio.TimeoutError:
+                reply = _error(f"no whole message within {self.config.session_timeout:.0f} s", retry=True)
+            except (RequestError, wire.WireError) as e:
+                reply = self._refused(peer, e)
+            for frame in wire.frames(reply):
+                yield runtime_pb2.ExpertResponse(metadata=frame)
+        finally:  # the request's bytes stay charged until its reply has gone
+            intake.release()
         await _drain(requests)
 
     async def rpc_spans(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
                         ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A client's channel for forward and backward requests (`_channel`)."""
+        async for response in self._counted(context, self._channel(requests, context)):
+            yield response
+
+    async def _channel(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+                       ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """A client's long-lived channel for forward and backward requests ('method' in each), answered in order.
 
         Reusing one stream saves opening a libp2p stream per request, and lets its flow-control
@@ -331,79 +378,119 @@ class BlockServicer(ServicerBase):
         """
         reassembler = wire.Reassembler(self.limits.max_message_bytes)
         admission, peer = None, str(context.remote_id)
+        intake = Intake(self.receiving, peer)
         try:
             while True:
                 admission = admission or self._admission(peer, member=False)
-                data = await asyncio.wait_for(_read_message(requests, reassembler, admission),
+                data = await asyncio.wait_for(_read_message(requests, reassembler, admission, intake),
                                                  self.config.session_timeout)
                 if data is None:
                     return
                 admission = self._admission(peer)  # a member now: later messages only count toward its rate
-                for frame in wire.frames(await self._guarded(self._on_channel, data, context, None)):
+                reply = await self._guarded(self._on_channel, data, context, None)
+                del data
+                for frame in wire.frames(reply):
                     yield runtime_pb2.ExpertResponse(metadata=frame)
+                intake.release()
         except asyncio.TimeoutError:  # idle: the client opens a new channel when it needs one
             return
         except (RequestError, wire.WireError) as e:  # refused on a first frame, or the framing is broken
-            self.stats["rejected"] += 1
-            yield _frame(_error(str(e), getattr(e, "retry", False)))
+            yield _frame(self._refused(peer, e))
             await _drain(requests)
+        finally:
+            intake.release()
 
     async def rpc_forward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
                                  ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        async for response in self._stream(self._forward, requests, context):
+        async for response in self._counted(context, self._stream(self._forward, requests, context)):
             yield response
 
     async def rpc_backward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
                                   ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        async for response in self._stream(self._backward, requests, context):
+        async for response in self._counted(context, self._stream(self._backward, requests, context)):
             yield response
 
     async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
                             ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """A generation session: an 'open' message, then steps, each answered with the span's output."""
+        async for response in self._counted(context, self._session(requests, context)):
+            yield response
+
+    async def _counted(self, context: P2PContext, responses: AsyncIterator[runtime_pb2.ExpertResponse]
+                       ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """`responses`, while the stream counts toward its peer's open streams: each may hold a few frames that
+        hivemind reads ahead, before any handler can charge them."""
+        peer = str(context.remote_id)
+        if self.streams_per_peer[peer] >= self.limits.max_streams_per_peer:
+            self.stats["rejected"] += 1
+            yield _frame(_error(f"this peer has {self.streams_per_peer[peer]} streams open here "
+                                f"(limit {self.limits.max_streams_per_peer})", retry=True))
+            return
+        self.streams_per_peer[peer] += 1
+        try:
+            async for response in responses:
+                yield response
+        finally:
+            await responses.aclose()
+            self.streams_per_peer[peer] -= 1
+            if not self.streams_per_peer[peer]:
+                del self.streams_per_peer[peer]
+
+    async def _session(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+                       ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         peer = str(context.remote_id)
         reassembler = wire.Reassembler(self.limits.max_message_bytes)
-        session, reserved = None, 0
+        intake = Intake(self.receiving, peer)
+        session = None
+
+        def admit_step(token: str) -> None:  # a step that has begun to arrive is not idle: never evicted
+            self._admission(peer)(token)
+            session.lease.idle_since = None
+
         try:
-            data = await asyncio.wait_for(_read_message(requests, reassembler, self._admission(peer, member=False)),
-                                             self.config.session_timeout)
+            data = await asyncio.wait_for(
+                _read_message(requests, reassembler, self._admission(peer, member=False), intake),
+                self.config.session_timeout)
             if data is None:
                 return
-            session, reserved = await self._open_session(data, peer)
+            session = await self._open_session(data, peer)
+            del data
+            intake.release()
             yield _frame(_response({"ok": True, "opened": True}))
             while True:
-                data = await asyncio.wait_for(_read_message(requests, reassembler, self._admission(peer)),
+                data = await asyncio.wait_for(_read_message(requests, reassembler, admit_step, intake),
                                                  self.config.session_timeout)
                 if data is None:
                     return
                 reply = await self._inference_step(session, data, peer)
+                del data
                 for frame in wire.frames(reply):
                     yield runtime_pb2.ExpertResponse(metadata=frame)
+                intake.release()
         except asyncio.TimeoutError:
             yield _frame(_error(f"session idle for more than {self.config.session_timeout:.0f} s", retry=True))
         except (RequestError, wire.WireError) as e:
-            self.stats["rejected"] += 1
-            yield _frame(_error(str(e), getattr(e, "retry", False)))
+            yield _frame(self._refused(peer, e))
             await _drain(requests)
         except Exception as e:
             logger.exception("inference session failed")
             yield _frame(_error(f"server error: {type(e).__name__}: {e}", retry=True))
             await _drain(requests)
         finally:
+            intake.release()
             if session is not None:
                 self.mailboxes.pop(session.id, None)
-                session.cache = None
+                session.free()
+                self.budget.release(session.lease)
                 self.sessions_per_peer[peer] -= 1
                 if not self.sessions_per_peer[peer]:
                     del self.sessions_per_peer[peer]
                 self.active_sessions -= 1
-            if reserved:
-                self.budget.release(reserved)
 
-    async def _open_session(self, data: bytes, peer: str) -> tuple[ServerSession, int]:
-        """A new session and the bytes reserved for it. Everything is checked before the reservation,
+    async def _open_session(self, data: bytes, peer: str) -> ServerSession:
+        """A new session, holding its lease of the KV budget. Everything is checked before the reservation,
         and any error after it releases it."""
-        meta, tensors = wire.unpack(data, self.limits.max_message_bytes)
+        meta, tensors = await self._decode(data)
         need(meta.get("type") == "open", "the first message of a session must be of type 'open'")
         start, end = requested_blocks(meta, (self.span.start, self.span.end))
         batch = get_int(meta, "batch_size", 1, self.limits.max_batch)
@@ -422,23 +509,35 @@ class BlockServicer(ServicerBase):
         nbytes += deep_prompts.numel() * itemsize if deep_prompts is not None else 0
         if lora is not None and lora_meta is not None and "adapter" not in lora_meta:
             nbytes += sum(t.numel() * t.element_size() for t in lora.tensors())
-        await self.budget.acquire(nbytes, self.config.alloc_timeout)
+        lease = await self.budget.acquire(peer, nbytes, self.config.alloc_timeout)
         try:
             need(session_id not in self.mailboxes, "'session_id' is already in use: choose a new one")
-            session = ServerSession(span, batch, max_length, lora, deep_prompts, session_id)
+            session = ServerSession(span, batch, max_length, lora, deep_prompts, lease, session_id)
         except BaseException:
-            self.budget.release(nbytes)
+            self.budget.release(lease)
             raise
+        lease.on_evict = session.free
         if session_id is not None:
             self.mailboxes[session_id] = Mailbox(owner=peer, upstream=upstream)
         self.sessions_per_peer[peer] += 1
         self.active_sessions += 1
-        return session, nbytes
+        return session
 
     async def _inference_step(self, session: ServerSession, data: bytes, peer: str) -> bytes:
         """One step. Its hidden states come in the message, or (chaining) pushed by the previous server;
         the output goes back to the client and, when asked, on to the next server."""
-        meta, tensors = wire.unpack(data, self.limits.max_message_bytes)
+        if session.lease.evicted:
+            self.stats["evicted_steps"] += 1
+            raise ServerBusy("this session was evicted: it had been idle while other peers waited for the "
+                             "server's KV memory; open a new one")
+        session.lease.idle_since = None
+        try:
+            return await self._run_step(session, data, peer)
+        finally:
+            session.lease.idle_since = time.monotonic()
+
+    async def _run_step(self, session: ServerSession, data: bytes, peer: str) -> bytes:
+        meta, tensors = await self._decode(data)
         hidden = tensors.get("hidden")
         upstream = _peer_field(meta, "push_from")
         if upstream is not None and session.id is not None:  # the chain changed: another server pushes now
@@ -471,15 +570,16 @@ class BlockServicer(ServicerBase):
 
 
 async def _read_message(requests: AsyncIterator, reassembler: wire.Reassembler,
-                        admission: Callable[[str], None]) -> bytes | None:
+                        admission: Callable[[str], None], intake: Intake) -> bytes | None:
     """The next whole message from a stream of frames; `admission` checks the membership token of its first
-    frame before another frame is read (it raises to refuse the caller). None: the stream ended between
-    messages."""
+    frame before another frame is read (it raises to refuse the caller), and every frame is charged to
+    the peer's `intake` before the next is read. None: the stream ended between messages."""
     first = True
     async for request in requests:
         if first:
             admission(request.uid)
             first = False
+        intake.charge(max(0, len(request.metadata) - 1))  # what the reassembler keeps: the payload
         data = reassembler.add(request.metadata)
         if data is not None:
             return data

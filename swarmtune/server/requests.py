@@ -33,9 +33,11 @@ class Limits:
     max_batch: int = 64
     max_tokens: int = 16384          # batch x new tokens in one request
     max_length: int = 8192           # tokens in one inference session
-    max_message_bytes: int = 256 << 20
+    max_message_bytes: int = 256 << 20   # one message; also what one peer's requests may hold at once
+    max_receiving_bytes: int = 1 << 30   # requests being received or served, all peers together
     max_lora_rank: int = 256
     max_sessions_per_peer: int = 32
+    max_streams_per_peer: int = 48      # open streams of every kind (sessions, channels, large requests)
     max_tokens_in_flight_per_peer: int = 1 << 17
     requests_per_second_per_peer: float = 1000.0
 

@@ -21,7 +21,7 @@ from swarmtune.models.span import SpanModel
 from swarmtune.p2p import NetworkOptions, start_dht, start_p2p, visible_maddrs
 from swarmtune.records import ModelInfo, ServerInfo
 from swarmtune.security import Identity
-from swarmtune.server import block_selection, cuda, throughput
+from swarmtune.server import block_selection, compute, cuda, throughput
 from swarmtune.server.executor import PriorityExecutor
 from swarmtune.server.handler import BlockServicer, HandlerConfig
 from swarmtune.server.hosted_adapters import load_hosted
@@ -87,6 +87,9 @@ class Server:
                          cfg.revision, config=self.model_config)
         span = quantize(span, cfg.quant, span.compute_dtype, cfg.device)
         wrap_targets(span.blocks, start, get_family(self.model_config.model_type).lora_targets)
+        # bitsandbytes rearranges a quantized layer's state on its first forward, unlocked: do that here, on
+        # one thread, before two compute lanes can run the layers at once
+        compute.forward(span, torch.zeros(1, 1, self.model_config.hidden_size), None, None, None, None)
         return span
 
     def server_info(self, state: str) -> ServerInfo:
@@ -156,7 +159,8 @@ class Server:
         info = dict(model=cfg.model, start=span.start, end=span.end, dtype=str(span.compute_dtype), quant=cfg.quant,
                     version=__version__, peer_id=str(self.p2p.peer_id))
         hosted = load_hosted(cfg.adapters, self.model_config, span, lora_slots(span), cfg.revision)
-        self.servicer = BlockServicer(span, self.executor, CacheBudget(cache_bytes), cfg.handler, info,
+        budget = CacheBudget(cache_bytes, cfg.handler.evict_idle_after)
+        self.servicer = BlockServicer(span, self.executor, budget, cfg.handler, info,
                                       hosted_adapters=hosted, membership=cfg.network.membership)
         await self.servicer.add_p2p_handlers(self.p2p)
         self.state = "online"

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -14,48 +17,128 @@ from swarmtune.server.lora import LoraSet
 from swarmtune.server.requests import RequestError, ServerBusy
 
 
-class CacheBudget:
-    """Bytes of KV cache the server may hold; sessions wait (bounded) for room.
+@dataclass(eq=False)
+class Lease:
+    """One session's share of the KV budget. `idle_since` is None while the session runs a step."""
 
-    Used from the event loop only, so plain counters suffice; `release` is synchronous so that
-    a session's cleanup cannot be interrupted halfway.
+    peer: str
+    nbytes: int
+    idle_since: float | None
+    evicted: bool = False
+    on_evict: Callable[[], None] | None = None  # frees what the bytes stand for (the session's cache)
+
+
+class CacheBudget:
+    """Bytes of KV cache the server may hold, shared fairly between the peers that hold or want some.
+
+    A session that does not fit waits (bounded). A peer whose request keeps it within its fair share
+    (the budget over the number of peers holding or waiting) makes room by evicting sessions of other
+    peers above their share that have been idle for `evict_idle_after` seconds, most idle first, and
+    only when that makes enough room. A peer above its share does not take freed memory ahead of a
+    poorer waiting peer whose request fits within that peer's share. Used from the event loop only,
+    so plain counters suffice; `release` and eviction are synchronous, so cleanup cannot be
+    interrupted halfway.
     """
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, evict_idle_after: float = 1.0):
         self.max_bytes = max_bytes
+        self.evict_idle_after = evict_idle_after
         self.used = 0
-        self._freed = asyncio.Event()
+        self.leases: set[Lease] = set()
+        self.waiting: dict[str, list[int]] = defaultdict(list)  # peer -> the sizes it waits for
+        self.evictions = 0
+        self._changed = asyncio.Event()
 
     @property
     def free(self) -> int:
         return self.max_bytes - self.used
 
-    async def acquire(self, nbytes: int, timeout: float) -> None:
+    def held_by(self) -> dict[str, int]:
+        held: dict[str, int] = defaultdict(int)
+        for lease in self.leases:
+            held[lease.peer] += lease.nbytes
+        return held
+
+    def fair_share(self, held: dict[str, int]) -> float:
+        return self.max_bytes / max(1, len(held.keys() | self.waiting.keys()))
+
+    async def acquire(self, peer: str, nbytes: int, timeout: float) -> Lease:
         if nbytes > self.max_bytes:
             raise RequestError(f"the session needs {nbytes} bytes of KV cache but this server's whole cache "
                                f"budget is {self.max_bytes} bytes: ask for a shorter max_length or smaller batch")
         deadline = time.monotonic() + timeout
-        while self.used + nbytes > self.max_bytes:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ServerBusy(f"no room for {nbytes} bytes of KV cache after waiting {timeout:.0f} s "
-                                 f"({self.free} of {self.max_bytes} bytes free)")
-            self._freed.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._freed.wait(), left)
+        self.waiting[peer].append(nbytes)
+        try:
+            while not self._may_take(peer, nbytes):
+                self._evict_for(peer, nbytes)
+                if self._may_take(peer, nbytes):
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ServerBusy(f"no room for {nbytes} bytes of KV cache after waiting {timeout:.0f} s "
+                                     f"({self.free} of {self.max_bytes} bytes free)")
+                self._changed.clear()
+                with contextlib.suppress(asyncio.TimeoutError):  # sessions become evictable as time passes
+                    await asyncio.wait_for(self._changed.wait(), min(left, max(0.1, self.evict_idle_after / 4)))
+        finally:
+            self.waiting[peer].remove(nbytes)
+            if not self.waiting[peer]:
+                del self.waiting[peer]
+            self._changed.set()  # one waiter fewer: the others' shares and turns change
+        lease = Lease(peer, nbytes, time.monotonic())
+        self.leases.add(lease)
         self.used += nbytes
+        return lease
 
-    def release(self, nbytes: int) -> None:
-        self.used -= nbytes
-        self._freed.set()
+    def release(self, lease: Lease) -> None:
+        if lease in self.leases:
+            self.leases.remove(lease)
+            self.used -= lease.nbytes
+            self._changed.set()
+
+    def _may_take(self, peer: str, nbytes: int) -> bool:
+        if self.used + nbytes > self.max_bytes:
+            return False
+        held = self.held_by()
+        share, mine = self.fair_share(held), held.get(peer, 0)
+        if mine + nbytes <= share:
+            return True
+        return not any(p != peer and held.get(p, 0) < mine and held.get(p, 0) + min(sizes) <= share
+                       for p, sizes in self.waiting.items())
+
+    def _evict_for(self, peer: str, nbytes: int) -> None:
+        """Evict idle sessions of peers over their fair share so that `nbytes` fit, if that can make them fit
+        and the request keeps `peer` within its own share."""
+        held, now = self.held_by(), time.monotonic()
+        share = self.fair_share(held)
+        if held.get(peer, 0) + nbytes > share:
+            return
+        idle = sorted((lease for lease in self.leases if lease.peer != peer and lease.idle_since is not None
+                       and now - lease.idle_since >= self.evict_idle_after), key=lambda lease: lease.idle_since)
+        chosen, free = [], self.free
+        for lease in idle:
+            if free >= nbytes:
+                break
+            if held[lease.peer] > share:
+                chosen.append(lease)
+                held[lease.peer] -= lease.nbytes
+                free += lease.nbytes
+        if free < nbytes:
+            return
+        for lease in chosen:
+            lease.evicted = True
+            self.evictions += 1
+            self.release(lease)
+            if lease.on_evict is not None:
+                lease.on_evict()
 
 
 class ServerSession:
     """A client's inference session as this server holds it: KV cache and the padding mask of all tokens so far."""
 
     def __init__(self, span: SpanModel, batch_size: int, max_length: int, lora: LoraSet | None,
-                 deep_prompts: torch.Tensor | None, session_id: str | None = None):
-        self.span, self.id = span, session_id
+                 deep_prompts: torch.Tensor | None, lease: Lease, session_id: str | None = None):
+        self.span, self.id, self.lease = span, session_id, lease
         self.max_length = max_length
         self.cache = span.make_cache(batch_size, max_length)
         self.device = self.cache.keys.device
@@ -66,6 +149,10 @@ class ServerSession:
     @property
     def length(self) -> int:
         return self.cache.length
+
+    def free(self) -> None:
+        """Drop what the lease paid for; the session takes no more steps."""
+        self.cache = self.lora = self.deep_prompts = None
 
     def step(self, hidden: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor | None,
              reorder: torch.Tensor | None) -> torch.Tensor:
