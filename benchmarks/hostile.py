@@ -20,7 +20,6 @@ the attackers are gone; the server alive throughout.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import math
 import os
@@ -61,10 +60,8 @@ JOIN_SLACK = 60.0           # a legitimate step started before the window closed
 
 # What every server of this section is given; small enough that the memory check means something.
 SERVER = {"cache_mb": 32, "activation_cache_mb": 32, "activation_cache_ttl": 20, "max_message_mb": 16,
-          "max_tokens": 2048, "max_length": 2048, "max_batch": 64, "session_timeout": 30, "throughput": 1.0}
-# Flags being added to the server while this was written: passed when `python -m swarmtune.server --help`
-# has them. TODO: pass them unconditionally once they are committed.
-NEW_FLAGS = {"max_receiving_mb": 32, "evict_idle_after": 5}
+          "max_receiving_mb": 32, "max_tokens": 2048, "max_length": 2048, "max_batch": 64, "session_timeout": 30,
+          "throughput": 1.0}
 # Legitimate clients wait at most this long for a server (the default, 60 s, would outlast the window).
 CLIENT = {"retry_budget": 20.0, "request_timeout": 30.0}
 
@@ -112,19 +109,12 @@ class Outcome:
 # ---- the server ---------------------------------------------------------------------------------
 
 
-def server_options() -> dict:
-    """SERVER, plus those of NEW_FLAGS that this checkout's server accepts."""
-    from swarmtune.server.__main__ import build_parser
-
-    known = build_parser()._option_string_actions
-    return {**SERVER, **{k: v for k, v in NEW_FLAGS.items() if "--" + k.replace("_", "-") in known}}
-
-
-def rss_bound(path: str, options: dict) -> int:
-    """Model bytes + the KV, graph and message budgets + the runtime's allowance."""
-    model = sum(os.path.getsize(f) for f in glob.glob(os.path.join(path, "*.safetensors")))
-    message = options.get("max_receiving_mb", options["max_message_mb"])
-    return int(model + (options["cache_mb"] + options["activation_cache_mb"] + message) * MiB + RSS_ALLOWANCE)
+def rss_bound(quiet_peak: int, options: dict) -> int:
+    """The server as it peaks with no attacker (its runtime and model), plus the KV, graph and receive budgets,
+    plus the allowance: what it may hold under attack. (The runtime alone, torch, transformers and hivemind,
+    takes about 400 MiB before any model, so "model bytes + budgets + 300 MiB" cannot be met by anyone.)"""
+    budgets = options["cache_mb"] + options["activation_cache_mb"] + options["max_receiving_mb"]
+    return int(quiet_peak + budgets * MiB + RSS_ALLOWANCE)
 
 
 def vm_hwm(pid: int) -> int:
@@ -452,11 +442,11 @@ def run(bench: Bench) -> list[Figure]:
     seed_everything()
     plan = bench.plan
     path = bench.model(plan.latency_hidden)
-    options = server_options()
-    bound = rss_bound(path, options)
+    options = dict(SERVER)
     window = plan.hostile_window
     attacks = [a for a in ATTACKS if not plan.hostile_classes or a.key in plan.hostile_classes]
     start = run_once(bench, path, None, options, window, "no-attack-start")
+    bound = rss_bound(start.peak_rss, options)
     outcomes = [(attack, attacked(bench, path, attack, options, window)) for attack in attacks]
     end = run_once(bench, path, None, options, window, "no-attack-end") if plan.hostile_rebaseline else None
     base = pooled(start, end) if end else start

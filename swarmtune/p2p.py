@@ -40,7 +40,6 @@ class NetworkOptions:
     public: bool = False
     startup_timeout: float = 30.0
     membership: Membership = field(default_factory=Membership)
-    max_frame_bytes: int = MAX_FRAME_BYTES  # servers allow only their own frames' size
 
     def host_maddrs(self) -> list[str]:
         kind = "ip6" if ":" in self.host else "ip4"
@@ -71,7 +70,7 @@ async def start_p2p(opts: NetworkOptions) -> P2P:
     The daemon runs in a session of its own, so a Ctrl-C or SIGTERM sent to our process group
     reaches only us, and we can still withdraw from the DHT before stopping it.
     """
-    bound_stream_frames(opts.max_frame_bytes)
+    bound_stream_frames(MAX_FRAME_BYTES)
     try:
         with _daemon_in_own_session():
             return await asyncio.wait_for(_create_p2p(opts), opts.startup_timeout + 5)

@@ -120,6 +120,10 @@ class Reassembler:
         self._parts: list[bytes] = []
         self._size = 0
 
+    def reset(self) -> None:
+        """Drop a partial message (the stream failed): its bytes go now, whatever still references the reader."""
+        self._parts, self._size = [], 0
+
     def add(self, frame: bytes) -> bytes | None:
         """Returns the whole message once its last frame arrives, else None."""
         if not frame or frame[0] not in (0, 1):

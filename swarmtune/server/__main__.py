@@ -9,7 +9,7 @@ import argparse
 import asyncio
 import logging
 
-from swarmtune import errors, wire
+from swarmtune import errors
 from swarmtune.p2p import NetworkOptions
 from swarmtune.security import Membership
 from swarmtune.server.faults import Faults
@@ -20,7 +20,6 @@ from swarmtune.server.requests import Limits
 from swarmtune.server.server import Server, ServerConfig
 
 MiB = 2**20
-SERVER_FRAME_BYTES = wire.CHUNK_BYTES + (64 << 10)  # a server takes only swarmtune's own frames (and their framing)
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -146,7 +145,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise errors.UserError(f"--fault: {e}") from None
     network = NetworkOptions(host=args.host, port=args.port, initial_peers=list(args.initial_peers),
                              announce_maddrs=list(args.announce_maddrs), identity_path=args.identity,
-                             public=args.public, max_frame_bytes=SERVER_FRAME_BYTES,
+                             public=args.public,
                              membership=Membership.from_options(args.swarm_key, args.allowed_peers))
     limits = Limits(max_batch=args.max_batch, max_tokens=args.max_tokens, max_length=args.max_length,
                     max_message_bytes=int(args.max_message_mb * MiB),

@@ -12,10 +12,9 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import AsyncIterator  # noqa: UP035  (hivemind detects streaming RPCs by typing.AsyncIterator hints)
 
 import torch
 from hivemind.p2p import P2PContext, ServicerBase
@@ -49,14 +48,13 @@ from swarmtune.server.requests import (
     requested_blocks,
 )
 from swarmtune.server.sessions import CacheBudget, ServerSession
-from swarmtune.server.streams import serve_on_demand
+from swarmtune.server.streams import Frames, serve_on_demand
 
 logger = logging.getLogger(__name__)
 MAX_POSITION = 1 << 24
 ATTENTION_SCALE = 1024  # context length at which a token's attention costs about as much as the rest of it
 REFUSAL_WEIGHT = 10     # a malformed request counts as this many toward its peer's request rate
 SMALL_HEADER = 8 << 10  # bytes of header parsed on the event loop: any request but one that ships a large LoRA
-STREAMING_RPCS = ("rpc_spans", "rpc_forward_stream", "rpc_backward_stream", "rpc_inference")
 
 
 @dataclass
@@ -105,7 +103,9 @@ class BlockServicer(ServicerBase):
         self.tokens_in_flight: dict[str, int] = defaultdict(int)
         self.mailboxes: dict[str, Mailbox] = {}  # session id -> pushes from the previous server
         self.graphs = KeptGraphs(config.graph_bytes, config.graph_ttl)
-        self.receiving = ReceiveBudget(self.limits.max_receiving_bytes, self.limits.max_message_bytes)
+        # a peer may hold one whole message, plus its frames' framing (the membership token in each)
+        self.receiving = ReceiveBudget(self.limits.max_receiving_bytes,
+                                       self.limits.max_message_bytes + self.limits.max_message_bytes // 16)
         self.p2p = None  # set by add_p2p_handlers: servers push outputs to the next server of a chain
         self._parser = ThreadPoolExecutor(1, thread_name_prefix="headers")
         self._sweeper: asyncio.Task | None = None
@@ -113,15 +113,22 @@ class BlockServicer(ServicerBase):
     async def add_p2p_handlers(self, p2p, *args, **kwargs) -> None:
         self.p2p = p2p
         await super().add_p2p_handlers(p2p, *args, **kwargs)
-        for method in STREAMING_RPCS:  # without hivemind's read-ahead, which no budget could charge
-            await serve_on_demand(p2p, self._get_handle_name(None, method), getattr(self, method))
+        for name, handler in self._streaming_rpcs().items():  # not through hivemind, which reads ahead
+            await serve_on_demand(p2p, self._get_handle_name(None, name), handler)
         self._sweeper = asyncio.create_task(self._expire_graphs())
 
     async def remove_p2p_handlers(self, p2p, *args, **kwargs) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
         self._parser.shutdown(wait=False, cancel_futures=True)
+        for name in self._streaming_rpcs():
+            await p2p.remove_binary_stream_handler(self._get_handle_name(None, name))
         await super().remove_p2p_handlers(p2p, *args, **kwargs)
+
+    def _streaming_rpcs(self) -> dict:
+        """Handle name (as clients call it) -> handler of every streaming RPC."""
+        return {"rpc_spans": self.serve_spans, "rpc_forward_stream": self.serve_forward_stream,
+                "rpc_backward_stream": self.serve_backward_stream, "rpc_inference": self.serve_inference}
 
     async def _expire_graphs(self) -> None:
         """Kept graphs past their age go even when no request comes along to push them out."""
@@ -340,7 +347,7 @@ class BlockServicer(ServicerBase):
 
     # ---- streaming RPCs ---------------------------------------------------------------------------
 
-    async def _stream(self, handler, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    async def _stream(self, handler, requests: Frames, context: P2PContext
                       ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         peer = str(context.remote_id)
         intake = Intake(self.receiving, peer)
@@ -363,13 +370,12 @@ class BlockServicer(ServicerBase):
             intake.release()
         await _drain(requests)
 
-    async def rpc_spans(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
-                        ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    async def serve_spans(self, requests: Frames, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """A client's channel for forward and backward requests (`_channel`)."""
         async for response in self._counted(context, self._channel(requests, context)):
             yield response
 
-    async def _channel(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    async def _channel(self, requests: Frames, context: P2PContext
                        ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """A client's long-lived channel for forward and backward requests ('method' in each), answered in order.
 
@@ -400,26 +406,26 @@ class BlockServicer(ServicerBase):
         finally:
             intake.release()
 
-    async def rpc_forward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
-                                 ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    async def serve_forward_stream(self, requests: Frames, context: P2PContext
+                                   ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         async for response in self._counted(context, self._stream(self._forward, requests, context)):
             yield response
 
-    async def rpc_backward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
-                                  ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    async def serve_backward_stream(self, requests: Frames, context: P2PContext
+                                    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         async for response in self._counted(context, self._stream(self._backward, requests, context)):
             yield response
 
-    async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
-                            ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    async def serve_inference(self, requests: Frames, context: P2PContext
+                              ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """A generation session: an 'open' message, then steps, each answered with the span's output."""
         async for response in self._counted(context, self._session(requests, context)):
             yield response
 
     async def _counted(self, context: P2PContext, responses: AsyncIterator[runtime_pb2.ExpertResponse]
                        ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """`responses`, while the stream counts toward its peer's open streams: each may hold a few frames that
-        hivemind reads ahead, before any handler can charge them."""
+        """`responses`, while the stream counts toward its peer's open streams (each holds a socket, a task and
+        the frame it is reading)."""
         peer = str(context.remote_id)
         if self.streams_per_peer[peer] >= self.limits.max_streams_per_peer:
             self.stats["rejected"] += 1
@@ -436,7 +442,7 @@ class BlockServicer(ServicerBase):
             if not self.streams_per_peer[peer]:
                 del self.streams_per_peer[peer]
 
-    async def _session(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    async def _session(self, requests: Frames, context: P2PContext
                        ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         peer = str(context.remote_id)
         reassembler = wire.Reassembler(self.limits.max_message_bytes)
@@ -569,21 +575,27 @@ class BlockServicer(ServicerBase):
         return _response({"ok": True, "step": meta.get("step"), "length": session.length}, {"hidden": out})
 
 
-async def _read_message(requests: AsyncIterator, reassembler: wire.Reassembler,
-                        admission: Callable[[str], None], intake: Intake) -> bytes | None:
-    """The next whole message from a stream of frames; `admission` checks the membership token of its first
-    frame before another frame is read (it raises to refuse the caller), and every frame is charged to
-    the peer's `intake` before the next is read. None: the stream ended between messages."""
+async def _read_message(frames: Frames, reassembler: wire.Reassembler, admission: Callable[[str], None],
+                        intake: Intake) -> bytes | None:
+    """The next whole message from a stream of frames. Each frame is charged to the peer's `intake` before it is
+    read, and `admission` checks the membership token of the first frame before another is read (both raise
+    to refuse). None: the stream ended between messages."""
     first = True
-    async for request in requests:
-        if first:
-            admission(request.uid)
-            first = False
-        intake.charge(max(0, len(request.metadata) - 1))  # what the reassembler keeps: the payload
-        data = reassembler.add(request.metadata)
-        if data is not None:
-            return data
-    return None
+    try:
+        while (request := await frames.next(intake.charge)) is not None:
+            if first:
+                admission(request.uid)
+                first = False
+            data = reassembler.add(request.metadata)
+            if data is not None:
+                return data
+        return None
+    except BaseException:
+        # the exception's traceback keeps this frame (and asyncio's wait_for makes that a reference cycle,
+        # freed only by a full garbage collection): let go of the message's bytes now
+        reassembler.reset()
+        request = None  # noqa: F841
+        raise
 
 
 def _peer_field(meta: dict, key: str) -> str | None:
@@ -597,11 +609,13 @@ def _forward_keeping(*args) -> tuple[compute.Graph, torch.Tensor]:
     return graph, compute.output_of(graph)
 
 
-async def _drain(requests: AsyncIterator, timeout: float = 5.0) -> None:
-    """Read what the client still sends, so that closing our end cannot reset the stream under our reply."""
+async def _drain(frames: Frames, timeout: float = 2.0, max_frames: int = 8) -> None:
+    """Read a little of what the client still sends, so that closing our end cannot reset the stream under our
+    reply; a client that goes on sending is cut off."""
     async def read_all():
-        async for _ in requests:
-            pass
+        for _ in range(max_frames):
+            if await frames.next() is None:
+                return
 
     with contextlib.suppress(Exception):
         await asyncio.wait_for(read_all(), timeout)

@@ -3,8 +3,9 @@
 hivemind's own stream handler reads up to six frames ahead of the handler, for every open stream,
 before anything could charge them to a peer: a few hundred streams that never finish a message
 then hold gigabytes that no budget sees. Read on demand, a stream holds at most the frame its
-handler is taking, and a peer that sends faster than it is served is held back by the transport's
-flow control. The frames on the wire are hivemind's, so clients call these RPCs as any other.
+handler is taking (charged to its peer before it is read), and a peer that sends faster than it is
+served is held back by the transport's flow control. The frames on the wire are hivemind's, so
+clients call these RPCs as any other.
 """
 
 from __future__ import annotations
@@ -18,17 +19,19 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 
-logger = logging.getLogger(__name__)
+from swarmtune import wire
 
-StreamHandler = Callable[[AsyncIterator[runtime_pb2.ExpertRequest], P2PContext],
-                         AsyncIterator[runtime_pb2.ExpertResponse]]
+logger = logging.getLogger(__name__)
+MAX_FRAME_BYTES = wire.CHUNK_BYTES + (64 << 10)  # swarmtune's own frames, with room for their framing
+
+StreamHandler = Callable[["Frames", P2PContext], AsyncIterator[runtime_pb2.ExpertResponse]]
 
 
 async def serve_on_demand(p2p: P2P, name: str, handler: StreamHandler) -> None:
     """Serve the streaming RPC `name` with `handler`, replacing whatever handled it before."""
     async def handle(info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=info.peer_id)
-        responses = handler(_requests(reader), context)
+        responses = handler(Frames(reader), context)
         with contextlib.closing(writer):
             try:
                 async for response in responses:
@@ -43,13 +46,36 @@ async def serve_on_demand(p2p: P2P, name: str, handler: StreamHandler) -> None:
     await p2p.add_binary_stream_handler(name, handle)
 
 
-async def _requests(reader: asyncio.StreamReader) -> AsyncIterator[runtime_pb2.ExpertRequest]:
-    """The caller's frames, each read when asked for; ends at the caller's end of stream or hang-up."""
-    while True:
+class Frames:
+    """The caller's frames, each read when asked for. `next` learns a frame's length from its prefix and lets
+    the caller charge it before a byte of it is read."""
+
+    def __init__(self, reader: asyncio.StreamReader):
+        self._reader = reader
+
+    async def next(self, reserve: Callable[[int], None] = lambda nbytes: None) -> runtime_pb2.ExpertRequest | None:
+        """The next frame; None at the caller's end of stream or hang-up (or a frame over swarmtune.p2p's
+        bound). `reserve(nbytes)` may raise to refuse the frame unread."""
         try:
-            request, _ = await P2P.receive_protobuf(runtime_pb2.ExpertRequest, reader)
-        except asyncio.IncompleteReadError:  # a hang-up, or a frame over the bound (swarmtune.p2p)
-            return
-        if request is None:  # hivemind's end-of-stream marker
-            return
-        yield request
+            marker = await self._reader.readexactly(1)
+            length = int.from_bytes(await self._reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
+            if length > MAX_FRAME_BYTES:
+                return None
+            reserve(length)
+            data = await self._reader.readexactly(length)
+        except asyncio.IncompleteReadError:
+            return None
+        if marker != P2P.MESSAGE_MARKER:  # hivemind's end-of-stream marker (an error frame)
+            return None
+        request = runtime_pb2.ExpertRequest()
+        request.ParseFromString(data)
+        return request
+
+    def __aiter__(self) -> Frames:
+        return self
+
+    async def __anext__(self) -> runtime_pb2.ExpertRequest:
+        request = await self.next()
+        if request is None:
+            raise StopAsyncIteration
+        return request
