@@ -55,13 +55,18 @@ class Frames:
 
     async def next(self, reserve: Callable[[int], None] = lambda nbytes: None) -> runtime_pb2.ExpertRequest | None:
         """The next frame; None at the caller's end of stream or hang-up (or a frame over swarmtune.p2p's
-        bound). `reserve(nbytes)` may raise to refuse the frame unread."""
+        bound). `reserve(nbytes)` may raise to refuse the frame, which is then skipped, never held."""
         try:
             marker = await self._reader.readexactly(1)
             length = int.from_bytes(await self._reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
             if length > MAX_FRAME_BYTES:
                 return None
-            reserve(length)
+            try:
+                reserve(length)
+            except BaseException:  # refused: skip its bytes in small pieces, so the stream stays in step
+                for offset in range(0, length, 64 << 10):
+                    await self._reader.readexactly(min(64 << 10, length - offset))
+                raise
             data = await self._reader.readexactly(length)
         except asyncio.IncompleteReadError:
             return None
