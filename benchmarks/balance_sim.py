@@ -1,20 +1,24 @@
-"""Discrete-event simulation of block selection and rebalancing in a large, churning swarm.
+"""Discrete-event simulation of block selection and rebalancing, in large churning swarms and small ones.
 
-Servers of mixed hardware join an 80-block model, pick spans with the same functions a real
+Servers of mixed hardware join a model's blocks, pick spans with the same functions a real
 server runs (`choose_best_span` on joining, `should_move` every balance period with jitter),
-crash or leave, and are replaced. No processes, no network: the DHT is a dict of records, where
-a crashed server's record outlives it until it expires and a loading server shows as "joining".
+crash or leave, and are replaced. No processes, no network: the DHT is a dict of records that
+show up `dht_delay` after they are written, where a crashed server's record outlives it until it
+expires (unless a server probing it before planning finds it dead) and a loading server shows as
+"joining". A server loads `load_s_per_block` per block, after `load_s` of start-up when it joins
+and `move_s` when it moves.
 
-What is reported, sampled every few seconds after the initial formation:
-- ratio: the swarm's throughput (its weakest block, summed over the servers serving it) over the
-  best any assignment of the same live servers could reach. That best is bounded above by
-  C / num_blocks with C = sum(throughput_i * blocks_i): the optimum of the relaxation where each
-  server may spread its blocks fractionally and non-contiguously (by symmetry the even spread is
-  optimal there). Contiguous whole spans can only do worse, so the ratio is conservative.
-- planner: the same ratio for a central planner that places the live servers from scratch, biggest
-  first, with the same leximin rule: what hindsight and coordination would buy, for reference.
-- holes: the share of time some block had no serving server, and after a burst of crashes how
-  long until every block is served again and the ratio is back to >= 90%.
+What is reported, sampled every `sample_period` after the warm-up:
+- swarm / planner: the swarm's throughput (its weakest block, summed over the online servers
+  serving it) over what a central planner reaches when it places the same loaded servers from
+  scratch, biggest capacity first, each where it most raises the sorted per-block throughputs:
+  what hindsight and coordination would buy. Samples where the planner cannot serve every block
+  (too few servers yet) are left out; mean and 5th percentile.
+- bound: the swarm's throughput over C / num_blocks with C = sum(throughput_i * blocks_i), the
+  optimum of the relaxation where servers spread their blocks fractionally: no layout can beat it.
+- holes: the share of samples with a block no online server serves; after each burst of crashes,
+  the seconds until every block is served again (worst burst).
+- moves per server-hour.
 Baselines in the same run: random spans, and greedy joining without rebalancing.
 
     python benchmarks/balance_sim.py [--quick]      (or python -m benchmarks.balance_sim)
@@ -32,9 +36,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from swarmtune.records import ServerInfo
-from swarmtune.server.block_selection import best_start, block_throughputs, choose_best_span, should_move
+from swarmtune.server.block_selection import best_start, block_throughputs, choose_best_span, should_move, suspects
 
-# (hardware, throughput per block, blocks that fit, share of servers): Llama-2-70B-like blocks, nf4
+# (hardware, throughput per block, blocks of a Llama-2-70B-like model that fit in nf4, share of servers)
 HARDWARE = [
     ("H100 80GB", 8.0, 40, 0.05),
     ("A100 80GB", 5.0, 40, 0.10),
@@ -45,39 +49,45 @@ HARDWARE = [
     ("RTX 3060", 1.0, 6, 0.15),
 ]
 POLICIES = ("random", "greedy", "balance")
+PROBE_TIMEOUT = 2.0   # what asking a dead server costs before it counts as dead
 
 
 @dataclass
 class Params:
+    name: str = ""
     num_blocks: int = 80
     servers: int = 1000
+    fleet: tuple[str, ...] = ()       # hardware names to join in this order, cycled (default: drawn by share)
     policy: str = "balance"
     duration: float = 7200.0          # simulated seconds
     formation: float = 300.0          # the initial servers arrive uniformly over this many seconds
+    one_by_one: bool = False          # ... or one every formation / servers seconds, in fleet order
     warmup: float = 900.0             # measuring starts after this
-    churn: float = 0.1                # share of servers replaced per churn_period (Poisson, one at a time)
+    churn: float = 0.0                # share of servers replaced per churn_period (Poisson, one at a time)
     churn_period: float = 600.0
     burst: float = 0.0                # share of servers crashing at once every burst_period (replaced over it)
     burst_period: float = 1800.0
     crash_share: float = 0.5          # departures that crash (their record lingers) rather than withdraw
-    balance_period: float = 120.0     # mean seconds between a server's rebalancing checks (x0.5-1.5 jitter)
+    balance_period: float = 30.0      # mean seconds between a server's checks whether to move (x0.5-1.5 jitter)
     update_period: float = 15.0
     expiration: float = 45.0
-    load_s: float = 10.0              # start-up time of a server, plus load_s_per_block per block
+    dht_delay: float = 1.0            # a record written becomes visible to readers this much later
+    load_s: float = 10.0              # start-up time of a joining server before it loads its blocks
+    move_s: float = 2.0               # the same for a server moving to another span
     load_s_per_block: float = 2.0
-    sample_period: float = 10.0
-    plan_period: float = 600.0        # how often the central-planner reference is computed
+    sample_period: float = 5.0
     seed: int = 0
 
 
 @dataclass
 class Result:
-    ratios: list[float] = field(default_factory=list)
-    planner: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)      # swarm / planner
+    bounds: list[float] = field(default_factory=list)      # swarm / fractional bound
+    samples: int = 0
     holes: int = 0
     moves: int = 0
     server_seconds: float = 0.0
-    bursts: list[list] = field(default_factory=list)  # [time, served again at, and >= 90% again at] (None: never)
+    bursts: list[list] = field(default_factory=list)  # [time, every block served again at (None: not yet)]
 
 
 @dataclass
@@ -97,8 +107,11 @@ class Simulation:
         self.now = 0.0
         self.events: list = []
         self.counter = itertools.count()
+        self.joined = 0
         self.servers: dict[str, _Server] = {}
-        self.records: dict[str, ServerInfo] = {}    # the DHT: joining and online announcements
+        self.records: dict[str, ServerInfo] = {}    # the DHT as readers see it
+        self.expiries: dict[str, float] = {}
+        self.planned: tuple[frozenset, float] = (frozenset(), 0.0)
         self.result = Result()
 
     # ---- event plumbing --------------------------------------------------------------------------
@@ -108,14 +121,13 @@ class Simulation:
 
     def run(self) -> Result:
         p = self.p
-        for _ in range(p.servers):
-            self.at(self.rng.uniform(0, p.formation), self.join)
+        for i in range(p.servers):
+            self.at(p.formation * (i + 1) / p.servers if p.one_by_one else self.rng.uniform(0, p.formation), self.join)
         if p.churn > 0:
             self.at(p.warmup + self._churn_gap(), self.churn)
         if p.burst > 0:
             self.at(p.warmup + p.burst_period / 2, self.crash_burst)
         self.at(p.warmup, self.sample)
-        self.at(p.warmup, self.plan)
         while self.events:
             t, _, fn, args = heapq.heappop(self.events)
             if t > p.duration:
@@ -124,29 +136,58 @@ class Simulation:
             fn(*args)
         return self.result
 
+    # ---- the DHT ---------------------------------------------------------------------------------
+
+    def publish(self, info: ServerInfo) -> None:
+        self.at(self.now + self.p.dht_delay, self._show, info, self.now + self.p.expiration)
+
+    def withdraw(self, peer: str) -> None:
+        self.at(self.now + self.p.dht_delay, self._hide, peer, None)
+
+    def _show(self, info: ServerInfo, expires: float) -> None:
+        self.records[info.peer_id], self.expiries[info.peer_id] = info, expires
+        self.at(expires, self._hide, info.peer_id, expires)
+
+    def _hide(self, peer: str, expires: float | None) -> None:
+        if expires is None or self.expiries.get(peer) == expires:  # not refreshed since
+            self.records.pop(peer, None)
+            self.expiries.pop(peer, None)
+
+    def view(self, me: str) -> tuple[list[ServerInfo], bool]:
+        """The records a server reads, less the ones it probed and found dead; and whether it found any."""
+        servers = [s for s in self.records.values() if s.peer_id != me]
+        dead = {s.peer_id for s in suspects(servers, self.p.num_blocks) if not self.servers[s.peer_id].alive}
+        return [s for s in servers if s.peer_id not in dead], bool(dead)
+
     # ---- servers ---------------------------------------------------------------------------------
 
     def join(self) -> None:
-        name, throughput, blocks, _ = self.rng.choices(HARDWARE, weights=[h[3] for h in HARDWARE])[0]
-        throughput *= self.rng.uniform(0.8, 1.2)
-        blocks = min(blocks, self.p.num_blocks)
-        peer = f"{name}#{next(self.counter)}"
-        if self.p.policy == "random":
-            start = self.decisions.randrange(self.p.num_blocks - blocks + 1)
+        p = self.p
+        if p.fleet:
+            name = p.fleet[self.joined % len(p.fleet)]
+            _, throughput, blocks, _ = next(h for h in HARDWARE if h[0] == name)
         else:
-            start = choose_best_span(list(self.records.values()), self.p.num_blocks, blocks, throughput,
-                                     self.decisions)
+            name, throughput, blocks, _ = self.rng.choices(HARDWARE, weights=[h[3] for h in HARDWARE])[0]
+        self.joined += 1
+        throughput *= self.rng.uniform(0.8, 1.2)
+        blocks = min(blocks, p.num_blocks)
+        peer = f"{name}#{next(self.counter)}"
+        if p.policy == "random":
+            start = self.decisions.randrange(p.num_blocks - blocks + 1)
+        else:
+            start = choose_best_span(self.view(peer)[0], p.num_blocks, blocks, throughput, self.decisions)
         server = _Server(ServerInfo(peer, start, start + blocks, "joining", throughput=throughput), blocks)
         self.servers[peer] = server
-        self._load(server, start)
-        if self.p.policy == "balance":
+        self._load(server, start, p.load_s)
+        self.at(self.now + p.update_period, self.refresh, peer)
+        if p.policy == "balance":
             self.at(self.now + self._balance_gap(), self.check, peer)
 
-    def _load(self, server: _Server, start: int) -> None:
+    def _load(self, server: _Server, start: int, overhead: float) -> None:
         server.epoch += 1
         server.info = replace(server.info, start=start, end=start + server.blocks, state="joining")
-        self.records[server.info.peer_id] = server.info
-        self.at(self.now + self.p.load_s + self.p.load_s_per_block * server.blocks, self.loaded,
+        self.publish(server.info)
+        self.at(self.now + overhead + self.p.load_s_per_block * server.blocks, self.loaded,
                 server.info.peer_id, server.epoch)
 
     def loaded(self, peer: str, epoch: int) -> None:
@@ -154,27 +195,31 @@ class Simulation:
         if server.alive and server.epoch == epoch:
             server.info = replace(server.info, state="online")
             server.ready = True
-            self.records[peer] = server.info
+            self.publish(server.info)
+
+    def refresh(self, peer: str) -> None:
+        server = self.servers[peer]
+        if server.alive:
+            self.publish(server.info)
+            self.at(self.now + self.p.update_period, self.refresh, peer)
 
     def check(self, peer: str) -> None:
         server = self.servers[peer]
         if not server.alive:
             return
         if server.info.state == "online":
-            start = should_move(list(self.records.values()), self.p.num_blocks, server.info)
+            servers, found_dead = self.view(peer)
+            start = should_move(servers, self.p.num_blocks, server.info)
             if start is not None:
                 self.result.moves += 1
-                self._load(server, start)
+                self._load(server, start, self.p.move_s + PROBE_TIMEOUT * found_dead)
         self.at(self.now + self._balance_gap(), self.check, peer)
 
     def leave(self, peer: str) -> None:
         server = self.servers[peer]
         server.alive = False
-        if self.rng.random() < self.p.crash_share:  # the record lives on until it expires
-            self.at(self.now + self.rng.uniform(self.p.expiration - self.p.update_period, self.p.expiration),
-                    self.records.pop, peer, None)
-        else:
-            self.records.pop(peer, None)
+        if self.rng.random() >= self.p.crash_share:  # withdrawn; a crashed server's record lives on until it expires
+            self.withdraw(peer)
 
     # ---- churn -----------------------------------------------------------------------------------
 
@@ -187,12 +232,12 @@ class Simulation:
 
     def crash_burst(self) -> None:
         alive = [peer for peer, s in self.servers.items() if s.alive]
-        gone = self.rng.sample(alive, int(self.p.burst * len(alive)))
+        gone = self.rng.sample(alive, round(self.p.burst * len(alive)))
         for peer in gone:
             self.leave(peer)
         for _ in gone:
             self.at(self.now + self.rng.uniform(0, self.p.burst_period / 2), self.join)
-        self.result.bursts.append([self.now, None, None])
+        self.result.bursts.append([self.now, None])
         if self.now + 2 * self.p.burst_period <= self.p.duration:  # leave every burst a period to recover in
             self.at(self.now + self.p.burst_period, self.crash_burst)
 
@@ -205,29 +250,30 @@ class Simulation:
     # ---- measurement -----------------------------------------------------------------------------
 
     def sample(self) -> None:
+        p, result = self.p, self.result
         serving = [s.info for s in self.servers.values() if s.alive and s.info.state == "online"]
-        totals = block_throughputs(serving, self.p.num_blocks)
-        capacity = sum(s.info.throughput * s.blocks for s in self.servers.values() if s.alive and s.ready)
-        ratio = totals.min() / (capacity / self.p.num_blocks) if capacity else 0.0
-        result = self.result
-        result.ratios.append(ratio)
-        holes = bool((totals == 0).any())
-        result.holes += holes
-        alive = sum(s.alive for s in self.servers.values())
-        result.server_seconds += alive * self.p.sample_period
-        for burst in result.bursts:
-            if not holes:
-                burst[1] = burst[1] or self.now
-                if ratio >= 0.9:
-                    burst[2] = burst[2] or self.now
-        self.at(self.now + self.p.sample_period, self.sample)
-
-    def plan(self) -> None:
+        weakest = block_throughputs(serving, p.num_blocks).min()
         ready = [s for s in self.servers.values() if s.alive and s.ready]
         capacity = sum(s.info.throughput * s.blocks for s in ready)
+        planner = self.planner_min(ready)
+        result.samples += 1
+        if planner > 0:
+            result.ratios.append(weakest / planner)
         if capacity:
-            self.result.planner.append(planned_min(ready, self.p.num_blocks) / (capacity / self.p.num_blocks))
-        self.at(self.now + self.p.plan_period, self.plan)
+            result.bounds.append(weakest / (capacity / p.num_blocks))
+        result.holes += weakest == 0
+        result.server_seconds += sum(s.alive for s in self.servers.values()) * p.sample_period
+        for burst in result.bursts:
+            if weakest > 0 and burst[1] is None:
+                burst[1] = self.now
+        self.at(self.now + p.sample_period, self.sample)
+
+    def planner_min(self, ready: list[_Server]) -> float:
+        """`planned_min` of the loaded servers, computed again only when they change."""
+        key = frozenset(s.info.peer_id for s in ready)
+        if key != self.planned[0]:
+            self.planned = key, planned_min(ready, self.p.num_blocks)
+        return self.planned[1]
 
 
 def planned_min(servers: list[_Server], num_blocks: int) -> float:
@@ -244,36 +290,34 @@ def simulate(params: Params) -> Result:
 
 
 def summarize(result: Result) -> dict:
-    ratios = np.array(result.ratios)
+    ratios = np.array(result.ratios or [0.0])
     hours = result.server_seconds / 3600
-    return dict(mean=float(ratios.mean()), p5=float(np.percentile(ratios, 5)), min=float(ratios.min()),
-                planner=float(np.mean(result.planner)),
-                holes=result.holes / len(ratios), moves_per_server_hour=result.moves / hours if hours else 0.0,
-                covered=_worst_recovery(result.bursts, 1), ninety=_worst_recovery(result.bursts, 2))
-
-
-def _worst_recovery(bursts: list[list], field: int) -> str:
-    """The longest time from a burst to recovery, or how many bursts never recovered."""
-    if not bursts:
-        return "-"
-    never = sum(b[field] is None for b in bursts)
-    return f"{never}/{len(bursts)} never" if never else f"{max(b[field] - b[0] for b in bursts):.0f}"
+    recovered = [b[1] - b[0] for b in result.bursts if b[1] is not None]
+    return dict(mean=float(ratios.mean()), p5=float(np.percentile(ratios, 5)),
+                bound=float(np.mean(result.bounds or [0.0])), holes=result.holes / max(1, result.samples),
+                moves_per_server_hour=result.moves / hours if hours else 0.0,
+                covered=max(recovered, default=None), never=len(result.bursts) - len(recovered))
 
 
 def scenarios(quick: bool) -> list[Params]:
     big, duration = (200, 3600.0) if quick else (1000, 7200.0)
+    mixed = ("RTX 4090", "A100 40GB", "RTX 3090", "T4", "RTX 3060", "RTX 4090", "RTX 3090", "A100 80GB")
+    small = dict(duration=duration, warmup=600.0)
     return [
-        Params(servers=big, churn=0.1, duration=duration),
-        Params(servers=big, churn=0.0, burst=0.1, duration=duration),
-        Params(servers=60, churn=0.1, churn_period=3600.0, duration=duration),
-        Params(servers=12, churn=0.0, burst=0.3, duration=duration),
+        Params(f"{big} servers, 10% churn / 10 min", servers=big, churn=0.1, duration=duration),
+        Params(f"{big} servers, 10% crash every 30 min", servers=big, burst=0.1, duration=duration),
+        Params("60 servers, 10% churn / 60 min", servers=60, churn=0.1, churn_period=3600.0, duration=duration),
+        Params("30 servers mixed, 10% churn / 60 min", servers=30, fleet=mixed, churn=0.1, churn_period=3600.0,
+               **small),
+        Params("12 servers mixed, 30% crash every 30 min", servers=12, fleet=mixed, burst=0.3, **small),
+        Params("12 servers drawn, 30% crash every 30 min", servers=12, burst=0.3, **small),
+        Params("5 servers mixed, 32 blocks, 1 crash / 30 min", num_blocks=32, servers=5,
+               fleet=("RTX 4090", "RTX 3090", "A100 40GB", "RTX 4090", "T4"), burst=0.2, **small),
+        Params("1 big + 6 small, 20% churn / 60 min", servers=7, churn=0.2, churn_period=3600.0,
+               fleet=("H100 80GB",) + ("RTX 3060", "T4", "RTX 3090") * 2, num_blocks=48, **small),
+        Params("30 servers joining one by one (2 min apart)", servers=30, fleet=mixed, one_by_one=True,
+               formation=3600.0, warmup=0.0, duration=4800.0),
     ]
-
-
-def describe(p: Params) -> str:
-    if p.burst:
-        return f"{p.servers} servers, {p.burst:.0%} crash every {p.burst_period / 60:.0f} min"
-    return f"{p.servers} servers, {p.churn:.0%} churn / {p.churn_period / 60:.0f} min"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -282,20 +326,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(f"{'scenario':36} {'policy':8} {'mean':>6} {'p5':>6} {'min':>6} {'planner':>7} {'holes':>6} "
-          f"{'moves/srv/h':>11} {'covered':>9} {'>=90%':>9} {'wall s':>6}")
+    print(f"{'scenario':46} {'policy':8} {'/planner':>8} {'p5':>6} {'/bound':>6} {'holes':>6} "
+          f"{'moves/srv/h':>11} {'covered':>8} {'wall s':>6}")
     for params in scenarios(args.quick):
         for policy in args.policies:
             began = time.perf_counter()
             s = summarize(simulate(replace(params, policy=policy, seed=args.seed)))
-            print(f"{describe(params):36} {policy:8} {s['mean']:6.1%} {s['p5']:6.1%} {s['min']:6.1%} "
-                  f"{s['planner']:7.1%} {s['holes']:6.1%} {s['moves_per_server_hour']:11.3f} "
-                  f"{s['covered']:>9} {s['ninety']:>9} {time.perf_counter() - began:6.1f}",
-                  flush=True)
-    print("mean/p5/min: swarm throughput (its weakest block) over C/num_blocks, the bound of a fractional "
-          "assignment;\nplanner: the same for a from-scratch central placement (mean); holes: share of samples "
-          "with an unserved block;\ncovered / >=90%: worst seconds from a crash burst until every block is served "
-          "again / and the ratio is back to >= 90%.")
+            covered = "-" if s["covered"] is None and not s["never"] else (
+                f"{s['never']} never" if s["never"] else f"{s['covered']:.0f}")
+            print(f"{params.name:46} {policy:8} {s['mean']:8.1%} {s['p5']:6.1%} {s['bound']:6.1%} "
+                  f"{s['holes']:6.1%} {s['moves_per_server_hour']:11.3f} {covered:>8} "
+                  f"{time.perf_counter() - began:6.1f}", flush=True)
+    print("/planner, p5: the swarm's throughput (its weakest block) over a central planner's from scratch, mean and "
+          "5th percentile;\n/bound: over C/num_blocks, the bound of a fractional assignment; holes: share of samples "
+          "with an unserved block;\ncovered: worst seconds from a crash burst until every block is served again.")
+
 
 if __name__ == "__main__":
     main()

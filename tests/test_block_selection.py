@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from swarmtune.records import ServerInfo
-from swarmtune.server.block_selection import block_throughputs, choose_best_span, should_move
+from swarmtune.server import block_selection
+from swarmtune.server.block_selection import (
+    block_throughputs,
+    choose_best_span,
+    leximin_gain,
+    plan,
+    should_move,
+    suspects,
+)
 
 
 def server(name: str, start: int, end: int, throughput: float = 1.0) -> ServerInfo:
@@ -46,15 +54,62 @@ def test_a_server_stays_when_the_swarm_is_balanced_or_the_gain_is_small():
     assert should_move(servers, 12, servers[3]) is None
 
 
-def test_a_server_moves_when_the_weakest_block_gains_markedly():
+def test_leximin_gain_compares_the_weakest_block_where_two_layouts_differ():
+    assert leximin_gain(np.array([2.0, 1.0, 3.0]), np.array([3.0, 1.0, 2.0])) == 1.0  # the same, sorted
+    assert leximin_gain(np.array([1.0, 1.5, 3.0]), np.array([1.0, 1.2, 9.0])) == pytest.approx(1.25)
+    assert leximin_gain(np.array([1.0, 1.0]), np.array([2.0, 0.5])) == 2.0
+    assert leximin_gain(np.array([0.5, 0.5]), np.array([0.0, 3.0])) == np.inf  # serving an unserved block
+
+
+def test_one_of_two_redundant_servers_moves_where_the_swarm_plans_it():
     servers = [server("a", 0, 8), server("b", 0, 4), server("d", 0, 4)]  # blocks 4-7 have half the throughput
+    assert plan(servers, 8) == {"a": 0, "b": 4, "d": 0}
+    assert plan(servers[::-1], 8) == plan(servers, 8)  # every reader of the view plans alike
+    assert should_move(servers, 8, servers[1]) == 4
+    assert should_move(servers, 8, servers[2]) is None
+
+
+def test_in_a_large_swarm_a_server_moves_when_the_weakest_block_gains_markedly(monkeypatch):
+    monkeypatch.setattr(block_selection, "PLAN_MAX_SERVERS", 0)
+    servers = [server("a", 0, 8), server("b", 0, 4), server("d", 0, 4)]
     assert should_move(servers, 8, servers[2]) == 4
     assert should_move(servers, 8, servers[2], min_gain=2.5) is None
 
 
+def test_moves_no_single_one_pays_for_are_made_one_after_another_when_the_leap_is_large():
+    # the big server's span leaves one block at each end to one small server each (weakest: 1.0); with it at
+    # 0:10 and both small ones at 9:12, the weakest block gets 2.0, but every single move first makes a hole
+    servers = {s.peer_id: s for s in [server("a", 1, 11, 8.0), server("b", 0, 3), server("c", 9, 12)]}
+    assert plan(list(servers.values()), 12) == {"a": 0, "b": 9, "c": 9}
+    order = []
+    for _ in range(4):
+        for name, me in servers.items():
+            start = should_move(list(servers.values()), 12, me)
+            if start is not None:  # loaded at once here; a real server shows as joining meanwhile
+                servers[name] = ServerInfo(name, start, start + me.end - me.start, throughput=me.throughput)
+                order.append(name)
+    assert order == ["a", "b"]  # the big one first (nobody else serves its blocks meanwhile: one at a time)
+    assert block_throughputs(list(servers.values()), 12).min() == 2.0
+
+
+def test_a_planned_move_waits_while_its_blocks_have_no_other_server():
+    loading = [server("a", 4, 8), server("b", 0, 4), ServerInfo("d", 0, 4, "joining", throughput=2.0)]
+    assert plan(loading, 8)["b"] == 4
+    assert should_move(loading, 8, loading[1]) is None  # d may yet fail to load
+    loaded = [*loading[:2], server("d", 0, 4, 2.0)]
+    assert should_move(loaded, 8, loaded[1]) == 4
+
+
+def test_the_servers_checked_for_life_are_those_of_thinly_held_blocks():
+    thick = [server(f"t{i}", 0, 4) for i in range(5)]
+    thin = [server("x", 4, 8), ServerInfo("y", 4, 6, "joining")]
+    assert [s.peer_id for s in suspects(thick + thin, 8)] == ["x"]  # a joining server is not serving yet
+    assert suspects(thick, 4) == []
+
+
 def test_a_redundant_server_moves_to_cover_a_hole():
     servers = [server("a", 0, 4), server("b", 0, 4), server("c", 4, 8)]
-    assert should_move(servers, 12, servers[1]) == 8
+    assert should_move(servers, 12, servers[0]) == 8 and should_move(servers, 12, servers[1]) is None
 
 
 def test_a_chain_of_moves_closes_a_hole_no_single_move_can():

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from hivemind.utils import get_dht_time
 
-from swarmtune import records
+from swarmtune import records, transport, wire
 from swarmtune.directory import fetch_swarm
 from swarmtune.models import load_config, load_span, parse_dtype
 from swarmtune.models.family import get_family
@@ -31,6 +31,7 @@ from swarmtune.server.sessions import CacheBudget
 from swarmtune.version import __version__
 
 logger = logging.getLogger(__name__)
+PING_TIMEOUT = 2.0  # a server that does not answer an info call within this is taken for dead when planning
 
 
 @dataclass
@@ -38,7 +39,7 @@ class ServerConfig:
     model: str
     blocks: tuple[int, int] | None = None   # the span to serve; None: choose where the swarm needs it
     num_blocks: int | None = None           # how many to choose (None: as many as fit in free memory)
-    balance_period: float = 120.0           # mean seconds between checks whether another span serves better
+    balance_period: float = 30.0            # mean seconds between checks whether another span serves better
     throughput_cache: str | None = None     # directory of the measured-throughput cache (None: ~/.cache/swarmtune)
     network: NetworkOptions = field(default_factory=NetworkOptions)
     dtype: str = "fp32"
@@ -211,6 +212,7 @@ class Server:
             except Exception as e:  # a DHT hiccup: keep serving, look again next time
                 logger.warning(f"could not read the swarm to rebalance: {e}")
                 continue
+            servers = await self.without_dead(servers)
             start = block_selection.should_move(servers, self.model_config.num_hidden_layers,
                                                 self.server_info(self.state))
             if start is not None:
@@ -219,6 +221,30 @@ class Server:
                 except Exception:  # without a span there is nothing to serve: exit, to be restarted
                     logger.exception("moving to another span failed")
                     self.stop_event.set()
+
+    async def without_dead(self, servers: list[ServerInfo]) -> list[ServerInfo]:
+        """`servers` less those of the suspects (servers of thinly held blocks) that do not answer a ping.
+
+        A crashed server's announcement lingers until it expires; planning around it would leave its
+        blocks unserved that long.
+        """
+        me = str(self.p2p.peer_id)
+        token = self.config.network.membership.token(me)
+        num_blocks = self.model_config.num_hidden_layers
+        suspects = [s for s in block_selection.suspects(servers, num_blocks) if s.peer_id != me]
+
+        async def answers(peer_id: str) -> bool:
+            try:
+                await transport.call(self.p2p, peer_id, "info", wire.pack({}), PING_TIMEOUT, token=token)
+                return True
+            except transport.ServerFailure:
+                return False
+
+        alive = await asyncio.gather(*(answers(s.peer_id) for s in suspects))
+        dead = {s.peer_id for s, ok in zip(suspects, alive) if not ok}
+        if dead:
+            logger.info(f"not counting {len(dead)} announced servers that do not answer: {', '.join(sorted(dead))}")
+        return [s for s in servers if s.peer_id not in dead]
 
     async def move(self, start: int) -> None:
         """Withdraw from our span (offline first, so clients route elsewhere), then load and serve another."""
