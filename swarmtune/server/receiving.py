@@ -1,7 +1,7 @@
 """Bytes of requests a server holds while it receives and serves them, charged to each peer.
 
 A message arrives in frames over many seconds, and several streams may arrive at once. Each
-frame is charged before the next one is read, and the charge stays until the message's reply has
+frame is charged on its length prefix, before its body is read, and the charge stays until the reply has
 gone, so no peer holds more than `per_peer` bytes of requests at once (one maximal message), and
 all peers together no more than `total`.
 """
