@@ -16,8 +16,9 @@ What is reported, sampled every `sample_period` after the warm-up:
   (too few servers yet) are left out; mean and 5th percentile.
 - bound: the swarm's throughput over C / num_blocks with C = sum(throughput_i * blocks_i), the
   optimum of the relaxation where servers spread their blocks fractionally: no layout can beat it.
-- holes: the share of samples with a block no online server serves; after each burst of crashes,
-  the seconds until every block is served again (worst burst).
+- holes: the share of samples with a block no online server serves while the planner could serve
+  every block; after each burst of crashes, the seconds until every block is served again (worst
+  burst).
 - moves per server-hour.
 Baselines in the same run: random spans, and greedy joining without rebalancing.
 
@@ -111,6 +112,8 @@ class Simulation:
         self.servers: dict[str, _Server] = {}
         self.records: dict[str, ServerInfo] = {}    # the DHT as readers see it
         self.expiries: dict[str, float] = {}
+        self.version = 0                            # bumped when a record, or whether its server lives, changes
+        self.viewed: tuple[int, list[ServerInfo], bool] = (-1, [], False)
         self.planned: tuple[frozenset, float] = (frozenset(), 0.0)
         self.result = Result()
 
@@ -145,19 +148,27 @@ class Simulation:
         self.at(self.now + self.p.dht_delay, self._hide, peer, None)
 
     def _show(self, info: ServerInfo, expires: float) -> None:
+        if self.records.get(info.peer_id) != info:
+            self.version += 1
         self.records[info.peer_id], self.expiries[info.peer_id] = info, expires
         self.at(expires, self._hide, info.peer_id, expires)
 
     def _hide(self, peer: str, expires: float | None) -> None:
         if expires is None or self.expiries.get(peer) == expires:  # not refreshed since
+            self.version += peer in self.records
             self.records.pop(peer, None)
             self.expiries.pop(peer, None)
 
-    def view(self, me: str) -> tuple[list[ServerInfo], bool]:
-        """The records a server reads, less the ones it probed and found dead; and whether it found any."""
-        servers = [s for s in self.records.values() if s.peer_id != me]
-        dead = {s.peer_id for s in suspects(servers, self.p.num_blocks) if not self.servers[s.peer_id].alive}
-        return [s for s in servers if s.peer_id not in dead], bool(dead)
+    def view(self) -> tuple[list[ServerInfo], bool]:
+        """The records a server reads, less the ones it pinged and found dead; and whether it found any.
+
+        The same for every server until a record or a server's life changes, so it is computed once per change.
+        """
+        if self.viewed[0] != self.version:
+            servers = list(self.records.values())
+            dead = {s.peer_id for s in suspects(servers, self.p.num_blocks) if not self.servers[s.peer_id].alive}
+            self.viewed = self.version, [s for s in servers if s.peer_id not in dead], bool(dead)
+        return self.viewed[1], self.viewed[2]
 
     # ---- servers ---------------------------------------------------------------------------------
 
@@ -175,7 +186,7 @@ class Simulation:
         if p.policy == "random":
             start = self.decisions.randrange(p.num_blocks - blocks + 1)
         else:
-            start = choose_best_span(self.view(peer)[0], p.num_blocks, blocks, throughput, self.decisions)
+            start = choose_best_span(self.view()[0], p.num_blocks, blocks, throughput, self.decisions)
         server = _Server(ServerInfo(peer, start, start + blocks, "joining", throughput=throughput), blocks)
         self.servers[peer] = server
         self._load(server, start, p.load_s)
@@ -208,7 +219,7 @@ class Simulation:
         if not server.alive:
             return
         if server.info.state == "online":
-            servers, found_dead = self.view(peer)
+            servers, found_dead = self.view()
             start = should_move(servers, self.p.num_blocks, server.info)
             if start is not None:
                 self.result.moves += 1
@@ -218,6 +229,7 @@ class Simulation:
     def leave(self, peer: str) -> None:
         server = self.servers[peer]
         server.alive = False
+        self.version += 1
         if self.rng.random() >= self.p.crash_share:  # withdrawn; a crashed server's record lives on until it expires
             self.withdraw(peer)
 
@@ -261,7 +273,7 @@ class Simulation:
             result.ratios.append(weakest / planner)
         if capacity:
             result.bounds.append(weakest / (capacity / p.num_blocks))
-        result.holes += weakest == 0
+        result.holes += weakest == 0 and planner > 0  # unserved blocks the servers could have served
         result.server_seconds += sum(s.alive for s in self.servers.values()) * p.sample_period
         for burst in result.bursts:
             if weakest > 0 and burst[1] is None:
@@ -299,6 +311,14 @@ def summarize(result: Result) -> dict:
                 covered=max(recovered, default=None), never=len(result.bursts) - len(recovered))
 
 
+def _average(runs: list[dict]) -> dict:
+    """Means over seeds; the worst recovery and the bursts never recovered from over all of them."""
+    out = {key: float(np.mean([r[key] for r in runs])) for key in ("mean", "p5", "bound", "holes",
+                                                                   "moves_per_server_hour")}
+    covered = [r["covered"] for r in runs if r["covered"] is not None]
+    return out | dict(covered=max(covered, default=None), never=sum(r["never"] for r in runs))
+
+
 def scenarios(quick: bool) -> list[Params]:
     big, duration = (200, 3600.0) if quick else (1000, 7200.0)
     mixed = ("RTX 4090", "A100 40GB", "RTX 3090", "T4", "RTX 3060", "RTX 4090", "RTX 3090", "A100 80GB")
@@ -324,14 +344,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller swarms and shorter runs (a smoke test)")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1, help="average over this many seeds (0, 1, ...)")
     args = parser.parse_args(argv)
     print(f"{'scenario':46} {'policy':8} {'/planner':>8} {'p5':>6} {'/bound':>6} {'holes':>6} "
           f"{'moves/srv/h':>11} {'covered':>8} {'wall s':>6}")
     for params in scenarios(args.quick):
         for policy in args.policies:
             began = time.perf_counter()
-            s = summarize(simulate(replace(params, policy=policy, seed=args.seed)))
+            s = _average([summarize(simulate(replace(params, policy=policy, seed=seed))) for seed in range(args.seeds)])
             covered = "-" if s["covered"] is None and not s["never"] else (
                 f"{s['never']} never" if s["never"] else f"{s['covered']:.0f}")
             print(f"{params.name:46} {policy:8} {s['mean']:8.1%} {s['p5']:6.1%} {s['bound']:6.1%} "
