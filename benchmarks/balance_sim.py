@@ -32,6 +32,7 @@ import heapq
 import itertools
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -284,16 +285,16 @@ class Simulation:
         """`planned_min` of the loaded servers, computed again only when they change."""
         key = frozenset(s.info.peer_id for s in ready)
         if key != self.planned[0]:
-            self.planned = key, planned_min(ready, self.p.num_blocks)
+            self.planned = key, planned_min([(s.blocks, s.info.throughput) for s in ready], self.p.num_blocks)
         return self.planned[1]
 
 
-def planned_min(servers: list[_Server], num_blocks: int) -> float:
-    """The weakest block when the servers are placed one by one from scratch, largest capacity first."""
+def planned_min(servers: Sequence[tuple[int, float]], num_blocks: int) -> float:
+    """The weakest block when (blocks, throughput) servers are placed one by one from scratch, most capacity first."""
     totals = np.zeros(num_blocks)
-    for server in sorted(servers, key=lambda s: s.info.throughput * s.blocks, reverse=True):
-        start = best_start(totals, server.blocks, server.info.throughput)
-        totals[start:start + server.blocks] += server.info.throughput
+    for blocks, throughput in sorted(servers, key=lambda s: s[0] * s[1], reverse=True):
+        start = best_start(totals, blocks, throughput)
+        totals[start:start + blocks] += throughput
     return float(totals.min())
 
 

@@ -8,11 +8,11 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from benchmarks.balance_sim import Params, scenarios, simulate, summarize
+from benchmarks.balance_sim import Params, planned_min, scenarios, simulate, summarize
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.server import throughput
-from swarmtune.server.block_selection import best_start, block_throughputs
+from swarmtune.server.block_selection import block_throughputs
 from swarmtune.swarm import LocalSwarm
 from swarmtune.tiny_model import tiny_config
 
@@ -76,13 +76,8 @@ def test_servers_without_blocks_cover_the_model_and_recover_from_a_crash(tiny_mo
 
 def _sole_holder(swarm: LocalSwarm, client: SwarmConnection):
     """A server whose death leaves blocks without a server: the most such blocks."""
-    spans = {peer: s.span for peer, s in client.view.servers.items()}
-
-    def sole_blocks(peer: str) -> int:
-        start, end = spans[peer]
-        return sum(all(not a <= b < e for other, (a, e) in spans.items() if other != peer) for b in range(start, end))
-
-    return max((p for p in swarm.servers if p.peer_id in spans), key=lambda p: sole_blocks(p.peer_id))
+    known = [p for p in swarm.servers if p.peer_id in client.view.servers]
+    return max(known, key=lambda p: _sole_blocks(client, p.peer_id))
 
 
 def _holes(client: SwarmConnection) -> list[int]:
@@ -117,7 +112,7 @@ def test_servers_of_mixed_throughput_place_themselves_near_the_planner_and_recov
         client = SwarmConnection(ClientConfig(initial_peers=swarm.initial_peers, refresh_period=1.0),
                                  swarm.dht_prefix)
         try:
-            planner = _planned_weakest(list(zip(SIZES, SPEEDS)), 12)
+            planner = planned_min(list(zip(SIZES, SPEEDS)), 12)
             _wait_until(lambda: _weakest(client) >= 0.9 * planner and _all_online(client, swarm), 90,
                         f"the weakest block to reach 90% of the planner's {planner}, every server online", swarm)
             victims = sorted(swarm.servers, key=lambda p: -_sole_blocks(client, p.peer_id))[:2]
@@ -144,15 +139,6 @@ def test_servers_of_mixed_throughput_place_themselves_near_the_planner_and_recov
             assert weakest & set(range(start, end)), (weakest, (start, end))
         finally:
             client.close()
-
-
-def _planned_weakest(servers: list[tuple[int, float]], num_blocks: int) -> float:
-    """What a central planner reaches for these (blocks, throughput) servers: biggest first, each at its best."""
-    totals = np.zeros(num_blocks)
-    for blocks, speed in sorted(servers, key=lambda s: -s[0] * s[1]):
-        start = best_start(totals, blocks, speed)
-        totals[start:start + blocks] += speed
-    return float(totals.min())
 
 
 def _weakest(client: SwarmConnection) -> float:
