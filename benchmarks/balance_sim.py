@@ -360,7 +360,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{time.perf_counter() - began:6.1f}", flush=True)
     print("/planner, p5: the swarm's throughput (its weakest block) over a central planner's from scratch, mean and "
           "5th percentile;\n/bound: over C/num_blocks, the bound of a fractional assignment; holes: share of samples "
-          "with an unserved block;\ncovered: worst seconds from a crash burst until every block is served again.")
+          "with an unserved block that the planner serves;\n"
+          "covered: worst seconds from a crash burst until every block is served again.")
 
 
 if __name__ == "__main__":

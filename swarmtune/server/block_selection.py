@@ -150,9 +150,9 @@ def _planned_move(others: list[ServerInfo], num_blocks: int, me: ServerInfo) -> 
     """`me`'s move in the swarm's plan; None to stay; False where the plan cannot close the holes."""
     servers = [*others, me]
     layout = plan(servers, num_blocks)
-    planned = [dataclasses.replace(s, start=layout[s.peer_id], end=layout[s.peer_id] + s.end - s.start)
-               for s in servers]
-    if (block_throughputs(planned, num_blocks) == 0).any():
+    moved = [dataclasses.replace(s, start=layout[s.peer_id], end=layout[s.peer_id] + s.end - s.start) for s in servers]
+    planned = block_throughputs(moved, num_blocks)
+    if (planned == 0).any():
         return False  # leave it to the chain of hole-closing moves
     target = layout[me.peer_id]
     if target == me.start:
@@ -163,7 +163,7 @@ def _planned_move(others: list[ServerInfo], num_blocks: int, me: ServerInfo) -> 
     now = block_throughputs(servers, num_blocks)
     if (now == 0).any() or block_throughputs(steady, num_blocks)[me.start:me.end].min() >= MOVE_DIP * now.min():
         return target
-    leap = block_throughputs(planned, num_blocks).min() >= LEAP_GAIN * now.min()
+    leap = planned.min() >= LEAP_GAIN * now.min()
     first = min(s.peer_id for s in servers if layout[s.peer_id] != s.start) == me.peer_id
     return target if leap and first and all(s.state == "online" for s in others) else None
 
