@@ -6,7 +6,8 @@ Writes results.json, results.md (Markdown tables) and plot_*.png to DIR (default
 benchmarks/results/). Sections: inference (steps/s, time to first token, per-hop overhead),
 serving (forward and forward+backward tokens/s, LoRA training step vs PEFT), network (loopback
 and, in full mode, the paper's three settings emulated in network namespaces, each beside the
-design's bound) and recovery (a server killed mid-generation and mid-training step). --quick
+design's bound), recovery (a server killed mid-generation and mid-training step), hostile and serve
+(1, 4 and 16 concurrent streaming clients of the OpenAI API against the lone client). --quick
 takes a few minutes on two cores (small models, loopback only); --smoke is what the tests run.
 """
 
@@ -24,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks import hostile, inference, network, recovery, serving  # noqa: E402
+from benchmarks import hostile, inference, network, recovery, serve, serving  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     Bench,
     Figure,
@@ -40,8 +41,8 @@ from benchmarks.common import (  # noqa: E402
 # recovery after network: it kills servers of the run's loopback swarms, which the network section's loopback row
 # reuses; hostile starts swarms of its own
 SECTIONS: dict[str, Callable[[Bench], list[Figure]]] = {
-    "inference": inference.run, "serving": serving.run, "network": network.run, "recovery": recovery.run,
-    "hostile": hostile.run}
+    "inference": inference.run, "serving": serving.run, "serve": serve.run, "network": network.run,
+    "recovery": recovery.run, "hostile": hostile.run}
 TABLES: dict[str, Callable[[list[Figure]], str]] = {"network": network.network_table, "hostile": hostile.hostile_table}
 
 
@@ -97,7 +98,8 @@ def network_panels(figures: list[Figure]) -> list[Panel]:
     return panels
 
 
-PANELS: dict[str, Callable[[list[Figure]], list[Panel]]] = {"network": network_panels, "hostile": hostile.panels}
+PANELS: dict[str, Callable[[list[Figure]], list[Panel]]] = {"network": network_panels, "hostile": hostile.panels,
+                                                            "serve": serve.panels}
 
 
 def report(out: str, plan: Plan, results: dict[str, list[Figure]], errors: dict[str, str], meta: dict) -> None:

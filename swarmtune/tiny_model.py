@@ -43,6 +43,11 @@ def tiny_config(family: str, layers: int = 6, hidden: int = 64, vocab_size: int 
     raise ValueError(f"Unsupported family {family!r}: use one of {', '.join(supported_model_types())}")
 
 
+# A plain chat format, so that chat endpoints work on the demo model too.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
 def train_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on the bundled text (ids 0-2 are pad, bos, eos)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -54,8 +59,10 @@ def train_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(text.splitlines(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   padding_side="left")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        padding_side="left")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def make_tiny_model(family: str, out: str, layers: int = 6, hidden: int = 64, seed: int = 0,

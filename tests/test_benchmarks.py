@@ -34,7 +34,8 @@ def test_smoke_run_writes_sane_results(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert not results["errors"]
     figures = results["figures"]
-    assert {f["section"] for f in figures} == {"inference", "serving", "network", "recovery", "hostile"}
+    assert {f["section"] for f in figures} == {"inference", "serving", "network", "recovery", "hostile",
+                                                  "serve"}
     for f in figures:
         assert math.isfinite(f["swarm"]) and f["swarm"] >= 0, f
         if f["baseline"] is not None:
@@ -51,7 +52,7 @@ def test_smoke_run_writes_sane_results(tmp_path):
     table = (out / "results.md").read_text()
     assert "| figure | swarm | baseline (same run) |" in table and "python -m benchmarks.run --smoke" in table
     assert "| class | attackers sent | generation step p50 / p99 ms (no attack) |" in table
-    for section in ("inference", "serving", "network", "recovery", "hostile"):
+    for section in ("inference", "serving", "network", "recovery", "hostile", "serve"):
         assert (out / f"plot_{section}.png").stat().st_size > 1000
 
 

@@ -68,6 +68,7 @@ class _SpanSession:
         self.session, self.hop, self.history = session, hop, history
         self.upstream = upstream  # the server before this one in the chain: the only one that may push to it
         self.pending_reorder: torch.Tensor | None = None  # beam reordering to send with the next step
+        self.pending_reset: torch.Tensor | None = None  # [batch] bool: rows to clear with the next step
         self.stream = MessageStream(session.connection.p2p, hop.peer_id, session.connection.token)
         self.shadows: list[_SpanSession] = []  # other servers running the same blocks, to verify this one
         self.session_id = secrets.token_hex(16)  # lets the previous server push its outputs to this session
@@ -126,6 +127,8 @@ class _SpanSession:
             tensors["hidden"] = hidden
         if self.pending_reorder is not None:
             tensors["reorder"] = self.pending_reorder
+        if self.pending_reset is not None:
+            tensors["reset"] = self.pending_reset.nonzero().flatten()
         data = wire.pack(meta, tensors)
         self.session.bytes_sent += len(data)
         return data
@@ -133,7 +136,7 @@ class _SpanSession:
     def output(self, reply: dict, like: torch.Tensor) -> torch.Tensor:
         """The span's output from a step reply, checked."""
         out = check_output(self.hop.peer_id, reply.get("hidden"), like.shape, "hidden")
-        self.pending_reorder = None
+        self.pending_reorder = self.pending_reset = None
         return out.to(like.dtype)
 
     def _verified(self, out, hidden, mask, position_ids, step: int) -> torch.Tensor:
@@ -179,6 +182,7 @@ class _SpanSession:
             self.stream, other.stream = other.stream, self.stream
             self.hop, other.hop = other.hop, self.hop
             self.pending_reorder, other.pending_reorder = other.pending_reorder, self.pending_reorder
+            self.pending_reset, other.pending_reset = other.pending_reset, self.pending_reset
         self.shadows = [r for r in replicas.values() if r is not self and r.hop.peer_id not in losers]
         return results[winner]
 
@@ -329,9 +333,25 @@ class InferenceSession:
             for replica in [span, *span.shadows]:
                 pending = replica.pending_reorder
                 replica.pending_reorder = index if pending is None else pending[index]
+                if replica.pending_reset is not None:
+                    replica.pending_reset = replica.pending_reset[index]
             span.history.reorder(index)
         if self.mask is not None:
             self.mask, self.positions = self.mask[index], self.positions[index]
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Forget what rows `rows` ([batch] bool) saw so far: their later tokens attend only to each other.
+
+        The cache keeps its length (those positions stay, hidden by the mask), so a batch of many
+        requests can give a finished request's row to a new one within the same session.
+        """
+        rows = rows.bool().cpu()
+        for span in self.spans:
+            for replica in [span, *span.shadows]:
+                pending = replica.pending_reset
+                replica.pending_reset = rows if pending is None else pending | rows
+        if self.mask is not None:
+            self.mask = self.mask.masked_fill(rows[:, None], 0)
 
     def close(self) -> None:
         if not self.closed:

@@ -564,10 +564,14 @@ class BlockServicer(ServicerBase):
         if reorder is not None:
             need(reorder.dtype in (torch.int64, torch.int32) and list(reorder.shape) == [batch],
                  f"'reorder' must be an integer tensor of shape [{batch}]")
+        reset = tensors.get("reset")
+        if reset is not None:
+            need(reset.dtype in (torch.int64, torch.int32) and reset.dim() == 1 and reset.numel() <= batch,
+                 f"'reset' must be a 1-D integer tensor of at most {batch} rows")
         await self.config.faults.wait()
         out = self.config.faults.corrupt(
             await self._compute(peer, batch * length, session.length + length, INFERENCE, session.step, hidden, mask,
-                                pos, reorder))
+                                pos, reorder, reset))
         self.stats["inference_steps"] += 1
         target = meta.get("push_to")
         if isinstance(target, dict) and isinstance(target.get("peer"), str) and isinstance(meta.get("step"), int):

@@ -155,8 +155,13 @@ class ServerSession:
         self.cache = self.lora = self.deep_prompts = None
 
     def step(self, hidden: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-             reorder: torch.Tensor | None) -> torch.Tensor:
-        """Run new tokens through the span, extending the cache (compute thread)."""
+             reorder: torch.Tensor | None, reset: torch.Tensor | None = None) -> torch.Tensor:
+        """Run new tokens through the span, extending the cache (compute thread).
+
+        `reorder` (beam search) picks the row each row continues; `reset` lists rows whose earlier
+        tokens are hidden from now on, so that a client batching many requests in one session can
+        hand a finished request's row to a new one without reopening the session.
+        """
         batch, new = hidden.shape[:2]
         if batch != self.cache.batch_size:
             raise RequestError(f"step has batch {batch} but the session was opened with {self.cache.batch_size}")
@@ -167,6 +172,10 @@ class ServerSession:
                 raise RequestError("'reorder' indices must lie in [0, batch)")
             self.cache.reorder(reorder)
             self.mask = self.mask[reorder.to(self.device)]
+        if reset is not None:
+            if not bool(((reset >= 0) & (reset < batch)).all()):
+                raise RequestError("'reset' rows must lie in [0, batch)")
+            self.mask[reset.to(self.device)] = 0
         chunk = mask.to(self.device) if mask is not None else torch.ones(batch, new, dtype=torch.long,
                                                                          device=self.device)
         full_mask = torch.cat([self.mask, chunk], dim=1)

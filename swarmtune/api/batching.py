@@ -1,0 +1,279 @@
+"""Continuous batching over the swarm: many requests' decoding steps as one batched inference session.
+
+A `Batcher` keeps one `InferenceSession` whose rows are slots. Each step feeds every busy row
+the tokens it has not fed yet, right-aligned: a decoding row its last token, a new request its
+whole prompt, the rest of the step's width masked out. So requests join and leave between any
+two steps, with their own prompt lengths and positions, and the servers run one batched step
+where separate sessions would run one per request. A finished request's row goes to the next
+one with `InferenceSession.reset_rows`, which hides what the row saw before.
+
+Masked positions still take cache space. When the cache would overflow, or more requests wait
+than the session has rows, the batcher opens a fresh session (up to `max_rows` rows, a power of
+two) and feeds each busy row everything it has so far, in one prefill step: the same tokens
+continue. Server failures are the session's to recover, as in any generation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import queue
+import threading
+from collections.abc import Callable
+
+import torch
+
+from swarmtune.adapters.lora import ClientLora
+from swarmtune.adapters.prompts import SoftPrompts
+from swarmtune.client.connection import SwarmConnection
+from swarmtune.client.inference import InferenceSession
+from swarmtune.models import ClientParts
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAIT = 1.0  # seconds the batching thread sleeps between checks when nothing is running
+
+
+@dataclasses.dataclass
+class Sampling:
+    """How one sequence picks its tokens (OpenAI's parameters)."""
+
+    max_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    logprobs: int | None = None  # alternatives reported per token (0: only the chosen token's logprob)
+
+
+@dataclasses.dataclass
+class Token:
+    """One generated token, as the batcher reports it."""
+
+    id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None  # (token id, logprob), best first
+
+
+class Sequence:
+    """One sequence to generate: a prompt, how to sample, and where its tokens go.
+
+    `emit(event)` is called from the batching thread with a `Token`, then a finish reason
+    ("stop" or "length") or an exception; it must not block. `cancel()` frees the row at the next step.
+    """
+
+    def __init__(self, prompt: list[int], sampling: Sampling, eos: set[int], emit: Callable[[object], None]):
+        self.prompt, self.sampling, self.eos, self.emit = list(prompt), sampling, eos, emit
+        self.generated: list[int] = []
+        self.fed = 0  # tokens of prompt + generated in the session's cache (soft prompt positions not counted)
+        self.cancelled = False
+        self.generator = torch.Generator()
+        if sampling.seed is not None:
+            self.generator.manual_seed(sampling.seed)
+        else:
+            self.generator.seed()
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.generated
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclasses.dataclass
+class Variant:
+    """What a request's `model` selects: the base model, a client-owned adapter or a server-hosted one."""
+
+    name: str
+    lora: ClientLora | None = None
+    soft_prompts: SoftPrompts | None = None  # shallow prompts only: deep prompts live in a session's rows
+    lm_head: torch.Tensor | None = None      # the weight of the adapter's own LM head, if it trained one
+    hosted: str | None = None                # an adapter servers host, by name
+
+
+class Batcher:
+    """A thread that runs every sequence submitted for one `Variant` through one shared session."""
+
+    def __init__(self, connection: SwarmConnection, parts: ClientParts, variant: Variant, max_rows: int = 16,
+                 max_length: int = 2048):
+        self.connection, self.parts, self.variant = connection, parts, variant
+        self.max_rows, self.max_length = max_rows, max_length
+        self.prefix = variant.soft_prompts.length if variant.soft_prompts is not None else 0
+        self.waiting: queue.Queue[Sequence] = queue.Queue()
+        self.rows: list[Sequence | None] = []
+        self.session: InferenceSession | None = None
+        self.steps = 0
+        self.sessions_opened = 0
+        self._fresh: set[int] = set()  # rows given to a new sequence since the last step
+        self._wake = threading.Event()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{variant.name}", daemon=True)
+        self._thread.start()
+
+    def capacity(self) -> int:
+        """The longest prompt plus max_tokens one sequence may have."""
+        return self.max_length - self.prefix
+
+    def submit(self, sequence: Sequence) -> None:
+        if len(sequence.prompt) + sequence.sampling.max_tokens > self.capacity():
+            raise ValueError(f"prompt ({len(sequence.prompt)} tokens) plus max_tokens "
+                             f"({sequence.sampling.max_tokens}) exceeds the context of {self.capacity()} tokens")
+        self.waiting.put(sequence)
+        self._wake.set()
+
+    def close(self, timeout: float = 30.0) -> None:
+        self._closing = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    # ---- the batching thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._closing:
+            self._drop_cancelled()
+            self._admit()
+            if not any(self.rows):  # idle: the next request starts a session sized for what waits then
+                self._close_session()
+                self.rows = []
+                self._wake.wait(IDLE_WAIT)
+                self._wake.clear()
+                continue
+            try:
+                self._step()
+            except Exception as e:  # the swarm failed this step for good: every running sequence ends with it
+                logger.warning(f"batched step failed: {e}")
+                for row, seq in enumerate(self.rows):
+                    if seq is not None:
+                        seq.emit(e)
+                        self.rows[row] = None
+                self._close_session()
+        self._close_session()
+        for seq in [*filter(None, self.rows), *_drain(self.waiting)]:
+            seq.emit(RuntimeError("the server is shutting down"))
+
+    def _drop_cancelled(self) -> None:
+        for row, seq in enumerate(self.rows):
+            if seq is not None and seq.cancelled:
+                self.rows[row] = None
+
+    def _admit(self) -> None:
+        """Give waiting sequences free rows; a bigger session if they do not fit."""
+        waiting = [s for s in _drain(self.waiting) if not s.cancelled]
+        busy = [s for s in self.rows if s is not None]
+        free = len(self.rows) - len(busy)
+        if len(waiting) > free and len(self.rows) < self.max_rows:
+            self._reopen(busy, rows=min(self.max_rows, 2 ** math.ceil(math.log2(len(busy) + len(waiting)))))
+        for seq in waiting:
+            row = next((i for i, s in enumerate(self.rows) if s is None), None)
+            if row is None:
+                self.waiting.put(seq)  # still no room: it waits for a row to finish
+                continue
+            self.rows[row] = seq
+            seq.fed = 0
+            self._fresh.add(row)
+
+    def _reopen(self, busy: list[Sequence], rows: int) -> None:
+        """A fresh session of `rows` rows; busy sequences keep their place in line and feed all they have."""
+        self._close_session()
+        self.rows = [*busy, *[None] * (rows - len(busy))]
+        for seq in busy:
+            seq.fed = 0
+
+    def _close_session(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        self._fresh.clear()
+
+    def _step(self) -> None:
+        """Feed every busy row what it has not fed yet, and pick each one's next token."""
+        width = self._width()
+        if self.session is not None and self.session.length + width > self.max_length:
+            self._reopen([s for s in self.rows if s is not None], rows=len(self.rows))
+            width = self._width()
+        if self.session is None:
+            v = self.variant
+            self.session = InferenceSession(self.connection, self.max_length, len(self.rows), lora=v.lora,
+                                            active_adapter=v.hosted)
+            self.sessions_opened += 1
+            self._fresh.clear()  # a new session has no history to hide
+        if self._fresh:
+            fresh = torch.zeros(len(self.rows), dtype=torch.bool)
+            fresh[list(self._fresh)] = True
+            self.session.reset_rows(fresh)
+            self._fresh.clear()
+        hidden, mask, positions = self._inputs(width)
+        with torch.no_grad():
+            out = self.session.step(self.parts.prepare_hidden(hidden), mask, positions)
+            normed = self.parts.final_norm(out[:, -1])
+            head = self.variant.lm_head
+            logits = (self.parts.lm_head(normed) if head is None else torch.nn.functional.linear(normed, head)).float()
+        self.steps += 1
+        for row, seq in enumerate(self.rows):
+            if seq is not None:
+                seq.fed = len(seq.tokens)
+                self._advance(row, seq, logits[row])
+
+    def _width(self) -> int:
+        return max(len(s.tokens) - s.fed + (self.prefix if s.fed == 0 else 0) for s in self.rows if s is not None)
+
+    def _inputs(self, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embeddings [rows, width, hidden], mask and positions: each row's new tokens at the right end."""
+        embed = self.parts.embed_tokens
+        rows = len(self.rows)
+        hidden = torch.zeros(rows, width, embed.embedding_dim, dtype=embed.weight.dtype)
+        mask = torch.zeros(rows, width, dtype=torch.long)
+        positions = torch.zeros(rows, width, dtype=torch.long)
+        with torch.no_grad():
+            for row, seq in enumerate(self.rows):
+                if seq is None:
+                    continue
+                new = embed(torch.tensor(seq.tokens[seq.fed:]))
+                start = self.prefix + seq.fed if seq.fed else 0  # positions in the row's own sequence
+                if seq.fed == 0 and self.prefix:
+                    new = torch.cat([self.variant.soft_prompts.prompt.to(new.dtype), new])
+                n = new.shape[0]
+                hidden[row, width - n:] = new
+                mask[row, width - n:] = 1
+                positions[row, width - n:] = torch.arange(start, start + n)
+        return hidden, mask, positions
+
+    def _advance(self, row: int, seq: Sequence, logits: torch.Tensor) -> None:
+        """Pick and report the row's next token; free the row when the sequence is done."""
+        token = sample(logits, seq.sampling, seq.generator)
+        seq.generated.append(token.id)
+        seq.emit(token)
+        if token.id in seq.eos or len(seq.generated) >= seq.sampling.max_tokens:
+            seq.emit("stop" if token.id in seq.eos else "length")
+            self.rows[row] = None
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> Token:
+    """The next token from [vocab] logits: greedy at temperature 0, else nucleus sampling."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    if sampling.temperature == 0:
+        token = int(torch.argmax(logits))
+    else:
+        probs = torch.softmax(logits / sampling.temperature, dim=-1)
+        if sampling.top_p < 1:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_probs, 0) - sorted_probs < sampling.top_p  # the smallest set reaching top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+        token = int(torch.multinomial(probs, 1, generator=generator))
+    if sampling.logprobs is None:
+        return Token(token)
+    top = []
+    if sampling.logprobs > 0:
+        values, ids = torch.topk(logprobs, min(sampling.logprobs, logprobs.numel()))
+        top = [(int(i), float(v)) for i, v in zip(ids, values)]
+    return Token(token, float(logprobs[token]), top)
+
+
+def _drain(q: queue.Queue) -> list:
+    items = []
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return items
