@@ -93,13 +93,13 @@ class Outcome:
         return [line for line in self.stderr.splitlines() if line.strip()]
 
 
-def run(module: str, *args: str, env: dict | None = None, unset: tuple[str, ...] = (), timeout: float = 120
-        ) -> Outcome:
+def run(module: str, *args: str, env: dict | None = None, unset: tuple[str, ...] = (), timeout: float = 120,
+        cwd: str | None = None) -> Outcome:
     """`python -m MODULE ARGS`, watching its children for swarm processes; killed (with them) at the end."""
     environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=out, stderr=err, text=True,
-                                env=environment, start_new_session=True)
+                                env=environment, start_new_session=True, cwd=cwd)
         started = False
         deadline = time.monotonic() + timeout
         try:

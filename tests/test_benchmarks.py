@@ -22,14 +22,15 @@ from benchmarks.hostile import p99
 from benchmarks.network import bound, window_round_trips
 from scripts import netem
 from swarmtune import wire
+from tests.helpers import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_smoke_run_writes_sane_results(tmp_path):
     out = tmp_path / "results"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=480)
+    # run() kills the swarm processes the benchmarks start, too, should the run fail or overrun
+    proc = run("benchmarks.run", "--smoke", "--out", str(out), timeout=480, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     assert not results["errors"]
