@@ -102,7 +102,7 @@ class _Stream:
             self.finish = event
             return self._flush()
         self.tokens.append(event)
-        full = self.engine.tokenizer.decode([t.id for t in self.tokens], skip_special_tokens=True)
+        full = self._decoded()
         cut = min((i for i in (full.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
             sequence.cancel()
@@ -112,13 +112,14 @@ class _Stream:
 
     def _held_back(self, full: str) -> int:
         """Characters that may yet become a stop sequence or a whole character."""
-        if full.endswith("\ufffd"):
-            return len(full)
-        return max((k for s in self.stops for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
+        partial = len(full) - len(full.rstrip("\ufffd"))
+        return max([partial, *(k for s in self.stops for k in range(1, len(s)) if full.endswith(s[:k]))])
+
+    def _decoded(self) -> str:
+        return self.engine.tokenizer.decode([t.id for t in self.tokens], skip_special_tokens=True)
 
     def _flush(self) -> tuple[str, list[Token]]:
-        full = self.engine.tokenizer.decode([t.id for t in self.tokens], skip_special_tokens=True)
-        return self._take(full)
+        return self._take(self._decoded())
 
     def _take(self, text: str) -> tuple[str, list[Token]]:
         delta = text[len(self.text):] if text.startswith(self.text) else ""

@@ -104,7 +104,6 @@ class Batcher:
         self.rows: list[Sequence | None] = []
         self.session: InferenceSession | None = None
         self.steps = 0
-        self.sessions_opened = 0
         self._fresh: set[int] = set()  # rows given to a new sequence since the last step
         self._wake = threading.Event()
         self._closing = False
@@ -196,7 +195,6 @@ class Batcher:
             v = self.variant
             self.session = InferenceSession(self.connection, self.max_length, len(self.rows), lora=v.lora,
                                             active_adapter=v.hosted)
-            self.sessions_opened += 1
             self._fresh.clear()  # a new session has no history to hide
         if self._fresh:
             fresh = torch.zeros(len(self.rows), dtype=torch.bool)
@@ -206,9 +204,9 @@ class Batcher:
         hidden, mask, positions = self._inputs(width)
         with torch.no_grad():
             out = self.session.step(self.parts.prepare_hidden(hidden), mask, positions)
-            normed = self.parts.final_norm(out[:, -1])
-            head = self.variant.lm_head
-            logits = (self.parts.lm_head(normed) if head is None else torch.nn.functional.linear(normed, head)).float()
+            last, head = out[:, -1], self.variant.lm_head
+            logits = (self.parts.logits(last) if head is None
+                      else torch.nn.functional.linear(self.parts.final_norm(last), head)).float()
         self.steps += 1
         for row, seq in enumerate(self.rows):
             if seq is not None:
@@ -251,7 +249,6 @@ class Batcher:
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> Token:
     """The next token from [vocab] logits: greedy at temperature 0, else nucleus sampling."""
-    logprobs = torch.log_softmax(logits, dim=-1)
     if sampling.temperature == 0:
         token = int(torch.argmax(logits))
     else:
@@ -263,6 +260,7 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator)
         token = int(torch.multinomial(probs, 1, generator=generator))
     if sampling.logprobs is None:
         return Token(token)
+    logprobs = torch.log_softmax(logits, dim=-1)  # of the model itself, before temperature and top_p
     top = []
     if sampling.logprobs > 0:
         values, ids = torch.topk(logprobs, min(sampling.logprobs, logprobs.numel()))
