@@ -60,6 +60,7 @@ class Plan:
     layers: int = 6
     prompt: int = 16
     new_tokens: int = 32
+    speculative_tokens: int = 64              # speculative decoding: long enough for the draft length to adapt
     batches: tuple[int, ...] = (1, 8)
     session_steps: int = 64                   # single-token steps timed for the per-hop overhead
     forward_shapes: tuple[tuple[int, int], ...] = ((1, 128), (8, 512))
@@ -77,10 +78,12 @@ class Plan:
 
 PLANS = {
     "full": Plan("full"),
-    "quick": Plan("quick", wide_hidden=128, new_tokens=16, session_steps=32, forward_shapes=((1, 32), (4, 64)),
+    "quick": Plan("quick", wide_hidden=128, new_tokens=16, speculative_tokens=32, session_steps=32,
+                  forward_shapes=((1, 32), (4, 64)),
                   train_shape=(2, 32), repeats=3, kills=1, settings=PAPER_SETTINGS[:1], net_repeats=3,
                   hostile_window=10.0),
-    "smoke": Plan("smoke", wide_hidden=64, new_tokens=4, batches=(1,), session_steps=8, forward_shapes=((1, 16),),
+    "smoke": Plan("smoke", wide_hidden=64, new_tokens=4, speculative_tokens=8, batches=(1,), session_steps=8,
+                  forward_shapes=((1, 16),),
                   train_shape=(1, 16), lora_rank=2, repeats=1, kills=1, settings=PAPER_SETTINGS[:1], net_repeats=1,
                   hostile_window=2.0, hostile_classes=("flood", "headers"), hostile_rebaseline=False),
 }

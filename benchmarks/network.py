@@ -124,13 +124,13 @@ def _wait_ready(proc: subprocess.Popen, timeout: float) -> dict:
 
 
 @contextlib.contextmanager
-def swarm_for(bench: Bench, setting: Setting, path: str, index: int) -> Iterator[LocalSwarm]:
+def swarm_for(bench: Bench, setting: Setting, path: str, label: str) -> Iterator[LocalSwarm]:
     """The run's own loopback swarm for loopback; for an emulated setting, three servers each in its own
     namespace of a fresh network, the bootstrap peer at the root namespace's address."""
     if setting.rate_mbit is None:
         yield bench.swarm(path)
         return
-    log_dir = os.path.join(bench.out, "logs", f"network-{index}")
+    log_dir = os.path.join(bench.out, "logs", label)
     os.makedirs(log_dir, exist_ok=True)
     with emulated(setting, len(SPANS)) as net:
         root, *nodes = net["nodes"]
@@ -271,7 +271,7 @@ def run(bench: Bench) -> list[Figure]:
             if setting.rate_mbit is not None and unavailable:
                 print(f"skipping {setting.name}: {unavailable}", file=sys.stderr)
                 continue
-            with swarm_for(bench, setting, path, i) as swarm:
+            with swarm_for(bench, setting, path, f"network-{i}") as swarm:
                 figures += setting_figures(setting, swarm, path, local, bench.plan, loopback_gap)
     return figures
 

@@ -6,7 +6,8 @@ Writes results.json, results.md (Markdown tables) and plot_*.png to DIR (default
 benchmarks/results/). Sections: inference (steps/s, time to first token, per-hop overhead),
 serving (forward and forward+backward tokens/s, LoRA training step vs PEFT), network (loopback
 and, in full mode, the paper's three settings emulated in network namespaces, each beside the
-design's bound), recovery (a server killed mid-generation and mid-training step), hostile and serve
+design's bound), speculative (plain against speculative greedy tokens/s with drafts agreeing ~50/80/95%,
+on loopback and at 100 ms RTT), recovery (a server killed mid-generation and mid-training step), hostile and serve
 (1, 4 and 16 concurrent streaming clients of the OpenAI API against the lone client). --quick
 takes a few minutes on two cores (small models, loopback only); --smoke is what the tests run.
 """
@@ -25,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks import hostile, inference, network, recovery, serve, serving  # noqa: E402
+from benchmarks import hostile, inference, network, recovery, serve, serving, speculative  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     Bench,
     Figure,
@@ -42,8 +43,9 @@ from benchmarks.common import (  # noqa: E402
 # reuses; hostile starts swarms of its own
 SECTIONS: dict[str, Callable[[Bench], list[Figure]]] = {
     "inference": inference.run, "serving": serving.run, "serve": serve.run, "network": network.run,
-    "recovery": recovery.run, "hostile": hostile.run}
-TABLES: dict[str, Callable[[list[Figure]], str]] = {"network": network.network_table, "hostile": hostile.hostile_table}
+    "speculative": speculative.run, "recovery": recovery.run, "hostile": hostile.run}
+TABLES: dict[str, Callable[[list[Figure]], str]] = {"network": network.network_table, "hostile": hostile.hostile_table,
+                                                    "speculative": speculative.speculative_table}
 
 
 def command(plan: Plan, out: str) -> str:

@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from swarmtune.errors import UserError
-from swarmtune.launch import config_path, open_model, plain, reported
+from swarmtune.launch import config_path, load_draft, model_config, open_model, plain, reported, resolve_model
 
 
 def run(cfg: DictConfig) -> str:
@@ -24,6 +24,12 @@ def run(cfg: DictConfig) -> str:
     from transformers import TextStreamer
 
     generation = generation_kwargs(cfg.generation)
+    draft = generation.pop("draft", None)
+    if draft is not None:
+        if generation.get("num_beams", 1) > 1:
+            raise UserError("generation.draft (speculative decoding) works with num_beams=1")
+        generation["assistant_model"] = load_draft(draft, model_config(cfg.model, resolve_model(cfg.model)),
+                                                   cfg.model.dtype)
     torch.manual_seed(cfg.seed)
     with contextlib.ExitStack() as stack:
         model, tokenizer = open_model(stack, cfg, log_dir=None, adapter=cfg.adapter,
@@ -36,12 +42,12 @@ def run(cfg: DictConfig) -> str:
 
 
 def generation_kwargs(node: DictConfig) -> dict:
-    """`generation` as keyword arguments of transformers' generate(), checked before anything starts."""
+    """`generation` as keyword arguments of transformers' generate() (and `draft`), checked before anything starts."""
     from transformers import GenerationConfig
 
     kwargs = plain(node)
     known = GenerationConfig()
-    unknown = sorted(k for k in kwargs if not hasattr(known, k))
+    unknown = sorted(k for k in kwargs if not hasattr(known, k) and k != "draft")
     if unknown:
         raise UserError(f"generation.{unknown[0]} is not an argument of transformers' generate()")
     limits = {"max_new_tokens": 1, "num_beams": 1, "top_k": 0}

@@ -165,6 +165,27 @@ def load_adapter(adapter: str | None, config, revision: str | None):
 # ---- the swarm -------------------------------------------------------------------------------------
 
 
+def load_draft(source: str | None, config, dtype: str):
+    """The speculative decoding draft (`generation.draft`): a local causal LM whose vocabulary is the model's.
+    Its config is checked before its weights load, and both before any swarm."""
+    if source is None:
+        return None
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from swarmtune.models import parse_dtype
+
+    errors.check_source(source, "generation.draft")
+    try:
+        draft_config = AutoConfig.from_pretrained(source)
+    except Exception as e:
+        raise UserError(f"cannot read the config of generation.draft={source}: {e}") from None
+    vocab, want = draft_config.get_text_config().vocab_size, config.get_text_config().vocab_size
+    if vocab != want:
+        raise UserError(f"generation.draft={source} has a vocabulary of {vocab} tokens and the model {want}: "
+                        "the draft must share the model's tokenizer")
+    return AutoModelForCausalLM.from_pretrained(source, dtype=parse_dtype(dtype), attn_implementation="sdpa").eval()
+
+
 def client_settings(swarm: DictConfig):
     """The ClientConfig for `swarm`, its peers checked (none: a local swarm will serve)."""
     from swarmtune.client.config import ClientConfig

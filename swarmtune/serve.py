@@ -19,7 +19,16 @@ from omegaconf import DictConfig
 
 from swarmtune import errors
 from swarmtune.errors import UserError
-from swarmtune.launch import config_path, load_adapter, model_config, open_model, plain, reported, resolve_model
+from swarmtune.launch import (
+    config_path,
+    load_adapter,
+    load_draft,
+    model_config,
+    open_model,
+    plain,
+    reported,
+    resolve_model,
+)
 
 
 def build(stack: contextlib.ExitStack, cfg: DictConfig):
@@ -46,6 +55,7 @@ def build(stack: contextlib.ExitStack, cfg: DictConfig):
     if name in adapters:
         raise UserError(f"adapter name {name!r} is the base model's name: rename the adapter or set name=...")
     config = model_config(cfg.model, model_path)
+    draft = load_draft(cfg.generation.draft, config, cfg.model.dtype)
     variants = {}
     for adapter_name, source in adapters.items():
         loaded = load_adapter(str(source), config, cfg.model.revision)
@@ -60,7 +70,7 @@ def build(stack: contextlib.ExitStack, cfg: DictConfig):
     if template is not None:
         tokenizer.chat_template = template
     engine = Engine(model, tokenizer, name, variants, api_key=cfg.api_key, max_rows=cfg.batching.max_rows,
-                    max_length=cfg.batching.max_length)
+                    max_length=cfg.batching.max_length, draft=draft)
     stack.callback(engine.close)
     page = swarm_router(model.connection, name, refresh_s=cfg.page_refresh_s)
     return make_app(engine, extra_routers=(page,)), engine

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.model import SwarmForCausalLM
@@ -85,6 +85,19 @@ def test_hosted_adapter_sends_no_weights(hosting_swarm, tiny_llama, tokenizer, p
         assert session.bytes_sent < 20_000  # steps only: 12 tokens of 64 floats, and no adapter tensors
         model(input_ids=inputs["input_ids"])  # forward passes name the adapter too
         assert model.remote.replayer.stats.lora_bytes_sent == 0
+    finally:
+        model.close()
+
+
+def test_hosted_adapter_with_a_draft(hosting_swarm, tiny_llama, tokenizer, peft_adapter):
+    """Speculative decoding with a draft of the base model: the adapter's tokens, drafts kept or not."""
+    inputs = tokenizer(PROMPTS[:1], return_tensors="pt")
+    expected = _peft_tokens(tiny_llama, peft_adapter, inputs)
+    draft = AutoModelForCausalLM.from_pretrained(tiny_llama, num_hidden_layers=2).eval()
+    model = _client(hosting_swarm, tiny_llama, active_adapter="qv")
+    try:
+        assert torch.equal(model.generate(**inputs, **GENERATE, assistant_model=draft), expected)
+        assert model.draft_length.drafted_total > 0
     finally:
         model.close()
 

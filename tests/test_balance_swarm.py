@@ -6,6 +6,7 @@ import time
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 
 from benchmarks.balance_sim import Params, planned_min, scenarios, simulate, summarize
@@ -98,6 +99,7 @@ SIZES = [3, 3, 4, 4, 6, 8]            # blocks per server on a 12-block model
 SPEEDS = [1.0, 2.0, 1.0, 3.0, 2.0, 4.0]  # announced tokens/s per block
 
 
+@pytest.mark.slow
 def test_servers_of_mixed_throughput_place_themselves_near_the_planner_and_recover_from_two_crashes(
         tiny_models, tmp_path):
     """6 servers choose spans; their weakest block is within 90% of a central plan; after two SIGKILLs every block

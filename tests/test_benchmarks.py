@@ -35,8 +35,8 @@ def test_smoke_run_writes_sane_results(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert not results["errors"]
     figures = results["figures"]
-    assert {f["section"] for f in figures} == {"inference", "serving", "network", "recovery", "hostile",
-                                                  "serve"}
+    assert {f["section"] for f in figures} == {"inference", "serving", "network", "speculative", "recovery",
+                                                  "hostile", "serve"}
     for f in figures:
         assert math.isfinite(f["swarm"]) and f["swarm"] >= 0, f
         if f["baseline"] is not None:
@@ -47,13 +47,16 @@ def test_smoke_run_writes_sane_results(tmp_path):
     for f in figures:
         if f["section"] == "network":  # measured can't beat the bound: it assumes no software overhead at all
             assert f["details"]["design"] in ("client-driven", "server-chained") and 0 < f["ratio"] <= 1.05, f
+    speculative = [f for f in figures if f["section"] == "speculative"]  # it raises if its tokens are not plain's
+    assert [f["details"]["agreement"] for f in speculative] == [0.5, 0.8, 0.95]
+    assert all(1 <= f["details"]["tokens_per_round"] <= 9 for f in speculative), speculative
     died = next(f for f in figures if f["name"] == "generation step in which a server died")
     assert "tokens identical to local: yes" in died["note"]
     check_hostile([f for f in figures if f["section"] == "hostile"])
     table = (out / "results.md").read_text()
     assert "| figure | swarm | baseline (same run) |" in table and "python -m benchmarks.run --smoke" in table
     assert "| class | attackers sent | generation step p50 / p99 ms (no attack) |" in table
-    for section in ("inference", "serving", "network", "recovery", "hostile", "serve"):
+    for section in ("inference", "serving", "network", "speculative", "recovery", "hostile", "serve"):
         assert (out / f"plot_{section}.png").stat().st_size > 1000
 
 

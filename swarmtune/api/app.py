@@ -34,8 +34,9 @@ class Engine:
     """The model, its tokenizer and one batcher per variant (made on first use)."""
 
     def __init__(self, model, tokenizer, base_name: str, adapters: dict[str, Variant], api_key: str | None = None,
-                 max_rows: int = 16, max_length: int = 2048):
+                 max_rows: int = 16, max_length: int = 2048, draft=None):
         self.model, self.tokenizer, self.base_name = model, tokenizer, base_name
+        self.draft = draft  # speculative decoding's draft model, shared by every variant's batcher
         self.connection = model.connection
         self.variants = {base_name: Variant(base_name), **adapters}
         self.api_key, self.max_rows, self.max_length = api_key, max_rows, max_length
@@ -59,7 +60,7 @@ class Engine:
         with self._lock:
             if name not in self.batchers:
                 self.batchers[name] = Batcher(self.connection, self.model.parts, variant, self.max_rows,
-                                              self.max_length)
+                                              self.max_length, self.draft)
             return self.batchers[name]
 
     def check_coverage(self, name: str) -> None:

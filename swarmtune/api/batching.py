@@ -11,6 +11,12 @@ Masked positions still take cache space. When the cache would overflow, or more 
 than the session has rows, the batcher opens a fresh session (up to `max_rows` rows, a power of
 two) and feeds each busy row everything it has so far, in one prefill step: the same tokens
 continue. Server failures are the session's to recover, as in any generation.
+
+With a draft model, each step is also a speculative round: every row feeds its unfed tokens plus
+up to k tokens its draft proposed, the logits at all of them come back in the same step, and
+each row keeps the drafts that speculative sampling's rule accepts (greedy: those equal to the
+target's argmax) and one token more. `InferenceSession.rollback` then hides each row's rejected
+drafts and drops the columns no row kept. k follows the measured acceptance rate and costs.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -28,6 +35,7 @@ from swarmtune.adapters.lora import ClientLora
 from swarmtune.adapters.prompts import SoftPrompts
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.inference import InferenceSession
+from swarmtune.client.speculative import DraftCache, DraftLength, accept
 from swarmtune.models import ClientParts
 
 logger = logging.getLogger(__name__)
@@ -66,6 +74,9 @@ class Sequence:
         self.prompt, self.sampling, self.eos, self.emit = list(prompt), sampling, eos, emit
         self.generated: list[int] = []
         self.fed = 0  # tokens of prompt + generated in the session's cache (soft prompt positions not counted)
+        self.drafted: list[int] = []               # this step's draft tokens, fed after the unfed ones
+        self.draft_probs: list[torch.Tensor] = []  # the distributions they were drawn from
+        self.draft: DraftCache | None = None
         self.cancelled = False
         self.generator = torch.Generator()
         if sampling.seed is not None:
@@ -96,8 +107,10 @@ class Batcher:
     """A thread that runs every sequence submitted for one `Variant` through one shared session."""
 
     def __init__(self, connection: SwarmConnection, parts: ClientParts, variant: Variant, max_rows: int = 16,
-                 max_length: int = 2048):
+                 max_length: int = 2048, draft: torch.nn.Module | None = None):
         self.connection, self.parts, self.variant = connection, parts, variant
+        self.draft = draft  # a small local causal LM sharing the tokenizer, for speculative rounds
+        self.draft_length = DraftLength() if draft is not None else None
         self.max_rows, self.max_length = max_rows, max_length
         self.prefix = variant.soft_prompts.length if variant.soft_prompts is not None else 0
         self.waiting: queue.Queue[Sequence] = queue.Queue()
@@ -186,7 +199,9 @@ class Batcher:
         self._fresh.clear()
 
     def _step(self) -> None:
-        """Feed every busy row what it has not fed yet, and pick each one's next token."""
+        """Feed every busy row what it has not fed yet (and its drafts), and pick each one's next tokens."""
+        drafting = time.perf_counter()
+        self._propose()
         width = self._width()
         if self.session is not None and self.session.length + width > self.max_length:
             self._reopen([s for s in self.rows if s is not None], rows=len(self.rows))
@@ -202,19 +217,46 @@ class Batcher:
             self.session.reset_rows(fresh)
             self._fresh.clear()
         hidden, mask, positions = self._inputs(width)
+        stepping = time.perf_counter()
         with torch.no_grad():
             out = self.session.step(self.parts.prepare_hidden(hidden), mask, positions)
-            last, head = out[:, -1], self.variant.lm_head
+            busy = [(row, seq) for row, seq in enumerate(self.rows) if seq is not None]
+            last = torch.cat([out[row, width - len(seq.drafted) - 1:] for row, seq in busy])  # each row's k + 1
+            head = self.variant.lm_head
             logits = (self.parts.logits(last) if head is None
                       else torch.nn.functional.linear(self.parts.final_norm(last), head)).float()
         self.steps += 1
-        for row, seq in enumerate(self.rows):
-            if seq is not None:
-                seq.fed = len(seq.tokens)
-                self._advance(row, seq, logits[row])
+        keep = torch.full((len(self.rows),), self.session.length, dtype=torch.long)
+        offset = 0
+        for row, seq in busy:
+            n = len(seq.drafted) + 1
+            kept = self._advance(row, seq, logits[offset:offset + n])
+            keep[row] -= len(seq.drafted) - kept
+            offset += n
+        if self.draft_length is not None:
+            k = max(len(seq.drafted) for _, seq in busy)
+            prefill = width > k + 1  # some row fed a prompt too
+            self.draft_length.timed(k, stepping - drafting, None if prefill else time.perf_counter() - stepping)
+        if bool((keep < self.session.length).any()):
+            self.session.rollback(keep)
+
+    def _propose(self) -> None:
+        """Each busy row's draft tokens for this step (none without a draft model)."""
+        k = self.draft_length.next if self.draft_length is not None else 0
+        for seq in self.rows:
+            if seq is None:
+                continue
+            room = min(k, seq.sampling.max_tokens - len(seq.generated) - 1)
+            seq.drafted, seq.draft_probs = [], []
+            if room > 0:
+                if seq.draft is None:
+                    seq.draft = DraftCache(self.draft)
+                seq.drafted, seq.draft_probs = seq.draft.propose(
+                    seq.tokens, room, lambda _, logits, seq=seq: draw(logits, seq.sampling, seq.generator))
 
     def _width(self) -> int:
-        return max(len(s.tokens) - s.fed + (self.prefix if s.fed == 0 else 0) for s in self.rows if s is not None)
+        return max(len(s.tokens) - s.fed + len(s.drafted) + (self.prefix if s.fed == 0 else 0)
+                   for s in self.rows if s is not None)
 
     def _inputs(self, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embeddings [rows, width, hidden], mask and positions: each row's new tokens at the right end."""
@@ -227,7 +269,7 @@ class Batcher:
             for row, seq in enumerate(self.rows):
                 if seq is None:
                     continue
-                new = embed(torch.tensor(seq.tokens[seq.fed:]))
+                new = embed(torch.tensor(seq.tokens[seq.fed:] + seq.drafted))
                 start = self.prefix + seq.fed if seq.fed else 0  # positions in the row's own sequence
                 if seq.fed == 0 and self.prefix:
                     new = torch.cat([self.variant.soft_prompts.prompt.to(new.dtype), new])
@@ -237,30 +279,54 @@ class Batcher:
                 positions[row, width - n:] = torch.arange(start, start + n)
         return hidden, mask, positions
 
-    def _advance(self, row: int, seq: Sequence, logits: torch.Tensor) -> None:
-        """Pick and report the row's next token; free the row when the sequence is done."""
-        token = sample(logits, seq.sampling, seq.generator)
-        seq.generated.append(token.id)
-        seq.emit(token)
-        if token.id in seq.eos or len(seq.generated) >= seq.sampling.max_tokens:
-            seq.emit("stop" if token.id in seq.eos else "length")
-            self.rows[row] = None
+    def _advance(self, row: int, seq: Sequence, logits: torch.Tensor) -> int:
+        """Pick and report the row's next tokens from its logits [drafts + 1, vocab]; free the row when the
+        sequence is done. Returns how many of the drafts were kept (in the cache: the rest is rolled back)."""
+        seq.fed = len(seq.tokens)
+        if seq.drafted:
+            target = torch.stack([probabilities(x, seq.sampling) for x in logits])
+            tokens = accept(seq.drafted, seq.draft_probs, target, seq.generator)
+            self.draft_length.observe(len(seq.drafted), len(tokens) - 1)
+        else:
+            tokens = [draw(logits[0], seq.sampling, seq.generator)[0]]
+        kept = len(tokens) - 1
+        seq.fed += kept
+        for i, token in enumerate(tokens):
+            seq.generated.append(token)
+            seq.emit(describe(token, logits[i], seq.sampling))
+            if token in seq.eos or len(seq.generated) >= seq.sampling.max_tokens:
+                seq.emit("stop" if token in seq.eos else "length")
+                self.rows[row] = None
+                break
+        return kept
 
 
-def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> Token:
-    """The next token from [vocab] logits: greedy at temperature 0, else nucleus sampling."""
+def probabilities(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The distribution a token is drawn from: one-hot at temperature 0, else temperature and nucleus (top_p)."""
     if sampling.temperature == 0:
-        token = int(torch.argmax(logits))
-    else:
-        probs = torch.softmax(logits / sampling.temperature, dim=-1)
-        if sampling.top_p < 1:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_probs, 0) - sorted_probs < sampling.top_p  # the smallest set reaching top_p
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-        token = int(torch.multinomial(probs, 1, generator=generator))
+        return torch.nn.functional.one_hot(logits.argmax(), logits.numel()).float()
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, 0) - sorted_probs < sampling.top_p  # the smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+        probs = probs / probs.sum()
+    return probs
+
+
+def draw(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> tuple[int, torch.Tensor]:
+    """The next token from [vocab] logits, and the distribution it came from."""
+    probs = probabilities(logits, sampling)
+    if sampling.temperature == 0:
+        return int(probs.argmax()), probs
+    return int(torch.multinomial(probs, 1, generator=generator)), probs
+
+
+def describe(token: int, logits: torch.Tensor, sampling: Sampling) -> Token:
+    """The token as reported, with the model's own logprobs (before temperature and top_p) if asked for."""
     if sampling.logprobs is None:
         return Token(token)
-    logprobs = torch.log_softmax(logits, dim=-1)  # of the model itself, before temperature and top_p
+    logprobs = torch.log_softmax(logits, dim=-1)
     top = []
     if sampling.logprobs > 0:
         values, ids = torch.topk(logprobs, min(sampling.logprobs, logprobs.numel()))

@@ -9,6 +9,7 @@ generated tokens are the same as without the failure.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 import secrets
@@ -60,6 +61,25 @@ class _History:
         if self.buffer is not None:
             self.buffer = self.buffer[index]
 
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+
+@dataclasses.dataclass
+class _Edits:
+    """Changes to a server's cache that go out with the next step to that server (see the server's CacheEdits)."""
+
+    reorder: torch.Tensor | None = None   # beam search: row i continues the old row reorder[i]
+    truncate: int | None = None           # the cache's length before the step's tokens
+    keep: torch.Tensor | None = None      # [batch]: each row's entries from keep[row] on are hidden
+    reset: torch.Tensor | None = None     # [batch] bool: rows whose earlier tokens are hidden
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        hides = self.keep is not None and bool((self.keep < self.truncate).any())  # else truncating says it all
+        named = {"reorder": self.reorder, "keep": self.keep if hides else None,
+                 "reset": self.reset.nonzero().flatten() if self.reset is not None else None}
+        return {name: t for name, t in named.items() if t is not None}
+
 
 class _SpanSession:
     """This client's session with one server for blocks [hop.start, hop.end)."""
@@ -67,8 +87,7 @@ class _SpanSession:
     def __init__(self, session: InferenceSession, hop: Hop, history: _History, upstream: str | None = None):
         self.session, self.hop, self.history = session, hop, history
         self.upstream = upstream  # the server before this one in the chain: the only one that may push to it
-        self.pending_reorder: torch.Tensor | None = None  # beam reordering to send with the next step
-        self.pending_reset: torch.Tensor | None = None  # [batch] bool: rows to clear with the next step
+        self.edits = _Edits()  # to send with the next step
         self.stream = MessageStream(session.connection.p2p, hop.peer_id, session.connection.token)
         self.shadows: list[_SpanSession] = []  # other servers running the same blocks, to verify this one
         self.session_id = secrets.token_hex(16)  # lets the previous server push its outputs to this session
@@ -122,13 +141,11 @@ class _SpanSession:
     def message(self, meta: dict, mask: torch.Tensor, position_ids: torch.Tensor,
                 hidden: torch.Tensor | None) -> bytes:
         """A step message; without `hidden`, the server takes it from the previous server's push."""
-        tensors = {"attention_mask": mask, "position_ids": position_ids}
+        tensors = {"attention_mask": mask, "position_ids": position_ids, **self.edits.tensors()}
         if hidden is not None:
             tensors["hidden"] = hidden
-        if self.pending_reorder is not None:
-            tensors["reorder"] = self.pending_reorder
-        if self.pending_reset is not None:
-            tensors["reset"] = self.pending_reset.nonzero().flatten()
+        if self.edits.truncate is not None:
+            meta = {**meta, "truncate": self.edits.truncate}
         data = wire.pack(meta, tensors)
         self.session.bytes_sent += len(data)
         return data
@@ -136,7 +153,7 @@ class _SpanSession:
     def output(self, reply: dict, like: torch.Tensor) -> torch.Tensor:
         """The span's output from a step reply, checked."""
         out = check_output(self.hop.peer_id, reply.get("hidden"), like.shape, "hidden")
-        self.pending_reorder = self.pending_reset = None
+        self.edits = _Edits()
         return out.to(like.dtype)
 
     def _verified(self, out, hidden, mask, position_ids, step: int) -> torch.Tensor:
@@ -181,8 +198,7 @@ class _SpanSession:
             other = replicas[winner]
             self.stream, other.stream = other.stream, self.stream
             self.hop, other.hop = other.hop, self.hop
-            self.pending_reorder, other.pending_reorder = other.pending_reorder, self.pending_reorder
-            self.pending_reset, other.pending_reset = other.pending_reset, self.pending_reset
+            self.edits, other.edits = other.edits, self.edits
         self.shadows = [r for r in replicas.values() if r is not self and r.hop.peer_id not in losers]
         return results[winner]
 
@@ -331,10 +347,10 @@ class InferenceSession:
         index = index.long().cpu()
         for span in self.spans:
             for replica in [span, *span.shadows]:
-                pending = replica.pending_reorder
-                replica.pending_reorder = index if pending is None else pending[index]
-                if replica.pending_reset is not None:
-                    replica.pending_reset = replica.pending_reset[index]
+                edits = replica.edits
+                edits.reorder = index if edits.reorder is None else edits.reorder[index]
+                edits.keep = edits.keep[index] if edits.keep is not None else None
+                edits.reset = edits.reset[index] if edits.reset is not None else None
             span.history.reorder(index)
         if self.mask is not None:
             self.mask, self.positions = self.mask[index], self.positions[index]
@@ -348,10 +364,33 @@ class InferenceSession:
         rows = rows.bool().cpu()
         for span in self.spans:
             for replica in [span, *span.shadows]:
-                pending = replica.pending_reset
-                replica.pending_reset = rows if pending is None else pending | rows
+                edits = replica.edits
+                edits.reset = rows if edits.reset is None else edits.reset | rows
         if self.mask is not None:
             self.mask = self.mask.masked_fill(rows[:, None], 0)
+
+    def rollback(self, keep: int | torch.Tensor) -> None:
+        """Forget the newest tokens (speculative decoding's rejected drafts): each row keeps its first `keep`
+        positions (an int, or [batch] ints), and the session continues from the longest kept row.
+
+        Positions a row drops but another keeps stay in the cache, hidden from that row by the mask.
+        Each server drops the same with the next step; a replay after a failure sends only what is kept.
+        """
+        keep = torch.as_tensor(keep, dtype=torch.long).cpu().expand(self.batch_size).clone()
+        if not bool(((keep >= 0) & (keep <= self.length)).all()):
+            raise ValueError(f"rollback needs 0 <= keep <= {self.length} (the session's length), got {keep.tolist()}")
+        length = int(keep.max()) if keep.numel() else 0
+        if self.mask is not None:
+            columns = torch.arange(self.length)
+            self.mask = self.mask.masked_fill(columns >= keep[:, None], 0)[:, :length]
+            self.positions = self.positions[:, :length]
+        for span in self.spans:
+            span.history.truncate(length)
+            for replica in [span, *span.shadows]:
+                edits = replica.edits  # a second rollback before the next step hides what either hid
+                edits.keep = keep if edits.keep is None else torch.minimum(edits.keep, keep)
+                edits.truncate = length
+        self.length = length
 
     def close(self) -> None:
         if not self.closed:

@@ -26,6 +26,7 @@ from swarmtune.client.config import ClientConfig
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.inference import InferenceSession
 from swarmtune.client.sequential import RemoteSequential
+from swarmtune.client.speculative import DraftLength, SwarmDraft
 from swarmtune.errors import check_multiaddrs
 from swarmtune.models import ClientParts, load_client_parts, load_config, parse_dtype
 
@@ -62,6 +63,17 @@ class RemoteCache(Cache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.session.reorder(beam_idx)
 
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the newest `-tokens_to_remove` tokens (assisted generation's rejected drafts) on every server."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number: how many of the newest tokens to remove")
+        if tokens_to_remove < 0:
+            self.session.rollback(self.session.length + tokens_to_remove)
+
     def __len__(self) -> int:
         return 1
 
@@ -85,6 +97,7 @@ class SwarmForCausalLM(PreTrainedModel, GenerationMixin):
         self.soft_prompts: SoftPrompts | None = None  # a trained prefix (and deep prompts) before every input
         self.active_adapter: str | None = None  # a server-hosted adapter (by name) instead of client LoRA
         self._session: InferenceSession | None = None
+        self.draft_length: DraftLength | None = None  # speculative decoding's draft length, learned across calls
 
     @property
     def deep_prompts(self) -> torch.Tensor | None:
@@ -179,12 +192,28 @@ class SwarmForCausalLM(PreTrainedModel, GenerationMixin):
         self._generate_sessions.append(session)
 
     def generate(self, *args, **kwargs):
+        """transformers' generate over the swarm. With `assistant_model` (a small local causal LM sharing the
+        tokenizer), it decodes speculatively: the draft length follows the measured acceptance rate and
+        swarm step time (`self.draft_length`, kept across calls)."""
         self._generate_sessions: list[InferenceSession] = []
         try:
             return super().generate(*args, **kwargs)
         finally:
             for session in self._generate_sessions:
                 session.close()
+
+    def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs,
+                                 assistant_model=None, target_tokenizer=None, assistant_tokenizer=None):
+        plain_draft = (assistant_model is not None and target_tokenizer is None and assistant_tokenizer is None
+                       and generation_config.assistant_early_exit is None
+                       and generation_config.prompt_lookup_num_tokens is None)
+        if not plain_draft:
+            return super()._get_candidate_generator(generation_config, input_ids, inputs_tensor, logits_processor,
+                                                    model_kwargs, assistant_model, target_tokenizer,
+                                                    assistant_tokenizer)
+        if self.draft_length is None:
+            self.draft_length = DraftLength()
+        return SwarmDraft(assistant_model, generation_config, logits_processor, self.draft_length)
 
     # ---- sessions --------------------------------------------------------------------------------
 

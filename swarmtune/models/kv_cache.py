@@ -59,6 +59,12 @@ class SpanKVCache:
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
 
+    def truncate(self, length: int) -> None:
+        """Forget every entry from `length` on (speculative decoding drops the rejected drafts)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.length = length
+
     def reorder(self, batch_indices: torch.Tensor) -> None:
         """Select batch rows (beam search): row i becomes the old row batch_indices[i]."""
         idx = batch_indices.to(self.keys.device)

@@ -47,7 +47,7 @@ from swarmtune.server.requests import (
     parse_span_request,
     requested_blocks,
 )
-from swarmtune.server.sessions import CacheBudget, ServerSession
+from swarmtune.server.sessions import CacheBudget, CacheEdits, ServerSession
 from swarmtune.server.streams import Frames, serve_on_demand
 
 logger = logging.getLogger(__name__)
@@ -560,18 +560,11 @@ class BlockServicer(ServicerBase):
         batch, length = hidden.shape[:2]
         mask = check_mask(tensors.get("attention_mask"), batch, length)
         pos = check_positions(tensors.get("position_ids"), batch, length, MAX_POSITION)
-        reorder = tensors.get("reorder")
-        if reorder is not None:
-            need(reorder.dtype in (torch.int64, torch.int32) and list(reorder.shape) == [batch],
-                 f"'reorder' must be an integer tensor of shape [{batch}]")
-        reset = tensors.get("reset")
-        if reset is not None:
-            need(reset.dtype in (torch.int64, torch.int32) and reset.dim() == 1 and reset.numel() <= batch,
-                 f"'reset' must be a 1-D integer tensor of at most {batch} rows")
+        edits = _cache_edits(meta, tensors, batch)
         await self.config.faults.wait()
         out = self.config.faults.corrupt(
             await self._compute(peer, batch * length, session.length + length, INFERENCE, session.step, hidden, mask,
-                                pos, reorder, reset))
+                                pos, edits))
         self.stats["inference_steps"] += 1
         target = meta.get("push_to")
         if isinstance(target, dict) and isinstance(target.get("peer"), str) and isinstance(meta.get("step"), int):
@@ -600,6 +593,29 @@ async def _read_message(frames: Frames, reassembler: wire.Reassembler, admission
         reassembler.reset()
         request = None  # noqa: F841
         raise
+
+
+def _cache_edits(meta: dict, tensors: dict, batch: int) -> CacheEdits | None:
+    """A step's edits to its session's cache, their types and shapes checked (their values: by the session)."""
+    reorder, keep, reset = tensors.get("reorder"), tensors.get("keep"), tensors.get("reset")
+    truncate = meta.get("truncate")
+    if reorder is None and reset is None and truncate is None:
+        need(keep is None, "'keep' needs 'truncate'")
+        return None
+    integer = (torch.int64, torch.int32)
+    if reorder is not None:
+        need(reorder.dtype in integer and list(reorder.shape) == [batch],
+             f"'reorder' must be an integer tensor of shape [{batch}]")
+    if truncate is not None:
+        need(type(truncate) is int, "'truncate' must be an integer")
+    if keep is not None:
+        need(truncate is not None, "'keep' needs 'truncate'")
+        need(keep.dtype in integer and list(keep.shape) == [batch],
+             f"'keep' must be an integer tensor of shape [{batch}]")
+    if reset is not None:
+        need(reset.dtype in integer and reset.dim() == 1 and reset.numel() <= batch,
+             f"'reset' must be a 1-D integer tensor of at most {batch} rows")
+    return CacheEdits(reorder, truncate, keep, reset)
 
 
 def _peer_field(meta: dict, key: str) -> str | None:

@@ -133,6 +133,23 @@ class CacheBudget:
                 lease.on_evict()
 
 
+@dataclass
+class CacheEdits:
+    """What a step changes in a session's cache before its new tokens run.
+
+    `reorder` (beam search) picks the row each row continues. `truncate` drops every entry from
+    that length on, and `keep` [batch] hides each row's entries from its own length on (speculative
+    decoding: the rejected drafts, which may differ per row). `reset` lists rows whose earlier
+    tokens are hidden from now on, so that a client batching many requests in one session can hand
+    a finished request's row to a new one without reopening the session.
+    """
+
+    reorder: torch.Tensor | None = None
+    truncate: int | None = None
+    keep: torch.Tensor | None = None
+    reset: torch.Tensor | None = None
+
+
 class ServerSession:
     """A client's inference session as this server holds it: KV cache and the padding mask of all tokens so far."""
 
@@ -155,27 +172,15 @@ class ServerSession:
         self.cache = self.lora = self.deep_prompts = None
 
     def step(self, hidden: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-             reorder: torch.Tensor | None, reset: torch.Tensor | None = None) -> torch.Tensor:
-        """Run new tokens through the span, extending the cache (compute thread).
-
-        `reorder` (beam search) picks the row each row continues; `reset` lists rows whose earlier
-        tokens are hidden from now on, so that a client batching many requests in one session can
-        hand a finished request's row to a new one without reopening the session.
-        """
+             edits: CacheEdits | None = None) -> torch.Tensor:
+        """Run new tokens through the span, extending the cache (compute thread), after `edits` to what it holds."""
         batch, new = hidden.shape[:2]
         if batch != self.cache.batch_size:
             raise RequestError(f"step has batch {batch} but the session was opened with {self.cache.batch_size}")
+        if edits is not None:
+            self._edit(edits, batch)
         if self.length + new > self.max_length:
             raise RequestError(f"session length {self.length + new} would exceed its max_length {self.max_length}")
-        if reorder is not None:
-            if not bool(((reorder >= 0) & (reorder < batch)).all()):
-                raise RequestError("'reorder' indices must lie in [0, batch)")
-            self.cache.reorder(reorder)
-            self.mask = self.mask[reorder.to(self.device)]
-        if reset is not None:
-            if not bool(((reset >= 0) & (reset < batch)).all()):
-                raise RequestError("'reset' rows must lie in [0, batch)")
-            self.mask[reset.to(self.device)] = 0
         chunk = mask.to(self.device) if mask is not None else torch.ones(batch, new, dtype=torch.long,
                                                                          device=self.device)
         full_mask = torch.cat([self.mask, chunk], dim=1)
@@ -185,3 +190,25 @@ class ServerSession:
                             deep_prompts=self.deep_prompts)
         self.mask = full_mask
         return out.to("cpu", hidden.dtype)
+
+    def _edit(self, edits: CacheEdits, batch: int) -> None:
+        """Apply the edits in a fixed order: reorder rows, then truncate and hide, then reset rows."""
+        if edits.reorder is not None:
+            if not bool(((edits.reorder >= 0) & (edits.reorder < batch)).all()):
+                raise RequestError("'reorder' indices must lie in [0, batch)")
+            self.cache.reorder(edits.reorder)
+            self.mask = self.mask[edits.reorder.to(self.device)]
+        if edits.truncate is not None:
+            if not 0 <= edits.truncate <= self.length:
+                raise RequestError(f"'truncate' must lie in [0, {self.length}], the session's length")
+            if edits.keep is not None:
+                if not bool(((edits.keep >= 0) & (edits.keep <= edits.truncate)).all()):
+                    raise RequestError("'keep' must lie in [0, truncate]")
+                columns = torch.arange(self.length, device=self.device)
+                self.mask = self.mask.masked_fill(columns >= edits.keep.to(self.device)[:, None], 0)
+            self.cache.truncate(edits.truncate)
+            self.mask = self.mask[:, :edits.truncate]
+        if edits.reset is not None:
+            if not bool(((edits.reset >= 0) & (edits.reset < batch)).all()):
+                raise RequestError("'reset' rows must lie in [0, batch)")
+            self.mask[edits.reset.to(self.device)] = 0
