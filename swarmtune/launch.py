@@ -183,7 +183,7 @@ def load_draft(source: str | None, config, dtype: str):
     if vocab != want:
         raise UserError(f"generation.draft={source} has a vocabulary of {vocab} tokens and the model {want}: "
                         "the draft must share the model's tokenizer")
-    return AutoModelForCausalLM.from_pretrained(source, dtype=parse_dtype(dtype), attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_pretrained(source, dtype=parse_dtype(dtype)).eval()
 
 
 def client_settings(swarm: DictConfig):

@@ -107,3 +107,33 @@ def _assert_still_serving(conn, server) -> None:
     _, reply = _call(conn, server.peer_id, "forward", wire.pack({"start": 0, "end": 1},
                                                                  {"hidden": torch.randn(1, 3, HIDDEN)}))
     assert reply["hidden"].shape == (1, 3, HIDDEN)
+
+
+@pytest.mark.parametrize("edit", [
+    ({"truncate": -1}, {}), ({"truncate": 9}, {}), ({"truncate": "2"}, {}), ({"truncate": 2.0}, {}),
+    ({}, {"keep": torch.tensor([1])}),                                   # keep without truncate
+    ({"truncate": 2}, {"keep": torch.tensor([1, 1])}),                   # a row too many
+    ({"truncate": 2}, {"keep": torch.tensor([3])}),                      # beyond truncate
+    ({"truncate": 2}, {"keep": torch.tensor([1.0])}),                    # not integers
+])
+def test_bad_rollbacks_are_the_clients_error(target, edit):
+    """A step whose cache edits (speculative decoding's rollback) are out of range or mistyped is refused
+    without retry, and the server keeps serving."""
+    conn, server = target
+    meta, tensors = edit
+    one = torch.ones(1, 3, dtype=torch.long)
+    first = {"hidden": torch.randn(1, 3, HIDDEN), "attention_mask": one, "position_ids": torch.arange(3)[None]}
+    bad = {"hidden": torch.randn(1, 1, HIDDEN), "attention_mask": one[:, :1], "position_ids": torch.tensor([[2]]),
+           **tensors}
+    stream = MessageStream(conn.p2p, server.peer_id, conn.token)
+    try:
+        conn.run(stream.exchange(wire.pack({"type": "open", "start": 0, "end": 1, "max_length": 16,
+                                            "batch_size": 1}), 20), timeout=30)
+        conn.run(stream.exchange(wire.pack({"step": 0}, first), 20), timeout=30)
+        with pytest.raises(ServerFailure) as raised:
+            conn.run(stream.exchange(wire.pack({"step": 1, **meta}, bad), 20), timeout=30)
+        assert not getattr(raised.value, "retry", False), raised.value.reason
+        assert any(word in str(raised.value) for word in ("truncate", "keep")), raised.value
+    finally:
+        conn.loop.call_soon_threadsafe(stream.close)
+    _assert_still_serving(conn, server)
