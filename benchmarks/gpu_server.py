@@ -1,34 +1,30 @@
-"""GPU server figures (issue 8): a span of Llama-2-70B-shaped blocks against plain transformers, in one run.
+"""GPU server figures: a span of Llama-2-70B-shaped blocks, and a whole swarm, against plain transformers.
 
 Random weights; block shape hidden 8192, 64 heads, 8 KV heads, MLP 28672; 8 blocks (~14 GB bf16).
 
-- decode: bf16 single-token steps at batch 1 after 512 tokens of context, per block. Ours
-  (SpanModel + SpanKVCache, all blocks in one call) beside transformers eager (LlamaModel with
-  DynamicCache) and a bandwidth floor (the blocks' seven matrix-vector products, chained); also
-  the fixed-shape step with and without a CUDA graph (swarmtune.server.cuda.StaticStep), and nf4
-  and int8 blocks (bitsandbytes). Targets: bf16 <= 0.6 ms per block; nf4 no slower than bf16.
+- decode: bf16 single-token steps at batch 1 after 512 tokens of context, per block: the normal
+  step (SpanModel + SpanKVCache, all blocks in one call), the fixed-shape step with and without a
+  CUDA graph (swarmtune.server.cuda.StaticStep: what servers run on CUDA), transformers eager
+  (LlamaModel with DynamicCache) and a bandwidth floor (the blocks' seven matrix-vector products,
+  chained); also nf4 and int8 blocks (bitsandbytes). Targets: the server's step <= 0.6 ms per
+  block in bf16; nf4 no slower than bf16.
 - train: forward + backward w.r.t. the inputs of 8 x 512 tokens in TFLOP/s-equivalent, ours
   (server.compute.backward) beside transformers. Target >= 450.
 - e2e: a server process (python -m swarmtune.server --device cuda --dtype bf16 --cache-mb auto)
   holding the 8 blocks, written as a checkpoint to a temporary folder, driven from this process
   through an InferenceSession over loopback, beside the same blocks stepped in this process by
-  the server's own session code. Target: >= 80% of the in-process steps/s.
+  the server's own session code (with and without CUDA graphs). Target: >= 80% of the in-process
+  steps/s with the server's step.
 - offload: the paper's other baseline, the same blocks in pinned host memory copied to the GPU
   block by block at every step, in steps/s beside the swarm.
+- swarm: a Llama-2-7B-shaped model (32 blocks of hidden 4096) in two server processes (bf16, then
+  nf4), a client on the GPU generating greedily through them, beside transformers generating
+  in-process. Target: >= 80% of transformers' steps/s.
 
 Correctness checks (our outputs against transformers' and each other's) fail the run on any
-device; the speed targets unless --small or --no-enforce is given. Exits
-1 when something failed or a target was missed.
-
-On a GPU machine (Python 3.12, torch cu130, no package index), from the repository root, with
-the wheels of ../shared/device/fetch_wheels.sh carried in .whl/ (see benchmarks/GPU.md for the
-whole device call; a --small run on the GPU first, then this one, estimated at 3-5 minutes):
-
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
-        --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site:$PWD timeout 420 python3 -m benchmarks.gpu_server --json $OUT/full.json
-
-On a CPU with tiny shapes (what tests/test_gpu_bench.py runs; ~20 s):
+device; the speed targets unless --small or --no-enforce is given. Exits 1 when something failed
+or a target was missed. benchmarks/GPU.md has the device call (benchmarks/gpu_check.sh) and the
+measured table. On a CPU with tiny shapes (what tests/test_gpu_bench.py runs):
 
     python -m benchmarks.gpu_server --small --device cpu --no-enforce
 """
@@ -38,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import gc
 import importlib.util
 import inspect
@@ -64,7 +61,7 @@ from swarmtune.server import compute, cuda
 from swarmtune.server.quantize import quantize
 from swarmtune.server.sessions import Lease, ServerSession
 
-SECTIONS = ("decode", "quant", "train", "e2e", "offload")
+SECTIONS = ("decode", "quant", "train", "e2e", "offload", "swarm")
 DECODE_TARGET_MS = 0.6          # per block, bf16, batch 1, 512 tokens of context
 TRAIN_TARGET_TFLOPS = 450.0
 E2E_TARGET_RATIO = 0.8          # swarm steps/s over in-process steps/s
@@ -74,6 +71,20 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # transformers renamed past_key_values to cache during 5.x: pass whichever this version takes.
 CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+@dataclass(frozen=True)
+class SwarmShapes:
+    """The whole-swarm section's model: Llama-2-7B's shape (no grouped KV heads)."""
+
+    hidden: int = 4096
+    heads: int = 32
+    mlp: int = 11008
+    blocks: int = 32
+    vocab: int = 32000
+    prompt: int = 128
+    new_tokens: int = 64
+    cache_mb: int = 4096            # per server: two share the GPU, so no --cache-mb auto race
 
 
 @dataclass(frozen=True)
@@ -90,12 +101,14 @@ class Shapes:
     e2e_steps: int = 32
     e2e_rounds: int = 3             # swarm and in-process series alternate, so both see the same conditions
     offload_steps: int = 3
-    start_timeout: float = 300.0    # for the server process: loading 14 GB and measuring its throughput
+    start_timeout: float = 300.0    # for a server process: loading 14 GB
+    swarm: SwarmShapes = SwarmShapes()
 
 
 FULL = Shapes()
 SMALL = Shapes(hidden=64, heads=4, kv_heads=2, mlp=128, blocks=2, context=16, decode_steps=4, train_shape=(2, 16),
-             train_calls=2, e2e_steps=4, e2e_rounds=2, offload_steps=2, start_timeout=120.0)
+             train_calls=2, e2e_steps=4, e2e_rounds=2, offload_steps=2, start_timeout=120.0,
+             swarm=SwarmShapes(hidden=64, heads=4, mlp=128, blocks=4, vocab=128, prompt=8, new_tokens=4, cache_mb=16))
 
 
 @dataclass
@@ -277,10 +290,9 @@ def decode_section(model: PreTrainedModel, shapes: Shapes, device: torch.device,
         cache = prefilled(span, prompt, calls)
         ours_first, ours_times = timed_calls(lambda: span(token, cache=cache), calls, device)
         ours_ms, hf_ms = per_block_ms(ours_times), per_block_ms(hf_times)
-        found["decode_bf16_ms"] = ours_ms
         rows += [
-            Row("decode", f"{DTYPE_NAMES[dtype]} decode per block, ours (SpanModel + SpanKVCache)", ours_ms, "ms",
-                hf_ms, "transformers eager + DynamicCache", f"<= {DECODE_TARGET_MS}", ours_ms <= DECODE_TARGET_MS,
+            Row("decode", f"{DTYPE_NAMES[dtype]} decode per block, normal step (SpanModel + SpanKVCache)", ours_ms,
+                "ms", hf_ms, "transformers eager + DynamicCache",
                 note=f"batch 1, {shapes.context} tokens of context, {shapes.blocks} blocks per call; server settings "
                      f"(cuDNN SDPA off) for both"),
             Row("decode", "transformers decode per block, server settings (cuDNN SDPA off)", hf_ms, "ms",
@@ -291,20 +303,33 @@ def decode_section(model: PreTrainedModel, shapes: Shapes, device: torch.device,
         x = token[0]
         _, chain_times = timed_calls(lambda: chain(x), calls, device)
         chain_ms = per_block_ms(chain_times)
-        rows.append(Row("decode", "bandwidth floor per block: 7 GEMVs chained", chain_ms, "ms", ours_ms, "ours",
-                        note=f"{nbytes / median_after_warmup(chain_times) / 1e9:.0f} GB/s"))
-        rows += static_rows(span, prompt, token, ours_first, ours_ms, calls, device)
-    return rows
+        rows.append(Row("decode", "bandwidth floor per block: 7 GEMVs chained", chain_ms, "ms", ours_ms,
+                        "ours (normal step)", note=f"{nbytes / median_after_warmup(chain_times) / 1e9:.0f} GB/s"))
+        static, graph_ms = static_rows(span, prompt, token, ours_first, ours_ms, calls, device)
+    server_ms = graph_ms if graph_ms is not None else ours_ms
+    found["decode_bf16_ms"] = server_ms
+    rows.append(Row("decode", f"{DTYPE_NAMES[dtype]} decode per block, the server's step ({server_step(device)})",
+                    server_ms, "ms", hf_ms, "transformers eager + DynamicCache", f"<= {DECODE_TARGET_MS}",
+                    server_ms <= DECODE_TARGET_MS, note=f"bandwidth floor {chain_ms:.3g} ms"))
+    return rows + static
+
+
+def server_step(device: torch.device, quant: str = "none") -> str:
+    """How a server steps single tokens: CUDA graphs of the fixed-shape step on CUDA (not for int8)."""
+    return "fixed-shape step + CUDA graph" if device.type == "cuda" and quant != "int8" else "normal step"
 
 
 def static_rows(span: SpanModel, prompt: torch.Tensor, token: torch.Tensor, ours_first: torch.Tensor,
-                ours_ms: float, calls: int, device: torch.device) -> list[Row]:
-    """The fixed-shape step, eager and (CUDA only) replayed from a CUDA graph, beside our normal step."""
-    rows = []
+                ours_ms: float, calls: int, device: torch.device,
+                graph: bool = True) -> tuple[list[Row], float | None]:
+    """The fixed-shape step, eager and (CUDA only) replayed from a CUDA graph, beside our normal step;
+    also the graph step's ms per block (None where it did not run)."""
+    rows, graph_ms = [], None
     for use_graph in (False, True):
         name = "decode per block, fixed-shape step" + (" + CUDA graph" if use_graph else "")
-        if use_graph and device.type != "cuda":
-            rows.append(Row("decode", name, None, note="skipped: CUDA graphs need a CUDA device"))
+        if use_graph and (device.type != "cuda" or not graph):
+            why = "CUDA graphs need a CUDA device" if device.type != "cuda" else "its kernels cannot be captured"
+            rows.append(Row("decode", name, None, note=f"skipped: {why}"))
             continue
         cache = prefilled(span, prompt, calls)
         step = cuda.StaticStep(span, cache, use_graph=use_graph)
@@ -321,9 +346,10 @@ def static_rows(span: SpanModel, prompt: torch.Tensor, token: torch.Tensor, ours
             rows.append(Row("decode", name, None, ok=False, check=True, note=f"failed: {type(e).__name__}: {e}"))
             continue
         ms = 1e3 * median_after_warmup(times) / span.num_blocks
+        graph_ms = ms if use_graph else graph_ms
         rows += [Row("decode", name, ms, "ms", ours_ms, "ours (normal step)"),
                  check_row("decode", f"{name}: output vs normal step", first, ours_first, span.compute_dtype)]
-    return rows
+    return rows, graph_ms
 
 
 def quant_section(model: PreTrainedModel, shapes: Shapes, device: torch.device, found: dict) -> list[Row]:
@@ -341,11 +367,15 @@ def quant_section(model: PreTrainedModel, shapes: Shapes, device: torch.device, 
         span = span_of(model, blocks)
         with torch.inference_mode():
             cache = prefilled(span, prompt, calls)
-            _, times = timed_calls(lambda span=span, cache=cache: span(token, cache=cache), calls, device)
-        ms = 1e3 * median_after_warmup(times) / shapes.blocks
+            first, times = timed_calls(lambda span=span, cache=cache: span(token, cache=cache), calls, device)
+            ms = 1e3 * median_after_warmup(times) / shapes.blocks
+            static, graph_ms = static_rows(span, prompt, token, first, ms, calls, device, graph=quant != "int8")
+        server_ms = graph_ms if graph_ms is not None else ms
         target = quant == "nf4" and bf16_ms is not None
-        rows.append(Row("quant", f"{quant} decode per block, ours", ms, "ms", bf16_ms, "ours bf16",
-                        "<= bf16" if target else "", (ms <= bf16_ms) if target else None))
+        rows.append(Row("quant", f"{quant} decode per block, the server's step ({server_step(device, quant)})",
+                        server_ms, "ms", bf16_ms, "bf16, the server's step", "<= bf16" if target else "",
+                        (server_ms <= bf16_ms) if target else None, note=f"normal step {ms:.3g} ms"))
+        rows += [dataclasses.replace(r, section="quant", name=f"{quant} {r.name}") for r in static]
         del span, blocks, cache
         free_memory(device)
     return rows
@@ -398,7 +428,8 @@ def train_section(model: PreTrainedModel, shapes: Shapes, device: torch.device, 
 
 
 def e2e_section(model: PreTrainedModel, shapes: Shapes, device: torch.device, found: dict) -> list[Row]:
-    """Steps/s through a server process over loopback vs the same blocks in this process."""
+    """Steps/s through a server process over loopback vs the same blocks in this process, and what the
+    fixed-shape step with CUDA graphs (the server's default on CUDA) gains inside a session."""
     if importlib.util.find_spec("hivemind") is None:
         return [Row("e2e", "server process vs in-process", None, note="skipped: hivemind is not installed")]
     from swarmtune.client.config import ClientConfig
@@ -410,40 +441,174 @@ def e2e_section(model: PreTrainedModel, shapes: Shapes, device: torch.device, fo
     max_length = shapes.context + 1 + shapes.e2e_rounds * calls
     prompt = torch.randn(1, shapes.context, shapes.hidden)
     token = torch.randn(1, 1, shapes.hidden)
-    local = ServerSession(span_of(model), 1, max_length, None, None, Lease("local", 0, None))
+    graphs = device.type == "cuda"  # what a server does: graphs where there is CUDA
+    local = {name: ServerSession(span_of(model), 1, max_length, None, None, Lease("local", 0, None),
+                                 static_steps=static) for name, static in (("plain", False), ("server", graphs))}
     with tempfile.TemporaryDirectory(prefix="swarmtune-gpu-bench-") as tmp:
         path, logs = os.path.join(tmp, "model"), os.path.join(tmp, "logs")
         os.makedirs(logs)
         model.save_pretrained(path, max_shard_size="2GB")
         free_memory(device)
-        options = dict(dtype=DTYPE_NAMES[model.dtype], device=str(device), cache_mb="auto",
-                       throughput_cache=os.path.join(tmp, "throughput"))
+        options = dict(dtype=DTYPE_NAMES[model.dtype], device=str(device), cache_mb="auto", throughput=1.0)
         with LocalSwarm(path, spans=[(0, shapes.blocks)], log_dir=logs,
                         start_timeout=shapes.start_timeout, **options) as swarm:
             connection = SwarmConnection(ClientConfig(initial_peers=swarm.initial_peers), swarm.dht_prefix,
                                          shapes.blocks)
             try:
                 with InferenceSession(connection, max_length, 1) as remote:
+                    steppers = {"swarm": lambda: remote.step(token),
+                                **{name: (lambda s=s: s.step(token, None, None, None)) for name, s in local.items()}}
                     remote.step(prompt)
-                    local.step(prompt, None, None, None)
-                    swarm_first, local_first = remote.step(token), local.step(token, None, None, None)
-                    times: dict[str, list[float]] = {"swarm": [], "local": []}
-                    for _ in range(shapes.e2e_rounds):
-                        times["swarm"] += wall_times(lambda: remote.step(token), calls)[WARMUP:]
-                        times["local"] += wall_times(lambda: local.step(token, None, None, None), calls)[WARMUP:]
+                    for session in local.values():
+                        session.step(prompt, None, None, None)
+                    first = {name: step() for name, step in steppers.items()}
+                    times: dict[str, list[float]] = {name: [] for name in steppers}
+                    for _ in range(shapes.e2e_rounds):  # interleaved, so that all see the same conditions
+                        for name, step in steppers.items():
+                            times[name] += wall_times(step, calls)[WARMUP:]
             finally:
                 connection.close()
             budget = [line.rsplit(": ", 1)[-1] for line in swarm.servers[0].lines if "KV cache budget" in line]
-    swarm_rate, local_rate = (1 / statistics.median(times[k]) for k in ("swarm", "local"))
-    found["swarm_steps_s"] = swarm_rate
+    rate = {name: 1 / statistics.median(t) for name, t in times.items()}
+    found["swarm_steps_s"] = rate["swarm"]
     kv_budget = budget[-1] if budget else "?"
     note = f"batch 1, {shapes.blocks} blocks, context {shapes.context}+; server KV budget {kv_budget}"
+    step_kind = "fixed-shape step + CUDA graphs" if graphs else "normal step"
     return [
-        Row("e2e", "steps/s, server process via InferenceSession (loopback)", swarm_rate, "steps/s", local_rate,
-            "same blocks in-process (server session code)", f">= {E2E_TARGET_RATIO:g} x baseline",
-            swarm_rate >= E2E_TARGET_RATIO * local_rate, note=note),
-        check_row("e2e", "step output, server process vs in-process", swarm_first, local_first, model.dtype),
+        Row("e2e", "steps/s, server process via InferenceSession (loopback)", rate["swarm"], "steps/s",
+            rate["server"], f"same blocks in-process (server session code, {step_kind})",
+            f">= {E2E_TARGET_RATIO:g} x baseline", rate["swarm"] >= E2E_TARGET_RATIO * rate["server"], note=note),
+        Row("e2e", f"steps/s in-process, session with {step_kind}", rate["server"], "steps/s", rate["plain"],
+            "session with the normal step (--no-cuda-graphs)"),
+        check_row("e2e", "step output, server process vs in-process", first["swarm"], first["plain"], model.dtype),
+        check_row("e2e", f"step output, {step_kind} vs normal step", first["server"], first["plain"], model.dtype),
     ]
+
+
+# ---- a whole swarm: two server processes, a client generating -------------------------------------
+
+
+def greedy_rate(logits_of: Callable[[torch.Tensor, bool], torch.Tensor], prompt: torch.Tensor,
+                new_tokens: int) -> tuple[float, list[int], torch.Tensor]:
+    """Greedy decoding by hand: steps/s over `new_tokens` single-token steps (after the prompt's), the
+    tokens, and the prompt's last logits. `logits_of(ids, first)` runs a step; `first` starts a sequence."""
+    logits = logits_of(prompt, True)[:, -1]
+    first_logits, tokens = logits.float().cpu(), []
+    began = 0.0
+    for i in range(WARMUP + new_tokens):
+        if i == WARMUP:
+            began = time.perf_counter()
+        token = logits.argmax(-1, keepdim=True)
+        tokens.append(int(token))  # waits for the step, as a generating client must
+        logits = logits_of(token, False)[:, -1]
+    int(logits.argmax())
+    return new_tokens / (time.perf_counter() - began), tokens, first_logits
+
+
+def swarm_section(model: PreTrainedModel, shapes: Shapes, device: torch.device, found: dict) -> list[Row]:
+    """A Llama-2-7B-shaped model served by two server processes (bf16, then nf4), a client generating
+    through them, beside the same model generating in this process with transformers (bf16, and nf4 through
+    transformers' own bitsandbytes integration). Logits are checked against an fp32 reference: the swarm's
+    error may be at most twice transformers' own in the same dtype."""
+    if importlib.util.find_spec("hivemind") is None:
+        return [Row("swarm", "two servers vs in-process", None, note="skipped: hivemind is not installed")]
+    from swarmtune.client.model import SwarmForCausalLM
+    from swarmtune.swarm import LocalSwarm
+
+    s = shapes.swarm
+    config = LlamaConfig(hidden_size=s.hidden, num_attention_heads=s.heads, num_key_value_heads=s.heads,
+                         intermediate_size=s.mlp, num_hidden_layers=s.blocks, vocab_size=s.vocab,
+                         max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    prompt = torch.randint(3, s.vocab, (1, s.prompt), generator=torch.Generator().manual_seed(0)).to(device)
+    new_tokens, half = s.new_tokens, s.blocks // 2
+    max_length = s.prompt + WARMUP + new_tokens + 2
+    quants = ["none"] + (["nf4"] if importlib.util.find_spec("bitsandbytes") is not None else [])
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="swarmtune-gpu-swarm-") as tmp, torch.inference_mode():
+        path, logs = os.path.join(tmp, "model"), os.path.join(tmp, "logs")
+        os.makedirs(logs)
+        hf.eval().requires_grad_(False).save_pretrained(path, max_shard_size="2GB")
+        local = {"none": local_greedy(hf, prompt, new_tokens)}
+        reference = hf.float()(prompt).logits[:, -1].float().cpu()  # fp32 upcast of the same weights
+        del hf
+        free_memory(device)
+        if "nf4" in quants:
+            local["nf4"] = local_nf4(path, prompt, new_tokens, device)
+        for quant in quants:
+            options = dict(dtype="bf16", device=str(device), cache_mb=s.cache_mb, quant=quant, throughput=1.0)
+            with LocalSwarm(path, spans=[(0, half), (half, s.blocks)], log_dir=logs,
+                            start_timeout=shapes.start_timeout, **options) as swarm:
+                client = SwarmForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, dtype="bf16",
+                                                          dht_prefix=swarm.dht_prefix).to(device)
+                try:
+                    with client.inference_session(max_length) as session:
+                        def swarm_step(ids: torch.Tensor, first: bool, parts=client.parts, session=session):
+                            return parts.logits(session.step(parts.embed_tokens(ids)))
+
+                        rate, tokens, logits = greedy_rate(swarm_step, prompt, new_tokens)
+                    k = min(8, len(tokens))
+                    generated = client.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+                    generate_ok = generated[0, s.prompt:].tolist() == tokens[:k]
+                finally:
+                    client.close()
+            rows += swarm_rows(quant, s, rate, tokens, logits, local, reference, generate_ok)
+    return rows
+
+
+def local_greedy(model: PreTrainedModel, prompt: torch.Tensor, new_tokens: int):
+    """transformers' own model generating greedily in this process (DynamicCache)."""
+    cache = DynamicCache()
+    return greedy_rate(lambda ids, first: model(input_ids=ids, use_cache=True, **{CACHE_KWARG: cache}).logits,
+                       prompt, new_tokens)
+
+
+def local_nf4(path: str, prompt: torch.Tensor, new_tokens: int, device: torch.device):
+    """The checkpoint loaded in nf4 by transformers' bitsandbytes integration, generating; None if it cannot."""
+    from transformers import BitsAndBytesConfig
+
+    try:
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=torch.bfloat16,
+                                                     device_map=str(device), attn_implementation="sdpa").eval()
+    except Exception as e:  # e.g. no 4-bit loading on this device: the nf4 rows say so
+        print(f"transformers could not load the model in nf4: {type(e).__name__}: {e}", flush=True)
+        return None
+    result = local_greedy(model, prompt, new_tokens)
+    del model
+    free_memory(device)
+    return result
+
+
+def swarm_rows(quant: str, s: SwarmShapes, rate: float, tokens: list[int], logits: torch.Tensor, local: dict,
+               reference: torch.Tensor, generate_ok: bool) -> list[Row]:
+    name = "bf16" if quant == "none" else quant
+    setup = (f"{s.blocks} blocks of hidden {s.hidden} in two servers ({s.blocks // 2} each, KV budget "
+             f"{s.cache_mb} MiB), batch 1, prompt {s.prompt}, {s.new_tokens} steps timed")
+    bf16_rate, _, bf16_logits = local["none"]
+    baseline = local.get(quant)
+    if baseline is None:
+        return [Row("swarm", f"steps/s, {name} swarm of two server processes", rate, "steps/s", bf16_rate,
+                    "transformers in-process, bf16", note=f"{setup}; transformers could not load {name}")]
+    hf_rate, hf_tokens, hf_logits = baseline
+    same = next((i for i, (a, b) in enumerate(zip(tokens, hf_tokens)) if a != b), len(tokens))
+    error, hf_error = relative_error(logits, reference), relative_error(hf_logits, reference)
+    rows = [
+        Row("swarm", f"steps/s, {name} swarm of two server processes, client generating", rate, "steps/s", hf_rate,
+            f"transformers in-process, {name}", f">= {E2E_TARGET_RATIO:g} x baseline",
+            rate >= E2E_TARGET_RATIO * hf_rate,
+            note=f"{setup}; greedy tokens equal to transformers' for the first {same} of {len(tokens)}"
+                 + ("" if quant == "none" else f"; transformers bf16: {bf16_rate:.3g} steps/s")),
+        Row("swarm", f"prompt logits vs fp32 reference, {name} swarm", error, "rel. error", hf_error,
+            f"transformers {name}", "<= 2 x baseline", error <= 2 * hf_error + 1e-6, check=True),
+    ]
+    if quant == "none":
+        rows.append(Row("swarm", "generate() over the swarm equals the hand-written greedy loop", float(generate_ok),
+                        ok=generate_ok, check=True))
+    return rows
 
 
 # ---- local offloading ---------------------------------------------------------------------------
@@ -552,7 +717,7 @@ def environment(device: torch.device) -> dict:
 
 def run_guarded(name: str, fn: Callable[[], list[Row]], rows: list[Row]) -> None:
     """Run one section; an exception becomes a failed row, and the other sections still run."""
-    began = time.perf_counter()
+    began, before = time.perf_counter(), len(rows)
     try:
         rows += fn()
     except Exception as e:
@@ -561,6 +726,7 @@ def run_guarded(name: str, fn: Callable[[], list[Row]], rows: list[Row]) -> None
         rows.append(Row(name, f"{name} section", None, ok=False, check=True,
                         note=f"error: {type(e).__name__}: {first_line}"))
     print(f"[{name}] {time.perf_counter() - began:.1f} s", flush=True)
+    print(table(rows[before:], enforce=False), flush=True)  # a run cut short still reports what it measured
 
 
 def parse_flags(argv: list[str] | None) -> argparse.Namespace:
@@ -591,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(shapes, torch.bfloat16, device)
     print(f"[model] {time.perf_counter() - began:.1f} s", flush=True)
     sections = {"decode": decode_section, "quant": quant_section, "train": train_section, "e2e": e2e_section,
-                "offload": offload_section}
+                "offload": offload_section, "swarm": swarm_section}
     rows: list[Row] = []
     found: dict = {}
     for name in args.sections.split(","):

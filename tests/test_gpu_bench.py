@@ -17,6 +17,7 @@ from swarmtune.server import cuda, throughput
 from swarmtune.server.__main__ import build_parser, config_from_args
 from swarmtune.server.quantize import block_bytes
 from swarmtune.server.server import Server, ServerConfig
+from swarmtune.server.sessions import CacheEdits, Lease, ServerSession
 from swarmtune.tiny_model import tiny_config
 
 GiB = 1 << 30
@@ -29,7 +30,7 @@ def test_small_benchmark_runs_on_cpu(tmp_path):
     assert {r["section"] for r in rows} == set(gpu_server.SECTIONS)
     assert not [r for r in rows if r["ok"] is False and r["check"]], "a correctness check failed"
     measured = {r["name"]: r for r in rows if r["value"] is not None}
-    ours = measured["bf16 decode per block, ours (SpanModel + SpanKVCache)"]
+    ours = measured["bf16 decode per block, normal step (SpanModel + SpanKVCache)"]
     assert ours["value"] > 0 and ours["baseline"] > 0
     assert any(r["section"] == "e2e" and r["unit"] == "steps/s" for r in measured.values())
     assert any(r["section"] == "offload" and r["unit"] == "steps/s" for r in measured.values())
@@ -98,7 +99,7 @@ def test_static_step_equals_the_normal_step(tiny_llama, dtype):
     span(prompt, mask, positions, cache=normal)
     span(prompt, mask, positions, cache=fixed)
     step = cuda.StaticStep(span, fixed, use_graph=True)  # no CUDA here: the graph request falls back to eager
-    assert step.graph is None and not step.use_graph
+    assert not step.graphs and not step.use_graph
     tol = 1e-5 if dtype == "fp32" else 1e-2
     for i in range(steps):
         if i == 3:  # beam search swaps the rows
@@ -119,6 +120,38 @@ def test_static_step_equals_the_normal_step(tiny_llama, dtype):
     positions = positions[:, -1:] + torch.arange(1, 3)
     assert gpu_server.relative_error(span(chunk, mask, positions, cache=fixed),
                                      span(chunk, mask, positions, cache=normal)) <= tol
+
+
+def test_window_grows_in_powers_of_two_up_to_max_length():
+    assert [cuda.window_for(n, 2000) for n in (1, 256, 257, 1024, 1025, 2000)] == [256, 256, 512, 1024, 2000, 2000]
+    assert cuda.window_for(5, 40) == 40
+    assert cuda.windows(2000) == [256, 512, 1024, 2000] and cuda.windows(40) == [40]
+    assert {cuda.window_for(n, 2000) for n in range(1, 2001)} == set(cuda.windows(2000))
+
+
+@torch.inference_mode()
+def test_sessions_with_static_steps_equal_plain_sessions(tiny_llama, monkeypatch):
+    """The server session's fixed-shape path (what CUDA servers replay as graphs) gives the plain path's
+    outputs through windows that grow, padding, default positions, a rollback and a beam reorder."""
+    monkeypatch.setattr(cuda, "MIN_WINDOW", 4)  # cross several windows in a few steps
+    span = load_span(tiny_llama, 0, 4)
+    lease = Lease("peer", 0, None)
+    plain, static = (ServerSession(span, 2, 40, None, None, lease, static_steps=s) for s in (False, True))
+    assert plain.static is None and static.static is not None
+    torch.manual_seed(0)
+    hidden = lambda n: torch.randn(2, n, span.config.hidden_size)  # noqa: E731
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0
+    prompt = hidden(5)
+    for a, b in [(plain.step(prompt, mask, None), static.step(prompt, mask, None))]:
+        torch.testing.assert_close(b, a, rtol=0, atol=0)  # multi-token steps take the same path
+    for i in range(14):
+        edits = CacheEdits(truncate=plain.length - 2) if i == 6 else \
+            CacheEdits(reorder=torch.tensor([1, 0])) if i == 9 else None
+        token = hidden(1)
+        expected = plain.step(token, None, None, edits)
+        torch.testing.assert_close(static.step(token, None, None, edits), expected, rtol=1e-5, atol=1e-5)
+    assert static.static is not None and static.length == plain.length
 
 
 @pytest.mark.parametrize("family", ["mistral", "mixtral", "bloom"])

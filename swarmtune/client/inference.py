@@ -154,7 +154,7 @@ class _SpanSession:
         """The span's output from a step reply, checked."""
         out = check_output(self.hop.peer_id, reply.get("hidden"), like.shape, "hidden")
         self.edits = _Edits()
-        return out.to(like.dtype)
+        return out.to(like)
 
     def _verified(self, out, hidden, mask, position_ids, step: int) -> torch.Tensor:
         """Compare with the shadows; without agreement more servers vote, and the outvoted are dropped."""
@@ -267,7 +267,7 @@ class InferenceSession:
         self.positions = position_ids if self.positions is None else torch.cat([self.positions, position_ids], 1)
         self.length += new
         self.steps += 1
-        return h.to(hidden.dtype)
+        return h.to(hidden)  # back to the caller's device: local parts may sit on a GPU
 
     def view(self) -> SwarmView:
         """The servers this session may use: those hosting its adapter, if it names one."""

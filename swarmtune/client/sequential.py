@@ -202,7 +202,7 @@ class _RemoteBlocks(torch.autograd.Function):
         ctx.replayer, ctx.args, ctx.hops, ctx.inputs = replayer, args, hops, inputs
         replayer.last_route = list(hops)
         ctx.has_deep_prompts, ctx.num_lora = deep_prompts is not None, len(lora_params)
-        return h
+        return h.to(hidden.device)  # hops ran on the host; local parts may sit on a GPU
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -214,7 +214,7 @@ class _RemoteBlocks(torch.autograd.Function):
         for hop, h in zip(reversed(ctx.hops), reversed(ctx.inputs)):
             grad = _backward_span(replayer, hop.start, hop.end, h, grad, args, grad_deep, grad_lora, prefer=hop)
         lora_grads = [g for key in args.lora.keys for g in grad_lora[key]] if ctx.num_lora else []
-        return (None, None, None, None, grad.to(grad_output.dtype), grad_deep, *lora_grads)
+        return (None, None, None, None, grad.to(grad_output), grad_deep, *lora_grads)
 
 
 def _backward_span(replayer: Replayer, start: int, end: int, h: torch.Tensor, grad: torch.Tensor, args: SpanArgs,
@@ -233,7 +233,7 @@ def _backward_span(replayer: Replayer, start: int, end: int, h: torch.Tensor, gr
         prefer = None
         if hop.end < end:
             first, fwd = replayer.run_span("forward", start, hop.end, h, args, prefer=hop)
-            grad = _backward_span(replayer, first.end, end, fwd["hidden"].to(h.dtype), grad, args, grad_deep,
+            grad = _backward_span(replayer, first.end, end, fwd["hidden"].to(h), grad, args, grad_deep,
                                   grad_lora, prefer=None)
             return _backward_span(replayer, start, first.end, h, grad, args, grad_deep, grad_lora, prefer=first)
         try:
@@ -243,7 +243,7 @@ def _backward_span(replayer: Replayer, start: int, end: int, h: torch.Tensor, gr
             replayer.fail(hop, e, "backward", refusals, args.active_adapter)
             continue
         replayer.connection.bans.forgive(hop.peer_id)
-        return reply["grad_hidden"].to(h.dtype)
+        return reply["grad_hidden"].to(h)
     raise RuntimeError(f"blocks {start}:{end}: {replayer.config.max_retries} backward attempts failed; giving up")
 
 
@@ -251,12 +251,12 @@ def _accumulate(hop: Hop, reply: dict, args: SpanArgs, grad_deep: torch.Tensor |
     if grad_deep is not None:
         mine = grad_deep[hop.start - args.offset:hop.end - args.offset]
         name = "grad_deep_prompts"
-        mine += check_output(hop.peer_id, reply.get(name), mine.shape, name).to(mine.dtype)
+        mine += check_output(hop.peer_id, reply.get(name), mine.shape, name).to(mine)
     if args.lora is not None:
         for i, key in enumerate(args.lora.keys_in(hop.start, hop.end)):
             for j, ab in enumerate("AB"):
                 mine, name = grad_lora[key][j], f"grad.lora.{ab}.{i}"
-                mine += check_output(hop.peer_id, reply.get(name), mine.shape, name).to(mine.dtype)
+                mine += check_output(hop.peer_id, reply.get(name), mine.shape, name).to(mine)
 
 
 class RemoteSequential(nn.Module):

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--throughput", type=float, default=None, help="announced tokens/s per block (default: measure)")
     p.add_argument("--activation-cache-mb", type=float, default=HandlerConfig.graph_bytes / MiB,
                    help="memory for forward graphs kept until their backward (0: always recompute the forward)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=HandlerConfig.cuda_graphs,
+                   help="replay plain single-token inference steps from CUDA graphs (CUDA devices only; "
+                        "never with --quant int8; --no-cuda-graphs runs every step normally)")
     p.add_argument("--activation-cache-ttl", type=float, default=HandlerConfig.graph_ttl,
                    help="seconds a kept forward graph waits for its backward before it is dropped")
     p.add_argument("--session-timeout", type=float, default=HandlerConfig.session_timeout,
@@ -155,7 +158,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                     requests_per_second_per_peer=args.max_requests_per_second)
     handler = HandlerConfig(limits=limits, session_timeout=args.session_timeout, faults=faults,
                             graph_bytes=int(args.activation_cache_mb * MiB), graph_ttl=args.activation_cache_ttl,
-                            evict_idle_after=args.evict_idle_after)
+                            evict_idle_after=args.evict_idle_after, cuda_graphs=args.cuda_graphs)
     return ServerConfig(
         model=args.model, blocks=args.blocks, num_blocks=None if args.num_blocks == "auto" else args.num_blocks,
         balance_period=args.balance_period, throughput_cache=args.throughput_cache,

@@ -43,19 +43,53 @@ def supports_static_step(span: SpanModel) -> bool:
             and all(rotary._layer_window(config, i) is None for i in range(span.start, span.end)))
 
 
+MIN_WINDOW = 256  # the shortest attention window a fixed-shape step is captured for
+
+
+def window_for(length: int, max_length: int) -> int:
+    """The cache slots a fixed-shape step attends over when `length` tokens are in use: the next power of
+    two from MIN_WINDOW on, capped at `max_length`. Few windows mean few graphs; tight ones mean a short
+    session opened with a long max_length does not read its whole empty cache at every step."""
+    window = MIN_WINDOW
+    while window < length and window < max_length:
+        window *= 2
+    return min(window, max_length)
+
+
+def windows(max_length: int) -> list[int]:
+    """Every window `window_for` may pick for a cache of `max_length` slots."""
+    out, window = [], MIN_WINDOW
+    while window < max_length:
+        out.append(window)
+        window *= 2
+    return out + [max_length]
+
+
+def static_step_nbytes(span: SpanModel, batch: int, max_length: int) -> int:
+    """What a session's StaticStep holds beside its KV cache, to charge to its lease: the input buffers and
+    visibility mask, and for each window's graph its intermediates (a bound: fp32 attention probabilities
+    and the MLP's activations of one block, since blocks run one after another) and output."""
+    config, itemsize = span.config, torch.empty((), dtype=span.compute_dtype).element_size()
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    mlp = getattr(config, "intermediate_size", None) or 4 * hidden
+    per_token = (3 * mlp + 6 * hidden) * itemsize
+    graphs = sum(batch * (heads * window * 4 + per_token) for window in windows(max_length))
+    return batch * (max_length + 2 * hidden * itemsize) + graphs
+
+
 class _OffsetWrites:
     """A cache for transformers' attention that writes one token at a device-side offset of a SpanKVCache
-    and returns the whole buffers, so that shapes and pointers stay the same from step to step."""
+    and returns the first `window` slots, so that shapes and pointers stay the same from step to step."""
 
-    def __init__(self, cache: SpanKVCache, offset: torch.Tensor):
-        self.cache, self.offset = cache, offset
+    def __init__(self, cache: SpanKVCache, offset: torch.Tensor, window: int):
+        self.cache, self.offset, self.window = cache, offset, window
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         i = layer_idx - self.cache.start
         keys, values = self.cache.keys[i], self.cache.values[i]
         keys.index_copy_(2, self.offset, key)
         values.index_copy_(2, self.offset, value)
-        return keys, values
+        return keys[:, :, :self.window], values[:, :, :self.window]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.cache.length
@@ -64,12 +98,12 @@ class _OffsetWrites:
 class StaticStep:
     """Single-token steps of `span` on `cache` with every shape fixed: the same kernels at every step.
 
-    Attention covers all `max_length` slots of the cache, with a mask hiding the slots not yet
-    written (and padding), so step N and step N+1 differ only in the contents of a few small
-    device buffers. That lets `use_graph` (CUDA only) capture one step in a CUDA graph and replay it,
-    which removes the per-kernel launch cost. The numbers equal SpanModel.forward's (tested on
-    CPU), and the cache stays usable by SpanModel.forward (e.g. for a later multi-token step).
-    Only plain steps qualify: no deep prompts and no LoRA.
+    Attention covers a fixed window of the cache's slots (`window_for`), with a mask hiding the
+    slots not yet written (and padding), so consecutive steps differ only in the contents of a few
+    small device buffers. That lets `use_graph` (CUDA only) capture one step per window in a CUDA
+    graph and replay it, which removes the per-kernel launch cost. The numbers equal
+    SpanModel.forward's (tested on CPU), and the cache stays usable by SpanModel.forward (e.g. for
+    a later multi-token step, or after a rollback). Only plain steps qualify: no deep prompts, no LoRA.
     """
 
     def __init__(self, span: SpanModel, cache: SpanKVCache, use_graph: bool = False):
@@ -83,8 +117,8 @@ class StaticStep:
         self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.offset = torch.zeros(1, dtype=torch.long, device=device)
         self.visible = torch.zeros(batch, cache.max_length, dtype=torch.bool, device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.output: torch.Tensor | None = None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # window -> graph, its output
+        self.pool = None  # one memory pool that all of this step's graphs share
         self._captured_keys: torch.Tensor | None = None
 
     def __call__(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -96,47 +130,56 @@ class StaticStep:
         length = self.cache.length
         if length + 1 > self.cache.max_length:
             raise ValueError(f"KV cache overflow: {length + 1} tokens > max_length {self.cache.max_length}")
+        window = window_for(length + 1, self.cache.max_length)
         self.hidden.copy_(hidden)
         self.position_ids.copy_(position_ids)
         self.offset.fill_(length)
         self.visible.zero_()
         self.visible[:, :length + 1].copy_(attention_mask)
-        out = self._replay() if self.use_graph else self._forward()
+        out = self._replay(window) if self.use_graph else self._forward(window)
         self.cache.advance(1)
         return out.clone()
 
-    def _forward(self) -> torch.Tensor:
+    def _forward(self, window: int) -> torch.Tensor:
         span = self.span
-        mask = self.visible[:, None, None, :]
+        mask = self.visible[:, None, None, :window]
         if span.config._attn_implementation != "sdpa":  # eager attention takes an additive mask
             dtype = span.compute_dtype
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
         kwargs = dict(attention_mask=mask, position_ids=self.position_ids,
                       position_embeddings=span.position_module(self.hidden, self.position_ids),
-                      cache=_OffsetWrites(self.cache, self.offset))
+                      cache=_OffsetWrites(self.cache, self.offset, window))
         hidden = self.hidden
         for block in span.blocks:
             hidden = span.family.run_block(block, hidden, kwargs)
         return hidden
 
-    def _replay(self) -> torch.Tensor:
-        if self.graph is None or self._captured_keys is not self.cache.keys:  # first step, or beams reordered
-            self._capture()
-        self.graph.replay()
-        return self.output
+    def _replay(self, window: int) -> torch.Tensor:
+        if self._captured_keys is not self.cache.keys:  # beams reordered: the cache has new buffers
+            self.graphs.clear()
+            self._captured_keys = self.cache.keys
+        if window not in self.graphs:
+            self._capture(window)
+        graph, output = self.graphs[window]
+        graph.replay()
+        return output
 
-    def _capture(self) -> None:
-        """Record one step; the warm-up run first does lazy initialisation outside the graph.
+    def _capture(self, window: int) -> None:
+        """Record one step over `window` slots; the warm-up run first does lazy initialisation outside the graph.
 
         Both write the current token's keys and values, which the replay then writes again.
         """
-        stream = torch.cuda.Stream(self.hidden.device)
-        stream.wait_stream(torch.cuda.current_stream(self.hidden.device))
+        device = self.hidden.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            self._forward()
-        torch.cuda.current_stream(self.hidden.device).wait_stream(stream)
+            self._forward(window)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.output = self._forward()
-        self.graph, self._captured_keys = graph, self.cache.keys
-        logger.info(f"captured a CUDA graph of a single-token step through {self.span.num_blocks} blocks")
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = self._forward(window)
+        self.graphs[window] = graph, output
+        logger.info(f"captured a CUDA graph of a single-token step through {self.span.num_blocks} blocks "
+                    f"over {window} cache slots")

@@ -23,7 +23,7 @@ from hivemind.proto import runtime_pb2
 from swarmtune import transport, wire
 from swarmtune.models.span import SpanModel
 from swarmtune.security import Membership
-from swarmtune.server import compute
+from swarmtune.server import compute, cuda
 from swarmtune.server.executor import BACKWARD, FORWARD, INFERENCE, PriorityExecutor
 from swarmtune.server.faults import Faults
 from swarmtune.server.graphs import KeptGraphs
@@ -47,7 +47,7 @@ from swarmtune.server.requests import (
     parse_span_request,
     requested_blocks,
 )
-from swarmtune.server.sessions import CacheBudget, CacheEdits, ServerSession
+from swarmtune.server.sessions import CacheBudget, CacheEdits, ServerSession, static_steps_apply
 from swarmtune.server.streams import Frames, serve_on_demand
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class HandlerConfig:
     graph_bytes: int = 512 << 20      # forward graphs kept for their backward (0: always recompute)
     graph_ttl: float = 120.0          # seconds a kept graph waits for its backward
     evict_idle_after: float = 1.0     # a session idle this long may be evicted for a peer that waits for memory
+    cuda_graphs: bool = True          # plain single-token steps replay a CUDA graph (CUDA devices only)
 
 
 def _response(meta: dict, tensors: dict | None = None) -> bytes:
@@ -92,6 +93,7 @@ class BlockServicer(ServicerBase):
         self.membership = membership or Membership()
         self.hosted_adapters = hosted_adapters or {}
         self.hidden_size = span.config.hidden_size
+        self.device = next(span.parameters()).device
         self.slots = lora_slots(span)
         self.subspans: dict[tuple[int, int], SpanModel] = {}
         self.lora_cache = LoraCache(config.lora_cache_per_peer)
@@ -515,10 +517,13 @@ class BlockServicer(ServicerBase):
         nbytes += deep_prompts.numel() * itemsize if deep_prompts is not None else 0
         if lora is not None and lora_meta is not None and "adapter" not in lora_meta:
             nbytes += sum(t.numel() * t.element_size() for t in lora.tensors())
+        static = self.config.cuda_graphs and self.device.type == "cuda" and static_steps_apply(span, lora, deep_prompts)
+        nbytes += cuda.static_step_nbytes(span, batch, max_length) if static else 0
         lease = await self.budget.acquire(peer, nbytes, self.config.alloc_timeout)
         try:
             need(session_id not in self.mailboxes, "'session_id' is already in use: choose a new one")
-            session = ServerSession(span, batch, max_length, lora, deep_prompts, lease, session_id)
+            session = ServerSession(span, batch, max_length, lora, deep_prompts, lease, session_id,
+                                    static_steps=static)
         except BaseException:
             self.budget.release(lease)
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -12,9 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from swarmtune.models.span import SpanModel
+from swarmtune.server import cuda
 from swarmtune.server import lora as lora_lib
 from swarmtune.server.lora import LoraSet
 from swarmtune.server.requests import RequestError, ServerBusy
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -150,11 +154,19 @@ class CacheEdits:
     reset: torch.Tensor | None = None
 
 
+def static_steps_apply(span: SpanModel, lora: LoraSet | None, deep_prompts: torch.Tensor | None) -> bool:
+    """Whether a session may run its single-token steps as a fixed-shape step: plain sessions of rotary spans."""
+    return lora is None and deep_prompts is None and cuda.supports_static_step(span)
+
+
 class ServerSession:
     """A client's inference session as this server holds it: KV cache and the padding mask of all tokens so far."""
 
     def __init__(self, span: SpanModel, batch_size: int, max_length: int, lora: LoraSet | None,
-                 deep_prompts: torch.Tensor | None, lease: Lease, session_id: str | None = None):
+                 deep_prompts: torch.Tensor | None, lease: Lease, session_id: str | None = None,
+                 static_steps: bool = False):
+        """`static_steps`: run single-token steps as a `cuda.StaticStep` (a CUDA graph on CUDA devices) where
+        the span and the session allow it: no LoRA, no deep prompts."""
         self.span, self.id, self.lease = span, session_id, lease
         self.max_length = max_length
         self.cache = span.make_cache(batch_size, max_length)
@@ -162,6 +174,8 @@ class ServerSession:
         self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)
         self.lora = lora
         self.deep_prompts = deep_prompts.to(self.device, span.compute_dtype) if deep_prompts is not None else None
+        usable = static_steps and static_steps_apply(span, lora, deep_prompts)
+        self.static = cuda.StaticStep(span, self.cache, use_graph=True) if usable else None
 
     @property
     def length(self) -> int:
@@ -169,7 +183,7 @@ class ServerSession:
 
     def free(self) -> None:
         """Drop what the lease paid for; the session takes no more steps."""
-        self.cache = self.lora = self.deep_prompts = None
+        self.cache = self.lora = self.deep_prompts = self.static = None
 
     def step(self, hidden: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor | None,
              edits: CacheEdits | None = None) -> torch.Tensor:
@@ -185,11 +199,25 @@ class ServerSession:
                                                                          device=self.device)
         full_mask = torch.cat([self.mask, chunk], dim=1)
         pos = position_ids.to(self.device) if position_ids is not None else None
-        with torch.inference_mode(), lora_lib.activate(self.lora):
-            out = self.span(hidden.to(self.device, self.span.compute_dtype), full_mask, pos, cache=self.cache,
-                            deep_prompts=self.deep_prompts)
+        hidden_in = hidden.to(self.device, self.span.compute_dtype)
+        with torch.inference_mode():
+            out = self._static_step(hidden_in, full_mask, pos) if self.static is not None and new == 1 else None
+            if out is None:
+                with lora_lib.activate(self.lora):
+                    out = self.span(hidden_in, full_mask, pos, cache=self.cache, deep_prompts=self.deep_prompts)
         self.mask = full_mask
         return out.to("cpu", hidden.dtype)
+
+    def _static_step(self, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor | None:
+        """One token per row through the fixed-shape step; None (and plain steps from now on) if it cannot run."""
+        if pos is None:
+            pos = torch.full((hidden.shape[0], 1), self.length, dtype=torch.long, device=self.device)
+        try:
+            return self.static(hidden, mask, pos)
+        except RuntimeError as e:  # e.g. a kernel that cannot be captured in a CUDA graph
+            logger.warning(f"fixed-shape step failed ({type(e).__name__}: {e}); this session steps normally")
+            self.static = None
+            return None
 
     def _edit(self, edits: CacheEdits, batch: int) -> None:
         """Apply the edits in a fixed order: reorder rows, then truncate and hide, then reset rows."""
