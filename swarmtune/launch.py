@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -196,6 +197,9 @@ def client_settings(swarm: DictConfig):
                     "swarm.client")
 
 
+RANK_ZERO_SWARM = "SWARMTUNE_RANK_ZERO_SWARM"  # [initial peers, DHT prefix] of the embedded swarm rank 0 started
+
+
 def open_swarm(stack: contextlib.ExitStack, swarm: DictConfig, client_config, model_path: str,
                log_dir: str | None):
     """`client_config` with the peers of the swarm to use: as configured, the one `swarm up` keeps for this
@@ -204,6 +208,11 @@ def open_swarm(stack: contextlib.ExitStack, swarm: DictConfig, client_config, mo
 
     if client_config.initial_peers:
         return client_config
+    shared = os.environ.get(RANK_ZERO_SWARM) if int(os.environ.get("LOCAL_RANK", "0")) > 0 else None
+    if shared is not None:  # a data-parallel rank that Lightning started: use rank 0's embedded swarm
+        peers, prefix = json.loads(shared)
+        print(f"Joined the embedded swarm of rank 0 (rank {os.environ['LOCAL_RANK']})", file=sys.stderr, flush=True)
+        return dataclasses.replace(client_config, initial_peers=peers, dht_prefix=client_config.dht_prefix or prefix)
     running = find_running(model_path)
     if running is not None:
         print(f"Using the swarm that `python -m swarmtune.swarm up` runs for {model_path} (pid {running['pid']})",
@@ -213,6 +222,9 @@ def open_swarm(stack: contextlib.ExitStack, swarm: DictConfig, client_config, mo
         local = stack.enter_context(LocalSwarm(model_path, spans=[tuple(s) for s in swarm.local_spans],
                                                log_dir=log_dir))
         peers, prefix = local.initial_peers, local.dht_prefix
+        # The ranks that Lightning's DDP starts later inherit this process's environment: they join this swarm.
+        os.environ[RANK_ZERO_SWARM] = json.dumps([peers, prefix])
+        stack.callback(os.environ.pop, RANK_ZERO_SWARM, None)
     return dataclasses.replace(client_config, initial_peers=peers, dht_prefix=client_config.dht_prefix or prefix)
 
 

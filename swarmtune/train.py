@@ -73,8 +73,10 @@ def run(cfg: DictConfig) -> tuple[str, float]:
             logger.log_hyperparams(plain(cfg))
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
-        adapter_dir = module.export(cfg.export.dir)
-        print(f"Adapter saved to {adapter_dir}", flush=True)
+        adapter_dir = cfg.export.dir
+        if trainer.is_global_zero:  # with data parallelism every rank holds the same adapter: one writes it
+            adapter_dir = module.export(cfg.export.dir)
+            print(f"Adapter saved to {adapter_dir}", flush=True)
         val_loss = trainer.callback_metrics.get("val/loss")
     return adapter_dir, float(val_loss) if val_loss is not None else math.nan
 

@@ -138,14 +138,15 @@ class SwarmLM(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self(**batch).loss
         # Weighted by response tokens, so the epoch's val/loss is the mean NLL per token, as swarmtune.eval's.
+        # With data parallelism, averaged over every rank's batches (by the same weights).
         tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
-        self.log("val/loss", loss, prog_bar=True, batch_size=tokens)
+        self.log("val/loss", loss, prog_bar=True, batch_size=tokens, sync_dist=True)
         return loss
 
     def on_validation_epoch_end(self) -> None:
         loss = self.trainer.callback_metrics.get("val/loss")
         if loss is not None:
-            self.log("val/ppl", math.exp(min(float(loss), 50.0)))
+            self.log("val/ppl", math.exp(min(float(loss), 50.0)), sync_dist=True)
         if self.generation is None or self.trainer.sanity_checking:
             return
         self._validations += 1
@@ -155,12 +156,16 @@ class SwarmLM(L.LightningModule):
 
     def evaluate_generation(self) -> dict[str, float]:
         """Greedy-decode the validation prompts through inference sessions with the current adapter; log the
-        scores as val/..., the samples to samples.jsonl in the run directory and, on wandb, as a table."""
-        metrics, samples = self.generation.run(self.model)
+        scores as val/..., the samples to samples.jsonl in the run directory and, on wandb, as a table.
+        With data parallelism rank 0 decodes, and every rank logs its scores."""
+        zero = self.trainer.is_global_zero
+        metrics, samples = self.generation.run(self.model) if zero else ({}, [])
+        metrics = self.trainer.strategy.broadcast(metrics, src=0)
         for name, value in metrics.items():
-            self.log(f"val/{name}", value)
-        write_samples(os.path.join(self.trainer.default_root_dir, "samples.jsonl"), samples, step=self.global_step)
-        log_samples(self.logger, samples, self.global_step)
+            self.log(f"val/{name}", value, sync_dist=True)
+        if zero:
+            write_samples(os.path.join(self.trainer.default_root_dir, "samples.jsonl"), samples, step=self.global_step)
+            log_samples(self.logger, samples, self.global_step)
         return metrics
 
     # ---- throughput ---------------------------------------------------------------------------------
