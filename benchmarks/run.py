@@ -7,7 +7,8 @@ benchmarks/results/). Sections: inference (steps/s, time to first token, per-hop
 serving (forward and forward+backward tokens/s, LoRA training step vs PEFT), network (loopback
 and, in full mode, the paper's three settings emulated in network namespaces, each beside the
 design's bound), speculative (plain against speculative greedy tokens/s with drafts agreeing ~50/80/95%,
-on loopback and at 100 ms RTT), recovery (a server killed mid-generation and mid-training step), hostile and serve
+on loopback and at 100 ms RTT), recovery (a server killed mid-generation and mid-training step), scaleout
+(samples/s of 2 DDP client processes and of 2 collaborating peers against one client), hostile and serve
 (1, 4 and 16 concurrent streaming clients of the OpenAI API against the lone client). --quick
 takes a few minutes on two cores (small models, loopback only); --smoke is what the tests run.
 """
@@ -26,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks import hostile, inference, network, recovery, serve, serving, speculative  # noqa: E402
+from benchmarks import hostile, inference, network, recovery, scaleout, serve, serving, speculative  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     Bench,
     Figure,
@@ -43,7 +44,7 @@ from benchmarks.common import (  # noqa: E402
 # reuses; hostile starts swarms of its own
 SECTIONS: dict[str, Callable[[Bench], list[Figure]]] = {
     "inference": inference.run, "serving": serving.run, "serve": serve.run, "network": network.run,
-    "speculative": speculative.run, "recovery": recovery.run, "hostile": hostile.run}
+    "speculative": speculative.run, "recovery": recovery.run, "scaleout": scaleout.run, "hostile": hostile.run}
 TABLES: dict[str, Callable[[list[Figure]], str]] = {"network": network.network_table, "hostile": hostile.hostile_table,
                                                     "speculative": speculative.speculative_table}
 

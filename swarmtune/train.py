@@ -21,7 +21,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from swarmtune import errors
-from swarmtune.launch import config_path, open_model, plain, register_recipes, reported, settings
+from swarmtune.launch import (
+    client_settings,
+    config_path,
+    open_model,
+    plain,
+    register_recipes,
+    reported,
+    settings,
+)
 
 
 def run(cfg: DictConfig) -> tuple[str, float]:
@@ -29,6 +37,7 @@ def run(cfg: DictConfig) -> tuple[str, float]:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from swarmtune.tuning import collab as collab_lib
     from swarmtune.tuning import loggers
     from swarmtune.tuning.checkpoint_io import AtomicCheckpointIO
     from swarmtune.tuning.data import DataConfig, InstructionDataModule, check_data_path
@@ -42,6 +51,10 @@ def run(cfg: DictConfig) -> tuple[str, float]:
     check_data_path(data_config.path)
     tuning, optim = settings(TuningConfig, cfg.tuning, "tuning"), settings(OptimConfig, cfg.optim, "optim")
     eval_config = settings(EvalConfig, cfg.eval, "eval")
+    collab = settings(collab_lib.CollabConfig, cfg.collab, "collab")
+    if collab.enabled and (cfg.trainer.devices != 1 or cfg.trainer.num_nodes != 1):
+        raise errors.UserError("collab.run_id trains one process per peer: set trainer.devices=1 and "
+                               "trainer.num_nodes=1 (or use trainer.strategy=ddp without collab)")
     if cfg.generate_every_n_val < 0:
         raise errors.UserError(f"generate_every_n_val must be >= 0, got {cfg.generate_every_n_val}")
     output_dir = cfg.output_dir
@@ -53,8 +66,10 @@ def run(cfg: DictConfig) -> tuple[str, float]:
     try:
         checkpoints = ModelCheckpoint(dirpath=os.path.join(output_dir, "checkpoints"), filename="{step}",
                                       **checkpoint)
+        callbacks = [checkpoints, StepProgressBar()] + ([collab_lib.CollabProgress(collab.epochs)] if collab.enabled
+                                                        else [])
         trainer = L.Trainer(**trainer_args, default_root_dir=output_dir, logger=logger or False,
-                            callbacks=[checkpoints, StepProgressBar()], plugins=[AtomicCheckpointIO()])
+                            callbacks=callbacks, plugins=[AtomicCheckpointIO()])
     except Exception as e:  # Lightning's own words on a bad argument
         raise errors.UserError(f"trainer: {e}") from None
 
@@ -67,8 +82,15 @@ def run(cfg: DictConfig) -> tuple[str, float]:
         if cfg.generate_every_n_val:
             generation = GenerationEval(data.eval_examples("validation", eval_config.num_samples), tokenizer,
                                         eval_config)
+        peers = None
+        if collab.enabled:
+            dht = collab_lib.start_dht(collab, client_settings(cfg.swarm).swarm_key)
+            stack.callback(dht.shutdown)
+            peers = collab_lib.Collaboration(collab, dht, data_config.batch_size * trainer.accumulate_grad_batches)
         module = SwarmLM(model, tuning, optim, seed=cfg.seed, generation=generation,
-                         generate_every_n_val=cfg.generate_every_n_val)
+                         generate_every_n_val=cfg.generate_every_n_val, collab=peers)
+        if peers is not None:  # before the DHT goes: say goodbye to the other peers, stop the averagers
+            stack.callback(lambda: [o.shutdown() for o in trainer.optimizers])
         if logger is not None:
             logger.log_hyperparams(plain(cfg))
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)

@@ -36,7 +36,7 @@ def test_smoke_run_writes_sane_results(tmp_path):
     assert not results["errors"]
     figures = results["figures"]
     assert {f["section"] for f in figures} == {"inference", "serving", "network", "speculative", "recovery",
-                                                  "hostile", "serve"}
+                                                  "scaleout", "hostile", "serve"}
     for f in figures:
         assert math.isfinite(f["swarm"]) and f["swarm"] >= 0, f
         if f["baseline"] is not None:

@@ -25,6 +25,7 @@ from swarmtune.client.config import ClientConfig
 from swarmtune.launch import plain
 from swarmtune.models.checkpoint import DTYPES
 from swarmtune.tiny_model import tiny_config
+from swarmtune.tuning.collab import CollabConfig
 from swarmtune.tuning.data import DataConfig
 from swarmtune.tuning.module import OptimConfig, TuningConfig
 from tests.helpers import PEERS, RECIPES, hydra_context
@@ -48,6 +49,7 @@ def test_recipe_composes(recipe, monkeypatch):
     assert set(trainer) <= set(inspect.signature(L.Trainer).parameters)
     assert set(checkpoint) <= set(inspect.signature(ModelCheckpoint).parameters)
     ClientConfig(**plain(cfg.swarm.client))
+    CollabConfig(**plain(cfg.collab))
     assert cfg.model.dtype in DTYPES
     assert cfg.logger.kind in ("wandb", "csv", "tensorboard", "none")
 

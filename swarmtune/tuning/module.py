@@ -24,6 +24,8 @@ from swarmtune.adapters.peft_format import save_adapter
 from swarmtune.adapters.prompts import SoftPrompts
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.errors import check_positive
+from swarmtune.tuning import collab as collab_lib
+from swarmtune.tuning.collab import Collaboration
 from swarmtune.tuning.data import IGNORE
 from swarmtune.tuning.evaluation import GenerationEval, log_samples, write_samples
 
@@ -94,9 +96,12 @@ class OptimConfig:
 
 class SwarmLM(L.LightningModule):
     def __init__(self, model: SwarmForCausalLM, tuning: TuningConfig, optim: OptimConfig, seed: int = 0,
-                 generation: GenerationEval | None = None, generate_every_n_val: int = 1):
+                 generation: GenerationEval | None = None, generate_every_n_val: int = 1,
+                 collab: Collaboration | None = None):
+        """`collab`: train with other peers through hivemind.Optimizer (see swarmtune.tuning.collab)."""
         super().__init__()
         self.tuning, self.optim = tuning, optim
+        self.collab = collab
         self.generation = generation  # examples decoded through the swarm in every Nth validation run
         self.generate_every_n_val = generate_every_n_val
         self._validations = 0
@@ -189,15 +194,27 @@ class SwarmLM(L.LightningModule):
         groups = [g for g in ({"params": other, "lr": self.optim.lr},
                               {"params": prompt_params, "lr": self.optim.prompt_lr or self.optim.lr}) if g["params"]]
         o = self.optim
-        if o.name == "adamw":
-            optimizer = torch.optim.AdamW(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        elif o.name == "adam":
-            optimizer = torch.optim.Adam(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        else:  # sgd: OptimConfig admits no other name
-            optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-        total = self.trainer.estimated_stepping_batches
-        scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps,
-                                  num_training_steps=int(total) if math.isfinite(total) else None)
+
+        def make_optimizer(groups) -> torch.optim.Optimizer:
+            if o.name == "adamw":
+                return torch.optim.AdamW(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+            if o.name == "adam":
+                return torch.optim.Adam(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+            return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)  # the last name
+
+        def make_scheduler(optimizer: torch.optim.Optimizer, total: float):
+            return get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps,
+                                 num_training_steps=int(total) if math.isfinite(total) else None)
+
+        if self.collab is not None:  # hivemind steps the schedule once per collaboration epoch
+            c = self.collab
+            statistics = ("exp_avg", "exp_avg_sq") if o.name in ("adam", "adamw") else \
+                ("momentum_buffer",) if o.momentum else ()
+            return collab_lib.wrap_optimizer(c.config, c.dht, groups, make_optimizer,
+                                             lambda opt: make_scheduler(opt, c.config.epochs), c.samples_per_step,
+                                             statistics)
+        optimizer = make_optimizer(groups)
+        scheduler = make_scheduler(optimizer, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints: trainable state only ----------------------------------------------------------
