@@ -34,9 +34,9 @@ from unittest import mock
 
 import psutil
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from benchmarks.gpu_server import CACHE_KWARG, TOLERANCE, Row, check_row, table
+from benchmarks.gpu_server import CACHE_KWARG, TOLERANCE, Row, check_row, llama_config, table
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.inference import InferenceSession
@@ -51,6 +51,8 @@ RSS_FACTOR = 1.15
 
 @dataclass(frozen=True)
 class Shapes:
+    """Block shape fields as benchmarks.gpu_server.Shapes names them (its llama_config reads them)."""
+
     hidden: int = 8192
     heads: int = 64
     kv_heads: int = 8
@@ -64,15 +66,6 @@ class Shapes:
     activation: tuple[int, int] = (8, 512)  # the large activation streamed through and back
     cache_mb: int = 64            # each server's KV budget
     start_timeout: float = 600.0
-
-
-def llama_config(s: Shapes) -> LlamaConfig:
-    config = LlamaConfig(hidden_size=s.hidden, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
-                         intermediate_size=s.mlp, num_hidden_layers=s.blocks, vocab_size=128,
-                         max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    config._attn_implementation = "sdpa"
-    return config
 
 
 def spans(s: Shapes) -> list[tuple[int, int]]:

@@ -66,8 +66,9 @@ def run(cfg: DictConfig) -> tuple[str, float]:
     try:
         checkpoints = ModelCheckpoint(dirpath=os.path.join(output_dir, "checkpoints"), filename="{step}",
                                       **checkpoint)
-        callbacks = [checkpoints, StepProgressBar()] + ([collab_lib.CollabProgress(collab.epochs)] if collab.enabled
-                                                        else [])
+        callbacks = [checkpoints, StepProgressBar()]
+        if collab.enabled:
+            callbacks.append(collab_lib.CollabProgress(collab.epochs))
         trainer = L.Trainer(**trainer_args, default_root_dir=output_dir, logger=logger or False,
                             callbacks=callbacks, plugins=[AtomicCheckpointIO()])
     except Exception as e:  # Lightning's own words on a bad argument

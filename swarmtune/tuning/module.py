@@ -25,7 +25,6 @@ from swarmtune.adapters.prompts import SoftPrompts
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.errors import check_positive
 from swarmtune.tuning import collab as collab_lib
-from swarmtune.tuning.collab import Collaboration
 from swarmtune.tuning.data import IGNORE
 from swarmtune.tuning.evaluation import GenerationEval, log_samples, write_samples
 
@@ -97,7 +96,7 @@ class OptimConfig:
 class SwarmLM(L.LightningModule):
     def __init__(self, model: SwarmForCausalLM, tuning: TuningConfig, optim: OptimConfig, seed: int = 0,
                  generation: GenerationEval | None = None, generate_every_n_val: int = 1,
-                 collab: Collaboration | None = None):
+                 collab: collab_lib.Collaboration | None = None):
         """`collab`: train with other peers through hivemind.Optimizer (see swarmtune.tuning.collab)."""
         super().__init__()
         self.tuning, self.optim = tuning, optim
