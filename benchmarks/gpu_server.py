@@ -79,6 +79,7 @@ class SwarmShapes:
 
     hidden: int = 4096
     heads: int = 32
+    kv_heads: int = 32
     mlp: int = 11008
     blocks: int = 32
     vocab: int = 32000
@@ -108,7 +109,8 @@ class Shapes:
 FULL = Shapes()
 SMALL = Shapes(hidden=64, heads=4, kv_heads=2, mlp=128, blocks=2, context=16, decode_steps=4, train_shape=(2, 16),
              train_calls=2, e2e_steps=4, e2e_rounds=2, offload_steps=2, start_timeout=120.0,
-             swarm=SwarmShapes(hidden=64, heads=4, mlp=128, blocks=4, vocab=128, prompt=8, new_tokens=4, cache_mb=16))
+             swarm=SwarmShapes(hidden=64, heads=4, kv_heads=4, mlp=128, blocks=4, vocab=128, prompt=8, new_tokens=4,
+                               cache_mb=16))
 
 
 @dataclass
@@ -204,10 +206,10 @@ def free_memory(device: torch.device) -> None:
 # ---- models -------------------------------------------------------------------------------------
 
 
-def llama_config(shapes: Shapes) -> LlamaConfig:
+def llama_config(shapes: Shapes | SwarmShapes, vocab: int = VOCAB) -> LlamaConfig:
     config = LlamaConfig(hidden_size=shapes.hidden, num_attention_heads=shapes.heads,
                          num_key_value_heads=shapes.kv_heads, intermediate_size=shapes.mlp,
-                         num_hidden_layers=shapes.blocks, vocab_size=VOCAB,
+                         num_hidden_layers=shapes.blocks, vocab_size=vocab,
                          max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     config._attn_implementation = "sdpa"
@@ -369,7 +371,7 @@ def quant_section(model: PreTrainedModel, shapes: Shapes, device: torch.device, 
             cache = prefilled(span, prompt, calls)
             first, times = timed_calls(lambda span=span, cache=cache: span(token, cache=cache), calls, device)
             ms = 1e3 * median_after_warmup(times) / shapes.blocks
-            static, graph_ms = static_rows(span, prompt, token, first, ms, calls, device, graph=quant != "int8")
+            static, graph_ms = static_rows(span, prompt, token, first, ms, calls, device, graph=cuda.capturable(span))
         server_ms = graph_ms if graph_ms is not None else ms
         target = quant == "nf4" and bf16_ms is not None
         rows.append(Row("quant", f"{quant} decode per block, the server's step ({server_step(device, quant)})",
@@ -516,12 +518,8 @@ def swarm_section(model: PreTrainedModel, shapes: Shapes, device: torch.device, 
     from swarmtune.swarm import LocalSwarm
 
     s = shapes.swarm
-    config = LlamaConfig(hidden_size=s.hidden, num_attention_heads=s.heads, num_key_value_heads=s.heads,
-                         intermediate_size=s.mlp, num_hidden_layers=s.blocks, vocab_size=s.vocab,
-                         max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
     with torch.device(device):
-        hf = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        hf = AutoModelForCausalLM.from_config(llama_config(s, s.vocab), dtype=torch.bfloat16)
     prompt = torch.randint(3, s.vocab, (1, s.prompt), generator=torch.Generator().manual_seed(0)).to(device)
     new_tokens, half = s.new_tokens, s.blocks // 2
     max_length = s.prompt + WARMUP + new_tokens + 2

@@ -14,16 +14,13 @@ thread (OMP_NUM_THREADS=1), as the other sections' processes do.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
-import psutil
-
 from benchmarks.common import Bench, Figure, figures_table, run_section
+from swarmtune.swarm import ManagedProcess
 
 SECTION = "scaleout"
 BATCH = 4
@@ -35,24 +32,14 @@ EPOCHS = {"full": 8, "quick": 4}
 def train_seconds(args: list[str], log: str, timeout: float = 600.0) -> float:
     """Wall time of one training process (with everything it starts), which must succeed."""
     began = time.perf_counter()
-    proc = _start(args, log)
+    process = _start(args, log)
     try:
-        proc.wait(timeout)
+        process.proc.wait(timeout)
     finally:
-        _kill_tree(proc)
-    if proc.returncode != 0:
-        raise RuntimeError(f"training failed ({proc.returncode}); see {log}")
+        process.kill()
+    if process.proc.returncode != 0:
+        raise RuntimeError(f"training failed ({process.proc.returncode}); see {log}")
     return time.perf_counter() - began
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(psutil.NoSuchProcess):
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(10)
 
 
 def peers_override(key: str, peers: list[str]) -> str:
@@ -113,15 +100,15 @@ def collab_rate(common: list[str], epochs: int, logs: str) -> tuple[float, float
                     "trainer.max_steps=100000", peers_override("collab.initial_peers", bootstrap)]
             with tempfile.TemporaryDirectory(prefix="swarmtune-scaleout-") as out:
                 began = time.perf_counter()
-                procs = [_start([*args, f"hydra.run.dir={out}/{peer}"], os.path.join(logs, f"collab{n}-{peer}.log"))
+                peers = [_start([*args, f"hydra.run.dir={out}/{peer}"], os.path.join(logs, f"collab{n}-{peer}.log"))
                          for peer in "ab"]
                 try:
-                    for proc in procs:
-                        proc.wait(600)
+                    for peer in peers:
+                        peer.proc.wait(600)
                 finally:
-                    for proc in procs:
-                        _kill_tree(proc)
-                if any(p.returncode != 0 for p in procs):
+                    for peer in peers:
+                        peer.kill()
+                if any(peer.proc.returncode != 0 for peer in peers):
                     raise RuntimeError(f"a collaborating peer failed; see {logs}/collab{n}-*.log")
                 seconds[n] = time.perf_counter() - began
         return (epochs - 1) * TARGET / (seconds[epochs] - seconds[1]), seconds[epochs]
@@ -129,10 +116,10 @@ def collab_rate(common: list[str], epochs: int, logs: str) -> tuple[float, float
         dht.shutdown()
 
 
-def _start(args: list[str], log: str) -> subprocess.Popen:
-    with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, "-m", "swarmtune.train", *args], stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def _start(args: list[str], log: str) -> ManagedProcess:
+    """`python -m swarmtune.train ARGS`; its `kill()` takes everything it started down with it."""
+    return ManagedProcess([sys.executable, "-m", "swarmtune.train", *args], log,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def scaleout_table(figures: list[Figure]) -> str:

@@ -15,9 +15,9 @@ from benchmarks import gpu_server
 from swarmtune.models import get_family, load_span
 from swarmtune.server import cuda, throughput
 from swarmtune.server.__main__ import build_parser, config_from_args
-from swarmtune.server.quantize import block_bytes
+from swarmtune.server.quantize import block_bytes, quantize
 from swarmtune.server.server import Server, ServerConfig
-from swarmtune.server.sessions import CacheEdits, Lease, ServerSession
+from swarmtune.server.sessions import CacheEdits, Lease, ServerSession, static_steps_apply
 from swarmtune.tiny_model import tiny_config
 
 GiB = 1 << 30
@@ -152,6 +152,15 @@ def test_sessions_with_static_steps_equal_plain_sessions(tiny_llama, monkeypatch
         expected = plain.step(token, None, None, edits)
         torch.testing.assert_close(static.step(token, None, None, edits), expected, rtol=1e-5, atol=1e-5)
     assert static.static is not None and static.length == plain.length
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4", "int8"])
+def test_only_int8_spans_are_never_captured(tiny_llama, quant):
+    """bitsandbytes' int8 matmul broke CUDA graph capture on an H200: such sessions step normally."""
+    span = load_span(tiny_llama, 0, 2, dtype="bf16")
+    span.blocks = torch.nn.ModuleList(quantize(block, quant, span.compute_dtype, "cpu") for block in span.blocks)
+    assert cuda.capturable(span) == (quant != "int8")
+    assert static_steps_apply(span, None, None) == (quant != "int8")
 
 
 @pytest.mark.parametrize("family", ["mistral", "mixtral", "bloom"])

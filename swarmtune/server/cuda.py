@@ -46,23 +46,20 @@ def supports_static_step(span: SpanModel) -> bool:
 MIN_WINDOW = 256  # the shortest attention window a fixed-shape step is captured for
 
 
-def window_for(length: int, max_length: int) -> int:
-    """The cache slots a fixed-shape step attends over when `length` tokens are in use: the next power of
-    two from MIN_WINDOW on, capped at `max_length`. Few windows mean few graphs; tight ones mean a short
-    session opened with a long max_length does not read its whole empty cache at every step."""
-    window = MIN_WINDOW
-    while window < length and window < max_length:
-        window *= 2
-    return min(window, max_length)
-
-
 def windows(max_length: int) -> list[int]:
-    """Every window `window_for` may pick for a cache of `max_length` slots."""
+    """The attention windows of a cache of `max_length` slots: powers of two from MIN_WINDOW on, then
+    `max_length`. Few windows mean few graphs; tight ones mean a short session opened with a long
+    max_length does not read its whole empty cache at every step."""
     out, window = [], MIN_WINDOW
     while window < max_length:
         out.append(window)
         window *= 2
     return out + [max_length]
+
+
+def window_for(length: int, max_length: int) -> int:
+    """The cache slots a fixed-shape step attends over when `length` (<= max_length) tokens are in use."""
+    return next(window for window in windows(max_length) if window >= length)
 
 
 def static_step_nbytes(span: SpanModel, batch: int, max_length: int) -> int:
@@ -75,6 +72,12 @@ def static_step_nbytes(span: SpanModel, batch: int, max_length: int) -> int:
     per_token = (3 * mlp + 6 * hidden) * itemsize
     graphs = sum(batch * (heads * window * 4 + per_token) for window in windows(max_length))
     return batch * (max_length + 2 * hidden * itemsize) + graphs
+
+
+def capturable(span: SpanModel) -> bool:
+    """Whether a CUDA graph can record `span`'s step: bitsandbytes' int8 matmul cannot be captured (H200,
+    2026-12), and its failed capture left torch's RNG unusable for the rest of the process."""
+    return not any(type(module).__name__ == "Linear8bitLt" for module in span.modules())
 
 
 class _OffsetWrites:

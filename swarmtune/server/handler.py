@@ -216,9 +216,8 @@ class BlockServicer(ServicerBase):
             lora = self.lora_cache.get(peer, digest)
             need(lora is not None, f"unknown LoRA digest {digest!r}: send the adapter tensors")
         else:
-            device = next(self.span.parameters()).device
             lora = build_lora(lora_meta, tensors, self.slots, (start, end), self.limits, self.span.compute_dtype,
-                              device)
+                              self.device)
             if digest is not None:
                 self.lora_cache.put(peer, digest, lora)
         if lora.scale != lora_meta["scale"] or lora.dropout != lora_meta.get("dropout", 0.0):

@@ -161,10 +161,7 @@ class Server:
                     version=__version__, peer_id=str(self.p2p.peer_id))
         hosted = load_hosted(cfg.adapters, self.model_config, span, lora_slots(span), cfg.revision)
         budget = CacheBudget(cache_bytes, cfg.handler.evict_idle_after)
-        handler = cfg.handler
-        if handler.cuda_graphs and cfg.quant == "int8":  # bitsandbytes' int8 matmul cannot be captured (H200, 2026-12)
-            handler = dataclasses.replace(handler, cuda_graphs=False)
-        self.servicer = BlockServicer(span, self.executor, budget, handler, info,
+        self.servicer = BlockServicer(span, self.executor, budget, cfg.handler, info,
                                       hosted_adapters=hosted, membership=cfg.network.membership)
         await self.servicer.add_p2p_handlers(self.p2p)
         self.state = "online"

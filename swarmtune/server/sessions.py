@@ -155,8 +155,9 @@ class CacheEdits:
 
 
 def static_steps_apply(span: SpanModel, lora: LoraSet | None, deep_prompts: torch.Tensor | None) -> bool:
-    """Whether a session may run its single-token steps as a fixed-shape step: plain sessions of rotary spans."""
-    return lora is None and deep_prompts is None and cuda.supports_static_step(span)
+    """Whether a session may replay its single-token steps from CUDA graphs of the fixed-shape step: plain
+    sessions of rotary spans whose kernels can be captured."""
+    return lora is None and deep_prompts is None and cuda.supports_static_step(span) and cuda.capturable(span)
 
 
 class ServerSession:

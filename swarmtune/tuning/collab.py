@@ -63,11 +63,12 @@ def start_dht(cfg: CollabConfig, swarm_key: str | None = None):
     """
     import hivemind
 
+    from swarmtune.p2p import NetworkOptions
     from swarmtune.security import Membership
 
-    kind = "ip6" if ":" in cfg.host else "ip4"
     dht = hivemind.DHT(initial_peers=cfg.initial_peers or None, start=True,
-                       host_maddrs=[f"/{kind}/{cfg.host}/tcp/{cfg.port}"], announce_maddrs=cfg.announce_maddrs,
+                       host_maddrs=NetworkOptions(host=cfg.host, port=cfg.port).host_maddrs(),
+                       announce_maddrs=cfg.announce_maddrs,
                        authorizer=Membership.from_options(swarm_key, None).authorizer(),
                        nat_port_map=False, auto_nat=False, use_relay=False, use_auto_relay=False)
     addresses = " ".join(str(a) for a in dht.get_visible_maddrs())
