@@ -82,10 +82,11 @@ async def _call_stream(p2p: P2P, peer: PeerID, method: str, data: bytes, token: 
 
     responses = await p2p.iterate_protobuf_handler(peer, _handle(method), requests(), runtime_pb2.ExpertResponse)
     reassembler = wire.Reassembler()
-    async for response in responses:
-        message = reassembler.add(response.metadata)
-        if message is not None:
-            return message
+    async with contextlib.aclosing(responses):  # the stream's socket closes now, not when a GC finds it
+        async for response in responses:
+            message = reassembler.add(response.metadata)
+            if message is not None:
+                return message
     raise ConnectionError("the stream closed before the reply was complete")
 
 
@@ -147,7 +148,7 @@ class MessageStream:
         The daemon does not report a stream whose server died (machine gone, process killed):
         without these probes a request in flight would only fail at its timeout.
         """
-        reply = asyncio.ensure_future(self._receive())
+        reply, probe = asyncio.ensure_future(self._receive()), None
         try:
             while True:
                 done, _ = await asyncio.wait({reply}, timeout=PROBE_PERIOD)
@@ -156,12 +157,12 @@ class MessageStream:
                 probe = asyncio.ensure_future(self._probe())
                 done, _ = await asyncio.wait({reply, probe}, return_when=asyncio.FIRST_COMPLETED)
                 if reply in done:
-                    probe.cancel()
                     return reply.result()
                 probe.result()  # raises ServerFailure if the server is unreachable or mute
         finally:
-            if not reply.done():
-                reply.cancel()
+            for task in (reply, probe):
+                if task is not None and not task.done():
+                    task.cancel()
 
     async def _probe(self) -> None:
         with contextlib.suppress(ServerRejected):  # a refusal is an answer: the server is alive
@@ -182,9 +183,20 @@ class MessageStream:
         return await self.receive(timeout)
 
     def close(self) -> None:
+        """End the stream (on the connection's loop): our end-of-stream goes out, then the stream's socket
+        to the daemon is closed. Left to the garbage collector, every stream that ended in an error would
+        hold a socket and a libp2p stream until a full collection: thousands of them in a long run."""
         if not self.closed:
             self.closed = True
             self._outbox.put_nowait(None)
+            if self._responses is not None:
+                asyncio.ensure_future(_close_responses(self._responses))
+
+
+async def _close_responses(responses: AsyncIterator) -> None:
+    """Close a stream's replies, unless a receive is still reading them (its cancellation closes them)."""
+    if not responses.ag_running:
+        await responses.aclose()
 
 
 class Channel:

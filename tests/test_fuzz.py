@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import os
+
 import msgpack
 import pytest
 import torch
@@ -9,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from swarmtune import transport, wire
-from swarmtune.transport import MessageStream, ServerFailure, ServerRejected
+from swarmtune.transport import MessageStream, ServerRejected
 
 HIDDEN = 64  # the tiny llama's hidden size; every structured request below gets something else wrong
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -94,12 +98,46 @@ def test_inference_sessions_refuse_garbage(target):
     @FUZZ
     @given(data=messages, after_open=st.booleans())
     def check(data, after_open):
-        with pytest.raises(ServerFailure) as raised:  # the error reply closes the stream on our side
+        with pytest.raises(ServerRejected) as raised:  # an error reply, which closes the stream on our side
             exchange([opening, data] if after_open else [data])
-        assert not getattr(raised.value, "retry", False), raised.value.reason
+        assert not raised.value.retry, raised.value.reason
 
     check()
     _assert_still_serving(conn, server)
+
+
+def test_refused_streams_leave_no_sockets_behind(target):
+    """Streams that end in an error reply close their sockets (and libp2p streams) at once, not when a full
+    garbage collection finds them: a long run would otherwise pile up thousands, until the process runs out of
+    file descriptors and the daemon of streams."""
+    conn, server = target
+    bad = wire.pack({"type": "nonsense"}, {"hidden": torch.zeros(1, 2, HIDDEN + 1)})
+
+    def refused_inference_stream():
+        stream = MessageStream(conn.p2p, server.peer_id, conn.token)
+        try:
+            with pytest.raises(ServerRejected):
+                conn.run(stream.exchange(bad, 20), timeout=30)
+        finally:
+            conn.loop.call_soon_threadsafe(stream.close)
+
+    def refused_forward_stream():
+        with pytest.raises(ServerRejected):
+            _call(conn, server.peer_id, "forward", bad, stream=True)
+
+    def open_sockets() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    gc.disable()
+    try:
+        before = open_sockets()
+        for _ in range(100):
+            refused_inference_stream()
+            refused_forward_stream()
+        conn.run(asyncio.sleep(0.5), timeout=5)  # the closes are scheduled on the connection's loop
+        assert open_sockets() - before < 20
+    finally:
+        gc.enable()
 
 
 def _assert_still_serving(conn, server) -> None:
@@ -130,9 +168,9 @@ def test_bad_rollbacks_are_the_clients_error(target, edit):
         conn.run(stream.exchange(wire.pack({"type": "open", "start": 0, "end": 1, "max_length": 16,
                                             "batch_size": 1}), 20), timeout=30)
         conn.run(stream.exchange(wire.pack({"step": 0}, first), 20), timeout=30)
-        with pytest.raises(ServerFailure) as raised:
+        with pytest.raises(ServerRejected) as raised:
             conn.run(stream.exchange(wire.pack({"step": 1, **meta}, bad), 20), timeout=30)
-        assert not getattr(raised.value, "retry", False), raised.value.reason
+        assert not raised.value.retry, raised.value.reason
         assert any(word in str(raised.value) for word in ("truncate", "keep")), raised.value
     finally:
         conn.loop.call_soon_threadsafe(stream.close)
