@@ -230,3 +230,26 @@ def test_allowlist_swarm(tiny_llama, tmp_path, loop):
         with pytest.raises(Exception, match="bootstrap|initial_peers|responded"):
             SwarmForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers,
                                              client_config=ClientConfig(startup_timeout=10))
+
+
+def test_a_private_swarms_collaboration_admits_only_its_members(swarm_key, tmp_path):
+    """The DHT of a collaboration (collab.run_id) started with the swarm's key: a member joins it and reads what
+    another stored; a peer without the key, or with another key, cannot even join."""
+    from swarmtune.tuning.collab import CollabConfig, start_dht
+
+    first = start_dht(CollabConfig(run_id="bees"), swarm_key)
+    started = [first]
+    try:
+        peers = [str(a) for a in first.get_visible_maddrs()]
+        assert first.store("progress", 7, get_dht_time() + 60)
+        member = start_dht(CollabConfig(run_id="bees", initial_peers=peers), swarm_key)
+        started.append(member)
+        assert member.get("progress", latest=True).value == 7
+        other_key = str(tmp_path / "other.key")
+        generate_swarm_key(other_key)
+        for key in (None, other_key):
+            with pytest.raises(Exception, match="bootstrap|initial_peers|responded"):
+                started.append(start_dht(CollabConfig(run_id="bees", initial_peers=peers), key))
+    finally:
+        for dht in started:
+            dht.shutdown()
