@@ -270,8 +270,8 @@ def test_one_peer_cannot_buffer_more_than_one_message_across_streams(strict_serv
         responses = await conn.p2p.iterate_protobuf_handler(PeerID.from_base58(server.peer_id),
                                                             "BlockServicer.rpc_forward_stream", requests(),
                                                             runtime_pb2.ExpertResponse)
-        with contextlib.suppress(asyncio.TimeoutError):
-            reply = await asyncio.wait_for(responses.__anext__(), 1.5)
+        with contextlib.suppress(asyncio.TimeoutError):  # a refusal is held for --refusal-delay (1 s) first
+            reply = await asyncio.wait_for(responses.__anext__(), 4)
             return wire.unpack(wire.Reassembler().add(reply.metadata))[0]
         return None
 

@@ -114,3 +114,66 @@ def test_received_bytes_are_bounded_per_peer_and_in_all():
     third.release()
     second.release()  # charged nothing
     assert budget.used == 0 and not budget.by_peer
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The rate limiter's clock, moved by hand."""
+    from swarmtune.server import rate_limit
+
+    now = [1000.0]
+    monkeypatch.setattr(rate_limit.time, "monotonic", lambda: now[0])
+    return now
+
+
+def test_a_peer_bursts_to_its_rate_then_keeps_to_it(clock):
+    from swarmtune.server.rate_limit import RateLimiter
+
+    limiter = RateLimiter(10)
+    assert all(limiter.admit("a") for _ in range(10))
+    assert not limiter.admit("a")
+    assert limiter.admit("b")  # another peer has its own share
+    clock[0] += 0.25  # 2.5 requests' worth
+    assert [limiter.admit("a") for _ in range(3)] == [True, True, False]
+    clock[0] += 60  # a long pause refills one second's worth, no more
+    assert sum(limiter.admit("a") for _ in range(20)) == 10
+
+
+def test_charges_leave_a_bounded_debt(clock):
+    from swarmtune.server.rate_limit import RateLimiter
+
+    limiter = RateLimiter(10)
+    for _ in range(100):
+        limiter.charge("a", 9)  # malformed requests, counted nine more times each
+    assert not limiter.admit("a")
+    clock[0] += 2.05  # one second's worth of debt repaid, then one request's worth
+    assert limiter.admit("a")
+
+
+def test_many_peers_leave_no_trace_once_idle(clock, monkeypatch):
+    from swarmtune.server import rate_limit
+
+    monkeypatch.setattr(rate_limit, "MAX_PEERS", 100)
+    limiter = rate_limit.RateLimiter(10)
+    for i in range(100):
+        limiter.admit(f"p{i}")
+    clock[0] += 1.0  # every bucket full again
+    limiter.admit("newcomer")
+    assert len(limiter._buckets) == 1
+
+
+def test_refusals_are_held_within_bounds(monkeypatch):
+    """A refusal for a peer's own excess waits out the delay, unless the peer (or everyone) has too many held."""
+    from swarmtune.server import rate_limit
+
+    monkeypatch.setattr(rate_limit, "HELD_PER_PEER", 3)
+    monkeypatch.setattr(rate_limit, "HELD_IN_ALL", 5)
+
+    async def scenario() -> list[bool]:
+        tarpit = rate_limit.Tarpit(0.05)
+        held = await asyncio.gather(*(tarpit.hold(peer) for peer in ["a"] * 4 + ["b"] * 2 + ["c"] * 2))
+        assert tarpit.total == 0 and not tarpit.held  # all released
+        assert not await rate_limit.Tarpit(0).hold("a")  # a delay of 0: at once
+        return held
+
+    assert asyncio.run(scenario()) == [True, True, True, False, True, True, False, False]

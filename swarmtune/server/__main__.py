@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens one peer may have queued or computing at once")
     p.add_argument("--max-requests-per-second", type=float, default=Limits.requests_per_second_per_peer,
                    help="requests (and inference steps) per second from one peer")
+    p.add_argument("--refusal-delay", type=float, default=Limits.refusal_delay,
+                   help="seconds to hold a refusal for a peer's own excess (rate, streams, sessions, bytes) "
+                        "before sending it, which slows floods; 0: at once")
     p.add_argument("--fault", default=None, help="testing only: misbehave on purpose (delay=S,nan,shape,perturb=X)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--debug", action="store_true", help="show the full traceback of errors")
@@ -155,7 +158,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                     max_receiving_bytes=int(args.max_receiving_mb * MiB),
                     max_sessions_per_peer=args.max_sessions_per_peer, max_streams_per_peer=args.max_streams_per_peer,
                     max_tokens_in_flight_per_peer=args.max_tokens_in_flight,
-                    requests_per_second_per_peer=args.max_requests_per_second)
+                    requests_per_second_per_peer=args.max_requests_per_second, refusal_delay=args.refusal_delay)
     handler = HandlerConfig(limits=limits, session_timeout=args.session_timeout, faults=faults,
                             graph_bytes=int(args.activation_cache_mb * MiB), graph_ttl=args.activation_cache_ttl,
                             evict_idle_after=args.evict_idle_after, cuda_graphs=args.cuda_graphs)

@@ -30,9 +30,11 @@ from swarmtune.server.graphs import KeptGraphs
 from swarmtune.server.lora import LoraSet, lora_slots
 from swarmtune.server.lora_cache import LoraCache
 from swarmtune.server.mailbox import Mailbox
+from swarmtune.server.rate_limit import RateLimiter, Tarpit
 from swarmtune.server.receiving import Intake, ReceiveBudget
 from swarmtune.server.requests import (
     Limits,
+    PeerOverLimit,
     RequestError,
     ServerBusy,
     SpanRequest,
@@ -101,7 +103,8 @@ class BlockServicer(ServicerBase):
         self.streams_per_peer: dict[str, int] = defaultdict(int)
         self.active_sessions = 0
         self.stats = defaultdict(int)
-        self._last_request: dict[str, list[float]] = defaultdict(list)
+        self.rates = RateLimiter(self.limits.requests_per_second_per_peer)
+        self.tarpit = Tarpit(self.limits.refusal_delay)
         self.tokens_in_flight: dict[str, int] = defaultdict(int)
         self.mailboxes: dict[str, Mailbox] = {}  # session id -> pushes from the previous server
         self.graphs = KeptGraphs(config.graph_bytes, config.graph_ttl)
@@ -164,33 +167,27 @@ class BlockServicer(ServicerBase):
             raise RequestError(f"peer {peer} is not a member of this private swarm")
 
     def _check_rate(self, peer: str) -> None:
-        """A sliding one-second window per peer."""
-        now = time.monotonic()
-        if len(self._last_request) > 10_000:  # forget peers idle for a second, so many clients leave no trace
-            self._last_request = defaultdict(list, {p: ts for p, ts in self._last_request.items()
-                                                    if ts and now - ts[-1] < 1.0})
-        recent = [t for t in self._last_request[peer] if now - t < 1.0]
-        if len(recent) >= self.limits.requests_per_second_per_peer:
-            raise ServerBusy(f"rate limit: more than {self.limits.requests_per_second_per_peer:g} requests/s "
+        if not self.rates.admit(peer):
+            raise PeerOverLimit(f"rate limit: more than {self.limits.requests_per_second_per_peer:g} requests/s "
                              f"from this peer")
-        recent.append(now)
-        self._last_request[peer] = recent
 
-    def _refused(self, peer: str, error: RequestError | wire.WireError) -> bytes:
+    async def _refused(self, peer: str, error: RequestError | wire.WireError) -> bytes:
         """The error reply to a refused request. A malformed one (the client's fault, not a busy server) counts
         REFUSAL_WEIGHT times toward the peer's request rate: refusing costs the server too, and honest clients
-        rarely send one."""
+        rarely send one. One for the peer's own excess goes out after the tarpit's delay."""
         self.stats["rejected"] += 1
         retry = getattr(error, "retry", False)
         if not retry:
-            self._last_request[peer].extend([time.monotonic()] * (REFUSAL_WEIGHT - 1))
+            self.rates.charge(peer, REFUSAL_WEIGHT - 1)
+        elif isinstance(error, PeerOverLimit) and await self.tarpit.hold(peer):
+            self.stats["refusals_held"] += 1
         return _error(str(error), retry)
 
     async def _compute(self, peer: str, tokens: int, context: int, priority: int, fn, *args):
         """Run `fn` on the compute thread, within the peer's budget of tokens in flight, charged to the peer's
         fair share of compute by its cost: `tokens` new tokens, each attending to `context` positions."""
         if self.tokens_in_flight[peer] + tokens > self.limits.max_tokens_in_flight_per_peer:
-            raise ServerBusy(f"this peer already has {self.tokens_in_flight[peer]} tokens in flight "
+            raise PeerOverLimit(f"this peer already has {self.tokens_in_flight[peer]} tokens in flight "
                              f"(limit {self.limits.max_tokens_in_flight_per_peer})")
         self.tokens_in_flight[peer] += tokens
         try:
@@ -295,7 +292,7 @@ class BlockServicer(ServicerBase):
             meta, tensors = await self._decode(data)
             return await handler(meta, tensors, peer)
         except (RequestError, wire.WireError) as e:
-            return self._refused(peer, e)
+            return await self._refused(peer, e)
         except Exception as e:
             logger.exception("request failed")
             self.stats["failed"] += 1
@@ -364,7 +361,7 @@ class BlockServicer(ServicerBase):
             except asyncio.TimeoutError:
                 reply = _error(f"no whole message within {self.config.session_timeout:.0f} s", retry=True)
             except (RequestError, wire.WireError) as e:
-                reply = self._refused(peer, e)
+                reply = await self._refused(peer, e)
             for frame in wire.frames(reply):
                 yield runtime_pb2.ExpertResponse(metadata=frame)
         finally:  # the request's bytes stay charged until its reply has gone
@@ -402,7 +399,7 @@ class BlockServicer(ServicerBase):
         except asyncio.TimeoutError:  # idle: the client opens a new channel when it needs one
             return
         except (RequestError, wire.WireError) as e:  # refused on a first frame, or the framing is broken
-            yield _frame(self._refused(peer, e))
+            yield _frame(await self._refused(peer, e))
             await _drain(requests)
         finally:
             intake.release()
@@ -429,9 +426,9 @@ class BlockServicer(ServicerBase):
         the frame it is reading)."""
         peer = str(context.remote_id)
         if self.streams_per_peer[peer] >= self.limits.max_streams_per_peer:
-            self.stats["rejected"] += 1
-            yield _frame(_error(f"this peer has {self.streams_per_peer[peer]} streams open here "
-                                f"(limit {self.limits.max_streams_per_peer})", retry=True))
+            yield _frame(await self._refused(peer, PeerOverLimit(
+                f"this peer has {self.streams_per_peer[peer]} streams open here "
+                f"(limit {self.limits.max_streams_per_peer})")))
             return
         self.streams_per_peer[peer] += 1
         try:
@@ -477,7 +474,7 @@ class BlockServicer(ServicerBase):
         except asyncio.TimeoutError:
             yield _frame(_error(f"session idle for more than {self.config.session_timeout:.0f} s", retry=True))
         except (RequestError, wire.WireError) as e:
-            yield _frame(self._refused(peer, e))
+            yield _frame(await self._refused(peer, e))
             await _drain(requests)
         except Exception as e:
             logger.exception("inference session failed")
@@ -506,7 +503,7 @@ class BlockServicer(ServicerBase):
         need(session_id is None or (isinstance(session_id, str) and 16 <= len(session_id) <= 64),
              "'session_id' must be a string of 16 to 64 characters")
         if self.sessions_per_peer[peer] >= self.limits.max_sessions_per_peer:
-            raise ServerBusy(f"too many open sessions from this peer (limit {self.limits.max_sessions_per_peer})")
+            raise PeerOverLimit(f"too many open sessions from this peer (limit {self.limits.max_sessions_per_peer})")
         lora_meta, lora_tensors = parse_lora(meta, tensors)
         lora = self.resolve_lora(peer, lora_meta, lora_tensors, start, end)
         deep_prompts = check_deep_prompts(tensors.get("deep_prompts"), end - start, batch, self.hidden_size, max_length)

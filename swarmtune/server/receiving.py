@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from swarmtune.server.requests import ServerBusy
+from swarmtune.server.requests import PeerOverLimit, ServerBusy
 
 
 class ReceiveBudget:
@@ -24,7 +24,7 @@ class ReceiveBudget:
     def charge(self, peer: str, nbytes: int) -> None:
         if self.by_peer[peer] + nbytes > self.per_peer:
             self._forget_if_idle(peer)
-            raise ServerBusy(f"this peer's requests already hold {self.by_peer.get(peer, 0)} bytes here "
+            raise PeerOverLimit(f"this peer's requests already hold {self.by_peer.get(peer, 0)} bytes here "
                              f"(limit {self.per_peer}): send one large message at a time")
         if self.used + nbytes > self.total:
             self._forget_if_idle(peer)

@@ -28,6 +28,11 @@ class ServerBusy(RequestError):
     retry = True
 
 
+class PeerOverLimit(ServerBusy):
+    """The peer is over a limit of its own (rate, streams, sessions, bytes or tokens held here): its refusal may
+    be held back a while (rate_limit.Tarpit), so that a flooder waiting for its answers slows down."""
+
+
 @dataclass
 class Limits:
     max_batch: int = 64
@@ -40,6 +45,7 @@ class Limits:
     max_streams_per_peer: int = 48      # open streams of every kind (sessions, channels, large requests)
     max_tokens_in_flight_per_peer: int = 1 << 17
     requests_per_second_per_peer: float = 1000.0
+    refusal_delay: float = 1.0          # seconds a refusal for a peer's own excess is held before it goes out
 
 
 @dataclass
