@@ -44,9 +44,15 @@ def pack(meta: dict, tensors: dict[str, torch.Tensor] | None = None) -> bytes:
     return b"".join([len(header).to_bytes(4, "little"), header, *buffers])
 
 
-def header_bytes(data: bytes) -> int:
-    """The header length a message claims (0 if it is too short to say)."""
-    return int.from_bytes(data[:4], "little") if len(data) >= 4 else 0
+# The first byte of every msgpack array or map is one of these (fixmap, fixarray, array 16/32, map 16/32)
+_NOT_CONTAINER_BYTES = bytes(b for b in range(256) if not (0x80 <= b <= 0x9f or 0xdc <= b <= 0xdf))
+
+
+def containers_bound(data: bytes) -> int:
+    """At most how many arrays and maps a message's header holds, counted without parsing it: the bytes that may
+    start one (other values may hold such bytes too)."""
+    header_len = int.from_bytes(data[:4], "little") if len(data) >= 4 else 0
+    return len(data[4:4 + header_len].translate(None, _NOT_CONTAINER_BYTES))
 
 
 def unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -67,10 +73,12 @@ def unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE) -> tuple[dict, dic
             raise WireError(f"header holds more than {MAX_CONTAINERS} arrays and maps")
         return container
 
+    # containers are counted as they are parsed (a Python call each) only where the header might hold too many
+    hooks = dict(list_hook=counted, object_hook=counted) if containers_bound(data) > MAX_CONTAINERS else {}
     try:
         header = msgpack.unpackb(data[4:4 + header_len], raw=False, strict_map_key=True, use_list=True,
                                  max_bin_len=HEADER_LIMIT, max_str_len=HEADER_LIMIT, max_array_len=MAX_ITEMS,
-                                 max_map_len=MAX_ITEMS, max_ext_len=0, list_hook=counted, object_hook=counted)
+                                 max_map_len=MAX_ITEMS, max_ext_len=0, **hooks)
     except WireError:
         raise
     except Exception as e:

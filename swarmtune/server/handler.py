@@ -55,8 +55,9 @@ from swarmtune.server.streams import Frames, serve_on_demand
 logger = logging.getLogger(__name__)
 MAX_POSITION = 1 << 24
 ATTENTION_SCALE = 1024  # context length at which a token's attention costs about as much as the rest of it
-REFUSAL_WEIGHT = 10     # a malformed request counts as this many toward its peer's request rate
-SMALL_HEADER = 8 << 10  # bytes of header parsed on the event loop: any request but one that ships a large LoRA
+REFUSAL_WEIGHT = 100    # a malformed request counts as this many toward its peer's request rate
+SMALL_HEADER = 256      # arrays and maps in a header parsed on the event loop: any request but one that ships LoRA
+CONTAINERS_PER_REQUEST = 64  # a larger header counts as one request per this many (parsing costs)
 
 
 @dataclass
@@ -153,11 +154,18 @@ class BlockServicer(ServicerBase):
                 self.span.blocks[start - offset:end - offset], self.span.position_module, self.span.compute_dtype)
         return self.subspans[(start, end)]
 
-    async def _decode(self, data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
-        """`wire.unpack`; a large header (up to wire.MAX_CONTAINERS arrays and maps, milliseconds of parsing) is
-        parsed on a thread of its own, so that the event loop goes on serving meanwhile."""
-        if wire.header_bytes(data) <= SMALL_HEADER:
+    async def _decode(self, data: bytes, peer: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        """`wire.unpack`. A large header (up to wire.MAX_CONTAINERS arrays and maps, up to milliseconds of parsing)
+        counts toward the peer's rate by its size before it is parsed, and is parsed on a thread of its own, so
+        that the event loop goes on serving meanwhile."""
+        containers = wire.containers_bound(data)
+        if containers <= SMALL_HEADER:
             return wire.unpack(data, self.limits.max_message_bytes)
+        cost = containers / CONTAINERS_PER_REQUEST
+        if not self.rates.admit(peer, cost):
+            raise PeerOverLimit(f"rate limit: a header of up to {containers} arrays and maps counts as {cost:.0f} "
+                                f"requests, more than this peer has left of its "
+                                f"{self.limits.requests_per_second_per_peer:g} requests/s")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._parser, wire.unpack, data, self.limits.max_message_bytes)
 
@@ -289,7 +297,7 @@ class BlockServicer(ServicerBase):
             if token is not None:
                 self._admission(peer, member=False)(token)
                 intake.charge(len(data))
-            meta, tensors = await self._decode(data)
+            meta, tensors = await self._decode(data, peer)
             return await handler(meta, tensors, peer)
         except (RequestError, wire.WireError) as e:
             return await self._refused(peer, e)
@@ -494,7 +502,7 @@ class BlockServicer(ServicerBase):
     async def _open_session(self, data: bytes, peer: str) -> ServerSession:
         """A new session, holding its lease of the KV budget. Everything is checked before the reservation,
         and any error after it releases it."""
-        meta, tensors = await self._decode(data)
+        meta, tensors = await self._decode(data, peer)
         need(meta.get("type") == "open", "the first message of a session must be of type 'open'")
         start, end = requested_blocks(meta, (self.span.start, self.span.end))
         batch = get_int(meta, "batch_size", 1, self.limits.max_batch)
@@ -544,7 +552,7 @@ class BlockServicer(ServicerBase):
             session.lease.idle_since = time.monotonic()
 
     async def _run_step(self, session: ServerSession, data: bytes, peer: str) -> bytes:
-        meta, tensors = await self._decode(data)
+        meta, tensors = await self._decode(data, peer)
         hidden = tensors.get("hidden")
         upstream = _peer_field(meta, "push_from")
         if upstream is not None and session.id is not None:  # the chain changed: another server pushes now

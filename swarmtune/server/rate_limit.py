@@ -24,12 +24,13 @@ class RateLimiter:
         self._buckets: dict[str, list[float]] = {}  # peer -> [tokens, when last refilled]
         self._swept = 0.0
 
-    def admit(self, peer: str) -> bool:
-        """Take one request's token; False when the peer has spent its share (nothing is taken then)."""
+    def admit(self, peer: str, cost: float = 1.0) -> bool:
+        """Take `cost` requests' tokens; False when the peer has not that many left (nothing is taken then). A cost
+        over one second's worth is admitted from a full bucket, into debt."""
         bucket = self._refilled(peer)
-        if bucket[0] < 1.0:
+        if bucket[0] < min(cost, self.rate):
             return False
-        bucket[0] -= 1.0
+        bucket[0] = max(bucket[0] - cost, -self.rate)
         return True
 
     def charge(self, peer: str, tokens: float) -> None:
