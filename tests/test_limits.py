@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.swarm import LocalSwarm
+from swarmtune.transport import ServerRejected
 
 SLOWDOWN_BOUND = 3.0  # stated bound: generation under flood takes at most 3x as long as without it
 
@@ -83,32 +84,44 @@ def test_flooding_client_does_not_starve_others(swarm, tiny_llama):
         model.close()
 
 
-def test_malformed_requests_count_more_toward_the_rate(swarm, tiny_llama):
-    """A malformed request counts a hundred times toward the rate (50/s here): one leaves the peer in debt, so the
-    next request is refused for its rate, with retry, held back for a second (which slows a flooder down), and
-    a second later the peer is served again."""
+@pytest.fixture
+def peer(swarm):
+    """A connection of its own (a peer whose rate nothing else has spent) and a forward through the server."""
     from swarmtune import transport, wire
     from swarmtune.client.connection import SwarmConnection
-    from swarmtune.transport import ServerRejected
 
     conn = SwarmConnection(ClientConfig(initial_peers=swarm.initial_peers), swarm.dht_prefix, 6)
     server = swarm.servers[0].peer_id
 
-    def forward(length: int) -> None:
-        data = wire.pack({"start": 0, "end": 6}, {"hidden": torch.randn(1, length, 63 if length == 1 else 64)})
+    def forward(length: int, hidden_size: int = 64, **meta) -> None:
+        data = wire.pack({"start": 0, "end": 6, **meta}, {"hidden": torch.randn(1, length, hidden_size)})
         conn.run(transport.call(conn.p2p, server, "forward", data, 10, token=conn.token), timeout=15)
 
-    try:
-        time.sleep(1.0)  # the peer's bucket full again after the module's earlier traffic
-        with pytest.raises(ServerRejected, match="shape") as raised:
-            forward(1)  # hidden size 63: the client's error
-        assert not raised.value.retry
-        asked = time.monotonic()
-        with pytest.raises(ServerRejected, match="rate limit") as raised:
-            forward(4)  # fifty a second would pass
-        assert raised.value.retry
-        assert time.monotonic() - asked >= 0.9  # held for --refusal-delay (1 s) before it went out
-        time.sleep(1.1)
-        forward(4)
-    finally:
-        conn.close()
+    yield forward
+    conn.close()
+
+
+def test_malformed_requests_count_more_toward_the_rate(peer):
+    """A malformed request counts a hundred times toward the rate (50/s here): one leaves the peer in debt, so the
+    next request is refused for its rate, with retry, held back for a second (which slows a flooder down), and
+    a second later the peer is served again."""
+    with pytest.raises(ServerRejected, match="shape") as raised:
+        peer(1, hidden_size=63)  # the client's error
+    assert not raised.value.retry
+    asked = time.monotonic()
+    with pytest.raises(ServerRejected, match="rate limit") as raised:
+        peer(4)  # fifty a second would pass
+    assert raised.value.retry
+    assert time.monotonic() - asked >= 0.9  # held for --refusal-delay (1 s) before it went out
+    time.sleep(1.1)
+    peer(4)
+
+
+def test_a_large_header_counts_as_many_requests(peer):
+    """A header that may hold 8,000 arrays counts as 125 requests, before it is parsed: a well-formed request
+    with one is served (from a full second's worth, 50 here), and the next request is refused for its rate."""
+    peer(4, x=[[] for _ in range(8000)])
+    with pytest.raises(ServerRejected, match="rate limit"):
+        peer(4)
+    time.sleep(2.1)  # the debt is at most a second's worth
+    peer(4)

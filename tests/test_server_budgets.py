@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import pytest
+import torch
 
 from swarmtune.server.receiving import Intake, ReceiveBudget
 from swarmtune.server.requests import RequestError, ServerBusy
@@ -177,3 +178,28 @@ def test_refusals_are_held_within_bounds(monkeypatch):
         return held
 
     assert asyncio.run(scenario()) == [True, True, True, False, True, True, False, False]
+
+
+def test_the_containers_of_a_header_are_bounded_from_its_bytes():
+    """Every array and map starts with a byte of a few ranges; counting them bounds a header's parsing cost."""
+    from swarmtune import wire
+
+    small = wire.pack({"start": 0, "end": 1, "lora": {"rank": 8}}, {"hidden": torch.zeros(1, 2, 3)})
+    assert 4 <= wire.containers_bound(small) <= 8  # the header, meta, lora, the tensor list, a spec and its shape
+    nested = wire.pack({"x": [[[]] * 100] * 10})
+    assert wire.containers_bound(nested) >= 1 + 10 + 1000
+    assert wire.unpack(nested)[0] == {"x": [[[]] * 100] * 10}  # parsed the same without counting hooks
+    with pytest.raises(wire.WireError, match="arrays and maps"):
+        wire.unpack(wire.pack({"x": [[]] * (wire.MAX_CONTAINERS + 1)}))
+
+
+def test_a_costly_request_is_admitted_from_half_a_bucket_into_bounded_debt(clock):
+    from swarmtune.server.rate_limit import RateLimiter
+
+    limiter = RateLimiter(10)
+    assert limiter.admit("a", 1000)  # a full bucket: admitted, ten seconds' worth charged but one kept as debt
+    assert not limiter.admit("a", 1000)
+    clock[0] += 1.45
+    assert not limiter.admit("a", 1000)  # not yet half a bucket
+    clock[0] += 0.1
+    assert limiter.admit("a", 1000)

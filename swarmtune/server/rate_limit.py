@@ -26,9 +26,9 @@ class RateLimiter:
 
     def admit(self, peer: str, cost: float = 1.0) -> bool:
         """Take `cost` requests' tokens; False when the peer has not that many left (nothing is taken then). A cost
-        over one second's worth is admitted from a full bucket, into debt."""
+        over half a second's worth is admitted once the peer has that much left, into debt."""
         bucket = self._refilled(peer)
-        if bucket[0] < min(cost, self.rate):
+        if bucket[0] < min(cost, self.rate / 2):
             return False
         bucket[0] = max(bucket[0] - cost, -self.rate)
         return True
