@@ -203,3 +203,25 @@ def test_a_costly_request_is_admitted_from_half_a_bucket_into_bounded_debt(clock
     assert not limiter.admit("a", 1000)  # not yet half a bucket
     clock[0] += 0.1
     assert limiter.admit("a", 1000)
+
+
+def test_memory_a_poorer_peer_held_a_moment_ago_is_not_taken_by_a_peer_over_its_share(monkeypatch):
+    """A client between two sessions finds its room again: the hog, over its share, may not re-take what the
+    client freed, until the client has held nothing for RECENT seconds."""
+    monkeypatch.setattr(CacheBudget, "RECENT", 0.5)
+
+    async def scenario():
+        budget = CacheBudget(100, evict_idle_after=60.0)
+        hog = await budget.acquire("hog", 80, 1)
+        session = await budget.acquire("legit", 20, 1)
+        budget.release(session)
+        with pytest.raises(ServerBusy, match="no room"):
+            await budget.acquire("hog", 20, 0.2)
+        again = await budget.acquire("legit", 20, 0.2)  # its room is still there
+        budget.release(again)
+        started = time.monotonic()
+        more = await budget.acquire("hog", 20, 5)  # once the client has been gone for RECENT seconds
+        return time.monotonic() - started, hog, more, budget
+
+    waited, hog, more, budget = run(scenario())
+    assert waited >= 0.3 and budget.used == 100

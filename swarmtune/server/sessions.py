@@ -39,10 +39,14 @@ class CacheBudget:
     (the budget over the number of peers holding or waiting) makes room by evicting sessions of other
     peers above their share that have been idle for `evict_idle_after` seconds, most idle first, and
     only when that makes enough room. A peer above its share does not take freed memory ahead of a
-    poorer waiting peer whose request fits within that peer's share. Used from the event loop only,
-    so plain counters suffice; `release` and eviction are synchronous, so cleanup cannot be
+    poorer waiting peer whose request fits within that peer's share, nor the memory that a poorer peer
+    held in the last RECENT seconds (up to that peer's share): a client between two sessions finds its
+    room again, rather than taken by a hog that re-takes whatever is freed. Used from the event loop
+    only, so plain counters suffice; `release` and eviction are synchronous, so cleanup cannot be
     interrupted halfway.
     """
+
+    RECENT = 10.0  # seconds that the memory a peer held stays set aside for it against richer peers
 
     def __init__(self, max_bytes: int, evict_idle_after: float = 1.0):
         self.max_bytes = max_bytes
@@ -50,6 +54,7 @@ class CacheBudget:
         self.used = 0
         self.leases: set[Lease] = set()
         self.waiting: dict[str, list[int]] = defaultdict(list)  # peer -> the sizes it waits for
+        self.recent: dict[str, tuple[float, int]] = {}  # peer -> (when it last held memory, the most it held)
         self.evictions = 0
         self._changed = asyncio.Event()
 
@@ -92,23 +97,42 @@ class CacheBudget:
         lease = Lease(peer, nbytes, time.monotonic())
         self.leases.add(lease)
         self.used += nbytes
+        self._note_held(peer)
         return lease
 
     def release(self, lease: Lease) -> None:
         if lease in self.leases:
+            self._note_held(lease.peer)
             self.leases.remove(lease)
             self.used -= lease.nbytes
             self._changed.set()
 
+    def _note_held(self, peer: str) -> None:
+        now = time.monotonic()
+        held = sum(lease.nbytes for lease in self.leases if lease.peer == peer)
+        when, most = self.recent.get(peer, (0.0, 0))
+        self.recent[peer] = (now, max(held, most) if now - when <= self.RECENT else held)
+
+    def _recent_use(self) -> dict[str, int]:
+        """The most each peer held in the last RECENT seconds (older entries are forgotten)."""
+        now = time.monotonic()
+        self.recent = {p: (when, most) for p, (when, most) in self.recent.items() if now - when <= self.RECENT}
+        return {p: most for p, (_, most) in self.recent.items()}
+
     def _may_take(self, peer: str, nbytes: int) -> bool:
         if self.used + nbytes > self.max_bytes:
             return False
-        held = self.held_by()
-        share, mine = self.fair_share(held), held.get(peer, 0)
+        held, recent = self.held_by(), self._recent_use()
+        share = self.max_bytes / max(1, len(held.keys() | self.waiting.keys() | recent.keys()))
+        mine = held.get(peer, 0)
         if mine + nbytes <= share:
             return True
-        return not any(p != peer and held.get(p, 0) < mine and held.get(p, 0) + min(sizes) <= share
-                       for p, sizes in self.waiting.items())
+        if any(p != peer and held.get(p, 0) < mine and held.get(p, 0) + min(sizes) <= share
+               for p, sizes in self.waiting.items()):
+            return False
+        set_aside = sum(max(0, min(most, share) - held.get(p, 0)) for p, most in recent.items()
+                        if p != peer and held.get(p, 0) < mine)
+        return self.used + nbytes + set_aside <= self.max_bytes
 
     def _evict_for(self, peer: str, nbytes: int) -> None:
         """Evict idle sessions of peers over their fair share so that `nbytes` fit, if that can make them fit
