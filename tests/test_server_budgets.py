@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from swarmtune.server.receiving import Intake, ReceiveBudget
-from swarmtune.server.requests import RequestError, ServerBusy
+from swarmtune.server.requests import PeerOverLimit, RequestError, ServerBusy
 from swarmtune.server.sessions import CacheBudget
 
 
@@ -103,17 +103,23 @@ def test_a_session_larger_than_the_whole_budget_is_the_clients_error():
 
 
 def test_received_bytes_are_bounded_per_peer_and_in_all():
-    budget = ReceiveBudget(total=10, per_peer=6)
-    first, second, third = Intake(budget, "a"), Intake(budget, "a"), Intake(budget, "b")
-    first.charge(4)
-    with pytest.raises(ServerBusy, match="this peer's requests already hold 4 bytes"):
-        second.charge(3)
-    third.charge(6)
-    with pytest.raises(ServerBusy, match="hold 10 of 10 bytes"):
-        Intake(budget, "c").charge(1)
-    first.release()
-    third.release()
-    second.release()  # charged nothing
+    """One message's worth per peer; the last quarter of the budget only for peers within their share."""
+    budget = ReceiveBudget(total=12, per_peer=8)
+    a, b, c, d = (Intake(budget, peer) for peer in "abcd")
+    a.charge(4)
+    with pytest.raises(PeerOverLimit, match="this peer's requests already hold 4 bytes"):
+        Intake(budget, "a").charge(5)
+    b.charge(4)
+    with pytest.raises(PeerOverLimit, match="more than its share"):
+        a.charge(3)  # 7 of 12 with b holding some, into the last quarter
+    c.charge(2)  # a newcomer within its share may use the last quarter
+    with pytest.raises(PeerOverLimit, match="more than its share"):
+        c.charge(3)
+    with pytest.raises(ServerBusy, match="hold 10 of 12 bytes") as raised:
+        d.charge(3)  # within its share, but the budget is full: nobody's excess
+    assert not isinstance(raised.value, PeerOverLimit)
+    for intake in (a, b, c, d):
+        intake.release()
     assert budget.used == 0 and not budget.by_peer
 
 
