@@ -141,9 +141,10 @@ def test_sessions_are_charged_for_their_prompts_and_adapter(llama_swarm, llama_c
 @pytest.fixture(scope="module")
 def strict_swarm(tiny_llama):
     """One server for all blocks whose streams may stay idle for 3 s at most, forward graphs 2 s; one peer's
-    requests may hold 4 MiB; 1 MiB of KV memory, and sessions idle for 1 s may be evicted for another peer."""
+    requests may hold 4 MiB, all peers' 8 MiB; 1 MiB of KV memory, and sessions idle for 1 s may be evicted for
+    another peer."""
     with LocalSwarm(tiny_llama, spans=[(0, 6)], session_timeout=3, activation_cache_ttl=2, max_message_mb=4,
-                    cache_mb=1, evict_idle_after=1) as swarm:
+                    max_receiving_mb=8, cache_mb=1, evict_idle_after=1) as swarm:
         yield swarm
 
 
@@ -253,32 +254,32 @@ def test_an_oversized_frame_is_refused_on_its_length_prefix(strict_server):
     assert info(conn, server.peer_id)["receiving_bytes"] == 0
 
 
+async def partial_message(conn: SwarmConnection, peer_id: str, frames: int, release: asyncio.Event) -> dict | None:
+    """Sends `frames` 1 MiB 'more follows' frames on a forward stream, then waits for `release`; the server's
+    error reply if it sends one (refusals for a peer's own excess are held for --refusal-delay, 1 s, first)."""
+    async def requests():
+        for _ in range(frames):
+            yield runtime_pb2.ExpertRequest(uid=conn.token, metadata=b"\x01" + bytes(1 << 20))
+        await release.wait()
+
+    responses = await conn.p2p.iterate_protobuf_handler(PeerID.from_base58(peer_id), "BlockServicer.rpc_forward_stream",
+                                                        requests(), runtime_pb2.ExpertResponse)
+    with contextlib.suppress(asyncio.TimeoutError):
+        reply = await asyncio.wait_for(responses.__anext__(), 4)
+        return wire.unpack(wire.Reassembler().add(reply.metadata))[0]
+    return None
+
+
 def test_one_peer_cannot_buffer_more_than_one_message_across_streams(strict_server, another_peer):
     """Streams that never finish their message: the peer's second stream is refused once the two hold more than
     one message's limit (4 MiB), while another peer's forward goes through; the bytes come back when they end."""
     (conn, server), other = strict_server, another_peer
     release = asyncio.Event()
-    frame = b"\x01" + bytes(1 << 20)
-
-    async def partial_message(frames: int) -> dict | None:
-        """Sends `frames` 'more follows' frames, then waits; the server's error reply if it sends one."""
-        async def requests():
-            for _ in range(frames):
-                yield runtime_pb2.ExpertRequest(uid=conn.token, metadata=frame)
-            await release.wait()
-
-        responses = await conn.p2p.iterate_protobuf_handler(PeerID.from_base58(server.peer_id),
-                                                            "BlockServicer.rpc_forward_stream", requests(),
-                                                            runtime_pb2.ExpertResponse)
-        with contextlib.suppress(asyncio.TimeoutError):  # a refusal is held for --refusal-delay (1 s) first
-            reply = await asyncio.wait_for(responses.__anext__(), 4)
-            return wire.unpack(wire.Reassembler().add(reply.metadata))[0]
-        return None
 
     async def scenario():
-        first = asyncio.create_task(partial_message(3))
+        first = asyncio.create_task(partial_message(conn, server.peer_id, 3, release))
         await asyncio.sleep(0.5)
-        return first, await partial_message(3)
+        return first, await partial_message(conn, server.peer_id, 3, release)
 
     try:
         first, refused = conn.run(scenario(), timeout=30)
@@ -289,6 +290,32 @@ def test_one_peer_cannot_buffer_more_than_one_message_across_streams(strict_serv
         assert tensors["hidden"].shape == (1, 4, HIDDEN)
     finally:
         conn.loop.call_soon_threadsafe(release.set)
+    wait_until(lambda: info(conn, server.peer_id)["receiving_bytes"] == 0, "the streams' bytes were not released")
+
+
+def test_flooders_leave_the_last_quarter_of_the_receive_budget_to_others(strict_server, another_peer, strict_swarm):
+    """Two peers each holding a partial message: the one that would go past its share (half of the 8 MiB budget)
+    while the budget is three-quarters full is refused for its own excess, and a third peer is served."""
+    (conn, server), other = strict_server, another_peer
+    third = connect(strict_swarm)
+    release = asyncio.Event()
+
+    async def scenario():
+        first = asyncio.create_task(partial_message(conn, server.peer_id, 3, release))
+        await asyncio.sleep(0.5)
+        return first, await partial_message(other, server.peer_id, 4, release)
+
+    try:
+        wait_until(lambda: info(conn, server.peer_id)["receiving_bytes"] == 0, "earlier streams held bytes")
+        _, refused = other.run(scenario(), timeout=30)
+        assert refused is not None and "more than its share" in refused["error"] and refused["retry"], refused
+        data = wire.pack({"start": 0, "end": 6}, {"hidden": torch.randn(1, 4, HIDDEN)})
+        _, tensors = third.run(transport.call(third.p2p, server.peer_id, "forward", data, 20), timeout=30)
+        assert tensors["hidden"].shape == (1, 4, HIDDEN)
+    finally:
+        for c in (conn, other):
+            c.loop.call_soon_threadsafe(release.set)
+        third.close()
     wait_until(lambda: info(conn, server.peer_id)["receiving_bytes"] == 0, "the streams' bytes were not released")
 
 
