@@ -270,26 +270,34 @@ async def partial_message(conn: SwarmConnection, peer_id: str, frames: int, rele
     return None
 
 
+@contextlib.contextmanager
+def beside_a_partial_message(holder: SwarmConnection, sender: SwarmConnection, peer_id: str, frames: int):
+    """`holder` sends 3 MiB of a message it never finishes; half a second later `sender` (maybe the same peer)
+    sends `frames` MiB of another. Yields the server's reply to the second, if any; both streams end on exit."""
+    held = {holder: asyncio.Event(), sender: asyncio.Event()}
+    try:
+        asyncio.run_coroutine_threadsafe(partial_message(holder, peer_id, 3, held[holder]), holder.loop)
+        time.sleep(0.5)
+        yield sender.run(partial_message(sender, peer_id, frames, held[sender]), timeout=30)
+    finally:
+        for conn, release in held.items():
+            conn.loop.call_soon_threadsafe(release.set)
+
+
+def forward_goes_through(conn: SwarmConnection, peer_id: str) -> None:
+    data = wire.pack({"start": 0, "end": 6}, {"hidden": torch.randn(1, 4, HIDDEN)})
+    _, tensors = conn.run(transport.call(conn.p2p, peer_id, "forward", data, 20), timeout=30)
+    assert tensors["hidden"].shape == (1, 4, HIDDEN)
+
+
 def test_one_peer_cannot_buffer_more_than_one_message_across_streams(strict_server, another_peer):
     """Streams that never finish their message: the peer's second stream is refused once the two hold more than
     one message's limit (4 MiB), while another peer's forward goes through; the bytes come back when they end."""
     (conn, server), other = strict_server, another_peer
-    release = asyncio.Event()
-
-    async def scenario():
-        first = asyncio.create_task(partial_message(conn, server.peer_id, 3, release))
-        await asyncio.sleep(0.5)
-        return first, await partial_message(conn, server.peer_id, 3, release)
-
-    try:
-        first, refused = conn.run(scenario(), timeout=30)
+    with beside_a_partial_message(conn, conn, server.peer_id, 3) as refused:
         assert refused is not None and "this peer's requests already hold" in refused["error"], refused
         assert info(conn, server.peer_id)["receiving_bytes"] >= 3 << 20
-        data = wire.pack({"start": 0, "end": 6}, {"hidden": torch.randn(1, 4, HIDDEN)})
-        meta, tensors = other.run(transport.call(other.p2p, server.peer_id, "forward", data, 20), timeout=30)
-        assert tensors["hidden"].shape == (1, 4, HIDDEN)
-    finally:
-        conn.loop.call_soon_threadsafe(release.set)
+        forward_goes_through(other, server.peer_id)
     wait_until(lambda: info(conn, server.peer_id)["receiving_bytes"] == 0, "the streams' bytes were not released")
 
 
@@ -297,24 +305,13 @@ def test_flooders_leave_the_last_quarter_of_the_receive_budget_to_others(strict_
     """Two peers each holding a partial message: the one that would go past its share (half of the 8 MiB budget)
     while the budget is three-quarters full is refused for its own excess, and a third peer is served."""
     (conn, server), other = strict_server, another_peer
+    wait_until(lambda: info(conn, server.peer_id)["receiving_bytes"] == 0, "earlier streams held bytes")
     third = connect(strict_swarm)
-    release = asyncio.Event()
-
-    async def scenario():
-        first = asyncio.create_task(partial_message(conn, server.peer_id, 3, release))
-        await asyncio.sleep(0.5)
-        return first, await partial_message(other, server.peer_id, 4, release)
-
     try:
-        wait_until(lambda: info(conn, server.peer_id)["receiving_bytes"] == 0, "earlier streams held bytes")
-        _, refused = other.run(scenario(), timeout=30)
-        assert refused is not None and "more than its share" in refused["error"] and refused["retry"], refused
-        data = wire.pack({"start": 0, "end": 6}, {"hidden": torch.randn(1, 4, HIDDEN)})
-        _, tensors = third.run(transport.call(third.p2p, server.peer_id, "forward", data, 20), timeout=30)
-        assert tensors["hidden"].shape == (1, 4, HIDDEN)
+        with beside_a_partial_message(conn, other, server.peer_id, 4) as refused:
+            assert refused is not None and "more than its share" in refused["error"] and refused["retry"], refused
+            forward_goes_through(third, server.peer_id)
     finally:
-        for c in (conn, other):
-            c.loop.call_soon_threadsafe(release.set)
         third.close()
     wait_until(lambda: info(conn, server.peer_id)["receiving_bytes"] == 0, "the streams' bytes were not released")
 
