@@ -231,3 +231,22 @@ def test_memory_a_poorer_peer_held_a_moment_ago_is_not_taken_by_a_peer_over_its_
 
     waited, hog, more, budget = run(scenario())
     assert waited >= 0.3 and budget.used == 100
+
+
+def test_a_frame_waits_for_room_then_says_why_it_could_not_have_any():
+    async def scenario():
+        budget = ReceiveBudget(total=12, per_peer=8)
+        holder, waiter = Intake(budget, "a"), Intake(budget, "b", wait=5)
+        holder.charge(8)
+        waited = asyncio.create_task(waiter.reserve(6))  # within b's share, but there is no room
+        await asyncio.sleep(0.1)
+        assert not waited.done() and waiter.short_of_room is not None
+        holder.release()
+        await waited  # room came: charged
+        assert waiter.nbytes == 6 and waiter.short_of_room is None
+        late = Intake(budget, "c", wait=0.2)
+        with pytest.raises(PeerOverLimit):
+            await late.reserve(7)  # over its share into the last quarter, and nobody releases
+        assert "waiting for room: this peer's requests would hold 7 bytes" in late.timed_out("no whole message")
+
+    run(scenario())

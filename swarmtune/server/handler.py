@@ -356,7 +356,7 @@ class BlockServicer(ServicerBase):
     async def _stream(self, handler, requests: Frames, context: P2PContext
                       ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         peer = str(context.remote_id)
-        intake = Intake(self.receiving, peer)
+        intake = Intake(self.receiving, peer, self.config.session_timeout)
         try:
             try:
                 data = await asyncio.wait_for(
@@ -367,7 +367,8 @@ class BlockServicer(ServicerBase):
                 reply = await self._guarded(handler, data, context, None)
                 del data
             except asyncio.TimeoutError:
-                reply = _error(f"no whole message within {self.config.session_timeout:.0f} s", retry=True)
+                reply = _error(intake.timed_out(f"no whole message within {self.config.session_timeout:.0f} s"),
+                               retry=True)
             except (RequestError, wire.WireError) as e:
                 reply = await self._refused(peer, e)
             for frame in wire.frames(reply):
@@ -390,7 +391,7 @@ class BlockServicer(ServicerBase):
         """
         reassembler = wire.Reassembler(self.limits.max_message_bytes)
         admission, peer = None, str(context.remote_id)
-        intake = Intake(self.receiving, peer)
+        intake = Intake(self.receiving, peer, self.config.session_timeout)
         try:
             while True:
                 admission = admission or self._admission(peer, member=False)
@@ -405,7 +406,9 @@ class BlockServicer(ServicerBase):
                     yield runtime_pb2.ExpertResponse(metadata=frame)
                 intake.release()
         except asyncio.TimeoutError:  # idle: the client opens a new channel when it needs one
-            return
+            if intake.short_of_room is not None:  # or stuck: say why
+                yield _frame(_error(intake.timed_out(f"no whole message within {self.config.session_timeout:.0f} s"),
+                                    retry=True))
         except (RequestError, wire.WireError) as e:  # refused on a first frame, or the framing is broken
             yield _frame(await self._refused(peer, e))
             await _drain(requests)
@@ -452,7 +455,7 @@ class BlockServicer(ServicerBase):
                        ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         peer = str(context.remote_id)
         reassembler = wire.Reassembler(self.limits.max_message_bytes)
-        intake = Intake(self.receiving, peer)
+        intake = Intake(self.receiving, peer, self.config.session_timeout)
         session = None
 
         def admit_step(token: str) -> None:  # a step that has begun to arrive is not idle: never evicted
@@ -480,7 +483,8 @@ class BlockServicer(ServicerBase):
                     yield runtime_pb2.ExpertResponse(metadata=frame)
                 intake.release()
         except asyncio.TimeoutError:
-            yield _frame(_error(f"session idle for more than {self.config.session_timeout:.0f} s", retry=True))
+            yield _frame(_error(intake.timed_out(f"session idle for more than {self.config.session_timeout:.0f} s"),
+                                retry=True))
         except (RequestError, wire.WireError) as e:
             yield _frame(await self._refused(peer, e))
             await _drain(requests)
@@ -588,7 +592,7 @@ async def _read_message(frames: Frames, reassembler: wire.Reassembler, admission
     to refuse). None: the stream ended between messages."""
     first = True
     try:
-        while (request := await frames.next(intake.charge)) is not None:
+        while (request := await frames.next(intake.reserve)) is not None:
             if first:
                 admission(request.uid)
                 first = False

@@ -6,9 +6,18 @@ gone, so no peer holds more than `per_peer` bytes of requests at once (one maxim
 all peers together no more than `total`. The last quarter of `total` is kept for peers within their
 fair share (`total` over the peers holding some): a few flooders cannot fill the budget and make
 everyone else's requests wait, and their refusals are for their own excess (PeerOverLimit).
+
+A stream's frame that does not fit waits for room (`Intake.reserve`) rather than being refused: its
+sender is held back by the transport's flow control meanwhile, so a flooder's streams stall instead
+of being refused, reopened and read again, and an honest large message goes through once there is
+room. The stream's own timeout bounds the wait.
 """
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
 
 from swarmtune.server.requests import PeerOverLimit, ServerBusy
 
@@ -22,6 +31,7 @@ class ReceiveBudget:
         self.total, self.per_peer = total, per_peer
         self.used = 0
         self.by_peer: dict[str, int] = {}  # peers holding bytes, and how many
+        self._released = asyncio.Event()
 
     def charge(self, peer: str, nbytes: int) -> None:
         mine = self.by_peer.get(peer, 0) + nbytes
@@ -41,7 +51,14 @@ class ReceiveBudget:
         if nbytes:
             self.by_peer[peer] -= nbytes
             self.used -= nbytes
+            self._released.set()
         self._forget_if_idle(peer)
+
+    async def released(self, timeout: float) -> None:
+        """Until some bytes are released, or `timeout` seconds."""
+        self._released.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._released.wait(), timeout)
 
     def _forget_if_idle(self, peer: str) -> None:
         if not self.by_peer.get(peer):
@@ -52,12 +69,32 @@ class Intake:
     """What one stream (or one unary call) has charged to its peer, released at once when its message is
     served or the stream ends."""
 
-    def __init__(self, budget: ReceiveBudget, peer: str):
-        self.budget, self.peer, self.nbytes = budget, peer, 0
+    def __init__(self, budget: ReceiveBudget, peer: str, wait: float = 0.0):
+        self.budget, self.peer, self.wait, self.nbytes = budget, peer, wait, 0
+        self.short_of_room: str | None = None  # why a frame is waiting, while one is
 
     def charge(self, nbytes: int) -> None:
         self.budget.charge(self.peer, nbytes)
         self.nbytes += nbytes
+
+    async def reserve(self, nbytes: int) -> None:
+        """`charge`, waiting up to `wait` seconds for room; then the refusal that room would have ended."""
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                self.charge(nbytes)
+                self.short_of_room = None
+                return
+            except ServerBusy as e:
+                self.short_of_room = str(e)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                await self.budget.released(left)
+
+    def timed_out(self, what: str) -> str:
+        """The error text for a stream whose `what` timed out: why, if it was waiting for room."""
+        return what if self.short_of_room is None else f"{what}, waiting for room: {self.short_of_room}"
 
     def release(self) -> None:
         self.budget.release(self.peer, self.nbytes)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from hivemind.p2p import P2P, P2PContext
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
@@ -53,17 +53,20 @@ class Frames:
     def __init__(self, reader: asyncio.StreamReader):
         self._reader = reader
 
-    async def next(self, reserve: Callable[[int], None] = lambda nbytes: None) -> runtime_pb2.ExpertRequest | None:
+    async def next(self, reserve: Callable[[int], Awaitable[None]] | None = None
+                   ) -> runtime_pb2.ExpertRequest | None:
         """The next frame; None at the caller's end of stream or hang-up (or a frame over swarmtune.p2p's
-        bound). `reserve(nbytes)` may raise to refuse the frame, which is then skipped, never held."""
+        bound). `await reserve(nbytes)` may wait before the frame is read, or raise to refuse it, which is
+        then skipped, never held."""
         try:
             marker = await self._reader.readexactly(1)
             length = int.from_bytes(await self._reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
             if length > MAX_FRAME_BYTES:
                 return None
             try:
-                reserve(length)
-            except BaseException:  # refused: skip its bytes in small pieces, so the stream stays in step
+                if reserve is not None:
+                    await reserve(length)
+            except Exception:  # refused: skip its bytes in small pieces, so the stream stays in step
                 for offset in range(0, length, 64 << 10):
                     await self._reader.readexactly(min(64 << 10, length - offset))
                 raise
