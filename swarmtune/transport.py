@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import torch
 from hivemind.p2p import P2P, PeerID
@@ -193,7 +193,7 @@ class MessageStream:
                 asyncio.ensure_future(_close_responses(self._responses))
 
 
-async def _close_responses(responses: AsyncIterator) -> None:
+async def _close_responses(responses: AsyncGenerator) -> None:
     """Close a stream's replies, unless a receive is still reading them (its cancellation closes them)."""
     if not responses.ag_running:
         await responses.aclose()

@@ -51,7 +51,7 @@ _NOT_CONTAINER_BYTES = bytes(b for b in range(256) if not (0x80 <= b <= 0x9f or 
 def containers_bound(data: bytes) -> int:
     """At most how many arrays and maps a message's header holds, counted without parsing it: the bytes that may
     start one (other values may hold such bytes too)."""
-    header_len = int.from_bytes(data[:4], "little") if len(data) >= 4 else 0
+    header_len = min(int.from_bytes(data[:4], "little"), HEADER_LIMIT) if len(data) >= 4 else 0  # more: refused
     return len(data[4:4 + header_len].translate(None, _NOT_CONTAINER_BYTES))
 
 

@@ -177,7 +177,7 @@ class BlockServicer(ServicerBase):
     def _check_rate(self, peer: str) -> None:
         if not self.rates.admit(peer):
             raise PeerOverLimit(f"rate limit: more than {self.limits.requests_per_second_per_peer:g} requests/s "
-                             f"from this peer")
+                                f"from this peer")
 
     async def _refused(self, peer: str, error: RequestError | wire.WireError) -> bytes:
         """The error reply to a refused request. A malformed one (the client's fault, not a busy server) counts
@@ -196,7 +196,7 @@ class BlockServicer(ServicerBase):
         fair share of compute by its cost: `tokens` new tokens, each attending to `context` positions."""
         if self.tokens_in_flight[peer] + tokens > self.limits.max_tokens_in_flight_per_peer:
             raise PeerOverLimit(f"this peer already has {self.tokens_in_flight[peer]} tokens in flight "
-                             f"(limit {self.limits.max_tokens_in_flight_per_peer})")
+                                f"(limit {self.limits.max_tokens_in_flight_per_peer})")
         self.tokens_in_flight[peer] += tokens
         try:
             cost = tokens * (1 + context / ATTENTION_SCALE) * (2 if priority == BACKWARD else 1)

@@ -5,7 +5,7 @@ frame is charged on its length prefix, before its body is read, and the charge s
 gone, so no peer holds more than `per_peer` bytes of requests at once (one maximal message), and
 all peers together no more than `total`. The last quarter of `total` is kept for peers within their
 fair share (`total` over the peers holding some): a few flooders cannot fill the budget and make
-everyone else's requests wait, and their refusals are for their own excess (PeerOverLimit).
+everyone else's requests wait, and what they are told is their own excess (PeerOverLimit).
 
 A stream's frame that does not fit waits for room (`Intake.reserve`) rather than being refused: its
 sender is held back by the transport's flow control meanwhile, so a flooder's streams stall instead
