@@ -9,6 +9,8 @@ import time
 import pytest
 import torch
 
+from swarmtune import wire
+from swarmtune.server import rate_limit
 from swarmtune.server.receiving import Intake, ReceiveBudget
 from swarmtune.server.requests import PeerOverLimit, RequestError, ServerBusy
 from swarmtune.server.sessions import CacheBudget
@@ -126,17 +128,13 @@ def test_received_bytes_are_bounded_per_peer_and_in_all():
 @pytest.fixture
 def clock(monkeypatch):
     """The rate limiter's clock, moved by hand."""
-    from swarmtune.server import rate_limit
-
     now = [1000.0]
     monkeypatch.setattr(rate_limit.time, "monotonic", lambda: now[0])
     return now
 
 
 def test_a_peer_bursts_to_its_rate_then_keeps_to_it(clock):
-    from swarmtune.server.rate_limit import RateLimiter
-
-    limiter = RateLimiter(10)
+    limiter = rate_limit.RateLimiter(10)
     assert all(limiter.admit("a") for _ in range(10))
     assert not limiter.admit("a")
     assert limiter.admit("b")  # another peer has its own share
@@ -147,9 +145,7 @@ def test_a_peer_bursts_to_its_rate_then_keeps_to_it(clock):
 
 
 def test_charges_leave_a_bounded_debt(clock):
-    from swarmtune.server.rate_limit import RateLimiter
-
-    limiter = RateLimiter(10)
+    limiter = rate_limit.RateLimiter(10)
     for _ in range(100):
         limiter.charge("a", 9)  # malformed requests, counted nine more times each
     assert not limiter.admit("a")
@@ -158,8 +154,6 @@ def test_charges_leave_a_bounded_debt(clock):
 
 
 def test_many_peers_leave_no_trace_once_idle(clock, monkeypatch):
-    from swarmtune.server import rate_limit
-
     monkeypatch.setattr(rate_limit, "MAX_PEERS", 100)
     limiter = rate_limit.RateLimiter(10)
     for i in range(100):
@@ -171,8 +165,6 @@ def test_many_peers_leave_no_trace_once_idle(clock, monkeypatch):
 
 def test_refusals_are_held_within_bounds(monkeypatch):
     """A refusal for a peer's own excess waits out the delay, unless the peer (or everyone) has too many held."""
-    from swarmtune.server import rate_limit
-
     monkeypatch.setattr(rate_limit, "HELD_PER_PEER", 3)
     monkeypatch.setattr(rate_limit, "HELD_IN_ALL", 5)
 
@@ -188,8 +180,6 @@ def test_refusals_are_held_within_bounds(monkeypatch):
 
 def test_the_containers_of_a_header_are_bounded_from_its_bytes():
     """Every array and map starts with a byte of a few ranges; counting them bounds a header's parsing cost."""
-    from swarmtune import wire
-
     small = wire.pack({"start": 0, "end": 1, "lora": {"rank": 8}}, {"hidden": torch.zeros(1, 2, 3)})
     assert 4 <= wire.containers_bound(small) <= 8  # the header, meta, lora, the tensor list, a spec and its shape
     nested = wire.pack({"x": [[[]] * 100] * 10})
@@ -200,9 +190,7 @@ def test_the_containers_of_a_header_are_bounded_from_its_bytes():
 
 
 def test_a_costly_request_is_admitted_from_half_a_bucket_into_bounded_debt(clock):
-    from swarmtune.server.rate_limit import RateLimiter
-
-    limiter = RateLimiter(10)
+    limiter = rate_limit.RateLimiter(10)
     assert limiter.admit("a", 1000)  # a full bucket: admitted, ten seconds' worth charged but one kept as debt
     assert not limiter.admit("a", 1000)
     clock[0] += 1.45
