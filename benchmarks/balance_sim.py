@@ -1,7 +1,7 @@
 """Discrete-event simulation of block selection and rebalancing, in large churning swarms and small ones.
 
 Servers of mixed hardware join a model's blocks, pick spans with the same functions a real
-server runs (`choose_best_span` on joining, `should_move` every balance period with jitter),
+server runs (`join_start` on joining, `should_move` every balance period with jitter),
 crash or leave, and are replaced. No processes, no network: the DHT is a dict of records that
 show up `dht_delay` after they are written, where a crashed server's record outlives it until it
 expires (unless a server probing it before planning finds it dead) and a loading server shows as
@@ -18,8 +18,8 @@ What is reported, sampled every `sample_period` after the warm-up:
   optimum of the relaxation where servers spread their blocks fractionally: no layout can beat it.
 - holes: the share of samples with a block no online server serves while the planner could serve
   every block; after each burst of crashes, the seconds until every block is served again (worst
-  burst).
-- moves per server-hour.
+  burst), counted from when the servers left could serve every block.
+- moves per server-hour, after the warm-up.
 Baselines in the same run: random spans, and greedy joining without rebalancing.
 
     python benchmarks/balance_sim.py [--quick]      (or python -m benchmarks.balance_sim)
@@ -38,7 +38,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from swarmtune.records import ServerInfo
-from swarmtune.server.block_selection import best_start, block_throughputs, choose_best_span, should_move, suspects
+from swarmtune.server.block_selection import (
+    best_start,
+    block_throughputs,
+    choose_best_span,
+    join_start,
+    should_move,
+    suspects,
+)
 
 # (hardware, throughput per block, blocks of a Llama-2-70B-like model that fit in nf4, share of servers)
 HARDWARE = [
@@ -70,7 +77,7 @@ class Params:
     burst: float = 0.0                # share of servers crashing at once every burst_period (replaced over it)
     burst_period: float = 1800.0
     crash_share: float = 0.5          # departures that crash (their record lingers) rather than withdraw
-    balance_period: float = 30.0      # mean seconds between a server's checks whether to move (x0.5-1.5 jitter)
+    balance_period: float = 10.0      # mean seconds between a server's checks whether to move (x0.5-1.5 jitter)
     update_period: float = 15.0
     expiration: float = 45.0
     dht_delay: float = 1.0            # a record written becomes visible to readers this much later
@@ -89,7 +96,9 @@ class Result:
     holes: int = 0
     moves: int = 0
     server_seconds: float = 0.0
-    bursts: list[list] = field(default_factory=list)  # [time, every block served again at (None: not yet)]
+    # per crash burst: [since, every block served again at]: since the burst, or where the servers left could not
+    # serve every block, since they could (a server joined); None: not yet
+    bursts: list[list] = field(default_factory=list)
 
 
 @dataclass
@@ -186,8 +195,11 @@ class Simulation:
         peer = f"{name}#{next(self.counter)}"
         if p.policy == "random":
             start = self.decisions.randrange(p.num_blocks - blocks + 1)
-        else:
+        elif p.policy == "greedy":
             start = choose_best_span(self.view()[0], p.num_blocks, blocks, throughput, self.decisions)
+        else:
+            me = ServerInfo(peer, 0, blocks, "joining", throughput=throughput)
+            start = join_start(self.view()[0], p.num_blocks, me, self.decisions)
         server = _Server(ServerInfo(peer, start, start + blocks, "joining", throughput=throughput), blocks)
         self.servers[peer] = server
         self._load(server, start, p.load_s)
@@ -223,7 +235,7 @@ class Simulation:
             servers, found_dead = self.view()
             start = should_move(servers, self.p.num_blocks, server.info)
             if start is not None:
-                self.result.moves += 1
+                self.result.moves += self.now >= self.p.warmup
                 self._load(server, start, self.p.move_s + PROBE_TIMEOUT * found_dead)
         self.at(self.now + self._balance_gap(), self.check, peer)
 
@@ -250,7 +262,8 @@ class Simulation:
             self.leave(peer)
         for _ in gone:
             self.at(self.now + self.rng.uniform(0, self.p.burst_period / 2), self.join)
-        self.result.bursts.append([self.now, None])
+        ready = [s for s in self.servers.values() if s.alive and s.ready]
+        self.result.bursts.append([self.now if self.planner_min(ready) > 0 else None, None])
         if self.now + 2 * self.p.burst_period <= self.p.duration:  # leave every burst a period to recover in
             self.at(self.now + self.p.burst_period, self.crash_burst)
 
@@ -277,7 +290,9 @@ class Simulation:
         result.holes += weakest == 0 and planner > 0  # unserved blocks the servers could have served
         result.server_seconds += sum(s.alive for s in self.servers.values()) * p.sample_period
         for burst in result.bursts:
-            if weakest > 0 and burst[1] is None:
+            if burst[0] is None and planner > 0:
+                burst[0] = self.now
+            if burst[0] is not None and burst[1] is None and weakest > 0:
                 burst[1] = self.now
         self.at(self.now + p.sample_period, self.sample)
 
@@ -361,7 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     print("/planner, p5: the swarm's throughput (its weakest block) over a central planner's from scratch, mean and "
           "5th percentile;\n/bound: over C/num_blocks, the bound of a fractional assignment; holes: share of samples "
           "with an unserved block that the planner serves;\n"
-          "covered: worst seconds from a crash burst until every block is served again.")
+          "covered: worst seconds from a crash burst (or from when the servers left could serve every block) until\n"
+          "every block is served again.")
 
 
 if __name__ == "__main__":

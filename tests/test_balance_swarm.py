@@ -6,7 +6,6 @@ import time
 from dataclasses import replace
 
 import numpy as np
-import pytest
 import torch
 
 from benchmarks.balance_sim import Params, planned_min, scenarios, simulate, summarize
@@ -50,8 +49,8 @@ def test_a_simulated_small_swarm_plans_past_greedy_joining_and_recovers_from_cra
     params = next(p for p in scenarios(quick=True) if p.name.startswith("12 servers mixed"))
     params = replace(params, duration=3600.0)
     balanced, greedy = summarize(simulate(params)), summarize(simulate(replace(params, policy="greedy")))
-    assert balanced["never"] == 0 and balanced["covered"] is not None  # the burst came, and was recovered from
-    assert balanced["mean"] > 0.85 and balanced["mean"] > greedy["mean"] + 0.2
+    assert balanced["never"] == 0 and balanced["covered"] <= 60  # the burst came, and was recovered from
+    assert balanced["mean"] > 0.95 and balanced["mean"] > greedy["mean"] + 0.2 and balanced["p5"] > greedy["p5"]
 
 
 def test_servers_without_blocks_cover_the_model_and_recover_from_a_crash(tiny_models, tmp_path):
@@ -99,7 +98,6 @@ SIZES = [3, 3, 4, 4, 6, 8]            # blocks per server on a 12-block model
 SPEEDS = [1.0, 2.0, 1.0, 3.0, 2.0, 4.0]  # announced tokens/s per block
 
 
-@pytest.mark.slow
 def test_servers_of_mixed_throughput_place_themselves_near_the_planner_and_recover_from_two_crashes(
         tiny_models, tmp_path):
     """6 servers choose spans; their weakest block is within 90% of a central plan; after two SIGKILLs every block

@@ -12,6 +12,7 @@ from swarmtune.server import block_selection
 from swarmtune.server.block_selection import (
     block_throughputs,
     choose_best_span,
+    join_start,
     leximin_gain,
     plan,
     should_move,
@@ -98,6 +99,28 @@ def test_a_planned_move_waits_while_its_blocks_have_no_other_server():
     assert should_move(loading, 8, loading[1]) is None  # d may yet fail to load
     loaded = [*loading[:2], server("d", 0, 4, 2.0)]
     assert should_move(loaded, 8, loaded[1]) == 4
+
+
+def test_a_server_whose_going_would_leave_blocks_unserved_waits_for_the_wave_before_it():
+    servers = {s.peer_id: s for s in [server("a", 3, 5, 2.0), server("b", 2, 6, 2.0), server("c", 4, 8),
+                                      server("d", 0, 4)]}
+    assert plan(list(servers.values()), 8) == {"a": 0, "b": 2, "c": 4, "d": 4}  # the weakest block: 1.0 -> 2.0
+    assert should_move(list(servers.values()), 8, servers["d"]) is None  # blocks 0-1 have nobody else yet
+    assert should_move(list(servers.values()), 8, servers["a"]) == 0  # its blocks keep 3.0 of the weakest 1.0
+    servers["a"] = ServerInfo("a", 0, 2, "joining", throughput=2.0)
+    assert should_move(list(servers.values()), 8, servers["d"]) is None  # a may yet fail to load
+    servers["a"] = server("a", 0, 2, 2.0)
+    assert should_move(list(servers.values()), 8, servers["d"]) == 4
+
+
+def test_a_joining_server_takes_its_place_in_the_plan_where_a_single_span_leaves_a_hole():
+    servers = [server("a", 6, 12), server("b", 1, 5, 2.0)]  # blocks 0 and 5 unserved: no 4 blocks cover both
+    assert choose_best_span(servers, 12, 4, 2.0) == 5
+    start = join_start(servers, 12, ServerInfo("j", 0, 4, "joining", throughput=2.0))
+    joined = [*servers, ServerInfo("j", start, start + 4, "joining", throughput=2.0)]
+    moved = should_move(joined, 12, servers[1])  # b makes room while j loads
+    assert start != 5 and moved is not None
+    assert block_throughputs([servers[0], server("b", moved, moved + 4, 2.0), joined[-1]], 12).min() == 1.0
 
 
 def test_the_servers_checked_for_life_are_those_of_thinly_held_blocks():

@@ -5,14 +5,17 @@ compared by their sorted per-block throughputs, weakest first (a leximin order: 
 minimum, then the next weakest...). A joining server takes the span that most raises that order.
 
 Serving servers check now and then whether to move. In a small swarm (up to PLAN_MAX_SERVERS)
-every server computes the whole swarm's layout from the same view (`plan`): the current layout
-improved one server at a time, or a fresh layout placed biggest server first where that beats it
-clearly. Readers of the same view reach the same plan, so the servers move together towards one
-layout without a coordinator; each goes once the servers staying put keep its blocks served at
-half the weakest block's throughput or more while it loads, or where the plan is a leap that
-needs a gap, one server at a time (`should_move`). Crashed servers' announcements linger, so
-servers of thinly held blocks are pinged first (`suspects`). In a
-large swarm one server's move barely shows, so a server moves on its own account: when the
+every server computes the whole swarm's layout from the same view (`plan`), and a joining server
+takes its place in that plan. The candidates are the current layout improved one server at a
+time, the k most redundant servers taken out and placed again (for every k), and a fresh layout.
+Moves are not free: a moving server stops serving while it loads its new span, so each candidate
+is valued by what the swarm serves over the next HORIZON_S, the dips while its servers move
+included, and the best is taken where it beats staying by MOVE_GAIN. Servers move in waves that
+keep every block served (`_waves`); readers of the same view agree on the plan and on who goes
+now, so the swarm moves towards one layout without a coordinator. Crashed servers'
+announcements linger, so servers of thinly held blocks are pinged first (`suspects`).
+
+In a large swarm one server's move barely shows, so a server moves on its own account: when the
 weakest block gets `MIN_GAIN` times faster, or while some blocks have no server (holes), when the
 move leaves fewer holes or brings them closer to blocks served twice (a chain of such moves closes
 a hole that no single move can).
@@ -34,10 +37,11 @@ import numpy as np
 from swarmtune.records import ServerInfo
 
 MIN_GAIN = 1.2          # large swarms: a move must make the weakest block this much faster (hysteresis)
-PLAN_GAIN = 1.1         # small swarms: a planned move must raise the leximin order this much
-FRESH_GAIN = 1.1        # ... and a fresh layout the weakest block this much over improving the current one
-LEAP_GAIN = 1.5         # ... and this much to move a server whose blocks nobody else serves meanwhile
-MOVE_DIP = 0.5          # ... and the blocks a moving server leaves keep this much of the weakest block meanwhile
+PLAN_GAIN = 1.1         # small swarms: improving a layout, each server's move must raise the leximin order this much
+HORIZON_S = 600.0       # ... a new layout must serve MOVE_GAIN times what staying does over this long,
+MOVE_GAIN = 1.05        #     counting the weakest block over time, with the dips while servers move;
+KEEP = 0.9              # ... servers move in waves that keep every served block this share of the weakest
+MOVE_S, LOAD_S_PER_BLOCK = 2.0, 2.0  # a move's load time, estimated (only its ratio to HORIZON_S matters)
 PLAN_MAX_SERVERS = 64   # up to this many servers, each plans the whole swarm's layout
 PLAN_ROUNDS = 8         # rounds of one-server improvements when planning (a bound; they stop far sooner)
 PROBE_COVERAGE = 3      # servers of blocks held by this many or fewer are checked for life before planning
@@ -57,6 +61,21 @@ def choose_best_span(servers: Sequence[ServerInfo], num_blocks: int, my_num_bloc
     so servers joining at the same moment spread out.
     """
     return best_start(block_throughputs(servers, num_blocks), my_num_blocks, my_throughput, rng)
+
+
+def join_start(servers: Sequence[ServerInfo], num_blocks: int, me: ServerInfo, rng: random.Random | None = None) -> int:
+    """Where a joining server `me` (its span's length and throughput) goes.
+
+    In a small swarm, its place in the swarm's plan with it added: the servers already there then
+    move (if they must) while it loads, rather than after.
+    """
+    others = [s for s in servers if s.peer_id != me.peer_id]
+    length = min(me.end, num_blocks) - me.start
+    start = choose_best_span(others, num_blocks, length, me.throughput, rng)
+    if len(others) >= PLAN_MAX_SERVERS:
+        return start
+    me = dataclasses.replace(me, start=start, end=start + length, state="joining")
+    return plan([*others, me], num_blocks)[me.peer_id]
 
 
 def best_start(totals: np.ndarray, length: int, throughput: float, rng: random.Random | None = None) -> int:
@@ -87,10 +106,9 @@ def plan(servers: Sequence[ServerInfo], num_blocks: int) -> dict[str, int]:
     """The start every server should have, as anyone reading this view computes it.
 
     Deterministic (servers in peer id order, ties to the lowest start), so that servers planning
-    from the same view agree. Servers moving only where the plan gains `PLAN_GAIN` keeps it stable.
+    from the same view agree.
     """
-    key = tuple(sorted(_Span(s.peer_id, s.start, min(s.end, num_blocks) - s.start, s.throughput) for s in servers))
-    return dict(_plan(key, num_blocks))
+    return dict(_plan(_spans(servers, num_blocks), num_blocks)[0])
 
 
 class _Span(NamedTuple):
@@ -98,16 +116,111 @@ class _Span(NamedTuple):
     start: int
     length: int
     throughput: float
+    online: bool  # serving, not loading
+
+
+def _spans(servers: Sequence[ServerInfo], num_blocks: int) -> tuple[_Span, ...]:
+    return tuple(sorted(_Span(s.peer_id, s.start, min(s.end, num_blocks) - s.start, s.throughput,
+                              s.state == "online") for s in servers))
 
 
 @functools.lru_cache(maxsize=16)  # servers reading an unchanged view (and the simulation's many) plan once
-def _plan(spans: tuple[_Span, ...], num_blocks: int) -> tuple[tuple[str, int], ...]:
-    kept = _improve(spans, num_blocks, {s.peer_id: s.start for s in spans})
-    fresh = _improve(spans, num_blocks, _from_scratch(spans, num_blocks))
+def _plan(spans: tuple[_Span, ...], num_blocks: int) -> tuple[tuple[tuple[str, int], ...], frozenset[str]]:
+    """The layout to move to, and the servers that go now.
+
+    The candidates: the current layout improved one server at a time; the most redundant k servers
+    taken out and placed again, for every k; a fresh layout, and its mirror image. Each is valued
+    by what it serves over HORIZON_S, its moves included (`_waves`); the best (of equals, the one
+    moving fewer servers) is taken where it beats staying by MOVE_GAIN. The servers of its first
+    wave go now, unless that wave is deep and a server is loading: it may be about to serve.
+    """
+    current = {s.peer_id: s.start for s in spans}
+    fresh = _reinsert(spans, num_blocks, current, spans)
     mirrored = {s.peer_id: num_blocks - fresh[s.peer_id] - s.length for s in spans}  # as good, maybe fewer moves
-    fresh = min(fresh, mirrored, key=lambda starts: sum(starts[s.peer_id] != s.start for s in spans))
-    better = _layout_totals(spans, num_blocks, fresh).min() > FRESH_GAIN * _layout_totals(spans, num_blocks, kept).min()
-    return tuple((fresh if better else kept).items())
+    order = _removal_order(spans, num_blocks, current)
+    candidates = [_improve(spans, num_blocks, current), fresh, mirrored]
+    candidates += [_reinsert(spans, num_blocks, current, order[:k]) for k in range(1, len(spans))]
+    values = [_value(spans, num_blocks, starts) for starts in candidates]
+    moves = [sum(starts[s.peer_id] != s.start for s in spans) for starts in candidates]
+    best = max(range(len(candidates)), key=lambda i: (values[i], -moves[i], -i))
+    if values[best] <= MOVE_GAIN * _value(spans, num_blocks, current):
+        return tuple(current.items()), frozenset()
+    wave, _, _, deep = _waves(spans, num_blocks, candidates[best])[0]
+    waiting = deep and not all(s.online for s in spans)  # a deep wave waits for the servers loading now
+    return tuple(candidates[best].items()), frozenset() if waiting else frozenset(s.peer_id for s in wave)
+
+
+def _value(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int]) -> float:
+    """What a layout serves over HORIZON_S from now: its weakest block, less the dips while its movers load."""
+    waves = _waves(spans, num_blocks, starts)
+    value = sum(during * load for _, during, load, _ in waves)
+    return value + _layout_totals(spans, num_blocks, starts).min() * max(0.0, HORIZON_S - sum(w[2] for w in waves))
+
+
+def _waves(spans: tuple[_Span, ...], num_blocks: int,
+           starts: dict[str, int]) -> list[tuple[list[_Span], float, float, bool]]:
+    """How the servers that move to `starts` go: in waves, each (servers, weakest block meanwhile, seconds, deep).
+
+    Moving servers stop serving while they load (a server cannot hold two spans). Where blocks are
+    unserved, the movers that will serve them go first, all at once, and the others stay meanwhile.
+    Then a wave takes, in peer id order, the movers whose going leaves every served block KEEP of
+    the weakest (blocks only loading servers hold are not served anyway, and counting them would
+    let waves planned from views taken mid-move dip further and further); where none can, the one
+    whose going leaves the most goes alone (a deep wave).
+    """
+    movers = [s for s in spans if starts[s.peer_id] != s.start]
+    at = {s.peer_id: s.start for s in spans}
+    serving = _layout_totals([s for s in spans if s.online], num_blocks, at)
+    unserved = _layout_totals(spans, num_blocks, at) == 0  # nobody serves or loads these blocks
+    waves = []
+    while movers:
+        served = serving > 0  # blocks only loading servers hold are left out: they are not served yet anyway
+        floor = KEEP * serving[served].min() if served.any() else 0.0
+        wave, deep = [], False
+        for s in movers:
+            without = _place(serving, s.start, s.length, -s.throughput) if s.online else serving
+            if unserved.any() and not waves:  # first, only the servers that serve unserved blocks, all at once
+                if unserved[starts[s.peer_id]:starts[s.peer_id] + s.length].any():
+                    wave.append(s)
+                    serving = without
+            elif without[served].min(initial=np.inf) >= floor:  # initial: with no block served, any move is fine
+                wave.append(s)
+                serving = without
+        if not wave:
+            deep = True
+            left = [_place(serving, s.start, s.length, -s.throughput) if s.online else serving for s in movers]
+            wave = [movers[int(np.argmax([t.min() for t in left]))]]
+            serving = left[movers.index(wave[0])]
+        waves.append((wave, float(serving.min()), max(MOVE_S + LOAD_S_PER_BLOCK * s.length for s in wave), deep))
+        if len(waves) == 1:  # the servers loading now are done by the time the first wave is
+            serving = serving + _layout_totals([s for s in spans if not s.online and s not in wave], num_blocks, at)
+        for s in wave:
+            serving[starts[s.peer_id]:starts[s.peer_id] + s.length] += s.throughput
+        movers = [s for s in movers if s not in wave]
+    return waves
+
+
+def _removal_order(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int]) -> list[_Span]:
+    """Servers in the order that leaves the best layout as each is taken out: the most redundant first."""
+    totals, left, order = _layout_totals(spans, num_blocks, starts), list(spans), []
+    while left:
+        without = np.stack([_place(totals, starts[s.peer_id], s.length, -s.throughput) for s in left])
+        ranked = np.sort(without, axis=1)
+        pick = int(np.lexsort(ranked.T[::-1])[-1])
+        order.append(left.pop(pick))
+        totals = without[pick]
+    return order
+
+
+def _reinsert(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int],
+              removed: Sequence[_Span]) -> dict[str, int]:
+    """`removed` taken out and placed again, the most capacity first, each where it most raises the order."""
+    starts = dict(starts)
+    totals = _layout_totals([s for s in spans if s not in removed], num_blocks, starts)
+    for s in sorted(removed, key=lambda s: (-s.throughput * s.length, s.peer_id)):
+        start = starts[s.peer_id] = best_start(totals, s.length, s.throughput)
+        totals[start:start + s.length] += s.throughput
+    return starts
 
 
 def should_move(servers: Sequence[ServerInfo], num_blocks: int, me: ServerInfo,
@@ -147,25 +260,14 @@ def suspects(servers: Sequence[ServerInfo], num_blocks: int) -> list[ServerInfo]
 
 
 def _planned_move(others: list[ServerInfo], num_blocks: int, me: ServerInfo) -> int | None | bool:
-    """`me`'s move in the swarm's plan; None to stay; False where the plan cannot close the holes."""
+    """`me`'s move in the swarm's plan, if it goes now; None to stay; False where the plan leaves holes."""
     servers = [*others, me]
-    layout = plan(servers, num_blocks)
+    layout, going = _plan(_spans(servers, num_blocks), num_blocks)
+    layout = dict(layout)
     moved = [dataclasses.replace(s, start=layout[s.peer_id], end=layout[s.peer_id] + s.end - s.start) for s in servers]
-    planned = block_throughputs(moved, num_blocks)
-    if (planned == 0).any():
+    if (block_throughputs(moved, num_blocks) == 0).any():
         return False  # leave it to the chain of hole-closing moves
-    target = layout[me.peer_id]
-    if target == me.start:
-        return None
-    # go once the servers staying put (loading ones may fail) keep our blocks served well enough meanwhile;
-    # while blocks are unserved anyway, at once; for a leap in throughput, one server at a time
-    steady = [s for s in others if s.state == "online" and layout[s.peer_id] == s.start]
-    now = block_throughputs(servers, num_blocks)
-    if (now == 0).any() or block_throughputs(steady, num_blocks)[me.start:me.end].min() >= MOVE_DIP * now.min():
-        return target
-    leap = planned.min() >= LEAP_GAIN * now.min()
-    first = min(s.peer_id for s in servers if layout[s.peer_id] != s.start) == me.peer_id
-    return target if leap and first and all(s.state == "online" for s in others) else None
+    return layout[me.peer_id] if me.peer_id in going else None
 
 
 def _improve(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int]) -> dict[str, int]:
@@ -185,15 +287,6 @@ def _improve(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int]) 
             totals[start:start + s.length] += s.throughput
         if not moved:
             break
-    return starts
-
-
-def _from_scratch(spans: tuple[_Span, ...], num_blocks: int) -> dict[str, int]:
-    """Servers placed one by one on an empty swarm, the most capacity (throughput x blocks) first."""
-    totals, starts = np.zeros(num_blocks), {}
-    for s in sorted(spans, key=lambda s: (-s.throughput * s.length, s.peer_id)):
-        start = starts[s.peer_id] = best_start(totals, s.length, s.throughput)
-        totals[start:start + s.length] += s.throughput
     return starts
 
 

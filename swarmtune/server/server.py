@@ -39,7 +39,7 @@ class ServerConfig:
     model: str
     blocks: tuple[int, int] | None = None   # the span to serve; None: choose where the swarm needs it
     num_blocks: int | None = None           # how many to choose (None: as many as fit in free memory)
-    balance_period: float = 30.0            # mean seconds between checks whether another span serves better
+    balance_period: float = 10.0            # mean seconds between checks whether to move (a DHT read, a few pings)
     throughput_cache: str | None = None     # directory of the measured-throughput cache (None: ~/.cache/swarmtune)
     network: NetworkOptions = field(default_factory=NetworkOptions)
     dtype: str = "fp32"
@@ -187,7 +187,7 @@ class Server:
         return [s for s in servers if s.state != "offline"]
 
     async def choose_blocks(self) -> tuple[int, int]:
-        """The span of our size that most raises the swarm's weakest blocks."""
+        """The span of our size that most raises the swarm's weakest blocks (in a small swarm, as planned)."""
         cfg = self.config
         num_layers = self.model_config.num_hidden_layers
         length = cfg.num_blocks or throughput.blocks_that_fit(self.model_config, parse_dtype(cfg.dtype), cfg.device,
@@ -197,10 +197,8 @@ class Server:
             raise RuntimeError(f"Not enough free memory on {cfg.device} for one block of {cfg.model} besides "
                                f"{cache}: free some, or give --num-blocks")
         length = min(length, num_layers)
-        me = str(self.p2p.peer_id)
-        servers = [s for s in await self.visible_servers() if s.peer_id != me]
-        start = block_selection.choose_best_span(servers, num_layers, length, cfg.throughput or self.speed.forward,
-                                                 random.Random())
+        me = ServerInfo(str(self.p2p.peer_id), 0, length, "joining", throughput=cfg.throughput or self.speed.forward)
+        start = block_selection.join_start(await self.visible_servers(), num_layers, me, random.Random())
         return start, start + length
 
     async def balance_forever(self) -> None:
