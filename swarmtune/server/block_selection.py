@@ -80,11 +80,15 @@ def join_start(servers: Sequence[ServerInfo], num_blocks: int, me: ServerInfo, r
 
 def best_start(totals: np.ndarray, length: int, throughput: float, rng: random.Random | None = None) -> int:
     """`choose_best_span` over precomputed per-block throughputs of the other servers."""
-    placed = totals + throughput * _windows(len(totals), length)
-    ranked = np.sort(placed, axis=1)
-    order = np.lexsort(ranked.T[::-1])  # lexsort's last key is the primary one: the weakest block
-    ties = np.flatnonzero((ranked == ranked[order[-1]]).all(axis=1))
+    ranked, best = _leximin_best(totals + throughput * _windows(len(totals), length))
+    ties = np.flatnonzero((ranked == ranked[best]).all(axis=1))
     return int(rng.choice(ties) if rng is not None else ties[0])
+
+
+def _leximin_best(rows: np.ndarray) -> tuple[np.ndarray, int]:
+    """Each row sorted, and the index of the row that is best in the leximin order (the last of equals)."""
+    ranked = np.sort(rows, axis=1)
+    return ranked, int(np.lexsort(ranked.T[::-1])[-1])  # lexsort's last key is the primary one: the weakest block
 
 
 def leximin_gain(new: np.ndarray, old: np.ndarray) -> float:
@@ -140,19 +144,20 @@ def _plan(spans: tuple[_Span, ...], num_blocks: int) -> tuple[tuple[tuple[str, i
     order = _removal_order(spans, num_blocks, current)
     candidates = [_improve(spans, num_blocks, current), fresh, mirrored]
     candidates += [_reinsert(spans, num_blocks, current, order[:k]) for k in range(1, len(spans))]
-    values = [_value(spans, num_blocks, starts) for starts in candidates]
+    waves = [_waves(spans, num_blocks, starts) for starts in candidates]
+    values = [_value(spans, num_blocks, starts, moving) for starts, moving in zip(candidates, waves)]
     moves = [sum(starts[s.peer_id] != s.start for s in spans) for starts in candidates]
     best = max(range(len(candidates)), key=lambda i: (values[i], -moves[i], -i))
-    if values[best] <= MOVE_GAIN * _value(spans, num_blocks, current):
+    if values[best] <= MOVE_GAIN * _value(spans, num_blocks, current, []):
         return tuple(current.items()), frozenset()
-    wave, _, _, deep = _waves(spans, num_blocks, candidates[best])[0]
+    wave, _, _, deep = waves[best][0]
     waiting = deep and not all(s.online for s in spans)  # a deep wave waits for the servers loading now
     return tuple(candidates[best].items()), frozenset() if waiting else frozenset(s.peer_id for s in wave)
 
 
-def _value(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int]) -> float:
-    """What a layout serves over HORIZON_S from now: its weakest block, less the dips while its movers load."""
-    waves = _waves(spans, num_blocks, starts)
+def _value(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int], waves: list) -> float:
+    """What a layout serves over HORIZON_S from now: its weakest block, less the dips while its movers load
+    (in `waves`, see `_waves`)."""
     value = sum(during * load for _, during, load, _ in waves)
     return value + _layout_totals(spans, num_blocks, starts).min() * max(0.0, HORIZON_S - sum(w[2] for w in waves))
 
@@ -205,8 +210,7 @@ def _removal_order(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, 
     totals, left, order = _layout_totals(spans, num_blocks, starts), list(spans), []
     while left:
         without = np.stack([_place(totals, starts[s.peer_id], s.length, -s.throughput) for s in left])
-        ranked = np.sort(without, axis=1)
-        pick = int(np.lexsort(ranked.T[::-1])[-1])
+        pick = _leximin_best(without)[1]
         order.append(left.pop(pick))
         totals = without[pick]
     return order

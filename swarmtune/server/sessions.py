@@ -68,8 +68,9 @@ class CacheBudget:
             held[lease.peer] += lease.nbytes
         return held
 
-    def fair_share(self, held: dict[str, int]) -> float:
-        return self.max_bytes / max(1, len(held.keys() | self.waiting.keys()))
+    def fair_share(self, held: dict[str, int], also: dict[str, int] | None = None) -> float:
+        """The budget over the peers holding or waiting (and those in `also`)."""
+        return self.max_bytes / max(1, len(held.keys() | self.waiting.keys() | (also or {}).keys()))
 
     async def acquire(self, peer: str, nbytes: int, timeout: float) -> Lease:
         if nbytes > self.max_bytes:
@@ -123,7 +124,7 @@ class CacheBudget:
         if self.used + nbytes > self.max_bytes:
             return False
         held, recent = self.held_by(), self._recent_use()
-        share = self.max_bytes / max(1, len(held.keys() | self.waiting.keys() | recent.keys()))
+        share = self.fair_share(held, recent)
         mine = held.get(peer, 0)
         if mine + nbytes <= share:
             return True
