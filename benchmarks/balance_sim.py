@@ -4,9 +4,10 @@ Servers of mixed hardware join a model's blocks, pick spans with the same functi
 server runs (`join_start` on joining, `should_move` every balance period with jitter),
 crash or leave, and are replaced. No processes, no network: the DHT is a dict of records that
 show up `dht_delay` after they are written, where a crashed server's record outlives it until it
-expires (unless a server probing it before planning finds it dead) and a loading server shows as
-"joining". A server loads `load_s_per_block` per block, after `load_s` of start-up when it joins
-and `move_s` when it moves.
+expires (unless a server probing it before planning finds it dead). A server loads
+`load_s_per_block` per block, after `load_s` of start-up when it joins and `move_s` when it moves,
+as the real one does: in `load_order`, serving each block once it is loaded, and on a move the
+blocks its old and new spans share all along. It shows as "joining" until its first block is in.
 
 What is reported, sampled every `sample_period` after the warm-up:
 - swarm / planner: the swarm's throughput (its weakest block, summed over the online servers
@@ -39,10 +40,15 @@ import numpy as np
 
 from swarmtune.records import ServerInfo
 from swarmtune.server.block_selection import (
+    PLAN_MAX_SERVERS,
+    anticipated_throughputs,
     best_start,
-    block_throughputs,
     choose_best_span,
     join_start,
+    kept_blocks,
+    layout,
+    load_order,
+    served_throughputs,
     should_move,
     suspects,
 )
@@ -78,6 +84,7 @@ class Params:
     burst_period: float = 1800.0
     crash_share: float = 0.5          # departures that crash (their record lingers) rather than withdraw
     balance_period: float = 10.0      # mean seconds between a server's checks whether to move (x0.5-1.5 jitter)
+    poll_period: float = 2.0          # ... and in a small swarm a check this soon after the records change
     update_period: float = 15.0
     expiration: float = 45.0
     dht_delay: float = 1.0            # a record written becomes visible to readers this much later
@@ -108,6 +115,7 @@ class _Server:
     alive: bool = True
     ready: bool = False     # loaded once: counts towards what the swarm could do
     epoch: int = 0          # invalidates the load-completion event of an abandoned span
+    seen: frozenset = frozenset()  # the layout at its last check
 
 
 class Simulation:
@@ -123,6 +131,7 @@ class Simulation:
         self.records: dict[str, ServerInfo] = {}    # the DHT as readers see it
         self.expiries: dict[str, float] = {}
         self.version = 0                            # bumped when a record, or whether its server lives, changes
+        self.layout: tuple[int, frozenset] = (-1, frozenset())  # `layout` of the records, and their version
         self.viewed: tuple[int, list[ServerInfo], bool] = (-1, [], False)
         self.planned: tuple[frozenset, float] = (frozenset(), 0.0)
         self.result = Result()
@@ -202,24 +211,37 @@ class Simulation:
             start = join_start(self.view()[0], p.num_blocks, me, self.decisions)
         server = _Server(ServerInfo(peer, start, start + blocks, "joining", throughput=throughput), blocks)
         self.servers[peer] = server
-        self._load(server, start, p.load_s)
+        self._load(server, start, p.load_s, range(0))
         self.at(self.now + p.update_period, self.refresh, peer)
         if p.policy == "balance":
-            self.at(self.now + self._balance_gap(), self.check, peer)
+            self.at(self.now + self._balance_gap(), self.check, peer, True)
+            self.at(self.now + p.poll_period, self.check, peer, False)
 
-    def _load(self, server: _Server, start: int, overhead: float) -> None:
+    def _load(self, server: _Server, start: int, overhead: float, kept: range) -> None:
+        """Load [start, start + blocks) block by block (`load_order`), serving each as it comes and `kept` meanwhile."""
         server.epoch += 1
-        server.info = replace(server.info, start=start, end=start + server.blocks, state="joining")
+        whole = (start, start + server.blocks)
+        if len(kept):
+            server.info = replace(server.info, start=kept.start, end=kept.stop, state="online", target=whole)
+        else:
+            server.info = replace(server.info, start=start, end=whole[1], state="joining", target=None)
         self.publish(server.info)
-        self.at(self.now + overhead + self.p.load_s_per_block * server.blocks, self.loaded,
-                server.info.peer_id, server.epoch)
+        order = load_order(anticipated_throughputs(self.view()[0], self.p.num_blocks), start, server.blocks, kept)
+        for i, block in enumerate(order, 1):
+            self.at(self.now + overhead + self.p.load_s_per_block * i, self.loaded, server.info.peer_id,
+                    server.epoch, block)
 
-    def loaded(self, peer: str, epoch: int) -> None:
+    def loaded(self, peer: str, epoch: int, block: int) -> None:
         server = self.servers[peer]
-        if server.alive and server.epoch == epoch:
-            server.info = replace(server.info, state="online")
-            server.ready = True
-            self.publish(server.info)
+        if not server.alive or server.epoch != epoch:
+            return
+        info = server.info
+        whole = info.whole_span
+        served = (block, block + 1) if info.state == "joining" else (min(info.start, block), max(info.end, block + 1))
+        server.info = replace(info, start=served[0], end=served[1], state="online",
+                              target=None if served == whole else whole)
+        server.ready |= served == whole
+        self.publish(server.info)
 
     def refresh(self, peer: str) -> None:
         server = self.servers[peer]
@@ -227,17 +249,30 @@ class Simulation:
             self.publish(server.info)
             self.at(self.now + self.p.update_period, self.refresh, peer)
 
-    def check(self, peer: str) -> None:
+    def check(self, peer: str, periodic: bool) -> None:
+        """A periodic check whether to move, or a poll: in a small swarm, a check if the `layout` changed since the
+        last one (as the server's `balance_forever`)."""
         server = self.servers[peer]
         if not server.alive:
             return
-        if server.info.state == "online":
+        small = len(self.records) <= PLAN_MAX_SERVERS
+        if self.layout[0] != self.version:
+            self.layout = self.version, layout(self.records.values())
+        if periodic or (small and server.seen != self.layout[1]):
+            server.seen = self.layout[1]
+            self._consider_moving(server)
+        gap = self._balance_gap() if periodic or not small else self.p.poll_period
+        self.at(self.now + gap, self.check, peer, periodic)
+
+    def _consider_moving(self, server: _Server) -> None:
+        info = server.info
+        if info.state == "online" and info.target is None:  # a server loading its span stays until it is done
             servers, found_dead = self.view()
-            start = should_move(servers, self.p.num_blocks, server.info)
+            start = should_move(servers, self.p.num_blocks, info)
             if start is not None:
                 self.result.moves += self.now >= self.p.warmup
-                self._load(server, start, self.p.move_s + PROBE_TIMEOUT * found_dead)
-        self.at(self.now + self._balance_gap(), self.check, peer)
+                self._load(server, start, self.p.move_s + PROBE_TIMEOUT * found_dead,
+                           kept_blocks(range(info.start, info.end), start, server.blocks))
 
     def leave(self, peer: str) -> None:
         server = self.servers[peer]
@@ -277,8 +312,7 @@ class Simulation:
 
     def sample(self) -> None:
         p, result = self.p, self.result
-        serving = [s.info for s in self.servers.values() if s.alive and s.info.state == "online"]
-        weakest = block_throughputs(serving, p.num_blocks).min()
+        weakest = served_throughputs([s.info for s in self.servers.values() if s.alive], p.num_blocks).min()
         ready = [s for s in self.servers.values() if s.alive and s.ready]
         capacity = sum(s.info.throughput * s.blocks for s in ready)
         planner = self.planner_min(ready)

@@ -24,9 +24,11 @@ STATES = ("joining", "online", "offline")
 @dataclass(frozen=True)
 class ServerInfo:
     peer_id: str
-    start: int
+    start: int                       # the blocks served now (while "joining": the span being loaded)
     end: int
     state: str = "online"
+    target: tuple[int, int] | None = None  # the whole span it holds, where it serves only part of it yet (loading)
+    pinned: bool = False             # its span was given (--blocks): it never moves, others plan around it
     throughput: float = 1.0          # forward tokens/s per block: what training routes by
     inference_rps: float = 1.0       # single-token steps/s for the whole span
     dtype: str = "float32"
@@ -43,8 +45,14 @@ class ServerInfo:
     def span(self) -> tuple[int, int]:
         return self.start, self.end
 
+    @property
+    def whole_span(self) -> tuple[int, int]:
+        """The span this server holds once loaded: what block selection plans with."""
+        return self.target or self.span
+
     def to_record(self) -> dict:
-        record = dataclasses.asdict(self) | {"adapters": list(self.adapters), "addrs": list(self.addrs)}
+        record = dataclasses.asdict(self) | {"adapters": list(self.adapters), "addrs": list(self.addrs),
+                                             "target": list(self.target) if self.target else None}
         del record["expires"]
         return record
 
@@ -58,6 +66,8 @@ class ServerInfo:
                 peer_id=str(peer_id),
                 start=_int(record["start"]), end=_int(record["end"]),
                 state=record["state"],
+                target=_span(record.get("target")),
+                pinned=record.get("pinned", False) is True,
                 throughput=_positive(record["throughput"]), inference_rps=_positive(record["inference_rps"]),
                 dtype=str(record["dtype"]), quant=str(record["quant"]),
                 cache_tokens_left=_int(record["cache_tokens_left"]),
@@ -69,6 +79,8 @@ class ServerInfo:
         except (KeyError, TypeError, ValueError):
             return None
         if info.state not in STATES or not 0 <= info.start < info.end or record.get("peer_id") != peer_id:
+            return None
+        if info.target is not None and not info.target[0] <= info.start < info.end <= info.target[1]:
             return None
         return info
 
@@ -100,6 +112,15 @@ def _int(x) -> int:
     if isinstance(x, bool) or not isinstance(x, int):
         raise TypeError(f"expected int, got {type(x)}")
     return x
+
+
+def _span(x) -> tuple[int, int] | None:
+    if x is None:
+        return None
+    start, end = x
+    if not 0 <= _int(start) < _int(end) <= MAX_BLOCKS:
+        raise ValueError("expected a span of blocks")
+    return start, end
 
 
 def _positive(x) -> float:

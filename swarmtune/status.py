@@ -40,7 +40,8 @@ def format_status(model: ModelInfo, prefix: str, servers: Sequence[ServerInfo]) 
              f"{'server':54} {'blocks':>7} {'state':8} {'tokens/s/blk':>12} {'steps/s':>8} {'cache tokens':>12} "
              f"{'dtype':9} version"]
     for s in servers:
-        lines.append(f"{s.peer_id:54} {f'{s.start}:{s.end}':>7} {s.state:8} {s.throughput:12.1f} "
+        state = "loading" if s.target else s.state  # serves start:end of its span, loads the rest
+        lines.append(f"{s.peer_id:54} {f'{s.start}:{s.end}':>7} {state:8} {s.throughput:12.1f} "
                      f"{s.inference_rps:8.1f} {s.cache_tokens_left:12d} {s.dtype:9} {s.version}")
     lines += ["", f"{'block':>5} {'online':>6} {'tokens/s':>10}  servers"]
     for block in range(model.num_blocks):

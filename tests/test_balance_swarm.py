@@ -6,15 +6,18 @@ import time
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 
 from benchmarks.balance_sim import Params, planned_min, scenarios, simulate, summarize
+from swarmtune import transport, wire
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.server import throughput
-from swarmtune.server.block_selection import block_throughputs
+from swarmtune.server.block_selection import block_throughputs, served_throughputs
 from swarmtune.swarm import LocalSwarm
 from swarmtune.tiny_model import tiny_config
+from swarmtune.transport import ServerRejected
 
 
 def test_throughput_is_measured_once_per_configuration(tmp_path, monkeypatch):
@@ -135,7 +138,7 @@ def test_servers_of_mixed_throughput_place_themselves_near_the_planner_and_recov
             weakest = set(np.flatnonzero(totals == totals.min()))
             newcomer = swarm.add_server(None, num_blocks=3, throughput=5.0)
             _wait_until(lambda: newcomer.peer_id in client.view.servers, 30, "the seventh server to announce", swarm)
-            start, end = client.view.servers[newcomer.peer_id].span
+            start, end = client.view.servers[newcomer.peer_id].whole_span
             assert weakest & set(range(start, end)), (weakest, (start, end))
         finally:
             client.close()
@@ -143,13 +146,12 @@ def test_servers_of_mixed_throughput_place_themselves_near_the_planner_and_recov
 
 def _weakest(client: SwarmConnection) -> float:
     client.refresh()
-    online = [s for s in client.view.servers.values() if s.state == "online"]
-    return float(block_throughputs(online, client.view.num_blocks).min())
+    return float(served_throughputs(list(client.view.servers.values()), client.view.num_blocks).min())
 
 
 def _all_online(client: SwarmConnection, swarm: LocalSwarm) -> bool:
     servers = client.view.servers
-    return all(p.peer_id in servers and servers[p.peer_id].state == "online" for p in swarm.servers)
+    return all(p.peer_id in servers and servers[p.peer_id].target is None for p in swarm.servers)
 
 
 def _sole_blocks(client: SwarmConnection, peer: str) -> int:
@@ -158,3 +160,95 @@ def _sole_blocks(client: SwarmConnection, peer: str) -> int:
         return 0
     start, end = spans[peer]
     return sum(all(not a <= b < e for other, (a, e) in spans.items() if other != peer) for b in range(start, end))
+
+
+def test_a_moving_server_keeps_serving_the_blocks_it_keeps_and_serves_the_others_as_it_loads_them(
+        tiny_models, tmp_path):
+    """Two pinned servers tile 12 blocks, 6:12 twice as fast; a third holds 8, loads each in 0.5 s, and joins at
+    0:8. The faster pinned server dies: the third moves to 4:12, keeping 4:8 served throughout (a session on them
+    goes on, exact), serving each new block as soon as it is loaded, and refusing, for retry elsewhere, a session
+    on the blocks it dropped."""
+    from swarmtune.client.model import SwarmForCausalLM
+    from tests.helpers import reference_model
+
+    model = tiny_models("llama", layers=12)
+    hidden_size = reference_model(model).config.hidden_size
+    options = dict(update_period=1.0, expiration=4.0, balance_period=1.0, throughput_cache=str(tmp_path / "cache"))
+    per_server = [dict(throughput=1.0), dict(throughput=2.0)]
+    with LocalSwarm(model, spans=[(0, 6), (6, 12)], log_dir=str(tmp_path), per_server=per_server, **options) as swarm:
+        client = SwarmConnection(ClientConfig(initial_peers=swarm.initial_peers, refresh_period=1.0),
+                                 swarm.dht_prefix)
+        conn, streams = client, []
+        try:
+            _wait_until(lambda: _all_online(client, swarm), 30, "the pinned servers online", swarm)
+            mover = swarm.add_server(None, num_blocks=8, throughput=1.0, fault="load=0.5")
+            _wait_until(lambda: _all_online(client, swarm) and client.view.servers[mover.peer_id].span == (0, 8), 30,
+                        "the third server to serve 0:8, where the weakest blocks are", swarm)
+            victim = swarm.servers[1]
+            kept, lost = _open(conn, mover.peer_id, 4, 6), _open(conn, mover.peer_id, 0, 1)
+            streams += [kept, lost]
+            first, second = torch.randn(1, 3, hidden_size), torch.randn(1, 1, hidden_size)
+            for stream in streams:
+                _step(conn, stream, 0, first)
+            victim.kill()
+            began, seen = time.monotonic(), []  # (seconds since, the mover's record, blocks unserved)
+            while time.monotonic() - began < 30:
+                client.refresh()
+                record = client.view.servers.get(mover.peer_id)
+                seen.append((time.monotonic() - began, record, _unserved(client, without=victim.peer_id)))
+                if record is not None and record.span == (4, 12):
+                    break
+                time.sleep(0.1)
+            assert all(r is not None and r.start <= 4 and r.end >= 6 for _, r, _ in seen), seen  # kept: always served
+            assert any(r.target is not None for _, r, _ in seen), f"never seen serving part of its new span: {seen}"
+            holes = [len(unserved) for _, _, unserved in seen]
+            assert any(0 < n < max(holes) for n in holes), holes  # holes were served one by one, as they loaded
+            covered = next(t for t, _, unserved in seen if not unserved)
+            print(f"every block served again {covered:.1f} s after the crash; blocks unserved meanwhile: {holes}")
+
+            out = _step(conn, kept, 1, second)
+            expected = _forward(conn, mover.peer_id, 4, 6, torch.cat([first, second], dim=1))[:, -1:]
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+            with pytest.raises(ServerRejected, match="no longer serves") as refused:
+                _step(conn, lost, 1, second)
+            assert refused.value.retry
+
+            generator = SwarmForCausalLM.from_pretrained(model, initial_peers=swarm.initial_peers)
+            try:
+                prompt = torch.tensor([[1, 5, 9, 2, 7]])
+                ours = generator.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+                theirs = reference_model(model).generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+                assert torch.equal(ours, theirs)
+            finally:
+                generator.close()
+        finally:
+            for stream in streams:
+                conn.loop.call_soon_threadsafe(stream.close)
+            client.close()
+
+
+def _unserved(client: SwarmConnection, without: str) -> list[int]:
+    """Blocks no online server but `without` (dead, its record maybe not expired yet) serves."""
+    servers = [s for s in client.view.servers.values() if s.peer_id != without]
+    return [int(b) for b in np.flatnonzero(served_throughputs(servers, client.view.num_blocks) == 0)]
+
+
+def _open(conn, peer_id: str, start: int, end: int) -> transport.MessageStream:
+    stream = transport.MessageStream(conn.p2p, peer_id, conn.token)
+    conn.run(stream.exchange(wire.pack({"type": "open", "start": start, "end": end, "max_length": 16,
+                                        "batch_size": 1}), 20), timeout=30)
+    return stream
+
+
+def _step(conn, stream: transport.MessageStream, step: int, hidden: torch.Tensor) -> torch.Tensor:
+    """One inference step of `hidden` (the first: 3 tokens; the second: 1 token, the 4th) on `stream`."""
+    past = 3 * step
+    tensors = {"hidden": hidden, "attention_mask": torch.ones(1, hidden.shape[1], dtype=torch.long),
+               "position_ids": torch.arange(past, past + hidden.shape[1])[None]}
+    return conn.run(stream.exchange(wire.pack({"step": step}, tensors), 20), timeout=30)[1]["hidden"]
+
+
+def _forward(conn, peer_id: str, start: int, end: int, hidden: torch.Tensor) -> torch.Tensor:
+    request = wire.pack({"start": start, "end": end}, {"hidden": hidden})
+    _, out = conn.run(transport.call(conn.p2p, peer_id, "forward", request, 30, token=conn.token), timeout=40)
+    return out["hidden"]

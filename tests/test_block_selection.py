@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -13,8 +14,12 @@ from swarmtune.server.block_selection import (
     block_throughputs,
     choose_best_span,
     join_start,
+    kept_blocks,
+    layout,
     leximin_gain,
+    load_order,
     plan,
+    served_throughputs,
     should_move,
     suspects,
 )
@@ -152,6 +157,49 @@ def test_servers_that_can_cover_the_model_end_up_covering_it(seed):
         servers[f"s{len(servers)}"] = server(f"s{len(servers)}", start, start + length, rng.uniform(0.5, 4))
         slots += length
     assert _settle(servers, num_blocks) == 0
+
+
+def test_a_server_loading_its_span_serves_part_of_it_and_is_planned_with_all_of_it():
+    loading = ServerInfo("a", 5, 7, throughput=2.0, target=(4, 8))
+    assert ServerInfo.from_record("a", loading.to_record()) == loading
+    assert ServerInfo.from_record("a", {**loading.to_record(), "target": [5, 6]}) is None  # serves beyond it
+    assert ServerInfo.from_record("a", {**loading.to_record(), "target": "4:8"}) is None
+    np.testing.assert_allclose(served_throughputs([loading, server("b", 0, 8)], 8), [1, 1, 1, 1, 1, 3, 3, 1])
+    np.testing.assert_allclose(block_throughputs([loading, server("b", 0, 8)], 8), [1, 1, 1, 1, 3, 3, 3, 3])
+    assert served_throughputs([ServerInfo("j", 0, 4, "joining")], 4).max() == 0
+    further, done = dataclasses.replace(loading, start=4), dataclasses.replace(loading, start=4, end=8, target=None)
+    assert layout([loading]) == layout([further]) != layout([done])  # how far a load has got alone: no news
+
+
+def test_blocks_load_holes_first_and_outward_so_that_what_is_served_stays_one_span():
+    served = np.array([2.0, 2.0, 0.0, 0.0, 1.0, 3.0, 1.0, 1.0])
+    assert load_order(served, 0, 6) == [2, 3, 4, 1, 0, 5]  # from the first hole, each next the weaker neighbour
+    assert load_order(served, 3, 5) == [3, 4, 5, 6, 7]
+    assert load_order(served, 2, 6, kept=range(5, 7)) == [7, 4, 3, 2]  # outward from the blocks it keeps
+    for start in range(4):
+        order = load_order(served, start, 5)
+        assert sorted(order) == list(range(start, start + 5))
+        assert all(max(order[:i + 1]) - min(order[:i + 1]) == i for i in range(5))  # contiguous at every step
+
+
+def test_a_move_keeps_the_blocks_both_spans_share_and_is_planned_to_take_only_the_loading_of_the_rest():
+    assert kept_blocks(range(2, 8), 4, 6) == range(4, 8)
+    assert kept_blocks(range(2, 8), 0, 6) == range(2, 6)
+    assert len(kept_blocks(range(2, 8), 8, 4)) == 0 and len(kept_blocks(range(0), 0, 4)) == 0
+    spans = block_selection._spans([server("a", 0, 6), server("b", 6, 12)], 12)
+    shift = block_selection._waves(spans, 12, {"a": 1, "b": 6})
+    jump = block_selection._waves(spans, 12, {"a": 6, "b": 6})
+    assert shift[0][2] == block_selection.MOVE_S + block_selection.LOAD_S_PER_BLOCK * 1  # one block to load
+    assert jump[0][2] == block_selection.MOVE_S + block_selection.LOAD_S_PER_BLOCK * 6
+    assert shift[0][1] == 0 and jump[0][1] == 0  # block 0 (a shift) or 0-5 (a jump) unserved meanwhile
+
+
+def test_pinned_servers_stay_where_they_are_and_the_others_plan_around_them():
+    servers = [ServerInfo("a", 0, 6, pinned=True), server("m", 2, 10)]  # blocks 10-11 unserved
+    assert plan(servers, 12) == {"a": 0, "m": 4}
+    assert should_move(servers, 12, servers[1]) == 4
+    servers = [ServerInfo("z", 0, 6, pinned=True), server("m", 0, 8)]  # unpinned, z could move instead
+    assert plan(servers, 12)["z"] == 0
 
 
 def _settle(servers: dict[str, ServerInfo], num_blocks: int, rounds: int = 10) -> int:

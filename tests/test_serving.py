@@ -97,7 +97,7 @@ BAD_REQUESTS = {
     "bad rank": lambda h: ({"start": 0, "end": 1}, {"hidden": torch.randn(4, h)}),
     "bad dtype": lambda h: ({"start": 0, "end": 1}, {"hidden": torch.ones(1, 4, h, dtype=torch.int64)}),
     "missing hidden": lambda h: ({"start": 0, "end": 1}, {}),
-    "block outside span": lambda h: ({"start": 0, "end": 5}, {"hidden": torch.randn(1, 4, h)}),
+    "block outside the model": lambda h: ({"start": 0, "end": 1000}, {"hidden": torch.randn(1, 4, h)}),
     "negative block": lambda h: ({"start": -1, "end": 1}, {"hidden": torch.randn(1, 4, h)}),
     "block ids not ints": lambda h: ({"start": "0", "end": 1.5}, {"hidden": torch.randn(1, 4, h)}),
     "nan input": lambda h: ({"start": 0, "end": 1}, {"hidden": torch.full((1, 4, h), float("nan"))}),
@@ -133,6 +133,9 @@ def test_malformed_requests_are_refused_and_server_keeps_serving(llama_swarm, ll
         with pytest.raises(ServerRejected) as err:
             send("forward", wire.pack(meta, tensors))
         assert err.value.reason and not err.value.retry, name  # the client's error: no other server is tried
+    with pytest.raises(ServerRejected, match="not served here") as err:  # a stale view: another server has them
+        send("forward", wire.pack({"start": 0, "end": 2}, {"hidden": torch.randn(1, 4, hidden_size)}))
+    assert err.value.retry
     garbage = [b"", b"\x00\x01", b"\xff" * 64, (10).to_bytes(4, "little") + b"not msgpack",
                wire.pack({"start": 0, "end": 1}, {"hidden": torch.randn(1, 4, hidden_size)})[:-7],
                _raw({"start": 0, "end": 1}, [["hidden", "float32", [1, True, hidden_size]]]),  # a bool as a size

@@ -32,6 +32,21 @@ class SpanModel(nn.Module):
     def num_blocks(self) -> int:
         return self.end - self.start
 
+    def part(self, start: int, end: int) -> SpanModel:
+        """Blocks [start, end) of this span, sharing their weights."""
+        if (start, end) == (self.start, self.end):
+            return self
+        blocks = self.blocks[start - self.start:end - self.start]
+        return SpanModel(self.family, self.config, start, end, blocks, self.position_module, self.compute_dtype)
+
+    def joined(self, other: SpanModel) -> SpanModel:
+        """This span and `other`, which must begin where this one ends or end where it begins."""
+        first, second = (self, other) if other.start == self.end else (other, self)
+        if first.end != second.start:
+            raise ValueError(f"spans {self.start}:{self.end} and {other.start}:{other.end} are not adjacent")
+        return SpanModel(self.family, self.config, first.start, second.end,
+                         nn.ModuleList([*first.blocks, *second.blocks]), self.position_module, self.compute_dtype)
+
     def forward(
         self,
         hidden: torch.Tensor,

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "them most, and move when another layout would serve it markedly better")
     p.add_argument("--balance-period", type=float, default=ServerConfig.balance_period,
                    help="with --num-blocks: mean seconds between checks whether to move (randomised +-50%%)")
+    p.add_argument("--poll-period", type=float, default=ServerConfig.poll_period,
+                   help="with --num-blocks, in a swarm of up to 64 servers: seconds between reads of the swarm's "
+                        "records, checking whether to move as soon as they change")
     p.add_argument("--throughput-cache", default=None,
                    help="directory caching the measured throughput per hardware and model shape "
                         "(default: ~/.cache/swarmtune)")
@@ -164,7 +167,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                             evict_idle_after=args.evict_idle_after, cuda_graphs=args.cuda_graphs)
     return ServerConfig(
         model=args.model, blocks=args.blocks, num_blocks=None if args.num_blocks == "auto" else args.num_blocks,
-        balance_period=args.balance_period, throughput_cache=args.throughput_cache,
+        balance_period=args.balance_period, poll_period=args.poll_period, throughput_cache=args.throughput_cache,
         network=network, dtype=args.dtype, quant=args.quant, device=args.device, adapters=list(args.adapters),
         dht_prefix=args.dht_prefix, attn_implementation=args.attn_implementation, revision=args.revision,
         num_threads=args.num_threads, update_period=args.update_period, expiration=args.expiration,

@@ -7,12 +7,13 @@ minimum, then the next weakest...). A joining server takes the span that most ra
 Serving servers check now and then whether to move. In a small swarm (up to PLAN_MAX_SERVERS)
 every server computes the whole swarm's layout from the same view (`plan`), and a joining server
 takes its place in that plan. The candidates are the current layout improved one server at a
-time, the k most redundant servers taken out and placed again (for every k), and a fresh layout.
-Moves are not free: a moving server stops serving while it loads its new span, so each candidate
-is valued by what the swarm serves over the next HORIZON_S, the dips while its servers move
-included, and the best is taken where it beats staying by MOVE_GAIN. Servers move in waves that
-keep every block served (`_waves`); readers of the same view agree on the plan and on who goes
-now, so the swarm moves towards one layout without a coordinator. Crashed servers'
+time, the k most redundant servers taken out and placed again (for every k), and a fresh layout;
+servers whose span was given (pinned) stay put. Moves are not free: a moving server keeps serving
+the blocks its old and new spans share, but the others only as it loads them (`load_order`), so
+each candidate is valued by what the swarm serves over the next HORIZON_S, the dips while its
+servers move included, and the best is taken where it beats staying by MOVE_GAIN. Servers move
+in waves that keep every block served (`_waves`); readers of the same view agree on the plan and
+on who goes now, so the swarm moves towards one layout without a coordinator. Crashed servers'
 announcements linger, so servers of thinly held blocks are pinged first (`suspects`).
 
 In a large swarm one server's move barely shows, so a server moves on its own account: when the
@@ -49,8 +50,13 @@ MAX_PROBES = 16
 
 
 def block_throughputs(servers: Sequence[ServerInfo], num_blocks: int) -> np.ndarray:
-    """Per block, the summed throughput of the servers covering it (exactly 0 where none does)."""
+    """Per block, the summed throughput of the servers holding it, loaded or not (exactly 0 where none does)."""
     return _coverage(servers, num_blocks)[0]
+
+
+def served_throughputs(servers: Sequence[ServerInfo], num_blocks: int) -> np.ndarray:
+    """Per block, the summed throughput of the online servers serving it now: what clients can use."""
+    return _coverage([dataclasses.replace(s, target=None) for s in servers if s.state == "online"], num_blocks)[0]
 
 
 def choose_best_span(servers: Sequence[ServerInfo], num_blocks: int, my_num_blocks: int, my_throughput: float,
@@ -117,15 +123,34 @@ def plan(servers: Sequence[ServerInfo], num_blocks: int) -> dict[str, int]:
 
 class _Span(NamedTuple):
     peer_id: str
-    start: int
+    start: int          # the whole span it holds, loaded or not
     length: int
     throughput: float
-    online: bool  # serving, not loading
+    served: range       # the blocks it serves now (empty while it loads its first)
+    pinned: bool        # never moves
+
+    @property
+    def loading(self) -> bool:
+        return len(self.served) < self.length
+
+
+def layout(servers: Sequence[ServerInfo]) -> frozenset[tuple]:
+    """Who holds which span, at what throughput, and whether it has loaded it all.
+
+    Where this changed (a server joined, moved, left or finished loading), the best plan may have
+    too; a change of how far a load has got alone is left to the periodic checks.
+    """
+    return frozenset((s.peer_id, s.whole_span, s.throughput, s.pinned, s.state == "online" and s.target is None)
+                     for s in servers)
 
 
 def _spans(servers: Sequence[ServerInfo], num_blocks: int) -> tuple[_Span, ...]:
-    return tuple(sorted(_Span(s.peer_id, s.start, min(s.end, num_blocks) - s.start, s.throughput,
-                              s.state == "online") for s in servers))
+    spans = []
+    for s in servers:
+        start, end = s.whole_span
+        served = range(s.start, min(s.end, num_blocks)) if s.state == "online" else range(0)
+        spans.append(_Span(s.peer_id, start, min(end, num_blocks) - start, s.throughput, served, s.pinned))
+    return tuple(sorted(spans))
 
 
 @functools.lru_cache(maxsize=16)  # servers reading an unchanged view (and the simulation's many) plan once
@@ -133,17 +158,20 @@ def _plan(spans: tuple[_Span, ...], num_blocks: int) -> tuple[tuple[tuple[str, i
     """The layout to move to, and the servers that go now.
 
     The candidates: the current layout improved one server at a time; the most redundant k servers
-    taken out and placed again, for every k; a fresh layout, and its mirror image. Each is valued
-    by what it serves over HORIZON_S, its moves included (`_waves`); the best (of equals, the one
-    moving fewer servers) is taken where it beats staying by MOVE_GAIN. The servers of its first
-    wave go now, unless that wave is deep and a server is loading: it may be about to serve.
+    taken out and placed again, for every k; a fresh layout, and its mirror image. Pinned servers
+    stay where they are in all of them. Each is valued by what it serves over HORIZON_S, its moves
+    included (`_waves`); the best (of equals, the one moving fewer servers) is taken where it beats
+    staying by MOVE_GAIN. The servers of its first wave go now, unless that wave is deep and a
+    server is loading: it may be about to serve.
     """
     current = {s.peer_id: s.start for s in spans}
-    fresh = _reinsert(spans, num_blocks, current, spans)
-    mirrored = {s.peer_id: num_blocks - fresh[s.peer_id] - s.length for s in spans}  # as good, maybe fewer moves
+    movable = [s for s in spans if not s.pinned]
+    fresh = _reinsert(spans, num_blocks, current, movable)
+    mirrored = {s.peer_id: s.start if s.pinned else num_blocks - fresh[s.peer_id] - s.length
+                for s in spans}  # without pinned servers as good as `fresh`, maybe with fewer moves
     order = _removal_order(spans, num_blocks, current)
     candidates = [_improve(spans, num_blocks, current), fresh, mirrored]
-    candidates += [_reinsert(spans, num_blocks, current, order[:k]) for k in range(1, len(spans))]
+    candidates += [_reinsert(spans, num_blocks, current, order[:k]) for k in range(1, len(order))]
     waves = [_waves(spans, num_blocks, starts) for starts in candidates]
     values = [_value(spans, num_blocks, starts, moving) for starts, moving in zip(candidates, waves)]
     moves = [sum(starts[s.peer_id] != s.start for s in spans) for starts in candidates]
@@ -151,7 +179,7 @@ def _plan(spans: tuple[_Span, ...], num_blocks: int) -> tuple[tuple[tuple[str, i
     if values[best] <= MOVE_GAIN * _value(spans, num_blocks, current, []):
         return tuple(current.items()), frozenset()
     wave, _, _, deep = waves[best][0]
-    waiting = deep and not all(s.online for s in spans)  # a deep wave waits for the servers loading now
+    waiting = deep and any(s.loading for s in spans)  # a deep wave waits for the servers loading now
     return tuple(candidates[best].items()), frozenset() if waiting else frozenset(s.peer_id for s in wave)
 
 
@@ -166,16 +194,17 @@ def _waves(spans: tuple[_Span, ...], num_blocks: int,
            starts: dict[str, int]) -> list[tuple[list[_Span], float, float, bool]]:
     """How the servers that move to `starts` go: in waves, each (servers, weakest block meanwhile, seconds, deep).
 
-    Moving servers stop serving while they load (a server cannot hold two spans). Where blocks are
-    unserved, the movers that will serve them go first, all at once, and the others stay meanwhile.
-    Then a wave takes, in peer id order, the movers whose going leaves every served block KEEP of
-    the weakest (blocks only loading servers hold are not served anyway, and counting them would
-    let waves planned from views taken mid-move dip further and further); where none can, the one
-    whose going leaves the most goes alone (a deep wave).
+    A moving server keeps serving the blocks its old and new spans share, and stops serving the
+    others while it loads the new ones (`load_order`). Where blocks are unserved, the movers that
+    will serve them go first, all at once, and the others stay meanwhile. Then a wave takes, in
+    peer id order, the movers whose going leaves every served block KEEP of the weakest (blocks
+    only loading servers hold are not served anyway, and counting them would let waves planned
+    from views taken mid-move dip further and further); where none can, the one whose going
+    leaves the most goes alone (a deep wave).
     """
     movers = [s for s in spans if starts[s.peer_id] != s.start]
     at = {s.peer_id: s.start for s in spans}
-    serving = _layout_totals([s for s in spans if s.online], num_blocks, at)
+    serving = _served_totals(spans, num_blocks)
     unserved = _layout_totals(spans, num_blocks, at) == 0  # nobody serves or loads these blocks
     waves = []
     while movers:
@@ -183,7 +212,7 @@ def _waves(spans: tuple[_Span, ...], num_blocks: int,
         floor = KEEP * serving[served].min() if served.any() else 0.0
         wave, deep = [], False
         for s in movers:
-            without = _place(serving, s.start, s.length, -s.throughput) if s.online else serving
+            without = _leaving(serving, s, starts[s.peer_id])
             if unserved.any() and not waves:  # first, only the servers that serve unserved blocks, all at once
                 if unserved[starts[s.peer_id]:starts[s.peer_id] + s.length].any():
                     wave.append(s)
@@ -193,21 +222,75 @@ def _waves(spans: tuple[_Span, ...], num_blocks: int,
                 serving = without
         if not wave:
             deep = True
-            left = [_place(serving, s.start, s.length, -s.throughput) if s.online else serving for s in movers]
+            left = [_leaving(serving, s, starts[s.peer_id]) for s in movers]
             wave = [movers[int(np.argmax([t.min() for t in left]))]]
             serving = left[movers.index(wave[0])]
-        waves.append((wave, float(serving.min()), max(MOVE_S + LOAD_S_PER_BLOCK * s.length for s in wave), deep))
+        seconds = max(MOVE_S + LOAD_S_PER_BLOCK * (s.length - len(kept_blocks(s.served, starts[s.peer_id], s.length)))
+                      for s in wave)
+        waves.append((wave, float(serving.min()), seconds, deep))
         if len(waves) == 1:  # the servers loading now are done by the time the first wave is
-            serving = serving + _layout_totals([s for s in spans if not s.online and s not in wave], num_blocks, at)
+            loading = [s for s in spans if s.loading and s not in wave]
+            serving = serving + _layout_totals(loading, num_blocks, at) - _served_totals(loading, num_blocks)
         for s in wave:
-            serving[starts[s.peer_id]:starts[s.peer_id] + s.length] += s.throughput
+            start, kept = starts[s.peer_id], kept_blocks(s.served, starts[s.peer_id], s.length)
+            serving[start:start + s.length] += s.throughput
+            serving[kept.start:kept.stop] -= s.throughput  # served all along
         movers = [s for s in movers if s not in wave]
     return waves
 
 
+def kept_blocks(served: range, start: int, length: int) -> range:
+    """The blocks of `served` that a server moving to [start, start + length) keeps serving (maybe none)."""
+    return range(max(served.start, start), max(served.start, min(served.stop, start + length)))
+
+
+def _leaving(serving: np.ndarray, s: _Span, start: int) -> np.ndarray:
+    """`serving` (per-block throughputs) once `s` stops serving what it will not keep at `start`."""
+    out = serving.copy()
+    kept = kept_blocks(s.served, start, s.length)
+    out[s.served.start:s.served.stop] -= s.throughput
+    out[kept.start:kept.stop] += s.throughput
+    return out
+
+
+def anticipated_throughputs(servers: Sequence[ServerInfo], num_blocks: int) -> np.ndarray:
+    """Per block, what online servers serve now plus half of what servers loading it will add.
+
+    What a server about to load orders its blocks by (`load_order`): a hole that another server is
+    already loading comes after one that nobody is.
+    """
+    served = served_throughputs(servers, num_blocks)
+    return served + 0.5 * (block_throughputs(servers, num_blocks) - served)
+
+
+def load_order(totals: np.ndarray, start: int, length: int, kept: range = range(0)) -> list[int]:
+    """The order in which a server loads the blocks of its span [start, start + length) that it lacks.
+
+    It serves each block as soon as it is loaded, so the order matters: outward from the blocks it
+    keeps, or with none from the weakest in `totals` (see `anticipated_throughputs`), each next the
+    weaker of the two neighbours. Holes are served first, and what the server serves stays
+    contiguous (one span to announce).
+    """
+    if len(kept):
+        lo, hi, order = kept.start, kept.stop, []
+    else:
+        first = start + int(np.argmin(totals[start:start + length]))
+        lo, hi, order = first, first + 1, [first]
+    while hi - lo < length:
+        left = totals[lo - 1] if lo > start else math.inf
+        right = totals[hi] if hi < start + length else math.inf
+        if left < right:
+            lo -= 1
+            order.append(lo)
+        else:
+            order.append(hi)
+            hi += 1
+    return order
+
+
 def _removal_order(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int]) -> list[_Span]:
-    """Servers in the order that leaves the best layout as each is taken out: the most redundant first."""
-    totals, left, order = _layout_totals(spans, num_blocks, starts), list(spans), []
+    """Movable servers in the order that leaves the best layout as each is taken out: the most redundant first."""
+    totals, left, order = _layout_totals(spans, num_blocks, starts), [s for s in spans if not s.pinned], []
     while left:
         without = np.stack([_place(totals, starts[s.peer_id], s.length, -s.throughput) for s in left])
         pick = _leximin_best(without)[1]
@@ -235,7 +318,8 @@ def should_move(servers: Sequence[ServerInfo], num_blocks: int, me: ServerInfo,
     a span they announced ("joining").
     """
     others = [s for s in servers if s.peer_id != me.peer_id]
-    me = me if me.end <= num_blocks else dataclasses.replace(me, end=num_blocks)
+    start, end = me.whole_span
+    me = dataclasses.replace(me, start=start, end=min(end, num_blocks), target=None)
     if len(others) < PLAN_MAX_SERVERS:
         start = _planned_move(others, num_blocks, me)
         if start is not False:
@@ -259,8 +343,9 @@ def suspects(servers: Sequence[ServerInfo], num_blocks: int) -> list[ServerInfo]
     thin = np.concatenate([[0], np.cumsum(counts <= PROBE_COVERAGE)])
     if not thin[-1]:
         return []
-    found = [s for s in servers if s.state == "online" and thin[min(s.end, num_blocks)] > thin[s.start]]
-    return sorted(found, key=lambda s: counts[s.start:min(s.end, num_blocks)].min())[:MAX_PROBES]
+    held = {s.peer_id: range(s.whole_span[0], min(s.whole_span[1], num_blocks)) for s in servers}
+    found = [s for s in servers if s.state == "online" and thin[held[s.peer_id].stop] > thin[held[s.peer_id].start]]
+    return sorted(found, key=lambda s: counts[held[s.peer_id].start:held[s.peer_id].stop].min())[:MAX_PROBES]
 
 
 def _planned_move(others: list[ServerInfo], num_blocks: int, me: ServerInfo) -> int | None | bool:
@@ -268,19 +353,22 @@ def _planned_move(others: list[ServerInfo], num_blocks: int, me: ServerInfo) -> 
     servers = [*others, me]
     layout, going = _plan(_spans(servers, num_blocks), num_blocks)
     layout = dict(layout)
-    moved = [dataclasses.replace(s, start=layout[s.peer_id], end=layout[s.peer_id] + s.end - s.start) for s in servers]
+    moved = [dataclasses.replace(s, start=layout[s.peer_id], end=layout[s.peer_id] + s.whole_span[1] - s.whole_span[0],
+                                 target=None) for s in servers]
     if (block_throughputs(moved, num_blocks) == 0).any():
         return False  # leave it to the chain of hole-closing moves
     return layout[me.peer_id] if me.peer_id in going else None
 
 
 def _improve(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int]) -> dict[str, int]:
-    """One server after another moves to its best start where that gains PLAN_GAIN, until none does."""
+    """One movable server after another moves to its best start where that gains PLAN_GAIN, until none does."""
     starts = dict(starts)
     totals = _layout_totals(spans, num_blocks, starts)
     for _ in range(PLAN_ROUNDS):
         moved = False
         for s in spans:
+            if s.pinned:
+                continue
             start = starts[s.peer_id]
             totals[start:start + s.length] -= s.throughput
             best = best_start(totals, s.length, s.throughput)
@@ -298,6 +386,13 @@ def _layout_totals(spans: Sequence[_Span], num_blocks: int, starts: dict[str, in
     totals = np.zeros(num_blocks)
     for s in spans:
         totals[starts[s.peer_id]:starts[s.peer_id] + s.length] += s.throughput
+    return totals
+
+
+def _served_totals(spans: Sequence[_Span], num_blocks: int) -> np.ndarray:
+    totals = np.zeros(num_blocks)
+    for s in spans:
+        totals[s.served.start:s.served.stop] += s.throughput
     return totals
 
 
@@ -326,8 +421,8 @@ def _coverage(servers: Sequence[ServerInfo], num_blocks: int) -> tuple[np.ndarra
     """Per block: summed throughput (exactly 0 where no server is) and number of servers."""
     deltas, counts = np.zeros(num_blocks + 1), np.zeros(num_blocks + 1, dtype=np.int64)
     if servers:
-        starts = np.array([min(s.start, num_blocks) for s in servers])
-        ends = np.array([min(s.end, num_blocks) for s in servers])
+        starts = np.array([min(s.whole_span[0], num_blocks) for s in servers])
+        ends = np.array([min(s.whole_span[1], num_blocks) for s in servers])
         rates = np.array([s.throughput for s in servers], dtype=float)
         np.add.at(deltas, starts, rates)
         np.add.at(deltas, ends, -rates)

@@ -1,7 +1,8 @@
 """Deliberate misbehaviour for testing clients against bad servers (never enable in production).
 
 `--fault delay=2,nan` makes a server sleep 2 s before each reply and return NaNs; other kinds:
-`shape` (drop the last position), `perturb=0.05` (add that much noise: a wrong but plausible result).
+`shape` (drop the last position), `perturb=0.05` (add that much noise: a wrong but plausible result),
+`load=1` (take 1 s more to load each block: a slow disk, to watch a server serve as it loads).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ class Faults:
     nan: bool = False
     shape: bool = False
     perturb: float = 0.0
+    load: float = 0.0
 
     @classmethod
     def parse(cls, spec: str | None) -> Faults:
@@ -26,12 +28,12 @@ class Faults:
         fields = {}
         for part in spec.split(","):
             name, _, value = part.partition("=")
-            if name in ("delay", "perturb"):
+            if name in ("delay", "perturb", "load"):
                 fields[name] = float(value)
             elif name in ("nan", "shape"):
                 fields[name] = True
             else:
-                raise ValueError(f"unknown fault {name!r} (known: delay=S, nan, shape, perturb=X)")
+                raise ValueError(f"unknown fault {name!r} (known: delay=S, nan, shape, perturb=X, load=S)")
         return cls(**fields)
 
     async def wait(self) -> None:

@@ -26,11 +26,11 @@ class KeptGraphs:
 
     def put(self, key: tuple, graph: Graph) -> None:
         self.expire()
-        self._drop(key)
+        self.drop(key)
         if graph.nbytes > self.max_bytes:  # larger than the estimate let through: not kept
             return
         while self.items and self.nbytes + graph.nbytes > self.max_bytes:
-            self._drop(next(iter(self.items)))  # the oldest first
+            self.drop(next(iter(self.items)))  # the oldest first
         self.items[key] = graph
         self.nbytes += graph.nbytes
 
@@ -41,7 +41,7 @@ class KeptGraphs:
             self.nbytes -= graph.nbytes
         return graph
 
-    def _drop(self, key: tuple) -> None:
+    def drop(self, key: tuple) -> None:
         graph = self.items.pop(key, None)
         if graph is not None:
             self.nbytes -= graph.nbytes
@@ -49,4 +49,4 @@ class KeptGraphs:
     def expire(self) -> None:
         now = time.monotonic()
         for key in [k for k, g in self.items.items() if now - g.created > self.ttl]:
-            self._drop(key)
+            self.drop(key)

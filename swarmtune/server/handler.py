@@ -96,13 +96,14 @@ class BlockServicer(ServicerBase):
         self.membership = membership or Membership()
         self.hosted_adapters = hosted_adapters or {}
         self.hidden_size = span.config.hidden_size
+        self.num_blocks = span.config.num_hidden_layers
         self.device = next(span.parameters()).device
         self.slots = lora_slots(span)
         self.subspans: dict[tuple[int, int], SpanModel] = {}
         self.lora_cache = LoraCache(config.lora_cache_per_peer)
         self.sessions_per_peer: dict[str, int] = defaultdict(int)
         self.streams_per_peer: dict[str, int] = defaultdict(int)
-        self.active_sessions = 0
+        self.sessions: set[ServerSession] = set()
         self.stats = defaultdict(int)
         self.rates = RateLimiter(self.limits.requests_per_second_per_peer)
         self.tarpit = Tarpit(self.limits.refusal_delay)
@@ -142,16 +143,28 @@ class BlockServicer(ServicerBase):
             await asyncio.sleep(self.graphs.ttl / 8)
             self.graphs.expire()
 
+    def serve(self, span: SpanModel, hosted_adapters: dict[str, LoraSet]) -> None:
+        """Serve `span` from now on: a server grows its span block by block as it loads, and shrinks it as it moves.
+
+        What was kept for blocks no longer served goes: idle sessions on them end now (a busy one after
+        its step), with their caches and the blocks they hold; so do graphs kept for backward passes.
+        """
+        self.span, self.slots, self.subspans, self.hosted_adapters = span, lora_slots(span), {}, hosted_adapters
+        self.info = dict(self.info, start=span.start, end=span.end)
+        for session in list(self.sessions):
+            if not self.serves(*session.blocks) and session.lease.idle_since is not None:
+                self.budget.evict(session.lease)
+        for key in [key for key in self.graphs.items if not self.serves(*key[2:])]:
+            self.graphs.drop(key)
+
+    def serves(self, start: int, end: int) -> bool:
+        return self.span.start <= start and end <= self.span.end
+
     # ---- helpers -------------------------------------------------------------------------------
 
     def subspan(self, start: int, end: int) -> SpanModel:
-        if (start, end) == (self.span.start, self.span.end):
-            return self.span
         if (start, end) not in self.subspans:
-            offset = self.span.start
-            self.subspans[(start, end)] = SpanModel(
-                self.span.family, self.span.config, start, end,
-                self.span.blocks[start - offset:end - offset], self.span.position_module, self.span.compute_dtype)
+            self.subspans[(start, end)] = self.span.part(start, end)
         return self.subspans[(start, end)]
 
     async def _decode(self, data: bytes, peer: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -230,8 +243,8 @@ class BlockServicer(ServicerBase):
         return lora
 
     def _parse(self, meta: dict, tensors: dict, peer: str, backward: bool) -> tuple[SpanRequest, LoraSet | None, int]:
-        req = parse_span_request(meta, tensors, (self.span.start, self.span.end), self.hidden_size, MAX_POSITION,
-                                 self.limits, backward=backward)
+        req = parse_span_request(meta, tensors, (self.span.start, self.span.end), self.num_blocks, self.hidden_size,
+                                 MAX_POSITION, self.limits, backward=backward)
         lora = self.resolve_lora(peer, req.lora_meta, req.lora_tensors, req.start, req.end)
         seed = int(req.lora_meta.get("seed", 0)) if req.lora_meta else 0
         return req, lora, seed
@@ -313,7 +326,7 @@ class BlockServicer(ServicerBase):
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         if not self.membership.admits(str(context.remote_id), request.uid):
             return runtime_pb2.ExpertResponse(metadata=_error("not a member of this private swarm"))
-        meta = dict(self.info, cache_bytes_free=self.budget.free, active_sessions=self.active_sessions,
+        meta = dict(self.info, cache_bytes_free=self.budget.free, active_sessions=len(self.sessions),
                     graph_bytes_kept=self.graphs.nbytes, receiving_bytes=self.receiving.used,
                     evictions=self.budget.evictions, stats=dict(self.stats))
         return runtime_pb2.ExpertResponse(metadata=_response(meta))
@@ -501,14 +514,14 @@ class BlockServicer(ServicerBase):
                 self.sessions_per_peer[peer] -= 1
                 if not self.sessions_per_peer[peer]:
                     del self.sessions_per_peer[peer]
-                self.active_sessions -= 1
+                self.sessions.discard(session)
 
     async def _open_session(self, data: bytes, peer: str) -> ServerSession:
         """A new session, holding its lease of the KV budget. Everything is checked before the reservation,
         and any error after it releases it."""
         meta, tensors = await self._decode(data, peer)
         need(meta.get("type") == "open", "the first message of a session must be of type 'open'")
-        start, end = requested_blocks(meta, (self.span.start, self.span.end))
+        start, end = requested_blocks(meta, (self.span.start, self.span.end), self.num_blocks)
         batch = get_int(meta, "batch_size", 1, self.limits.max_batch)
         max_length = get_int(meta, "max_length", 1, self.limits.max_length)
         session_id, upstream = meta.get("session_id"), _peer_field(meta, "push_from")
@@ -539,12 +552,15 @@ class BlockServicer(ServicerBase):
         if session_id is not None:
             self.mailboxes[session_id] = Mailbox(owner=peer, upstream=upstream)
         self.sessions_per_peer[peer] += 1
-        self.active_sessions += 1
+        self.sessions.add(session)
         return session
 
     async def _inference_step(self, session: ServerSession, data: bytes, peer: str) -> bytes:
         """One step. Its hidden states come in the message, or (chaining) pushed by the previous server;
         the output goes back to the client and, when asked, on to the next server."""
+        if not self.serves(*session.blocks):
+            raise ServerBusy(f"this server no longer serves blocks {session.blocks[0]}:{session.blocks[1]} (it "
+                             f"moved): open the session on another server")
         if session.lease.evicted:
             self.stats["evicted_steps"] += 1
             raise ServerBusy("this session was evicted: it had been idle while other peers waited for the "

@@ -12,6 +12,7 @@ import os
 
 from transformers import PretrainedConfig
 
+from swarmtune.adapters.lora import ClientLora
 from swarmtune.adapters.peft_format import load_adapter
 from swarmtune.errors import UserError
 from swarmtune.models.span import SpanModel
@@ -31,10 +32,8 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return name, path
 
 
-def load_hosted(specs: list[str], config: PretrainedConfig, span: SpanModel, slots: dict[str, tuple[int, int]],
-                revision: str | None = None) -> dict[str, LoraSet]:
-    """The LoRA weights of each adapter for this server's blocks, on its device and in its compute dtype."""
-    device = next(span.parameters()).device
+def read_hosted(specs: list[str], config: PretrainedConfig, revision: str | None = None) -> dict[str, ClientLora]:
+    """Each hosted adapter's LoRA, read once: a server that moves applies it to whatever span it serves."""
     hosted = {}
     for spec in specs:
         name, path = parse_spec(spec)
@@ -44,12 +43,21 @@ def load_hosted(specs: list[str], config: PretrainedConfig, span: SpanModel, slo
         if adapter.soft_prompts is not None or adapter.lm_head is not None:
             logger.warning(f"adapter {name}: servers apply its LoRA only; its soft prompts and LM head stay with "
                            f"clients, which load them with adapter={path}")
-        lora = adapter.lora
+        hosted[name] = adapter.lora
+        logger.info(f"hosting adapter {name} ({len(adapter.lora.keys)} layers)")
+    return hosted
+
+
+def hosted_for(adapters: dict[str, ClientLora], span: SpanModel,
+               slots: dict[str, tuple[int, int]]) -> dict[str, LoraSet]:
+    """The LoRA weights of each adapter for the blocks of `span`, on its device and in its compute dtype."""
+    device = next(span.parameters()).device
+    hosted = {}
+    for name, lora in adapters.items():
         keys = lora.keys_in(span.start, span.end)
         missing = [k for k in keys if k not in slots]
         if missing:
             raise ValueError(f"adapter {name} targets layers this server does not wrap: {missing[:3]}")
         weights = {k: tuple(t.detach().to(device, span.compute_dtype) for t in lora.pair(k)) for k in keys}
         hosted[name] = LoraSet(weights, lora.scale)
-        logger.info(f"hosting adapter {name} ({len(keys)} layers of blocks {span.start}:{span.end})")
     return hosted

@@ -74,10 +74,17 @@ def get_int(meta: dict, key: str, lo: int, hi: int) -> int:
     return value
 
 
-def requested_blocks(meta: dict, span: tuple[int, int]) -> tuple[int, int]:
-    """The request's [start, end), which must lie within the served `span`."""
-    start = get_int(meta, "start", span[0], span[1] - 1)
-    end = get_int(meta, "end", start + 1, span[1])
+def requested_blocks(meta: dict, span: tuple[int, int], num_blocks: int) -> tuple[int, int]:
+    """The request's [start, end): blocks of the model's `num_blocks`, which must lie within the served `span`.
+
+    Blocks of the model that are not served here are no client error: a client that read the
+    swarm's records before this server moved or grew asks for them, and another server has them.
+    """
+    start = get_int(meta, "start", 0, num_blocks - 1)
+    end = get_int(meta, "end", start + 1, num_blocks)
+    if not span[0] <= start < end <= span[1]:
+        raise ServerBusy(f"blocks {start}:{end} are not served here (this server serves {span[0]}:{span[1]} now): "
+                         f"ask another server")
     return start, end
 
 
@@ -128,9 +135,9 @@ def check_deep_prompts(deep_prompts: torch.Tensor | None, num_blocks: int, batch
     return deep_prompts  # batch 1 broadcasts in the blocks, so its gradient keeps the shape the client sent
 
 
-def parse_span_request(meta: dict, tensors: dict[str, torch.Tensor], span: tuple[int, int], hidden_size: int,
-                       max_position: int, limits: Limits, backward: bool = False) -> SpanRequest:
-    start, end = requested_blocks(meta, span)
+def parse_span_request(meta: dict, tensors: dict[str, torch.Tensor], span: tuple[int, int], num_blocks: int,
+                       hidden_size: int, max_position: int, limits: Limits, backward: bool = False) -> SpanRequest:
+    start, end = requested_blocks(meta, span, num_blocks)
     hidden = check_hidden(tensors.get("hidden"), "hidden", hidden_size, limits)
     batch, length = hidden.shape[:2]
     grad_output = None

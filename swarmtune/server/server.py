@@ -8,12 +8,15 @@ import gc
 import logging
 import random
 import signal
+import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from hivemind.utils import get_dht_time
 
 from swarmtune import records, transport, wire
+from swarmtune.adapters.lora import ClientLora
 from swarmtune.directory import fetch_swarm
 from swarmtune.models import load_config, load_span, parse_dtype
 from swarmtune.models.family import get_family
@@ -24,7 +27,7 @@ from swarmtune.security import Identity
 from swarmtune.server import block_selection, compute, cuda, throughput
 from swarmtune.server.executor import PriorityExecutor
 from swarmtune.server.handler import BlockServicer, HandlerConfig
-from swarmtune.server.hosted_adapters import load_hosted
+from swarmtune.server.hosted_adapters import hosted_for, read_hosted
 from swarmtune.server.lora import lora_slots, wrap_targets
 from swarmtune.server.quantize import quantize
 from swarmtune.server.sessions import CacheBudget
@@ -40,6 +43,7 @@ class ServerConfig:
     blocks: tuple[int, int] | None = None   # the span to serve; None: choose where the swarm needs it
     num_blocks: int | None = None           # how many to choose (None: as many as fit in free memory)
     balance_period: float = 10.0            # mean seconds between checks whether to move (a DHT read, a few pings)
+    poll_period: float = 2.0                # small swarms: a DHT read this often, a check where the records changed
     throughput_cache: str | None = None     # directory of the measured-throughput cache (None: ~/.cache/swarmtune)
     network: NetworkOptions = field(default_factory=NetworkOptions)
     dtype: str = "fp32"
@@ -64,8 +68,10 @@ class Server:
         self.p2p = self.dht = self.servicer = None
         self.executor: PriorityExecutor | None = None
         self.model_config = self.speed = None
-        self.blocks: tuple[int, int] | None = None   # the span announced now (being loaded while "joining")
+        self.blocks: tuple[int, int] | None = None   # the whole span held (some of it maybe still loading)
         self.state = "joining"
+        self.adapters: dict[str, ClientLora] = {}  # hosted adapters' LoRA, read once
+        self.cache_bytes = config.cache_bytes      # the KV budget (--cache-mb auto: None until the first span loads)
 
     @property
     def prefix(self) -> str:
@@ -86,6 +92,7 @@ class Server:
         device = "cpu" if cfg.quant != "none" else cfg.device  # bitsandbytes quantizes on the move to the device
         span = load_span(cfg.model, start, end, parse_dtype(cfg.dtype), device, cfg.attn_implementation,
                          cfg.revision, config=self.model_config)
+        time.sleep(cfg.handler.faults.load * (end - start))
         span = quantize(span, cfg.quant, span.compute_dtype, cfg.device)
         wrap_targets(span.blocks, start, get_family(self.model_config.model_type).lora_targets)
         # bitsandbytes rearranges a quantized layer's state on its first forward, unlocked: do that here, on
@@ -94,11 +101,14 @@ class Server:
         return span
 
     def server_info(self, state: str) -> ServerInfo:
+        """Our record: online, the blocks served now, and the whole span as target while some still load."""
         start, end = self.blocks
         servicer = self.servicer
+        served = (servicer.span.start, servicer.span.end) if servicer and state == "online" else self.blocks
         cache_tokens = servicer.budget.free // max(1, servicer.span.make_cache_nbytes(1, 1)) if servicer else 0
         return ServerInfo(
-            peer_id=str(self.p2p.peer_id), start=start, end=end, state=state,
+            peer_id=str(self.p2p.peer_id), start=served[0], end=served[1], state=state,
+            target=None if served == self.blocks else self.blocks, pinned=self.config.blocks is not None,
             throughput=self.config.throughput or self.speed.forward, inference_rps=self.speed.inference / (end - start),
             dtype=str(parse_dtype(self.config.dtype)).replace("torch.", ""), quant=self.config.quant,
             cache_tokens_left=int(cache_tokens), adapters=tuple(servicer.hosted_adapters) if servicer else (),
@@ -107,7 +117,7 @@ class Server:
 
     async def announce(self, state: str) -> None:
         info = self.server_info(state)
-        start, end = info.span
+        start, end = info.whole_span
         expiration = get_dht_time() + self.config.expiration
         keys = [records.block_key(self.prefix, i) for i in range(start, end)]
         model = ModelInfo(self.model_config.num_hidden_layers, self.config.model, self.model_config.model_type)
@@ -134,8 +144,9 @@ class Server:
         try:
             for addr in self.maddrs:  # before SERVING, so whoever waits for SERVING knows the addresses
                 print(f"MADDR {addr}", flush=True)
+            self.adapters = read_hosted(cfg.adapters, self.model_config, cfg.revision)
             self.blocks = cfg.blocks or await self.choose_blocks()
-            await self.serve_blocks()
+            await self.load_blocks(None)
             if cfg.blocks is None:
                 balancer = asyncio.create_task(self.balance_forever())
             while not self.stop_event.is_set():
@@ -148,31 +159,62 @@ class Server:
                 balancer.cancel()
             await self.shutdown()
 
-    async def serve_blocks(self) -> None:
-        """Announce our span as joining (so servers choosing now go elsewhere), load it, serve it, go online."""
+    async def load_blocks(self, kept: SpanModel | None) -> None:
+        """Load `self.blocks` block by block, serving each as it comes (and `kept`, blocks already held, meanwhile).
+
+        Holes first (`block_selection.load_order`): a server filling a gap serves it within seconds,
+        rather than once its whole span is loaded. Clients route by the blocks served so far; other
+        servers plan with the whole span. With --cache-mb auto the first span loads whole: the KV
+        budget is what the loaded blocks leave of free memory.
+        """
         cfg = self.config
         start, end = self.blocks
-        self.state = "joining"
-        await self.announce("joining")
-        free_before = throughput.free_bytes(cfg.device)
-        span = await asyncio.to_thread(self.load, start, end)
-        cache_bytes = self.cache_budget(free_before)
-        info = dict(model=cfg.model, start=span.start, end=span.end, dtype=str(span.compute_dtype), quant=cfg.quant,
-                    version=__version__, peer_id=str(self.p2p.peer_id))
-        hosted = load_hosted(cfg.adapters, self.model_config, span, lora_slots(span), cfg.revision)
-        budget = CacheBudget(cache_bytes, cfg.handler.evict_idle_after)
-        self.servicer = BlockServicer(span, self.executor, budget, cfg.handler, info,
-                                      hosted_adapters=hosted, membership=cfg.network.membership)
-        await self.servicer.add_p2p_handlers(self.p2p)
-        self.state = "online"
-        await self.announce("online")
+        if kept is None:
+            self.state = "joining"
+            await self.announce("joining")
+        if self.cache_bytes is None:
+            free_before = throughput.free_bytes(cfg.device)
+            span = await asyncio.to_thread(self.load, start, end)
+            self.cache_bytes = self.cache_budget(free_before)
+            await self.serve(span)
+        else:
+            order = block_selection.load_order(await self.anticipated_throughputs(), start, end - start,
+                                               range(kept.start, kept.end) if kept is not None else range(0))
+            span = kept
+            for block in order:
+                loaded = await asyncio.to_thread(self.load, block, block + 1)
+                span = loaded if span is None else span.joined(loaded)
+                await self.serve(span)
         print(f"SERVING blocks {start}:{end} of {cfg.model} as {self.p2p.peer_id}", flush=True)
 
+    async def anticipated_throughputs(self) -> np.ndarray:
+        """`block_selection.anticipated_throughputs` of the swarm as the DHT shows it (zeros if it does not answer)."""
+        num_blocks = self.model_config.num_hidden_layers
+        try:
+            return block_selection.anticipated_throughputs(await self.visible_servers(), num_blocks)
+        except Exception as e:  # only the order of loading depends on it
+            logger.warning(f"could not read the swarm: {e}")
+            return np.zeros(num_blocks)
+
+    async def serve(self, span: SpanModel) -> None:
+        """Serve `span` (all or part of our blocks) from now on, and say so."""
+        hosted = hosted_for(self.adapters, span, lora_slots(span))
+        if self.servicer is None:
+            cfg = self.config
+            info = dict(model=cfg.model, start=span.start, end=span.end, dtype=str(span.compute_dtype),
+                        quant=cfg.quant, version=__version__, peer_id=str(self.p2p.peer_id))
+            budget = CacheBudget(self.cache_bytes, cfg.handler.evict_idle_after)
+            self.servicer = BlockServicer(span, self.executor, budget, cfg.handler, info,
+                                          hosted_adapters=hosted, membership=cfg.network.membership)
+            await self.servicer.add_p2p_handlers(self.p2p)
+        else:
+            self.servicer.serve(span, hosted)
+        self.state = "online"
+        await self.announce("online")
+
     def cache_budget(self, free_before: int) -> int:
-        """The configured KV budget, or with --cache-mb auto what the loaded blocks left of free memory."""
+        """The KV budget of --cache-mb auto: what the loaded blocks left of free memory."""
         cfg = self.config
-        if cfg.cache_bytes is not None:
-            return cfg.cache_bytes
         gc.collect()
         cache_bytes = throughput.auto_cache_bytes(free_before, throughput.free_bytes(cfg.device))
         if cache_bytes <= 0:
@@ -202,17 +244,29 @@ class Server:
         return start, start + length
 
     async def balance_forever(self) -> None:
-        """Now and then (jittered, so servers do not move in lockstep) move if another span serves markedly better."""
+        """Now and then (jittered, so servers do not move in lockstep) move if another span serves markedly better.
+
+        In a small swarm also soon after the layout changes (`block_selection.layout`): a server that
+        moved, or one that found a crashed server and moved to cover its blocks, changes the plan for all.
+        """
+        cfg, num_blocks = self.config, self.model_config.num_hidden_layers
+        due, seen, small = time.monotonic() + cfg.balance_period * random.uniform(0.5, 1.5), None, False
         while not self.stop_event.is_set():
-            await asyncio.sleep(self.config.balance_period * random.uniform(0.5, 1.5))
+            wait = due - time.monotonic()
+            await asyncio.sleep(max(0.0, min(wait, cfg.poll_period) if small else wait))
             try:
                 servers = await self.visible_servers()
             except Exception as e:  # a DHT hiccup: keep serving, look again next time
                 logger.warning(f"could not read the swarm to rebalance: {e}")
                 continue
+            layout = block_selection.layout(servers)
+            small = len(servers) <= block_selection.PLAN_MAX_SERVERS
+            if time.monotonic() < due and layout == seen:
+                continue
+            seen, due = layout, time.monotonic() + cfg.balance_period * random.uniform(0.5, 1.5)
             servers = await self.without_dead(servers)
-            start = block_selection.should_move(servers, self.model_config.num_hidden_layers,
-                                                self.server_info(self.state))
+            start = await asyncio.to_thread(  # up to 0.2 s of planning in a swarm of 60: not on the event loop
+                block_selection.should_move, servers, num_blocks, self.server_info(self.state))
             if start is not None:
                 try:
                     await self.move(start)
@@ -245,18 +299,27 @@ class Server:
         return [s for s in servers if s.peer_id not in dead]
 
     async def move(self, start: int) -> None:
-        """Withdraw from our span (offline first, so clients route elsewhere), then load and serve another."""
+        """Move to the span at `start`: keep serving the blocks both spans share, load the others one by one.
+
+        With nothing shared, withdraw first (offline, so clients route elsewhere) and load afresh.
+        """
         old_start, old_end = self.blocks
-        logger.info(f"moving from blocks {old_start}:{old_end} to {start}:{start + old_end - old_start}")
-        self.state = "offline"
-        await self.announce("offline")
-        await self.servicer.remove_p2p_handlers(self.p2p)
-        self.servicer = None
+        length = old_end - old_start
+        kept = block_selection.kept_blocks(range(old_start, old_end), start, length)
+        logger.info(f"moving from blocks {old_start}:{old_end} to {start}:{start + length}, keeping {len(kept)}")
+        if len(kept):
+            self.blocks = (start, start + length)
+            await self.serve(self.servicer.span.part(kept.start, kept.stop))
+        else:
+            self.state = "offline"
+            await self.announce("offline")
+            await self.servicer.remove_p2p_handlers(self.p2p)
+            self.servicer = None
+            self.blocks = (start, start + length)
         gc.collect()
         if torch.device(self.config.device).type == "cuda":
             torch.cuda.empty_cache()
-        self.blocks = (start, start + old_end - old_start)
-        await self.serve_blocks()
+        await self.load_blocks(self.servicer.span if self.servicer is not None else None)
 
     async def shutdown(self) -> None:
         logger.info("shutting down: withdrawing the announcement")

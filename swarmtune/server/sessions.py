@@ -155,11 +155,15 @@ class CacheBudget:
         if free < nbytes:
             return
         for lease in chosen:
-            lease.evicted = True
             self.evictions += 1
-            self.release(lease)
-            if lease.on_evict is not None:
-                lease.on_evict()
+            self.evict(lease)
+
+    def evict(self, lease: Lease) -> None:
+        """End `lease`'s session now (it takes no more steps) and free its memory for others."""
+        lease.evicted = True
+        self.release(lease)
+        if lease.on_evict is not None:
+            lease.on_evict()
 
 
 @dataclass
@@ -194,6 +198,7 @@ class ServerSession:
         """`static_steps`: run single-token steps as a `cuda.StaticStep` (a CUDA graph on CUDA devices) where
         the span and the session allow it: no LoRA, no deep prompts."""
         self.span, self.id, self.lease = span, session_id, lease
+        self.blocks = span.start, span.end
         self.max_length = max_length
         self.cache = span.make_cache(batch_size, max_length)
         self.device = self.cache.keys.device
@@ -208,8 +213,8 @@ class ServerSession:
         return self.cache.length
 
     def free(self) -> None:
-        """Drop what the lease paid for; the session takes no more steps."""
-        self.cache = self.lora = self.deep_prompts = self.static = None
+        """Drop what the lease paid for, and the blocks (a server that moved frees them); no more steps."""
+        self.cache = self.lora = self.deep_prompts = self.static = self.span = None
 
     def step(self, hidden: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor | None,
              edits: CacheEdits | None = None) -> torch.Tensor:
