@@ -13,11 +13,13 @@ from benchmarks.balance_sim import Params, planned_min, scenarios, simulate, sum
 from swarmtune import transport, wire
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.connection import SwarmConnection
+from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.server import throughput
 from swarmtune.server.block_selection import block_throughputs, served_throughputs
 from swarmtune.swarm import LocalSwarm
 from swarmtune.tiny_model import tiny_config
 from swarmtune.transport import ServerRejected
+from tests.helpers import reference_model
 
 
 def test_throughput_is_measured_once_per_configuration(tmp_path, monkeypatch):
@@ -105,9 +107,6 @@ def test_servers_of_mixed_throughput_place_themselves_near_the_planner_and_recov
         tiny_models, tmp_path):
     """6 servers choose spans; their weakest block is within 90% of a central plan; after two SIGKILLs every block
     is served again within 30 s, generation is exact; a seventh server goes where the swarm is weakest."""
-    from swarmtune.client.model import SwarmForCausalLM
-    from tests.helpers import reference_model
-
     model = tiny_models("llama", layers=12)
     options = dict(update_period=1.0, expiration=4.0, balance_period=1.0, throughput_cache=str(tmp_path / "cache"))
     per_server = [dict(num_blocks=n, throughput=t) for n, t in zip(SIZES, SPEEDS)]
@@ -125,14 +124,7 @@ def test_servers_of_mixed_throughput_place_themselves_near_the_planner_and_recov
             _wait_until(lambda: not set(client.view.servers) & {v.peer_id for v in victims} and not _holes(client),
                         30, "every block to be served again", swarm)
             print(f"coverage restored {time.monotonic() - began:.1f} s after two crashes")
-            generator = SwarmForCausalLM.from_pretrained(model, initial_peers=swarm.initial_peers)
-            try:
-                prompt = torch.tensor([[1, 5, 9, 2, 7]])
-                ours = generator.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-                theirs = reference_model(model).generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-                assert torch.equal(ours, theirs)
-            finally:
-                generator.close()
+            _assert_generation_exact(model, swarm)
             client.refresh()
             totals = block_throughputs(list(client.view.servers.values()), 12)
             weakest = set(np.flatnonzero(totals == totals.min()))
@@ -142,6 +134,17 @@ def test_servers_of_mixed_throughput_place_themselves_near_the_planner_and_recov
             assert weakest & set(range(start, end)), (weakest, (start, end))
         finally:
             client.close()
+
+
+def _assert_generation_exact(model: str, swarm: LocalSwarm) -> None:
+    generator = SwarmForCausalLM.from_pretrained(model, initial_peers=swarm.initial_peers)
+    try:
+        prompt = torch.tensor([[1, 5, 9, 2, 7]])
+        ours = generator.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        theirs = reference_model(model).generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        assert torch.equal(ours, theirs)
+    finally:
+        generator.close()
 
 
 def _weakest(client: SwarmConnection) -> float:
@@ -168,9 +171,6 @@ def test_a_moving_server_keeps_serving_the_blocks_it_keeps_and_serves_the_others
     0:8. The faster pinned server dies: the third moves to 4:12, keeping 4:8 served throughout (a session on them
     goes on, exact), serving each new block as soon as it is loaded, and refusing, for retry elsewhere, a session
     on the blocks it dropped."""
-    from swarmtune.client.model import SwarmForCausalLM
-    from tests.helpers import reference_model
-
     model = tiny_models("llama", layers=12)
     hidden_size = reference_model(model).config.hidden_size
     options = dict(update_period=1.0, expiration=4.0, balance_period=1.0, throughput_cache=str(tmp_path / "cache"))
@@ -213,14 +213,7 @@ def test_a_moving_server_keeps_serving_the_blocks_it_keeps_and_serves_the_others
                 _step(conn, lost, 1, second)
             assert refused.value.retry
 
-            generator = SwarmForCausalLM.from_pretrained(model, initial_peers=swarm.initial_peers)
-            try:
-                prompt = torch.tensor([[1, 5, 9, 2, 7]])
-                ours = generator.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-                theirs = reference_model(model).generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-                assert torch.equal(ours, theirs)
-            finally:
-                generator.close()
+            _assert_generation_exact(model, swarm)
         finally:
             for stream in streams:
                 conn.loop.call_soon_threadsafe(stream.close)
