@@ -254,6 +254,9 @@ class Server:
         while not self.stop_event.is_set():
             wait = due - time.monotonic()
             await asyncio.sleep(max(0.0, min(wait, cfg.poll_period) if small else wait))
+            periodic = time.monotonic() >= due
+            if periodic:
+                due = time.monotonic() + cfg.balance_period * random.uniform(0.5, 1.5)
             try:
                 servers = await self.visible_servers()
             except Exception as e:  # a DHT hiccup: keep serving, look again next time
@@ -261,9 +264,9 @@ class Server:
                 continue
             layout = block_selection.layout(servers)
             small = len(servers) <= block_selection.PLAN_MAX_SERVERS
-            if time.monotonic() < due and layout == seen:
+            if not periodic and layout == seen:
                 continue
-            seen, due = layout, time.monotonic() + cfg.balance_period * random.uniform(0.5, 1.5)
+            seen = layout
             servers = await self.without_dead(servers)
             start = await asyncio.to_thread(  # up to 0.2 s of planning in a swarm of 60: not on the event loop
                 block_selection.should_move, servers, num_blocks, self.server_info(self.state))
