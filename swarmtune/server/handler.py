@@ -21,12 +21,14 @@ from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from swarmtune import transport, wire
+from swarmtune.adapters.lora import ClientLora
 from swarmtune.models.span import SpanModel
 from swarmtune.security import Membership
 from swarmtune.server import compute, cuda
 from swarmtune.server.executor import BACKWARD, FORWARD, INFERENCE, PriorityExecutor
 from swarmtune.server.faults import Faults
 from swarmtune.server.graphs import KeptGraphs
+from swarmtune.server.hosted_adapters import hosted_for
 from swarmtune.server.lora import LoraSet, lora_slots
 from swarmtune.server.lora_cache import LoraCache
 from swarmtune.server.mailbox import Mailbox
@@ -85,7 +87,7 @@ class BlockServicer(ServicerBase):
     """Serves blocks [span.start, span.end) of one model."""
 
     def __init__(self, span: SpanModel, executor: PriorityExecutor, budget: CacheBudget, config: HandlerConfig,
-                 info: dict, hosted_adapters: dict[str, LoraSet] | None = None,
+                 info: dict, adapters: dict[str, ClientLora] | None = None,
                  membership: Membership | None = None):
         self.span = span
         self.executor = executor
@@ -94,11 +96,12 @@ class BlockServicer(ServicerBase):
         self.limits = config.limits
         self.info = info
         self.membership = membership or Membership()
-        self.hosted_adapters = hosted_adapters or {}
+        self.adapters = adapters or {}  # hosted adapters' LoRA as read; `hosted_adapters`: for the span served
         self.hidden_size = span.config.hidden_size
         self.num_blocks = span.config.num_hidden_layers
         self.device = next(span.parameters()).device
         self.slots = lora_slots(span)
+        self.hosted_adapters = hosted_for(self.adapters, span, self.slots, {})
         self.subspans: dict[tuple[int, int], SpanModel] = {}
         self.lora_cache = LoraCache(config.lora_cache_per_peer)
         self.sessions_per_peer: dict[str, int] = defaultdict(int)
@@ -143,13 +146,14 @@ class BlockServicer(ServicerBase):
             await asyncio.sleep(self.graphs.ttl / 8)
             self.graphs.expire()
 
-    def serve(self, span: SpanModel, hosted_adapters: dict[str, LoraSet]) -> None:
+    def serve(self, span: SpanModel) -> None:
         """Serve `span` from now on: a server grows its span block by block as it loads, and shrinks it as it moves.
 
         What was kept for blocks no longer served goes: idle sessions on them end now (a busy one after
         its step), with their caches and the blocks they hold; so do graphs kept for backward passes.
         """
-        self.span, self.slots, self.subspans, self.hosted_adapters = span, lora_slots(span), {}, hosted_adapters
+        self.span, self.slots, self.subspans = span, lora_slots(span), {}
+        self.hosted_adapters = hosted_for(self.adapters, span, self.slots, self.hosted_adapters)
         self.info = dict(self.info, start=span.start, end=span.end)
         for session in list(self.sessions):
             if not self.serves(*session.blocks) and session.lease.idle_since is not None:

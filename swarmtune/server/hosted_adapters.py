@@ -48,9 +48,13 @@ def read_hosted(specs: list[str], config: PretrainedConfig, revision: str | None
     return hosted
 
 
-def hosted_for(adapters: dict[str, ClientLora], span: SpanModel,
-               slots: dict[str, tuple[int, int]]) -> dict[str, LoraSet]:
-    """The LoRA weights of each adapter for the blocks of `span`, on its device and in its compute dtype."""
+def hosted_for(adapters: dict[str, ClientLora], span: SpanModel, slots: dict[str, tuple[int, int]],
+               have: dict[str, LoraSet]) -> dict[str, LoraSet]:
+    """The LoRA weights of each adapter for the blocks of `span`, on its device and in its compute dtype.
+
+    Weights already in `have` (those of the span served until now) are reused, not copied again:
+    a server growing its span block by block copies each block's weights once.
+    """
     device = next(span.parameters()).device
     hosted = {}
     for name, lora in adapters.items():
@@ -58,6 +62,8 @@ def hosted_for(adapters: dict[str, ClientLora], span: SpanModel,
         missing = [k for k in keys if k not in slots]
         if missing:
             raise ValueError(f"adapter {name} targets layers this server does not wrap: {missing[:3]}")
-        weights = {k: tuple(t.detach().to(device, span.compute_dtype) for t in lora.pair(k)) for k in keys}
+        old = have[name].weights if name in have else {}
+        weights = {k: old.get(k) or tuple(t.detach().to(device, span.compute_dtype) for t in lora.pair(k))
+                   for k in keys}
         hosted[name] = LoraSet(weights, lora.scale)
     return hosted

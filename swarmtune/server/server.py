@@ -27,8 +27,8 @@ from swarmtune.security import Identity
 from swarmtune.server import block_selection, compute, cuda, throughput
 from swarmtune.server.executor import PriorityExecutor
 from swarmtune.server.handler import BlockServicer, HandlerConfig
-from swarmtune.server.hosted_adapters import hosted_for, read_hosted
-from swarmtune.server.lora import lora_slots, wrap_targets
+from swarmtune.server.hosted_adapters import read_hosted
+from swarmtune.server.lora import wrap_targets
 from swarmtune.server.quantize import quantize
 from swarmtune.server.sessions import CacheBudget
 from swarmtune.version import __version__
@@ -198,17 +198,16 @@ class Server:
 
     async def serve(self, span: SpanModel) -> None:
         """Serve `span` (all or part of our blocks) from now on, and say so."""
-        hosted = hosted_for(self.adapters, span, lora_slots(span))
         if self.servicer is None:
             cfg = self.config
             info = dict(model=cfg.model, start=span.start, end=span.end, dtype=str(span.compute_dtype),
                         quant=cfg.quant, version=__version__, peer_id=str(self.p2p.peer_id))
             budget = CacheBudget(self.cache_bytes, cfg.handler.evict_idle_after)
             self.servicer = BlockServicer(span, self.executor, budget, cfg.handler, info,
-                                          hosted_adapters=hosted, membership=cfg.network.membership)
+                                          adapters=self.adapters, membership=cfg.network.membership)
             await self.servicer.add_p2p_handlers(self.p2p)
         else:
-            self.servicer.serve(span, hosted)
+            self.servicer.serve(span)
         self.state = "online"
         await self.announce("online")
 
