@@ -99,10 +99,10 @@ def test_moves_no_single_one_pays_for_are_made_one_after_another_when_the_leap_i
 
 
 def test_a_planned_move_waits_while_its_blocks_have_no_other_server():
-    loading = [server("a", 4, 8), server("b", 0, 4), ServerInfo("d", 0, 4, "joining", throughput=2.0)]
+    loading = [server("a", 4, 8), server("b", 0, 4), ServerInfo("d", 0, 4, "joining", throughput=2.0, pinned=True)]
     assert plan(loading, 8)["b"] == 4
     assert should_move(loading, 8, loading[1]) is None  # d may yet fail to load
-    loaded = [*loading[:2], server("d", 0, 4, 2.0)]
+    loaded = [*loading[:2], ServerInfo("d", 0, 4, throughput=2.0, pinned=True)]
     assert should_move(loaded, 8, loaded[1]) == 4
 
 
@@ -128,11 +128,13 @@ def test_a_joining_server_takes_its_place_in_the_plan_where_a_single_span_leaves
     assert block_throughputs([servers[0], server("b", moved, moved + 4, 2.0), joined[-1]], 12).min() == 1.0
 
 
-def test_the_servers_checked_for_life_are_those_of_thinly_held_blocks():
-    thick = [server(f"t{i}", 0, 4) for i in range(5)]
+def test_the_servers_checked_for_life_are_those_of_thinly_held_blocks_or_all_in_a_small_swarm():
+    thick = [server(f"t{i:02}", 0, 4) for i in range(block_selection.MAX_PROBES)]
     thin = [server("x", 4, 8), ServerInfo("y", 4, 6, "joining")]
     assert [s.peer_id for s in suspects(thick + thin, 8)] == ["x"]  # a joining server is not serving yet
-    assert suspects(thick, 4) == []
+    assert suspects([*thick, server("z", 0, 4)], 4) == []
+    few = suspects(thick[:5] + thin, 8)  # a burst can kill every server of a block: check them all, thinnest first
+    assert [s.peer_id for s in few] == ["x", "t00", "t01", "t02", "t03", "t04"]
 
 
 def test_a_redundant_server_moves_to_cover_a_hole():
@@ -187,11 +189,32 @@ def test_a_move_keeps_the_blocks_both_spans_share_and_is_planned_to_take_only_th
     assert kept_blocks(range(2, 8), 0, 6) == range(2, 6)
     assert len(kept_blocks(range(2, 8), 8, 4)) == 0 and len(kept_blocks(range(0), 0, 4)) == 0
     spans = block_selection._spans([server("a", 0, 6), server("b", 6, 12)], 12)
-    shift = block_selection._waves(spans, 12, {"a": 1, "b": 6})
-    jump = block_selection._waves(spans, 12, {"a": 6, "b": 6})
+    shift, shift_unserved_s = block_selection._waves(spans, 12, {"a": 1, "b": 6})
+    jump, jump_unserved_s = block_selection._waves(spans, 12, {"a": 6, "b": 6})
     assert shift[0][2] == block_selection.MOVE_S + block_selection.LOAD_S_PER_BLOCK * 1  # one block to load
     assert jump[0][2] == block_selection.MOVE_S + block_selection.LOAD_S_PER_BLOCK * 6
-    assert shift[0][1] == 0 and jump[0][1] == 0  # block 0 (a shift) or 0-5 (a jump) unserved meanwhile
+    assert shift_unserved_s == jump_unserved_s == block_selection.HORIZON_S  # block 0 (or 0-5) never served again
+
+
+def test_blocks_a_move_leaves_to_a_loading_server_count_as_unserved_until_it_gets_to_them():
+    loading = ServerInfo("l", 6, 8, target=(0, 8))  # loads 5, 4, ..., 0 next
+    spans = block_selection._spans([server("x", 0, 4), loading, server("y", 8, 12)], 12)
+    load_s = block_selection.LOAD_S_PER_BLOCK
+    assert block_selection._waves(spans, 12, {"x": 0, "l": 0, "y": 8})[1] == 0  # staying: 4, 5 load anyway
+    waves, unserved_s = block_selection._waves(spans, 12, {"x": 8, "l": 0, "y": 8})
+    assert [s.peer_id for s in waves[0][0]] == ["x"] and unserved_s == 6 * load_s  # 0-3 wait for l
+    crashed = block_selection._spans([server("x", 0, 4), loading], 12)  # y gone: 8-11 unserved
+    assert block_selection._waves(crashed, 12, {"x": 0, "l": 0})[1] == block_selection.HORIZON_S  # never served
+    assert block_selection._waves(crashed, 12, {"x": 8, "l": 0})[1] == 6 * load_s
+
+
+def test_a_hole_is_covered_by_a_server_whose_blocks_others_hold_and_a_wide_one_by_several():
+    spans = block_selection._spans([server("a", 0, 4), server("b", 0, 4), server("c", 4, 8)], 12)
+    covered = block_selection._cover(spans, 12, {"a": 0, "b": 0, "c": 4})
+    assert covered["c"] == 4 and sorted([covered["a"], covered["b"]]) == [0, 8]  # c alone serves 4-7
+    spans = block_selection._spans([server(n, 0, 4) for n in "abc"], 12)
+    covered = block_selection._cover(spans, 12, {n: 0 for n in "abc"})
+    assert sorted(covered.values()) == [0, 4, 8]  # 4-11: two servers load at once, each a half
 
 
 def test_pinned_servers_stay_where_they_are_and_the_others_plan_around_them():

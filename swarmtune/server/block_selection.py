@@ -7,14 +7,16 @@ minimum, then the next weakest...). A joining server takes the span that most ra
 Serving servers check now and then whether to move. In a small swarm (up to PLAN_MAX_SERVERS)
 every server computes the whole swarm's layout from the same view (`plan`), and a joining server
 takes its place in that plan. The candidates are the current layout improved one server at a
-time, the k most redundant servers taken out and placed again (for every k), and a fresh layout;
-servers whose span was given (pinned) stay put. Moves are not free: a moving server keeps serving
-the blocks its old and new spans share, but the others only as it loads them (`load_order`), so
-each candidate is valued by what the swarm serves over the next HORIZON_S, the dips while its
-servers move included, and the best is taken where it beats staying by MOVE_GAIN. Servers move
-in waves that keep every block served (`_waves`); readers of the same view agree on the plan and
-on who goes now, so the swarm moves towards one layout without a coordinator. Crashed servers'
-announcements linger, so servers of thinly held blocks are pinged first (`suspects`).
+time, the k most redundant servers taken out and placed again (for every k), a fresh layout, and
+the current one with its holes filled by a few servers (`_cover`); servers whose span was given
+(pinned) stay put. Moves are not free: a moving server keeps serving the blocks its old and new
+spans share, but the others only as it loads them (`load_order`), so each candidate is valued by
+what the swarm serves over the next HORIZON_S, the dips while its servers move included, less a
+cost for each second some block goes unserved and for each server that moves; the best is taken
+where it beats staying by MOVE_GAIN. Servers move in waves that keep every block served
+(`_waves`); readers of the same view agree on the plan and on who goes now, so the swarm moves
+towards one layout without a coordinator. Crashed servers' announcements linger, so servers of
+thinly held blocks (in a swarm of up to MAX_PROBES, all servers) are pinged first (`suspects`).
 
 In a large swarm one server's move barely shows, so a server moves on its own account: when the
 weakest block gets `MIN_GAIN` times faster, or while some blocks have no server (holes), when the
@@ -42,6 +44,8 @@ PLAN_GAIN = 1.1         # small swarms: improving a layout, each server's move m
 HORIZON_S = 600.0       # ... a new layout must serve MOVE_GAIN times what staying does over this long,
 MOVE_GAIN = 1.05        #     counting the weakest block over time, with the dips while servers move;
 KEEP = 0.9              # ... servers move in waves that keep every served block this share of the weakest
+UNSERVED_COST = 5.0     # ... each second some block is unserved costs this many of the best layout's weakest block,
+MOVE_COST_S = 1.0       #     and each server that moves this many (sessions on the blocks it drops start again)
 MOVE_S, LOAD_S_PER_BLOCK = 2.0, 2.0  # a move's load time, estimated (only its ratio to HORIZON_S matters)
 PLAN_MAX_SERVERS = 64   # up to this many servers, each plans the whole swarm's layout
 PLAN_ROUNDS = 8         # rounds of one-server improvements when planning (a bound; they stop far sooner)
@@ -158,9 +162,10 @@ def _plan(spans: tuple[_Span, ...], num_blocks: int) -> tuple[tuple[tuple[str, i
     """The layout to move to, and the servers that go now.
 
     The candidates: the current layout improved one server at a time; the most redundant k servers
-    taken out and placed again, for every k; a fresh layout, and its mirror image. Pinned servers
-    stay where they are in all of them. Each is valued by what it serves over HORIZON_S, its moves
-    included (`_waves`); the best (of equals, the one moving fewer servers) is taken where it beats
+    taken out and placed again, for every k; a fresh layout, and its mirror image; the current
+    layout with its holes filled (`_cover`). Pinned servers stay where they are in all of them.
+    Each is valued by what it serves over HORIZON_S, its moves included (`_waves`, `_value`); the
+    best (of equals, the one moving fewer servers) is taken where it beats
     staying by MOVE_GAIN. The servers of its first wave go now, unless that wave is deep and a
     server is loading: it may be about to serve.
     """
@@ -170,33 +175,41 @@ def _plan(spans: tuple[_Span, ...], num_blocks: int) -> tuple[tuple[tuple[str, i
     mirrored = {s.peer_id: s.start if s.pinned else num_blocks - fresh[s.peer_id] - s.length
                 for s in spans}  # without pinned servers as good as `fresh`, maybe with fewer moves
     order = _removal_order(spans, num_blocks, current)
-    candidates = [_improve(spans, num_blocks, current), fresh, mirrored]
+    candidates = [_improve(spans, num_blocks, current), fresh, mirrored, _cover(spans, num_blocks, current)]
     candidates += [_reinsert(spans, num_blocks, current, order[:k]) for k in range(1, len(order))]
     waves = [_waves(spans, num_blocks, starts) for starts in candidates]
-    values = [_value(spans, num_blocks, starts, moving) for starts, moving in zip(candidates, waves)]
+    unit = max(_layout_totals(spans, num_blocks, starts).min() for starts in [current, *candidates])
+    values = [_value(spans, num_blocks, starts, *moving, unit) for starts, moving in zip(candidates, waves)]
     moves = [sum(starts[s.peer_id] != s.start for s in spans) for starts in candidates]
     best = max(range(len(candidates)), key=lambda i: (values[i], -moves[i], -i))
-    if values[best] <= MOVE_GAIN * _value(spans, num_blocks, current, []):
+    staying = _value(spans, num_blocks, current, *_waves(spans, num_blocks, current), unit)
+    if values[best] - staying <= (MOVE_GAIN - 1) * abs(staying):  # (negative while blocks go unserved)
         return tuple(current.items()), frozenset()
-    wave, _, _, deep = waves[best][0]
+    wave, _, _, deep = waves[best][0][0]
     waiting = deep and any(s.loading for s in spans)  # a deep wave waits for the servers loading now
     return tuple(candidates[best].items()), frozenset() if waiting else frozenset(s.peer_id for s in wave)
 
 
-def _value(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int], waves: list) -> float:
+def _value(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int], waves: list, unserved_s: float,
+           unit: float) -> float:
     """What a layout serves over HORIZON_S from now: its weakest block, less the dips while its movers load
-    (in `waves`, see `_waves`)."""
-    value = sum(during * load for _, during, load, _ in waves)
-    return value + _layout_totals(spans, num_blocks, starts).min() * max(0.0, HORIZON_S - sum(w[2] for w in waves))
+    (in `waves`, see `_waves`). Less, in seconds of `unit` (the weakest block of the best layout in view):
+    UNSERVED_COST for each second some block is unserved (`unserved_s`), as the requests and sessions
+    crossing it fail; and MOVE_COST_S for each server that moves."""
+    final = _layout_totals(spans, num_blocks, starts).min()
+    value = sum(during * load for _, during, load, _ in waves) + final * max(0.0, HORIZON_S - sum(w[2] for w in waves))
+    return value - unit * (UNSERVED_COST * unserved_s + MOVE_COST_S * sum(len(wave) for wave, *_ in waves))
 
 
 def _waves(spans: tuple[_Span, ...], num_blocks: int,
-           starts: dict[str, int]) -> list[tuple[list[_Span], float, float, bool]]:
-    """How the servers that move to `starts` go: in waves, each (servers, weakest block meanwhile, seconds, deep).
+           starts: dict[str, int]) -> tuple[list[tuple[list[_Span], float, float, bool]], float]:
+    """How the servers that move to `starts` go: in waves, each (servers, weakest served block meanwhile, seconds,
+    deep); and the seconds some block is unserved meanwhile (`_unserved_seconds`).
 
     A moving server keeps serving the blocks its old and new spans share, and stops serving the
     others while it loads the new ones (`load_order`). Where blocks are unserved, the movers that
-    will serve them go first, all at once, and the others stay meanwhile. Then a wave takes, in
+    will serve them go first: those whose going leaves no other block unserved, or where each
+    would, all of them at once; the others stay meanwhile. Then a wave takes, in
     peer id order, the movers whose going leaves every served block KEEP of the weakest (blocks
     only loading servers hold are not served anyway, and counting them would let waves planned
     from views taken mid-move dip further and further); where none can, the one whose going
@@ -206,20 +219,28 @@ def _waves(spans: tuple[_Span, ...], num_blocks: int,
     at = {s.peer_id: s.start for s in spans}
     serving = _served_totals(spans, num_blocks)
     unserved = _layout_totals(spans, num_blocks, at) == 0  # nobody serves or loads these blocks
-    waves = []
+    loaded_anyway = (serving == 0) & ~unserved  # unserved now, loading: alike in every plan
+    waves, gaps, loading = [], [serving.copy()], [s for s in spans if s.loading]  # gaps: serving in each wave
     while movers:
         served = serving > 0  # blocks only loading servers hold are left out: they are not served yet anyway
         floor = KEEP * serving[served].min() if served.any() else 0.0
         wave, deep = [], False
-        for s in movers:
-            without = _leaving(serving, s, starts[s.peer_id])
-            if unserved.any() and not waves:  # first, only the servers that serve unserved blocks, all at once
-                if unserved[starts[s.peer_id]:starts[s.peer_id] + s.length].any():
+        fillers = [s for s in movers if unserved[starts[s.peer_id]:starts[s.peer_id] + s.length].any()]
+        if fillers and not waves:  # first, the servers that serve unserved blocks, those leaving no new ones
+            for s in fillers:
+                without = _leaving(serving, s, starts[s.peer_id])
+                if without[served].all():
                     wave.append(s)
                     serving = without
-            elif without[served].min(initial=np.inf) >= floor:  # initial: with no block served, any move is fine
+            for s in [] if wave else fillers:  # ... or where each would, all at once
                 wave.append(s)
-                serving = without
+                serving = _leaving(serving, s, starts[s.peer_id])
+        else:
+            for s in movers:
+                without = _leaving(serving, s, starts[s.peer_id])
+                if without[served].min(initial=np.inf) >= floor:  # initial: with no block served, any move is fine
+                    wave.append(s)
+                    serving = without
         if not wave:
             deep = True
             left = [_leaving(serving, s, starts[s.peer_id]) for s in movers]
@@ -227,16 +248,40 @@ def _waves(spans: tuple[_Span, ...], num_blocks: int,
             serving = left[movers.index(wave[0])]
         seconds = max(MOVE_S + LOAD_S_PER_BLOCK * (s.length - len(kept_blocks(s.served, starts[s.peer_id], s.length)))
                       for s in wave)
-        waves.append((wave, float(serving.min()), seconds, deep))
-        if len(waves) == 1:  # the servers loading now are done by the time the first wave is
-            loading = [s for s in spans if s.loading and s not in wave]
+        gaps[len(waves):] = [serving.copy()]
+        if not waves:  # the servers loading now are done by the time the first wave is
+            loading = [s for s in loading if s not in wave]
+            positive = serving[serving > 0]  # the weakest served block: unserved ones count in `_unserved_seconds`
+            waves.append((wave, float(positive.min()) if len(positive) else 0.0, seconds, deep))
             serving = serving + _layout_totals(loading, num_blocks, at) - _served_totals(loading, num_blocks)
+        else:
+            waves.append((wave, float(serving.min()), seconds, deep))
         for s in wave:
             start, kept = starts[s.peer_id], kept_blocks(s.served, starts[s.peer_id], s.length)
             serving[start:start + s.length] += s.throughput
             serving[kept.start:kept.stop] -= s.throughput  # served all along
+        serving = serving.round(9)
         movers = [s for s in movers if s not in wave]
-    return waves
+    return waves, _unserved_seconds(gaps, waves, loading, starts, loaded_anyway)
+
+
+def _unserved_seconds(gaps: list[np.ndarray], waves: list, loading: list[_Span], starts: dict[str, int],
+                      loaded_anyway: np.ndarray) -> float:
+    """Seconds some block is unserved while the servers move: in each wave, until the movers so far and the
+    servers `loading` now have loaded every block unserved in its `gaps` (what is served meanwhile), each in
+    `load_order`; HORIZON_S where none will. Blocks `loaded_anyway` do not count."""
+    ready, began, total = np.full(len(gaps[0]), HORIZON_S), [0.0], 0.0
+    for _, _, seconds, _ in waves:
+        began.append(began[-1] + seconds)
+    goes = [(s, s.start, 0.0, gaps[0]) for s in loading]
+    goes += [(s, starts[s.peer_id], began[k] + MOVE_S, gaps[k]) for k, (wave, *_) in enumerate(waves) for s in wave]
+    for s, start, loads_from, serving in goes:
+        for i, block in enumerate(load_order(serving, start, s.length, kept_blocks(s.served, start, s.length)), 1):
+            ready[block] = min(ready[block], loads_from + LOAD_S_PER_BLOCK * i)
+    for serving, since in zip(gaps, began):
+        unserved = (serving == 0) & ~loaded_anyway
+        total += max(0.0, float(ready[unserved].max()) - since) if unserved.any() else 0.0
+    return min(total, HORIZON_S)
 
 
 def kept_blocks(served: range, start: int, length: int) -> range:
@@ -250,7 +295,7 @@ def _leaving(serving: np.ndarray, s: _Span, start: int) -> np.ndarray:
     kept = kept_blocks(s.served, start, s.length)
     out[s.served.start:s.served.stop] -= s.throughput
     out[kept.start:kept.stop] += s.throughput
-    return out
+    return out.round(9)  # 0, not 1e-16, where nobody is left
 
 
 def anticipated_throughputs(servers: Sequence[ServerInfo], num_blocks: int) -> np.ndarray:
@@ -334,18 +379,20 @@ def should_move(servers: Sequence[ServerInfo], num_blocks: int, me: ServerInfo,
 
 
 def suspects(servers: Sequence[ServerInfo], num_blocks: int) -> list[ServerInfo]:
-    """Online servers worth checking for life before planning: those holding blocks few others hold.
+    """Online servers worth checking for life before planning: those holding blocks few others hold (in a
+    swarm of up to MAX_PROBES, all of them).
 
     A crashed server's announcement outlives it until it expires; where its blocks have other
-    servers that costs little, but a block it held alone (or nearly) is a hole nobody sees.
+    servers that costs little, but a block it held alone (or nearly) is a hole nobody sees. In a
+    small swarm a burst of crashes can leave blocks whose every announced server is dead.
     """
     counts = _coverage(servers, num_blocks)[1]
-    thin = np.concatenate([[0], np.cumsum(counts <= PROBE_COVERAGE)])
-    if not thin[-1]:
-        return []
     held = {s.peer_id: range(s.whole_span[0], min(s.whole_span[1], num_blocks)) for s in servers}
-    found = [s for s in servers if s.state == "online" and thin[held[s.peer_id].stop] > thin[held[s.peer_id].start]]
-    return sorted(found, key=lambda s: counts[held[s.peer_id].start:held[s.peer_id].stop].min())[:MAX_PROBES]
+    online = [s for s in servers if s.state == "online"]
+    if len(online) > MAX_PROBES:
+        thin = np.concatenate([[0], np.cumsum(counts <= PROBE_COVERAGE)])
+        online = [s for s in online if thin[held[s.peer_id].stop] > thin[held[s.peer_id].start]]
+    return sorted(online, key=lambda s: counts[held[s.peer_id].start:held[s.peer_id].stop].min())[:MAX_PROBES]
 
 
 def _planned_move(others: list[ServerInfo], num_blocks: int, me: ServerInfo) -> int | None | bool:
@@ -358,6 +405,37 @@ def _planned_move(others: list[ServerInfo], num_blocks: int, me: ServerInfo) -> 
     if (block_throughputs(moved, num_blocks) == 0).any():
         return False  # leave it to the chain of hole-closing moves
     return layout[me.peer_id] if me.peer_id in going else None
+
+
+def _cover(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int]) -> dict[str, int]:
+    """The layout `starts` with its holes filled by as few moves as can, preferring servers whose blocks others hold.
+
+    Hole by hole from the first, the server that covers most of it moves to its best start that
+    does; of equals, one whose going leaves no hole, then the one leaving the best layout. Holes it
+    leaves are filled in turn (a chain). What a fresh layout gains may take minutes of moves to
+    reach; this closes the holes with a few.
+    """
+    starts = dict(starts)
+    totals = _layout_totals(spans, num_blocks, starts)
+    free = [s for s in spans if not s.pinned and not s.loading]
+    for _ in range(len(free)):
+        holes = np.flatnonzero(totals == 0)
+        if not len(holes) or not free:
+            break
+        first = int(holes[0])
+        width = int(np.argmax(np.append(totals[first:], 1.0) > 0))
+        options = []
+        for s in free:
+            left = _place(totals, starts[s.peer_id], s.length, -s.throughput).round(9)  # 0, not 1e-16
+            size = min(s.length, width)  # covers [first, first + size)
+            lo, hi = max(0, first + size - s.length), min(first, num_blocks - s.length)
+            rows = np.stack([_place(left, start, s.length, s.throughput) for start in range(lo, hi + 1)])
+            ranked, best = _leximin_best(rows)
+            options.append((size, (rows[best] > 0).sum(), tuple(ranked[best]), s.peer_id, s, lo + best, rows[best]))
+        *_, s, start, totals = max(options)
+        starts[s.peer_id] = start
+        free.remove(s)
+    return starts
 
 
 def _improve(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int]) -> dict[str, int]:
