@@ -178,11 +178,12 @@ def _plan(spans: tuple[_Span, ...], num_blocks: int) -> tuple[tuple[tuple[str, i
     candidates = [_improve(spans, num_blocks, current), fresh, mirrored, _cover(spans, num_blocks, current)]
     candidates += [_reinsert(spans, num_blocks, current, order[:k]) for k in range(1, len(order))]
     waves = [_waves(spans, num_blocks, starts) for starts in candidates]
-    unit = max(_layout_totals(spans, num_blocks, starts).min() for starts in [current, *candidates])
-    values = [_value(spans, num_blocks, starts, *moving, unit) for starts, moving in zip(candidates, waves)]
+    finals = [_layout_totals(spans, num_blocks, starts).min() for starts in [current, *candidates]]
+    unit = max(finals)  # the weakest block of the best layout in view
+    values = [_value(final, *moving, unit) for final, moving in zip(finals[1:], waves)]
     moves = [sum(starts[s.peer_id] != s.start for s in spans) for starts in candidates]
     best = max(range(len(candidates)), key=lambda i: (values[i], -moves[i], -i))
-    staying = _value(spans, num_blocks, current, *_waves(spans, num_blocks, current), unit)
+    staying = _value(finals[0], *_waves(spans, num_blocks, current), unit)
     if values[best] - staying <= (MOVE_GAIN - 1) * abs(staying):  # (negative while blocks go unserved)
         return tuple(current.items()), frozenset()
     wave, _, _, deep = waves[best][0][0]
@@ -190,13 +191,11 @@ def _plan(spans: tuple[_Span, ...], num_blocks: int) -> tuple[tuple[tuple[str, i
     return tuple(candidates[best].items()), frozenset() if waiting else frozenset(s.peer_id for s in wave)
 
 
-def _value(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int], waves: list, unserved_s: float,
-           unit: float) -> float:
-    """What a layout serves over HORIZON_S from now: its weakest block, less the dips while its movers load
-    (in `waves`, see `_waves`). Less, in seconds of `unit` (the weakest block of the best layout in view):
-    UNSERVED_COST for each second some block is unserved (`unserved_s`), as the requests and sessions
-    crossing it fail; and MOVE_COST_S for each server that moves."""
-    final = _layout_totals(spans, num_blocks, starts).min()
+def _value(final: float, waves: list, unserved_s: float, unit: float) -> float:
+    """What a layout serves over HORIZON_S from now: its weakest block (`final`), less the dips while its
+    movers load (in `waves`, see `_waves`). Less, in seconds of `unit` (the weakest block of the best layout
+    in view): UNSERVED_COST for each second some block is unserved (`unserved_s`), as the requests and
+    sessions crossing it fail; and MOVE_COST_S for each server that moves."""
     value = sum(during * load for _, during, load, _ in waves) + final * max(0.0, HORIZON_S - sum(w[2] for w in waves))
     return value - unit * (UNSERVED_COST * unserved_s + MOVE_COST_S * sum(len(wave) for wave, *_ in waves))
 
@@ -220,7 +219,7 @@ def _waves(spans: tuple[_Span, ...], num_blocks: int,
     serving = _served_totals(spans, num_blocks)
     unserved = _layout_totals(spans, num_blocks, at) == 0  # nobody serves or loads these blocks
     loaded_anyway = (serving == 0) & ~unserved  # unserved now, loading: alike in every plan
-    waves, gaps, loading = [], [serving.copy()], [s for s in spans if s.loading]  # gaps: serving in each wave
+    waves, gaps, loading = [], [], [s for s in spans if s.loading]  # gaps: what each wave leaves served
     while movers:
         served = serving > 0  # blocks only loading servers hold are left out: they are not served yet anyway
         floor = KEEP * serving[served].min() if served.any() else 0.0
@@ -232,9 +231,10 @@ def _waves(spans: tuple[_Span, ...], num_blocks: int,
                 if without[served].all():
                     wave.append(s)
                     serving = without
-            for s in [] if wave else fillers:  # ... or where each would, all at once
-                wave.append(s)
-                serving = _leaving(serving, s, starts[s.peer_id])
+            if not wave:  # ... or where each would, all at once
+                for s in fillers:
+                    wave.append(s)
+                    serving = _leaving(serving, s, starts[s.peer_id])
         else:
             for s in movers:
                 without = _leaving(serving, s, starts[s.peer_id])
@@ -248,7 +248,7 @@ def _waves(spans: tuple[_Span, ...], num_blocks: int,
             serving = left[movers.index(wave[0])]
         seconds = max(MOVE_S + LOAD_S_PER_BLOCK * (s.length - len(kept_blocks(s.served, starts[s.peer_id], s.length)))
                       for s in wave)
-        gaps[len(waves):] = [serving.copy()]
+        gaps.append(serving.copy())
         if not waves:  # the servers loading now are done by the time the first wave is
             loading = [s for s in loading if s not in wave]
             positive = serving[serving > 0]  # the weakest served block: unserved ones count in `_unserved_seconds`
@@ -262,7 +262,7 @@ def _waves(spans: tuple[_Span, ...], num_blocks: int,
             serving[kept.start:kept.stop] -= s.throughput  # served all along
         serving = serving.round(9)
         movers = [s for s in movers if s not in wave]
-    return waves, _unserved_seconds(gaps, waves, loading, starts, loaded_anyway)
+    return waves, _unserved_seconds(gaps or [serving], waves, loading, starts, loaded_anyway)
 
 
 def _unserved_seconds(gaps: list[np.ndarray], waves: list, loading: list[_Span], starts: dict[str, int],
@@ -429,7 +429,7 @@ def _cover(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int]) ->
             left = _place(totals, starts[s.peer_id], s.length, -s.throughput).round(9)  # 0, not 1e-16
             size = min(s.length, width)  # covers [first, first + size)
             lo, hi = max(0, first + size - s.length), min(first, num_blocks - s.length)
-            rows = np.stack([_place(left, start, s.length, s.throughput) for start in range(lo, hi + 1)])
+            rows = left + s.throughput * _windows(num_blocks, s.length)[lo:hi + 1]
             ranked, best = _leximin_best(rows)
             options.append((size, (rows[best] > 0).sum(), tuple(ranked[best]), s.peer_id, s, lo + best, rows[best]))
         *_, s, start, totals = max(options)
