@@ -20,7 +20,8 @@ What is reported, sampled every `sample_period` after the warm-up:
 - holes: the share of samples with a block no online server serves while the planner could serve
   every block; after each burst of crashes, the seconds until every block is served again (worst
   burst), counted from when the servers left could serve every block.
-- moves per server-hour, after the warm-up.
+- moves per server-hour, after the warm-up; and in steady state, counting only the time (and the moves)
+  at least `steady_s` after the last server joined or left.
 Baselines in the same run: random spans, and greedy joining without rebalancing.
 
     python benchmarks/balance_sim.py [--quick]      (or python -m benchmarks.balance_sim)
@@ -92,6 +93,7 @@ class Params:
     move_s: float = 2.0               # the same for a server moving to another span
     load_s_per_block: float = 2.0
     sample_period: float = 5.0
+    steady_s: float = 300.0           # steady state: this long after the last server joined or left
     seed: int = 0
 
 
@@ -103,6 +105,8 @@ class Result:
     holes: int = 0
     moves: int = 0
     server_seconds: float = 0.0
+    steady_moves: int = 0
+    steady_server_seconds: float = 0.0
     # per crash burst: [since, every block served again at]: since the burst, or where the servers left could not
     # serve every block, since they could (a server joined); None: not yet
     bursts: list[list] = field(default_factory=list)
@@ -135,6 +139,7 @@ class Simulation:
         self.viewed: tuple[int, list[ServerInfo], bool] = (-1, [], False)
         self.planned: tuple[frozenset, float] = (frozenset(), 0.0)
         self.result = Result()
+        self.changed = 0.0                          # when a server last joined or left
 
     # ---- event plumbing --------------------------------------------------------------------------
 
@@ -199,6 +204,7 @@ class Simulation:
         else:
             name, throughput, blocks, _ = self.rng.choices(HARDWARE, weights=[h[3] for h in HARDWARE])[0]
         self.joined += 1
+        self.changed = self.now
         throughput *= self.rng.uniform(0.8, 1.2)
         blocks = min(blocks, p.num_blocks)
         peer = f"{name}#{next(self.counter)}"
@@ -271,6 +277,7 @@ class Simulation:
             start = should_move(servers, self.p.num_blocks, info)
             if start is not None:
                 self.result.moves += self.now >= self.p.warmup
+                self.result.steady_moves += self.now >= self.p.warmup and self.steady()
                 self._load(server, start, self.p.move_s + PROBE_TIMEOUT * found_dead,
                            kept_blocks(range(info.start, info.end), start, server.blocks))
 
@@ -278,6 +285,7 @@ class Simulation:
         server = self.servers[peer]
         server.alive = False
         self.version += 1
+        self.changed = self.now
         if self.rng.random() >= self.p.crash_share:  # withdrawn; a crashed server's record lives on until it expires
             self.withdraw(peer)
 
@@ -323,12 +331,16 @@ class Simulation:
             result.bounds.append(weakest / (capacity / p.num_blocks))
         result.holes += weakest == 0 and planner > 0  # unserved blocks the servers could have served
         result.server_seconds += sum(s.alive for s in self.servers.values()) * p.sample_period
+        result.steady_server_seconds += self.steady() * sum(s.alive for s in self.servers.values()) * p.sample_period
         for burst in result.bursts:
             if burst[0] is None and planner > 0:
                 burst[0] = self.now
             if burst[0] is not None and burst[1] is None and weakest > 0:
                 burst[1] = self.now
         self.at(self.now + p.sample_period, self.sample)
+
+    def steady(self) -> bool:
+        return self.now - self.changed >= self.p.steady_s
 
     def planner_min(self, ready: list[_Server]) -> float:
         """`planned_min` of the loaded servers, computed again only when they change."""
@@ -353,20 +365,24 @@ def simulate(params: Params) -> Result:
 
 def summarize(result: Result) -> dict:
     ratios = np.array(result.ratios or [0.0])
-    hours = result.server_seconds / 3600
+    hours, steady_hours = result.server_seconds / 3600, result.steady_server_seconds / 3600
     recovered = [b[1] - b[0] for b in result.bursts if b[1] is not None]
     return dict(mean=float(ratios.mean()), p5=float(np.percentile(ratios, 5)),
                 bound=float(np.mean(result.bounds or [0.0])), holes=result.holes / max(1, result.samples),
                 moves_per_server_hour=result.moves / hours if hours else 0.0,
+                steady_moves_per_server_hour=result.steady_moves / steady_hours if steady_hours else None,
                 covered=max(recovered, default=None), never=len(result.bursts) - len(recovered))
 
 
 def _average(runs: list[dict]) -> dict:
-    """Means over seeds; the worst recovery and the bursts never recovered from over all of them."""
+    """Means over seeds (of steady moves, over those with a steady state); the worst recovery and the bursts never
+    recovered from over all of them."""
     out = {key: float(np.mean([r[key] for r in runs])) for key in ("mean", "p5", "bound", "holes",
                                                                    "moves_per_server_hour")}
+    steady = [r["steady_moves_per_server_hour"] for r in runs if r["steady_moves_per_server_hour"] is not None]
     covered = [r["covered"] for r in runs if r["covered"] is not None]
-    return out | dict(covered=max(covered, default=None), never=sum(r["never"] for r in runs))
+    return out | dict(steady_moves_per_server_hour=float(np.mean(steady)) if steady else None,
+                      covered=max(covered, default=None), never=sum(r["never"] for r in runs))
 
 
 def scenarios(quick: bool) -> list[Params]:
@@ -397,19 +413,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=1, help="average over this many seeds (0, 1, ...)")
     args = parser.parse_args(argv)
     print(f"{'scenario':46} {'policy':8} {'/planner':>8} {'p5':>6} {'/bound':>6} {'holes':>6} "
-          f"{'moves/srv/h':>11} {'covered':>8} {'wall s':>6}")
+          f"{'moves/srv/h':>11} {'steady':>6} {'covered':>8} {'wall s':>6}")
     for params in scenarios(args.quick):
         for policy in args.policies:
             began = time.perf_counter()
             s = _average([summarize(simulate(replace(params, policy=policy, seed=seed))) for seed in range(args.seeds)])
             covered = "-" if s["covered"] is None and not s["never"] else (
                 f"{s['never']} never" if s["never"] else f"{s['covered']:.0f}")
+            steady = "-" if s["steady_moves_per_server_hour"] is None else f"{s['steady_moves_per_server_hour']:.3f}"
             print(f"{params.name:46} {policy:8} {s['mean']:8.1%} {s['p5']:6.1%} {s['bound']:6.1%} "
-                  f"{s['holes']:6.1%} {s['moves_per_server_hour']:11.3f} {covered:>8} "
+                  f"{s['holes']:6.1%} {s['moves_per_server_hour']:11.3f} {steady:>6} {covered:>8} "
                   f"{time.perf_counter() - began:6.1f}", flush=True)
     print("/planner, p5: the swarm's throughput (its weakest block) over a central planner's from scratch, mean and "
           "5th percentile;\n/bound: over C/num_blocks, the bound of a fractional assignment; holes: share of samples "
           "with an unserved block that the planner serves;\n"
+          "steady: moves per server-hour at least 5 min after any server joined or left (- where never);\n"
           "covered: worst seconds from a crash burst (or from when the servers left could serve every block) until\n"
           "every block is served again.")
 

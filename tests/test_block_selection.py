@@ -215,6 +215,15 @@ def test_a_hole_is_covered_by_a_server_whose_blocks_others_hold_and_a_wide_one_b
     spans = block_selection._spans([server(n, 0, 4) for n in "abc"], 12)
     covered = block_selection._cover(spans, 12, {n: 0 for n in "abc"})
     assert sorted(covered.values()) == [0, 4, 8]  # 4-11: two servers load at once, each a half
+    servers = [ServerInfo("x", 0, 10, pinned=True), server("a", 0, 6), server("b", 0, 6)]  # 10-15 unserved
+    spans, starts = block_selection._spans(servers, 16), {"x": 0, "a": 0, "b": 0}
+    alone = block_selection._cover(spans, 16, starts)  # a or b loads all six
+    shared = block_selection._cover(spans, 16, starts, parts=2)  # each loads three first, at once
+    assert sorted([alone["a"], alone["b"]]) == [0, 10] and (shared["a"], shared["b"]) == (10, 7)
+    load_s = block_selection.LOAD_S_PER_BLOCK
+    assert block_selection._waves(spans, 16, alone)[1] == block_selection.MOVE_S + 6 * load_s
+    assert block_selection._waves(spans, 16, shared)[1] == block_selection.MOVE_S + 3 * load_s
+    assert plan(servers, 16) == shared
 
 
 def test_pinned_servers_stay_where_they_are_and_the_others_plan_around_them():

@@ -4,19 +4,20 @@ The swarm is as fast as its weakest block (every request crosses every block), s
 compared by their sorted per-block throughputs, weakest first (a leximin order: raise the
 minimum, then the next weakest...). A joining server takes the span that most raises that order.
 
-Serving servers check now and then whether to move. In a small swarm (up to PLAN_MAX_SERVERS)
-every server computes the whole swarm's layout from the same view (`plan`), and a joining server
-takes its place in that plan. The candidates are the current layout improved one server at a
-time, the k most redundant servers taken out and placed again (for every k), a fresh layout, and
-the current one with its holes filled by a few servers (`_cover`); servers whose span was given
-(pinned) stay put. Moves are not free: a moving server keeps serving the blocks its old and new
-spans share, but the others only as it loads them (`load_order`), so each candidate is valued by
-what the swarm serves over the next HORIZON_S, the dips while its servers move included, less a
-cost for each second some block goes unserved and for each server that moves; the best is taken
-where it beats staying by MOVE_GAIN. Servers move in waves that keep every block served
-(`_waves`); readers of the same view agree on the plan and on who goes now, so the swarm moves
-towards one layout without a coordinator. Crashed servers' announcements linger, so servers of
-thinly held blocks (in a swarm of up to MAX_PROBES, all servers) are pinged first (`suspects`).
+Serving servers check now and then whether to move. In a small swarm (up to PLAN_MAX_SERVERS) every
+server computes the whole swarm's layout from the same view (`plan`), and a joining server takes its
+place in that plan. The candidates are the current layout improved one server at a time, the k most
+redundant servers taken out and placed again (for every k), a fresh layout, and the current one with
+its holes filled by a few servers, a wide hole shared by up to COVER_PARTS so that it loads sooner
+(`_cover`); servers whose span was given (pinned) stay put. Moves are not free: a moving server
+keeps serving the blocks its old and new spans share, but the others only as it loads them
+(`load_order`), so each candidate is valued by what the swarm serves over the next HORIZON_S, the
+dips while its servers move included, less a cost for each second some block goes unserved and for
+each server that moves; the best is taken where it beats staying by MOVE_GAIN. Servers move in waves
+that keep every block served (`_waves`); readers of the same view agree on the plan and on who goes
+now, so the swarm moves towards one layout without a coordinator. Crashed servers' announcements
+linger, so servers of thinly held blocks (in a swarm of up to MAX_PROBES, all servers) are pinged
+first (`suspects`).
 
 In a large swarm one server's move barely shows, so a server moves on its own account: when the
 weakest block gets `MIN_GAIN` times faster, or while some blocks have no server (holes), when the
@@ -43,7 +44,7 @@ MIN_GAIN = 1.2          # large swarms: a move must make the weakest block this 
 PLAN_GAIN = 1.1         # small swarms: improving a layout, each server's move must raise the leximin order this much
 HORIZON_S = 600.0       # ... a new layout must serve MOVE_GAIN times what staying does over this long,
 MOVE_GAIN = 1.05        #     counting the weakest block over time, with the dips while servers move;
-KEEP = 0.9              # ... servers move in waves that keep every served block this share of the weakest
+KEEP = 0.97             # ... servers move in waves that keep every served block this share of the weakest
 UNSERVED_COST = 5.0     # ... each second some block is unserved costs this many of the best layout's weakest block,
 MOVE_COST_S = 1.0       #     and each server that moves this many (sessions on the blocks it drops start again)
 MOVE_S, LOAD_S_PER_BLOCK = 2.0, 2.0  # a move's load time, estimated (only its ratio to HORIZON_S matters)
@@ -51,6 +52,7 @@ PLAN_MAX_SERVERS = 64   # up to this many servers, each plans the whole swarm's 
 PLAN_ROUNDS = 8         # rounds of one-server improvements when planning (a bound; they stop far sooner)
 PROBE_COVERAGE = 3      # servers of blocks held by this many or fewer are checked for life before planning
 MAX_PROBES = 16
+COVER_PARTS = 3         # a hole may be shared by up to this many servers, loading its parts at once
 
 
 def block_throughputs(servers: Sequence[ServerInfo], num_blocks: int) -> np.ndarray:
@@ -175,7 +177,8 @@ def _plan(spans: tuple[_Span, ...], num_blocks: int) -> tuple[tuple[tuple[str, i
     mirrored = {s.peer_id: s.start if s.pinned else num_blocks - fresh[s.peer_id] - s.length
                 for s in spans}  # without pinned servers as good as `fresh`, maybe with fewer moves
     order = _removal_order(spans, num_blocks, current)
-    candidates = [_improve(spans, num_blocks, current), fresh, mirrored, _cover(spans, num_blocks, current)]
+    candidates = [_improve(spans, num_blocks, current), fresh, mirrored]
+    candidates += [_cover(spans, num_blocks, current, parts) for parts in range(1, COVER_PARTS + 1)]
     candidates += [_reinsert(spans, num_blocks, current, order[:k]) for k in range(1, len(order))]
     waves = [_waves(spans, num_blocks, starts) for starts in candidates]
     finals = [_layout_totals(spans, num_blocks, starts).min() for starts in [current, *candidates]]
@@ -269,12 +272,15 @@ def _unserved_seconds(gaps: list[np.ndarray], waves: list, loading: list[_Span],
                       loaded_anyway: np.ndarray) -> float:
     """Seconds some block is unserved while the servers move: in each wave, until the movers so far and the
     servers `loading` now have loaded every block unserved in its `gaps` (what is served meanwhile), each in
-    `load_order`; HORIZON_S where none will. Blocks `loaded_anyway` do not count."""
+    `load_order` (a hole that another mover of its wave loads comes later); HORIZON_S where none will. Blocks
+    `loaded_anyway` do not count."""
     ready, began, total = np.full(len(gaps[0]), HORIZON_S), [0.0], 0.0
     for _, _, seconds, _ in waves:
         began.append(began[-1] + seconds)
     goes = [(s, s.start, 0.0, gaps[0]) for s in loading]
-    goes += [(s, starts[s.peer_id], began[k] + MOVE_S, gaps[k]) for k, (wave, *_) in enumerate(waves) for s in wave]
+    for k, (wave, *_) in enumerate(waves):  # each mover sees the others of its wave loading (`anticipated_throughputs`)
+        ahead = gaps[k] + 0.5 * _layout_totals(wave, len(gaps[k]), starts)
+        goes += [(s, starts[s.peer_id], began[k] + MOVE_S, ahead) for s in wave]
     for s, start, loads_from, serving in goes:
         for i, block in enumerate(load_order(serving, start, s.length, kept_blocks(s.served, start, s.length)), 1):
             ready[block] = min(ready[block], loads_from + LOAD_S_PER_BLOCK * i)
@@ -407,31 +413,37 @@ def _planned_move(others: list[ServerInfo], num_blocks: int, me: ServerInfo) -> 
     return layout[me.peer_id] if me.peer_id in going else None
 
 
-def _cover(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int]) -> dict[str, int]:
-    """The layout `starts` with its holes filled by as few moves as can, preferring servers whose blocks others hold.
+def _cover(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int], parts: int = 1) -> dict[str, int]:
+    """The layout `starts` with its holes filled by few moves, each hole shared by up to `parts` servers, preferring
+    servers whose blocks others hold.
 
-    Hole by hole from the first, the server that covers most of it moves to its best start that
-    does; of equals, one whose going leaves no hole, then the one leaving the best layout. Holes it
-    leaves are filled in turn (a chain). What a fresh layout gains may take minutes of moves to
-    reach; this closes the holes with a few.
+    Hole by hole from the first, the server that covers most of it (of its share, a `parts`-th)
+    moves to its best start that does; of equals, one whose going leaves no hole, then the one
+    leaving the best layout. Holes it leaves are filled in turn (a chain). What a fresh layout gains
+    may take minutes of moves to reach; this closes the holes with a few. A server loads a hole's
+    blocks one by one, so a wide hole that several share is served again sooner, for more moves.
     """
     starts = dict(starts)
     totals = _layout_totals(spans, num_blocks, starts)
     free = [s for s in spans if not s.pinned and not s.loading]
+    shares: dict[int, int] = {}  # per hole (by its end, which filling from its start keeps), the most one server takes
     for _ in range(len(free)):
         holes = np.flatnonzero(totals == 0)
         if not len(holes) or not free:
             break
         first = int(holes[0])
         width = int(np.argmax(np.append(totals[first:], 1.0) > 0))
+        share = shares.setdefault(first + width, -(-width // parts))
         options = []
         for s in free:
             left = _place(totals, starts[s.peer_id], s.length, -s.throughput).round(9)  # 0, not 1e-16
-            size = min(s.length, width)  # covers [first, first + size)
-            lo, hi = max(0, first + size - s.length), min(first, num_blocks - s.length)
-            rows = left + s.throughput * _windows(num_blocks, s.length)[lo:hi + 1]
+            size = min(s.length, width, share)  # covers [first, first + size)
+            at = np.arange(max(0, first + size - s.length), min(first, num_blocks - s.length) + 1)
+            in_hole = np.minimum(at + s.length, first + width) - np.maximum(at, first)
+            at = at[in_hole <= share] if (in_hole <= share).any() else at  # the rest of the hole is others' share
+            rows = left + s.throughput * _windows(num_blocks, s.length)[at]
             ranked, best = _leximin_best(rows)
-            options.append((size, (rows[best] > 0).sum(), tuple(ranked[best]), s.peer_id, s, lo + best, rows[best]))
+            options.append((size, (rows[best] > 0).sum(), tuple(ranked[best]), s.peer_id, s, int(at[best]), rows[best]))
         *_, s, start, totals = max(options)
         starts[s.peer_id] = start
         free.remove(s)
