@@ -165,7 +165,8 @@ def _plan(spans: tuple[_Span, ...], num_blocks: int) -> tuple[tuple[tuple[str, i
 
     The candidates: the current layout improved one server at a time; the most redundant k servers
     taken out and placed again, for every k; a fresh layout, and its mirror image; the current
-    layout with its holes filled (`_cover`). Pinned servers stay where they are in all of them.
+    layout with its holes filled, each by one server or shared by up to COVER_PARTS (`_cover`). Pinned
+    servers stay where they are in all of them.
     Each is valued by what it serves over HORIZON_S, its moves included (`_waves`, `_value`); the
     best (of equals, the one moving fewer servers) is taken where it beats
     staying by MOVE_GAIN. The servers of its first wave go now, unless that wave is deep and a
