@@ -330,8 +330,9 @@ class Simulation:
         if capacity:
             result.bounds.append(weakest / (capacity / p.num_blocks))
         result.holes += weakest == 0 and planner > 0  # unserved blocks the servers could have served
-        result.server_seconds += sum(s.alive for s in self.servers.values()) * p.sample_period
-        result.steady_server_seconds += self.steady() * sum(s.alive for s in self.servers.values()) * p.sample_period
+        server_seconds = sum(s.alive for s in self.servers.values()) * p.sample_period
+        result.server_seconds += server_seconds
+        result.steady_server_seconds += server_seconds * self.steady()
         for burst in result.bursts:
             if burst[0] is None and planner > 0:
                 burst[0] = self.now

@@ -165,12 +165,11 @@ def _plan(spans: tuple[_Span, ...], num_blocks: int) -> tuple[tuple[tuple[str, i
 
     The candidates: the current layout improved one server at a time; the most redundant k servers
     taken out and placed again, for every k; a fresh layout, and its mirror image; the current
-    layout with its holes filled, each by one server or shared by up to COVER_PARTS (`_cover`). Pinned
-    servers stay where they are in all of them.
-    Each is valued by what it serves over HORIZON_S, its moves included (`_waves`, `_value`); the
-    best (of equals, the one moving fewer servers) is taken where it beats
-    staying by MOVE_GAIN. The servers of its first wave go now, unless that wave is deep and a
-    server is loading: it may be about to serve.
+    layout with its holes filled, each by one server or shared by up to COVER_PARTS (`_cover`).
+    Pinned servers stay where they are in all of them. Each is valued by what it serves over
+    HORIZON_S, its moves included (`_waves`, `_value`); the best (of equals, the one moving fewer
+    servers) is taken where it beats staying by MOVE_GAIN. The servers of its first wave go now,
+    unless that wave is deep and a server is loading: it may be about to serve.
     """
     current = {s.peer_id: s.start for s in spans}
     movable = [s for s in spans if not s.pinned]
@@ -181,6 +180,7 @@ def _plan(spans: tuple[_Span, ...], num_blocks: int) -> tuple[tuple[tuple[str, i
     candidates = [_improve(spans, num_blocks, current), fresh, mirrored]
     candidates += [_cover(spans, num_blocks, current, parts) for parts in range(1, COVER_PARTS + 1)]
     candidates += [_reinsert(spans, num_blocks, current, order[:k]) for k in range(1, len(order))]
+    candidates = list({frozenset(c.items()): c for c in candidates}.values())  # each once (the first of equals wins)
     waves = [_waves(spans, num_blocks, starts) for starts in candidates]
     finals = [_layout_totals(spans, num_blocks, starts).min() for starts in [current, *candidates]]
     unit = max(finals)  # the weakest block of the best layout in view
