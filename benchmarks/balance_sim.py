@@ -4,7 +4,8 @@ Servers of mixed hardware join a model's blocks, pick spans with the same functi
 server runs (`join_start` on joining, `should_move` every balance period with jitter),
 crash or leave, and are replaced. No processes, no network: the DHT is a dict of records that
 show up `dht_delay` after they are written, where a crashed server's record outlives it until it
-expires (unless a server probing it before planning finds it dead). A server loads
+expires (unless a server probing it before planning finds it dead; it then reports it, and the
+others' next poll plans without it). A server loads
 `load_s_per_block` per block, after `load_s` of start-up when it joins and `move_s` when it moves,
 as the real one does: in `load_order`, serving each block once it is loaded, and on a move the
 blocks its old and new spans share all along. It shows as "joining" until its first block is in.
@@ -19,7 +20,7 @@ What is reported, sampled every `sample_period` after the warm-up:
   optimum of the relaxation where servers spread their blocks fractionally: no layout can beat it.
 - holes: the share of samples with a block no online server serves while the planner could serve
   every block; after each burst of crashes, the seconds until every block is served again (worst
-  burst), counted from when the servers left could serve every block.
+  burst, to the load that completes it), counted from when the servers left could serve every block.
 - moves per server-hour, after the warm-up; and in steady state, counting only the time (and the moves)
   at least `steady_s` after the last server joined or left.
 Baselines in the same run: random spans, and greedy joining without rebalancing.
@@ -119,7 +120,7 @@ class _Server:
     alive: bool = True
     ready: bool = False     # loaded once: counts towards what the swarm could do
     epoch: int = 0          # invalidates the load-completion event of an abandoned span
-    seen: frozenset = frozenset()  # the layout at its last check
+    seen: tuple = ()        # the layout and reports at its last check
 
 
 class Simulation:
@@ -134,9 +135,10 @@ class Simulation:
         self.servers: dict[str, _Server] = {}
         self.records: dict[str, ServerInfo] = {}    # the DHT as readers see it
         self.expiries: dict[str, float] = {}
+        self.reported: dict[str, float] = {}        # servers reported unreachable, and until when
         self.version = 0                            # bumped when a record, or whether its server lives, changes
-        self.layout: tuple[int, frozenset] = (-1, frozenset())  # `layout` of the records, and their version
-        self.viewed: tuple[int, list[ServerInfo], bool] = (-1, [], False)
+        self.layout: tuple[int, tuple] = (-1, ())  # `layout` of the records and the reports, and their version
+        self.viewed: tuple[int, list[ServerInfo], frozenset] = (-1, [], frozenset())
         self.planned: tuple[frozenset, float] = (frozenset(), 0.0)
         self.result = Result()
         self.changed = 0.0                          # when a server last joined or left
@@ -168,6 +170,20 @@ class Simulation:
     def publish(self, info: ServerInfo) -> None:
         self.at(self.now + self.p.dht_delay, self._show, info, self.now + self.p.expiration)
 
+    def report(self, dead: frozenset[str]) -> None:
+        self.at(self.now + self.p.dht_delay, self._show_report, dead, self.now + self.p.expiration)
+
+    def _show_report(self, dead: frozenset[str], expires: float) -> None:
+        self.version += any(peer not in self.reported for peer in dead)
+        for peer in dead:
+            self.reported[peer] = max(expires, self.reported.get(peer, expires))
+            self.at(expires, self._hide_report, peer)
+
+    def _hide_report(self, peer: str) -> None:
+        if self.reported.get(peer, float("inf")) <= self.now:
+            self.version += 1
+            del self.reported[peer]
+
     def withdraw(self, peer: str) -> None:
         self.at(self.now + self.p.dht_delay, self._hide, peer, None)
 
@@ -183,16 +199,21 @@ class Simulation:
             self.records.pop(peer, None)
             self.expiries.pop(peer, None)
 
-    def view(self) -> tuple[list[ServerInfo], bool]:
-        """The records a server reads, less the ones it pinged and found dead; and whether it found any.
+    def view(self) -> tuple[list[ServerInfo], frozenset[str]]:
+        """The records a server reads, less the ones it pinged and found dead; and those.
 
         The same for every server until a record or a server's life changes, so it is computed once per change.
         """
         if self.viewed[0] != self.version:
             servers = list(self.records.values())
-            dead = {s.peer_id for s in suspects(servers, self.p.num_blocks) if not self.servers[s.peer_id].alive}
-            self.viewed = self.version, [s for s in servers if s.peer_id not in dead], bool(dead)
+            dead = frozenset(s.peer_id for s in suspects(servers, self.p.num_blocks, self.reports())
+                             if not self.servers[s.peer_id].alive)
+            self.viewed = self.version, [s for s in servers if s.peer_id not in dead], dead
         return self.viewed[1], self.viewed[2]
+
+    def reports(self) -> frozenset[str]:
+        """The servers reported unreachable that still have a record (as the server's `balance_forever` reads them)."""
+        return frozenset(peer for peer in self.reported if peer in self.records)
 
     # ---- servers ---------------------------------------------------------------------------------
 
@@ -248,6 +269,7 @@ class Simulation:
                               target=None if served == whole else whole)
         server.ready |= served == whole
         self.publish(server.info)
+        self._note_coverage()
 
     def refresh(self, peer: str) -> None:
         server = self.servers[peer]
@@ -263,7 +285,7 @@ class Simulation:
             return
         small = len(self.records) <= PLAN_MAX_SERVERS
         if self.layout[0] != self.version:
-            self.layout = self.version, layout(self.records.values())
+            self.layout = self.version, (layout(self.records.values()), self.reports())
         if periodic or (small and server.seen != self.layout[1]):
             server.seen = self.layout[1]
             self._consider_moving(server)
@@ -273,12 +295,14 @@ class Simulation:
     def _consider_moving(self, server: _Server) -> None:
         info = server.info
         if info.state == "online" and info.target is None:  # a server loading its span stays until it is done
-            servers, found_dead = self.view()
+            servers, dead = self.view()
+            if dead - self.reports():
+                self.report(dead)
             start = should_move(servers, self.p.num_blocks, info)
             if start is not None:
                 self.result.moves += self.now >= self.p.warmup
                 self.result.steady_moves += self.now >= self.p.warmup and self.steady()
-                self._load(server, start, self.p.move_s + PROBE_TIMEOUT * found_dead,
+                self._load(server, start, self.p.move_s + PROBE_TIMEOUT * bool(dead),
                            kept_blocks(range(info.start, info.end), start, server.blocks))
 
     def leave(self, peer: str) -> None:
@@ -307,6 +331,7 @@ class Simulation:
             self.at(self.now + self.rng.uniform(0, self.p.burst_period / 2), self.join)
         ready = [s for s in self.servers.values() if s.alive and s.ready]
         self.result.bursts.append([self.now if self.planner_min(ready) > 0 else None, None])
+        self._note_coverage()
         if self.now + 2 * self.p.burst_period <= self.p.duration:  # leave every burst a period to recover in
             self.at(self.now + self.p.burst_period, self.crash_burst)
 
@@ -336,9 +361,17 @@ class Simulation:
         for burst in result.bursts:
             if burst[0] is None and planner > 0:
                 burst[0] = self.now
-            if burst[0] is not None and burst[1] is None and weakest > 0:
-                burst[1] = self.now
+        self._note_coverage()
         self.at(self.now + p.sample_period, self.sample)
+
+    def _note_coverage(self) -> None:
+        """Where every block is served again, the end of the bursts recovering: timed to the block loaded, not
+        to the next sample."""
+        pending = [b for b in self.result.bursts if b[0] is not None and b[1] is None]
+        if pending and served_throughputs([s.info for s in self.servers.values() if s.alive],
+                                          self.p.num_blocks).min() > 0:
+            for burst in pending:
+                burst[1] = self.now
 
     def steady(self) -> bool:
         return self.now - self.changed >= self.p.steady_s

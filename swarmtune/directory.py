@@ -49,6 +49,12 @@ async def fetch_servers(dht: DHTNode, prefix: str, num_blocks: int) -> dict[str,
     return {s.peer_id: s for s in await fetch_swarm(dht, prefix, num_blocks) if s.state == "online"}
 
 
+async def fetch_unreachable(dht: DHTNode, prefix: str) -> frozenset[str]:
+    """The peers some server of the model reports announced but not answering (`records.unreachable_key`)."""
+    entry = await dht.get(records.unreachable_key(prefix), latest=True)
+    return frozenset().union(*(records.reported_peers(value) for _, value in _items(entry)))
+
+
 async def fetch_model_info(dht: DHTNode, prefix: str) -> ModelInfo | None:
     """What the model under `prefix` is, from what its servers say (each signs its own claim)."""
     entry = await dht.get(prefix, latest=True)

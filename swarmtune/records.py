@@ -2,7 +2,9 @@
 
 Per block, the DHT key ``"{prefix}.{block}"`` holds one subkey per server (its peer id) with a
 `ServerInfo`; the key ``"{prefix}"`` holds a `ModelInfo`, and the key `MODELS_KEY` the same
-`ModelInfo` with its prefix, so that a reader can list every model a swarm serves. Records expire
+`ModelInfo` with its prefix, so that a reader can list every model a swarm serves. The key
+``"{prefix}.unreachable"`` holds, per server, the peers it found announced but not answering
+(`unreachable_key`), so that the others plan without them at once. Records expire
 unless refreshed. Readers validate every record: anything malformed, of another protocol version or offline is
 skipped, never fatal.
 """
@@ -138,3 +140,17 @@ def dht_prefix(model: str) -> str:
 
 def block_key(prefix: str, block: int) -> str:
     return f"{prefix}.{block}"
+
+
+def unreachable_key(prefix: str) -> str:
+    return f"{prefix}.unreachable"
+
+
+MAX_REPORTED = 64  # peers one report may name (a small swarm's planners ping at most 16 of them)
+
+
+def reported_peers(record) -> frozenset[str]:
+    """The peer ids of a record under `unreachable_key` (empty where it is malformed): claims to check, not facts."""
+    if not isinstance(record, (list, tuple)) or len(record) > MAX_REPORTED:
+        return frozenset()
+    return frozenset(p for p in record if isinstance(p, str) and len(p) <= 128)

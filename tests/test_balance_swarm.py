@@ -14,6 +14,7 @@ from swarmtune import transport, wire
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.model import SwarmForCausalLM
+from swarmtune.directory import fetch_unreachable
 from swarmtune.server import throughput
 from swarmtune.server.block_selection import block_throughputs, served_throughputs
 from swarmtune.swarm import LocalSwarm
@@ -120,10 +121,15 @@ def test_servers_of_mixed_throughput_place_themselves_near_the_planner_and_recov
             victims = sorted(swarm.servers, key=lambda p: -_sole_blocks(client, p.peer_id))[:2]
             for victim in victims:
                 victim.kill()
-            began = time.monotonic()
-            _wait_until(lambda: not set(client.view.servers) & {v.peer_id for v in victims} and not _holes(client),
-                        30, "every block to be served again", swarm)
-            print(f"coverage restored {time.monotonic() - began:.1f} s after two crashes")
+            began, reported = time.monotonic(), set()
+
+            def covered() -> bool:  # meanwhile, the servers that find the victims dead say so on the DHT
+                reported.update(client.run(fetch_unreachable(client.dht, swarm.dht_prefix), timeout=10))
+                return not set(client.view.servers) & {v.peer_id for v in victims} and not _holes(client)
+
+            _wait_until(covered, 30, "every block to be served again", swarm)
+            print(f"coverage restored {time.monotonic() - began:.1f} s after two crashes; reported: {reported}")
+            assert reported & {v.peer_id for v in victims} and reported <= {p.peer_id for p in swarm.servers}
             _assert_generation_exact(model, swarm)
             client.refresh()
             totals = block_throughputs(list(client.view.servers.values()), 12)

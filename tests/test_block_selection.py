@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 
+from swarmtune import records
 from swarmtune.records import ServerInfo
 from swarmtune.server import block_selection
 from swarmtune.server.block_selection import (
@@ -135,6 +136,14 @@ def test_the_servers_checked_for_life_are_those_of_thinly_held_blocks_or_all_in_
     assert suspects([*thick, server("z", 0, 4)], 4) == []
     few = suspects(thick[:5] + thin, 8)  # a burst can kill every server of a block: check them all, thinnest first
     assert [s.peer_id for s in few] == ["x", "t00", "t01", "t02", "t03", "t04"]
+    reported = suspects(thick + thin, 8, frozenset({"t07", "y", "gone"}))  # reports first, whatever they hold
+    assert [s.peer_id for s in reported] == ["y", "t07", "x"]
+
+
+def test_reports_of_unreachable_servers_are_read_as_peer_ids_or_not_at_all():
+    assert records.reported_peers(["a", 3, "b" * 129, "c"]) == {"a", "c"}
+    for malformed in ({"a": 1}, "a", None, ["a"] * (records.MAX_REPORTED + 1)):
+        assert records.reported_peers(malformed) == frozenset()
 
 
 def test_a_redundant_server_moves_to_cover_a_hole():

@@ -17,7 +17,7 @@ each server that moves; the best is taken where it beats staying by MOVE_GAIN. S
 that keep every block served (`_waves`); readers of the same view agree on the plan and on who goes
 now, so the swarm moves towards one layout without a coordinator. Crashed servers' announcements
 linger, so servers of thinly held blocks (in a swarm of up to MAX_PROBES, all servers) are pinged
-first (`suspects`).
+first, and those another server reported unreachable (`suspects`).
 
 In a large swarm one server's move barely shows, so a server moves on its own account: when the
 weakest block gets `MIN_GAIN` times faster, or while some blocks have no server (holes), when the
@@ -43,7 +43,7 @@ from swarmtune.records import ServerInfo
 MIN_GAIN = 1.2          # large swarms: a move must make the weakest block this much faster (hysteresis)
 PLAN_GAIN = 1.1         # small swarms: improving a layout, each server's move must raise the leximin order this much
 HORIZON_S = 600.0       # ... a new layout must serve MOVE_GAIN times what staying does over this long,
-MOVE_GAIN = 1.05        #     counting the weakest block over time, with the dips while servers move;
+MOVE_GAIN = 1.03        #     counting the weakest block over time, with the dips while servers move;
 KEEP = 0.97             # ... servers move in waves that keep every served block this share of the weakest
 UNSERVED_COST = 5.0     # ... each second some block is unserved costs this many of the best layout's weakest block,
 MOVE_COST_S = 1.0       #     and each server that moves this many (sessions on the blocks it drops start again)
@@ -385,21 +385,26 @@ def should_move(servers: Sequence[ServerInfo], num_blocks: int, me: ServerInfo,
     return best if best != me.start and moved.min() >= min_gain * current.min() else None
 
 
-def suspects(servers: Sequence[ServerInfo], num_blocks: int) -> list[ServerInfo]:
-    """Online servers worth checking for life before planning: those holding blocks few others hold (in a
-    swarm of up to MAX_PROBES, all of them).
+def suspects(servers: Sequence[ServerInfo], num_blocks: int,
+             reported: frozenset[str] = frozenset()) -> list[ServerInfo]:
+    """Servers worth checking for life before planning, up to MAX_PROBES: those `reported` unreachable by
+    another first, then online ones holding blocks few others hold (in a swarm of up to MAX_PROBES, all).
 
     A crashed server's announcement outlives it until it expires; where its blocks have other
     servers that costs little, but a block it held alone (or nearly) is a hole nobody sees. In a
-    small swarm a burst of crashes can leave blocks whose every announced server is dead.
+    small swarm a burst of crashes can leave blocks whose every announced server is dead. The
+    first server to find that reports it, so that the servers that should move learn within a
+    poll rather than at their next periodic check; a report is a claim, checked like any suspect.
     """
     counts = _coverage(servers, num_blocks)[1]
     held = {s.peer_id: range(s.whole_span[0], min(s.whole_span[1], num_blocks)) for s in servers}
-    online = [s for s in servers if s.state == "online"]
+    online = [s for s in servers if s.state == "online" or s.peer_id in reported]
     if len(online) > MAX_PROBES:
         thin = np.concatenate([[0], np.cumsum(counts <= PROBE_COVERAGE)])
-        online = [s for s in online if thin[held[s.peer_id].stop] > thin[held[s.peer_id].start]]
-    return sorted(online, key=lambda s: counts[held[s.peer_id].start:held[s.peer_id].stop].min())[:MAX_PROBES]
+        online = [s for s in online
+                  if s.peer_id in reported or thin[held[s.peer_id].stop] > thin[held[s.peer_id].start]]
+    return sorted(online, key=lambda s: (s.peer_id not in reported,
+                                         counts[held[s.peer_id].start:held[s.peer_id].stop].min()))[:MAX_PROBES]
 
 
 def _planned_move(others: list[ServerInfo], num_blocks: int, me: ServerInfo) -> int | None | bool:

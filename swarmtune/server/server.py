@@ -17,7 +17,7 @@ from hivemind.utils import get_dht_time
 
 from swarmtune import records, transport, wire
 from swarmtune.adapters.lora import ClientLora
-from swarmtune.directory import fetch_swarm
+from swarmtune.directory import fetch_swarm, fetch_unreachable
 from swarmtune.models import load_config, load_span, parse_dtype
 from swarmtune.models.family import get_family
 from swarmtune.models.span import SpanModel
@@ -246,7 +246,8 @@ class Server:
         """Now and then (jittered, so servers do not move in lockstep) move if another span serves markedly better.
 
         In a small swarm also soon after the layout changes (`block_selection.layout`): a server that
-        moved, or one that found a crashed server and moved to cover its blocks, changes the plan for all.
+        moved, or one that found a crashed server and moved to cover its blocks, changes the plan for all;
+        so does a report of servers found dead (`report_unreachable`).
         """
         cfg, num_blocks = self.config, self.model_config.num_hidden_layers
         due, seen, small = time.monotonic() + cfg.balance_period * random.uniform(0.5, 1.5), None, False
@@ -257,16 +258,20 @@ class Server:
             if periodic:
                 due = time.monotonic() + cfg.balance_period * random.uniform(0.5, 1.5)
             try:
-                servers = await self.visible_servers()
+                servers, reported = await asyncio.gather(self.visible_servers(),
+                                                         fetch_unreachable(self.dht, self.prefix))
             except Exception as e:  # a DHT hiccup: keep serving, look again next time
                 logger.warning(f"could not read the swarm to rebalance: {e}")
                 continue
-            layout = block_selection.layout(servers)
+            reported &= {s.peer_id for s in servers}  # reports of servers gone from the DHT change nothing
+            layout = block_selection.layout(servers), reported
             small = len(servers) <= block_selection.PLAN_MAX_SERVERS
             if not periodic and layout == seen:
                 continue
             seen = layout
-            servers = await self.without_dead(servers)
+            servers, dead = await self.without_dead(servers, reported)
+            if dead - reported:
+                await self.report_unreachable(dead)
             start = await asyncio.to_thread(  # up to 0.2 s of planning in a swarm of 60: not on the event loop
                 block_selection.should_move, servers, num_blocks, self.server_info(self.state))
             if start is not None:
@@ -276,8 +281,10 @@ class Server:
                     logger.exception("moving to another span failed")
                     self.stop_event.set()
 
-    async def without_dead(self, servers: list[ServerInfo]) -> list[ServerInfo]:
-        """`servers` less those of the suspects (servers of thinly held blocks) that do not answer a ping.
+    async def without_dead(self, servers: list[ServerInfo],
+                           reported: frozenset[str]) -> tuple[list[ServerInfo], frozenset[str]]:
+        """`servers` less those of the suspects (servers reported unreachable, or of thinly held blocks) that do
+        not answer a ping; and those.
 
         A crashed server's announcement lingers until it expires; planning around it would leave its
         blocks unserved that long.
@@ -285,7 +292,7 @@ class Server:
         me = str(self.p2p.peer_id)
         token = self.config.network.membership.token(me)
         num_blocks = self.model_config.num_hidden_layers
-        suspects = [s for s in block_selection.suspects(servers, num_blocks) if s.peer_id != me]
+        suspects = [s for s in block_selection.suspects(servers, num_blocks, reported) if s.peer_id != me]
 
         async def answers(peer_id: str) -> bool:
             try:
@@ -295,10 +302,23 @@ class Server:
                 return False
 
         alive = await asyncio.gather(*(answers(s.peer_id) for s in suspects))
-        dead = {s.peer_id for s, ok in zip(suspects, alive) if not ok}
+        dead = frozenset(s.peer_id for s, ok in zip(suspects, alive) if not ok)
         if dead:
             logger.info(f"not counting {len(dead)} announced servers that do not answer: {', '.join(sorted(dead))}")
-        return [s for s in servers if s.peer_id not in dead]
+        return [s for s in servers if s.peer_id not in dead], dead
+
+    async def report_unreachable(self, dead: frozenset[str]) -> None:
+        """Say on the DHT which announced servers do not answer us, for as long as their records may linger.
+
+        The server that should cover their blocks may be another, whose periodic check is seconds away;
+        a report changes what its next poll reads, so it plans (and checks them) at once.
+        """
+        try:
+            await self.dht.store(records.unreachable_key(self.prefix), sorted(dead)[:records.MAX_REPORTED],
+                                 expiration_time=get_dht_time() + self.config.expiration,
+                                 subkey=str(self.p2p.peer_id))
+        except Exception as e:  # only others' reaction time depends on it
+            logger.warning(f"could not report unreachable servers: {e}")
 
     async def move(self, start: int) -> None:
         """Move to the span at `start`: keep serving the blocks both spans share, load the others one by one.
