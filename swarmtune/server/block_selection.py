@@ -398,13 +398,13 @@ def suspects(servers: Sequence[ServerInfo], num_blocks: int,
     """
     counts = _coverage(servers, num_blocks)[1]
     held = {s.peer_id: range(s.whole_span[0], min(s.whole_span[1], num_blocks)) for s in servers}
-    online = [s for s in servers if s.state == "online" or s.peer_id in reported]
-    if len(online) > MAX_PROBES:
+    checked = [s for s in servers if s.state == "online" or s.peer_id in reported]
+    if len(checked) > MAX_PROBES:
         thin = np.concatenate([[0], np.cumsum(counts <= PROBE_COVERAGE)])
-        online = [s for s in online
-                  if s.peer_id in reported or thin[held[s.peer_id].stop] > thin[held[s.peer_id].start]]
-    return sorted(online, key=lambda s: (s.peer_id not in reported,
-                                         counts[held[s.peer_id].start:held[s.peer_id].stop].min()))[:MAX_PROBES]
+        checked = [s for s in checked
+                   if s.peer_id in reported or thin[held[s.peer_id].stop] > thin[held[s.peer_id].start]]
+    return sorted(checked, key=lambda s: (s.peer_id not in reported,
+                                          counts[held[s.peer_id].start:held[s.peer_id].stop].min()))[:MAX_PROBES]
 
 
 def _planned_move(others: list[ServerInfo], num_blocks: int, me: ServerInfo) -> int | None | bool:
