@@ -663,15 +663,17 @@ def _forward_keeping(*args) -> tuple[compute.Graph, torch.Tensor]:
 
 
 async def _drain(frames: Frames, timeout: float = 2.0, max_frames: int = 8) -> None:
-    """Read a little of what the client still sends, so that closing our end cannot reset the stream under our
-    reply; a client that goes on sending is cut off."""
-    async def read_all():
-        for _ in range(max_frames):
-            if await frames.next() is None:
+    """Read what the client still sends until it hangs up, which it does once it has our reply. Closing our end
+    while the client's is open makes the daemon reset the stream, and a reset drops whatever the client's daemon
+    has not yet read, our reply included. A client that goes on sending, or never hangs up, is cut off."""
+    async def until_hang_up():
+        for _ in range(max_frames + 2):  # its frames, its end-of-stream marker, then the hang-up
+            await frames.next()
+            if frames.hung_up:
                 return
 
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(read_all(), timeout)
+        await asyncio.wait_for(until_hang_up(), timeout)
 
 
 def _frame(message: bytes) -> runtime_pb2.ExpertResponse:
