@@ -158,10 +158,11 @@ def test_a_streamed_error_reply_waits_for_the_clients_hang_up(target):
             await P2P.send_protobuf(P2P.END_OF_STREAM, writer)
             reply, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
             assert error is None and "error" in wire.unpack(wire.Reassembler().add(reply.metadata))[0]
-            try:  # nothing more comes, and the server's end stays open
-                return await asyncio.wait_for(reader.read(1), 0.5) != b""
+            try:
+                await asyncio.wait_for(reader.read(1), 0.5)
             except asyncio.TimeoutError:
-                return True
+                return True  # nothing more came, and the server's end is still open
+            return False  # the server closed its end (or sent more)
         finally:
             writer.close()
 

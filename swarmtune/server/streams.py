@@ -52,7 +52,11 @@ class Frames:
 
     def __init__(self, reader: asyncio.StreamReader):
         self._reader = reader
-        self.hung_up = False  # the caller closed its end: nothing more will come
+
+    @property
+    def hung_up(self) -> bool:
+        """The caller closed its end and every frame it sent has been read: nothing more will come."""
+        return self._reader.at_eof()
 
     async def next(self, reserve: Callable[[int], Awaitable[None]] | None = None
                    ) -> runtime_pb2.ExpertRequest | None:
@@ -73,7 +77,6 @@ class Frames:
                 raise
             data = await self._reader.readexactly(length)
         except asyncio.IncompleteReadError:
-            self.hung_up = True
             return None
         if marker != P2P.MESSAGE_MARKER:  # hivemind's end-of-stream marker (an error frame)
             return None
