@@ -9,6 +9,8 @@ others' next poll plans without it). A server loads
 `load_s_per_block` per block, after `load_s` of start-up when it joins and `move_s` when it moves,
 as the real one does: in `load_order`, serving each block once it is loaded, and on a move the
 blocks its old and new spans share all along. It shows as "joining" until its first block is in.
+Once a move is visible, the server gives way where another server claimed the same gap
+(`back_off`). In a swarm of up to MAX_PROBES servers each poll pings every server.
 
 What is reported, sampled every `sample_period` after the warm-up:
 - swarm / planner: the swarm's throughput (its weakest block, summed over the online servers
@@ -42,8 +44,10 @@ import numpy as np
 
 from swarmtune.records import ServerInfo
 from swarmtune.server.block_selection import (
+    MAX_PROBES,
     PLAN_MAX_SERVERS,
     anticipated_throughputs,
+    back_off,
     best_start,
     choose_best_span,
     join_start,
@@ -238,24 +242,47 @@ class Simulation:
             start = join_start(self.view()[0], p.num_blocks, me, self.decisions)
         server = _Server(ServerInfo(peer, start, start + blocks, "joining", throughput=throughput), blocks)
         self.servers[peer] = server
-        self._load(server, start, p.load_s, range(0))
+        self._load(server, start, p.load_s)
         self.at(self.now + p.update_period, self.refresh, peer)
         if p.policy == "balance":
             self.at(self.now + self._balance_gap(), self.check, peer, True)
             self.at(self.now + p.poll_period, self.check, peer, False)
 
-    def _load(self, server: _Server, start: int, overhead: float, kept: range) -> None:
-        """Load [start, start + blocks) block by block (`load_order`), serving each as it comes and `kept` meanwhile."""
+    def _load(self, server: _Server, start: int, overhead: float) -> None:
+        """Load [start, start + blocks) block by block (`load_order`), serving each as it comes."""
         server.epoch += 1
+        self._claim(server, start, range(0))
+        self._load_blocks(server, self.now + overhead, range(0))
+
+    def _move(self, server: _Server, start: int, overhead: float, kept: range) -> None:
+        """Like `_load`, serving `kept` meanwhile; once the claim is visible and checked against the others'
+        (`back_off`)."""
+        server.epoch += 1
+        self._claim(server, start, kept)
+        self.at(self.now + self.p.dht_delay, self._back_off, server, server.epoch, self.now + overhead, kept)
+
+    def _claim(self, server: _Server, start: int, kept: range) -> None:
         whole = (start, start + server.blocks)
         if len(kept):
             server.info = replace(server.info, start=kept.start, end=kept.stop, state="online", target=whole)
         else:
             server.info = replace(server.info, start=start, end=whole[1], state="joining", target=None)
         self.publish(server.info)
-        order = load_order(anticipated_throughputs(self.view()[0], self.p.num_blocks), start, server.blocks, kept)
+
+    def _back_off(self, server: _Server, epoch: int, loads_from: float, kept: range) -> None:
+        if not server.alive or server.epoch != epoch:
+            return
+        start = back_off(self.view()[0], self.p.num_blocks, server.info)
+        if start is not None:
+            kept = kept_blocks(kept, start, server.blocks)
+            self._claim(server, start, kept)
+        self._load_blocks(server, loads_from, kept)
+
+    def _load_blocks(self, server: _Server, loads_from: float, kept: range) -> None:
+        order = load_order(anticipated_throughputs(self.view()[0], self.p.num_blocks), server.info.whole_span[0],
+                           server.blocks, kept)
         for i, block in enumerate(order, 1):
-            self.at(self.now + overhead + self.p.load_s_per_block * i, self.loaded, server.info.peer_id,
+            self.at(max(self.now, loads_from) + self.p.load_s_per_block * i, self.loaded, server.info.peer_id,
                     server.epoch, block)
 
     def loaded(self, peer: str, epoch: int, block: int) -> None:
@@ -286,7 +313,8 @@ class Simulation:
         small = len(self.records) <= PLAN_MAX_SERVERS
         if self.layout[0] != self.version:
             self.layout = self.version, (layout(self.records.values()), self.reports())
-        if periodic or (small and server.seen != self.layout[1]):
+        probing = len(self.records) <= MAX_PROBES and bool(self.view()[1] - self.reports())  # found a crash
+        if periodic or probing or (small and server.seen != self.layout[1]):
             server.seen = self.layout[1]
             self._consider_moving(server)
         gap = self._balance_gap() if periodic or not small else self.p.poll_period
@@ -302,7 +330,7 @@ class Simulation:
             if start is not None:
                 self.result.moves += self.now >= self.p.warmup
                 self.result.steady_moves += self.now >= self.p.warmup and self.steady()
-                self._load(server, start, self.p.move_s + PROBE_TIMEOUT * bool(dead),
+                self._move(server, start, self.p.move_s + PROBE_TIMEOUT * bool(dead),
                            kept_blocks(range(info.start, info.end), start, server.blocks))
 
     def leave(self, peer: str) -> None:

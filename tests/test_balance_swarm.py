@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,8 +17,11 @@ from swarmtune.client.config import ClientConfig
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.directory import fetch_unreachable
+from swarmtune.records import ServerInfo
+from swarmtune.server import server as server_module
 from swarmtune.server import throughput
 from swarmtune.server.block_selection import block_throughputs, served_throughputs
+from swarmtune.server.server import Server, ServerConfig
 from swarmtune.swarm import LocalSwarm
 from swarmtune.tiny_model import tiny_config
 from swarmtune.transport import ServerRejected
@@ -57,6 +62,77 @@ def test_a_simulated_small_swarm_plans_past_greedy_joining_and_recovers_from_cra
     balanced, greedy = summarize(simulate(params)), summarize(simulate(replace(params, policy="greedy")))
     assert balanced["never"] == 0 and balanced["covered"] <= 60  # the burst came, and was recovered from
     assert balanced["mean"] > 0.95 and balanced["mean"] > greedy["mean"] + 0.2 and balanced["p5"] > greedy["p5"]
+
+
+def _stub_server(blocks: tuple[int, int], others: list[ServerInfo], **config) -> tuple[Server, list, list]:
+    """A Server whose DHT and loading are stubbed, serving `blocks` of 16 among `others`: what it announces (state,
+    whole span), and which blocks it loads."""
+    server = Server(ServerConfig(model="unused", throughput=1.0, **config))
+    server.model_config, server.blocks, server.maddrs = SimpleNamespace(num_hidden_layers=16), blocks, ()
+    server.p2p, server.speed = SimpleNamespace(peer_id="me"), SimpleNamespace(forward=1.0, inference=1.0)
+    server.state, announced, loaded = "online", [], []
+
+    async def withdraw(p2p):
+        pass
+
+    span = SimpleNamespace(start=blocks[0], end=blocks[1], make_cache_nbytes=lambda *a: 1)
+    server.servicer = SimpleNamespace(span=span, budget=SimpleNamespace(free=0), hosted_adapters=(),
+                                      remove_p2p_handlers=withdraw)
+
+    async def announce(state):
+        announced.append((state, server.server_info(state).whole_span))
+
+    async def visible_servers():
+        return [*others, server.server_info(server.state)]
+
+    async def serve(span):
+        server.state = "online"
+
+    server.announce, server.visible_servers, server.serve = announce, visible_servers, serve
+    server.load = lambda start, end: loaded.append(start) or SimpleNamespace(start=start, end=end, joined=lambda o: o)
+    return server, announced, loaded
+
+
+def test_a_moving_server_gives_way_where_another_claimed_its_gap_before_it_loads_a_block():
+    """Serving 12:16, the server moves to 4:8, then reads that another server is loading 4:8 as well; it goes back to
+    12:16, which its move left to nobody, and loads only that."""
+    others = [ServerInfo("a", 0, 4), ServerInfo("b", 8, 12), ServerInfo("c", 4, 8, "joining")]
+    server, announced, loaded = _stub_server((12, 16), others)
+    asyncio.run(server.move(4))
+    assert announced == [("offline", (12, 16)), ("joining", (4, 8)), ("joining", (12, 16))]
+    assert server.blocks == (12, 16) and sorted(loaded) == [12, 13, 14, 15]
+
+
+def test_in_a_small_swarm_a_poll_finds_a_crash_without_waiting_for_a_periodic_check(monkeypatch):
+    """After its first (periodic) check the server's next is far off and nothing on the DHT changes; a server dies.
+    A poll pings it, reports it and plans without it."""
+    others = [ServerInfo("x", 4, 16)]
+    server, _, _ = _stub_server((0, 4), others, balance_period=1.0, poll_period=0.01)
+    dues = iter([0.01, 1000.0])
+    monkeypatch.setattr(server_module.random, "uniform", lambda a, b: next(dues))
+    probes, reports, plans = [], [], []
+
+    async def nothing_reported(dht, prefix):
+        return frozenset()
+
+    async def without_dead(servers, reported):
+        probes.append(len(probes))
+        dead = frozenset({"x"}) if len(probes) >= 3 else frozenset()
+        return [s for s in servers if s.peer_id not in dead], dead
+
+    async def report_unreachable(dead):
+        reports.append(dead)
+
+    def should_move(servers, num_blocks, me):
+        plans.append(sorted(s.peer_id for s in servers))
+        if len(plans) == 2:
+            server.stop_event.set()
+
+    monkeypatch.setattr(server_module, "fetch_unreachable", nothing_reported)
+    monkeypatch.setattr(server_module.block_selection, "should_move", should_move)
+    server.without_dead, server.report_unreachable = without_dead, report_unreachable
+    asyncio.run(asyncio.wait_for(server.balance_forever(), 10))
+    assert reports == [{"x"}] and plans == [["me", "x"], ["me"]]
 
 
 def test_servers_without_blocks_cover_the_model_and_recover_from_a_crash(tiny_models, tmp_path):

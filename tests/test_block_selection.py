@@ -12,6 +12,7 @@ from swarmtune import records
 from swarmtune.records import ServerInfo
 from swarmtune.server import block_selection
 from swarmtune.server.block_selection import (
+    back_off,
     block_throughputs,
     choose_best_span,
     join_start,
@@ -256,3 +257,14 @@ def _settle(servers: dict[str, ServerInfo], num_blocks: int, rounds: int = 10) -
         if not moved:
             break
     return int((block_throughputs(list(servers.values()), num_blocks) == 0).sum())
+
+
+def test_of_two_servers_claiming_one_gap_the_later_gives_way_to_the_gap_nobody_claimed():
+    settled = [server("a", 0, 4), server("b", 8, 12)]
+    other = ServerInfo("c", 4, 8, "joining")  # loading 4-8, claimed a moment before `me`: 12-15 left to nobody
+    me = ServerInfo("me", 4, 8, "joining")
+    assert back_off([*settled, other, me], 16, me) == 12
+    mover = ServerInfo("me", 2, 4, throughput=1.0, target=(2, 6))  # moving, keeps 2-3: 4-5 are being loaded by c
+    assert back_off([server("a", 0, 4), server("b", 6, 12), other, mover], 16, mover) == 12
+    assert back_off([*settled, me], 16, me) is None  # 12-15 unclaimed, but 4-8 is mine alone: another mover's share
+    assert back_off([*settled, server("d", 12, 16), other, me], 16, me) is None  # nowhere better: every block held

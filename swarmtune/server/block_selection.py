@@ -17,7 +17,9 @@ each server that moves; the best is taken where it beats staying by MOVE_GAIN. S
 that keep every block served (`_waves`); readers of the same view agree on the plan and on who goes
 now, so the swarm moves towards one layout without a coordinator. Crashed servers' announcements
 linger, so servers of thinly held blocks (in a swarm of up to MAX_PROBES, all servers) are pinged
-first, and those another server reported unreachable (`suspects`).
+first, and those another server reported unreachable (`suspects`). Servers that plan from views a
+moment apart can still claim the same gap: once its claim is announced, a server reads the others'
+and gives way where another claimed its gap too (`back_off`).
 
 In a large swarm one server's move barely shows, so a server moves on its own account: when the
 weakest block gets `MIN_GAIN` times faster, or while some blocks have no server (holes), when the
@@ -383,6 +385,31 @@ def should_move(servers: Sequence[ServerInfo], num_blocks: int, me: ServerInfo,
     best = best_start(totals, length, me.throughput)
     current, moved = _place(totals, me.start, length, me.throughput), _place(totals, best, length, me.throughput)
     return best if best != me.start and moved.min() >= min_gain * current.min() else None
+
+
+def back_off(servers: Sequence[ServerInfo], num_blocks: int, me: ServerInfo) -> int | None:
+    """Where `me`, which has just announced the span it moves to (`whole_span`), goes instead; None to stay.
+
+    Servers that plan from views a moment apart can claim the same gap and leave another without a
+    server (one planned with a view that had not shown the other's move yet). So once its claim is
+    announced, a server reads the others': where some block of its gap (served by no other server)
+    is being loaded by another too, and the best span for it (`best_start`, with the others' claims)
+    holds more blocks that nobody holds, it goes there. Of two servers claiming at once, the later
+    reads the other's claim, and gives way. Only a collision counts: movers of one plan read
+    mid-move leave gaps for each other that merely look unclaimed. In a large swarm (PLAN_MAX_SERVERS
+    or more), where servers choose for themselves, their hole-closing moves see to it instead.
+    """
+    others = [s for s in servers if s.peer_id != me.peer_id]
+    if len(others) >= PLAN_MAX_SERVERS:
+        return None
+    start, end = me.whole_span
+    length = min(end, num_blocks) - start
+    held, serving = block_throughputs(others, num_blocks), served_throughputs(others, num_blocks)
+    mine = slice(start, start + length)
+    if not ((serving[mine] == 0) & (held[mine] > 0)).any():  # no other server loads a block of my gap
+        return None
+    best = best_start(held, length, me.throughput)
+    return best if (held[best:best + length] == 0).sum() > (held[mine] == 0).sum() else None
 
 
 def suspects(servers: Sequence[ServerInfo], num_blocks: int,

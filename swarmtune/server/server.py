@@ -146,6 +146,7 @@ class Server:
                 print(f"MADDR {addr}", flush=True)
             self.adapters = read_hosted(cfg.adapters, self.model_config, cfg.revision)
             self.blocks = cfg.blocks or await self.choose_blocks()
+            await self.claim(self.blocks[0])
             await self.load_blocks(None)
             if cfg.blocks is None:
                 balancer = asyncio.create_task(self.balance_forever())
@@ -169,9 +170,6 @@ class Server:
         """
         cfg = self.config
         start, end = self.blocks
-        if kept is None:
-            self.state = "joining"
-            await self.announce("joining")
         if self.cache_bytes is None:
             free_before = throughput.free_bytes(cfg.device)
             span = await asyncio.to_thread(self.load, start, end)
@@ -186,6 +184,16 @@ class Server:
                 span = loaded if span is None else span.joined(loaded)
                 await self.serve(span)
         print(f"SERVING blocks {start}:{end} of {cfg.model} as {self.p2p.peer_id}", flush=True)
+
+    async def back_off(self) -> int | None:
+        """With our claim (the span we just announced moving to) on the DHT, where to go instead because another
+        server claimed our gap as well (`block_selection.back_off`); None to keep it."""
+        num_blocks = self.model_config.num_hidden_layers
+        try:
+            return block_selection.back_off(await self.visible_servers(), num_blocks, self.server_info(self.state))
+        except Exception as e:  # a DHT hiccup: keep the claim, the periodic checks correct it
+            logger.warning(f"could not read the swarm to check our claim: {e}")
+            return None
 
     async def anticipated_throughputs(self) -> np.ndarray:
         """`block_selection.anticipated_throughputs` of the swarm as the DHT shows it (zeros if it does not answer)."""
@@ -247,7 +255,9 @@ class Server:
 
         In a small swarm also soon after the layout changes (`block_selection.layout`): a server that
         moved, or one that found a crashed server and moved to cover its blocks, changes the plan for all;
-        so does a report of servers found dead (`report_unreachable`).
+        so does a report of servers found dead (`report_unreachable`). In a swarm of up to MAX_PROBES
+        servers every poll pings the others, so that a crash is found within a poll rather than at the
+        next periodic check (of whichever server comes first) and its report.
         """
         cfg, num_blocks = self.config, self.model_config.num_hidden_layers
         due, seen, small = time.monotonic() + cfg.balance_period * random.uniform(0.5, 1.5), None, False
@@ -266,10 +276,13 @@ class Server:
             reported &= {s.peer_id for s in servers}  # reports of servers gone from the DHT change nothing
             layout = block_selection.layout(servers), reported
             small = len(servers) <= block_selection.PLAN_MAX_SERVERS
-            if not periodic and layout == seen:
+            probe = len(servers) <= block_selection.MAX_PROBES  # each poll pings all: a crash is found within one
+            if not periodic and layout == seen and not probe:
+                continue
+            servers, dead = await self.without_dead(servers, reported)
+            if not periodic and layout == seen and not dead - reported:
                 continue
             seen = layout
-            servers, dead = await self.without_dead(servers, reported)
             if dead - reported:
                 await self.report_unreachable(dead)
             start = await asyncio.to_thread(  # up to 0.2 s of planning in a swarm of 60: not on the event loop
@@ -323,25 +336,42 @@ class Server:
     async def move(self, start: int) -> None:
         """Move to the span at `start`: keep serving the blocks both spans share, load the others one by one.
 
-        With nothing shared, withdraw first (offline, so clients route elsewhere) and load afresh.
+        Once the move is announced, and before loading anything, give way where another server claimed
+        the same gap meanwhile (`back_off`).
         """
         old_start, old_end = self.blocks
-        length = old_end - old_start
-        kept = block_selection.kept_blocks(range(old_start, old_end), start, length)
-        logger.info(f"moving from blocks {old_start}:{old_end} to {start}:{start + length}, keeping {len(kept)}")
+        kept = await self.claim(start)
+        logger.info(f"moving from blocks {old_start}:{old_end} to {start}:{start + old_end - old_start}, "
+                    f"keeping {kept.end - kept.start if kept is not None else 0}")
+        elsewhere = await self.back_off()
+        if elsewhere is not None:
+            logger.info(f"another server is loading blocks of our gap as well: taking {elsewhere}:"
+                        f"{elsewhere + old_end - old_start} instead")
+            kept = await self.claim(elsewhere)
+        gc.collect()
+        if torch.device(self.config.device).type == "cuda":
+            torch.cuda.empty_cache()
+        await self.load_blocks(kept)
+
+    async def claim(self, start: int) -> SpanModel | None:
+        """Hold the span at `start` from now on, and say so. Of our blocks, keep serving those it shares (returned);
+        with none, withdraw (offline, so clients route elsewhere) and announce the span as loading ("joining")."""
+        length = self.blocks[1] - self.blocks[0]
+        served = range(self.servicer.span.start, self.servicer.span.end) if self.servicer is not None else range(0)
+        kept = block_selection.kept_blocks(served, start, length)
         if len(kept):
             self.blocks = (start, start + length)
             await self.serve(self.servicer.span.part(kept.start, kept.stop))
-        else:
+            return self.servicer.span
+        if self.servicer is not None:
             self.state = "offline"
             await self.announce("offline")
             await self.servicer.remove_p2p_handlers(self.p2p)
             self.servicer = None
-            self.blocks = (start, start + length)
-        gc.collect()
-        if torch.device(self.config.device).type == "cuda":
-            torch.cuda.empty_cache()
-        await self.load_blocks(self.servicer.span if self.servicer is not None else None)
+        self.blocks = (start, start + length)
+        self.state = "joining"
+        await self.announce("joining")
+        return None
 
     async def shutdown(self) -> None:
         logger.info("shutting down: withdrawing the announcement")
