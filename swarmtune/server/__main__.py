@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --num-blocks: mean seconds between checks whether to move (randomised +-50%%)")
     p.add_argument("--poll-period", type=float, default=ServerConfig.poll_period,
                    help="with --num-blocks, in a swarm of up to 64 servers: seconds between reads of the swarm's "
-                        "records, checking whether to move as soon as they change")
+                        "records, checking whether to move as soon as they change (up to 16 servers, and pings of "
+                        "each, so that a crash is found within one)")
     p.add_argument("--throughput-cache", default=None,
                    help="directory caching the measured throughput per hardware and model shape "
                         "(default: ~/.cache/swarmtune)")

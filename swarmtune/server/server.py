@@ -43,7 +43,7 @@ class ServerConfig:
     blocks: tuple[int, int] | None = None   # the span to serve; None: choose where the swarm needs it
     num_blocks: int | None = None           # how many to choose (None: as many as fit in free memory)
     balance_period: float = 10.0            # mean seconds between checks whether to move (a DHT read, a few pings)
-    poll_period: float = 2.0                # small swarms: a DHT read this often, a check where the records changed
+    poll_period: float = 2.0                # small swarms: a DHT read this often (up to 16 servers: pings of all)
     throughput_cache: str | None = None     # directory of the measured-throughput cache (None: ~/.cache/swarmtune)
     network: NetworkOptions = field(default_factory=NetworkOptions)
     dtype: str = "fp32"
