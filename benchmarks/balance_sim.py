@@ -44,6 +44,7 @@ import numpy as np
 
 from swarmtune.records import ServerInfo
 from swarmtune.server.block_selection import (
+    BACK_OFF_ROUNDS,
     MAX_PROBES,
     PLAN_MAX_SERVERS,
     anticipated_throughputs,
@@ -269,13 +270,17 @@ class Simulation:
             server.info = replace(server.info, start=start, end=whole[1], state="joining", target=None)
         self.publish(server.info)
 
-    def _back_off(self, server: _Server, epoch: int, loads_from: float, kept: range) -> None:
+    def _back_off(self, server: _Server, epoch: int, loads_from: float, kept: range,
+                  reads: int = BACK_OFF_ROUNDS) -> None:
         if not server.alive or server.epoch != epoch:
             return
         start = back_off(self.view()[0], self.p.num_blocks, server.info)
         if start is not None:
             kept = kept_blocks(kept, start, server.blocks)
             self._claim(server, start, kept)
+            if reads > 1:  # the new claim may collide in turn: read again once it is visible
+                self.at(self.now + self.p.dht_delay, self._back_off, server, epoch, loads_from, kept, reads - 1)
+                return
         self._load_blocks(server, loads_from, kept)
 
     def _load_blocks(self, server: _Server, loads_from: float, kept: range) -> None:

@@ -64,11 +64,12 @@ def test_a_simulated_small_swarm_plans_past_greedy_joining_and_recovers_from_cra
     assert balanced["mean"] > 0.95 and balanced["mean"] > greedy["mean"] + 0.2 and balanced["p5"] > greedy["p5"]
 
 
-def _stub_server(blocks: tuple[int, int], others: list[ServerInfo], **config) -> tuple[Server, list, list]:
-    """A Server whose DHT and loading are stubbed, serving `blocks` of 16 among `others`: what it announces (state,
-    whole span), and which blocks it loads."""
+def _stub_server(blocks: tuple[int, int], others: list[ServerInfo], num_blocks: int = 16,
+                 **config) -> tuple[Server, list, list]:
+    """A Server whose DHT and loading are stubbed, serving `blocks` among `others` (read as they are at each read):
+    what it announces (state, whole span), and which blocks it loads."""
     server = Server(ServerConfig(model="unused", throughput=1.0, **config))
-    server.model_config, server.blocks, server.maddrs = SimpleNamespace(num_hidden_layers=16), blocks, ()
+    server.model_config, server.blocks, server.maddrs = SimpleNamespace(num_hidden_layers=num_blocks), blocks, ()
     server.p2p, server.speed = SimpleNamespace(peer_id="me"), SimpleNamespace(forward=1.0, inference=1.0)
     server.state, announced, loaded = "online", [], []
 
@@ -95,12 +96,26 @@ def _stub_server(blocks: tuple[int, int], others: list[ServerInfo], **config) ->
 
 def test_a_moving_server_gives_way_where_another_claimed_its_gap_before_it_loads_a_block():
     """Serving 12:16, the server moves to 4:8, then reads that another server is loading 4:8 as well; it goes back to
-    12:16, which its move left to nobody, and loads only that."""
+    12:16, which its move left to nobody, and loads only that. Where that claim collides in turn, it goes on."""
     others = [ServerInfo("a", 0, 4), ServerInfo("b", 8, 12), ServerInfo("c", 4, 8, "joining")]
     server, announced, loaded = _stub_server((12, 16), others)
     asyncio.run(server.move(4))
     assert announced == [("offline", (12, 16)), ("joining", (4, 8)), ("joining", (12, 16))]
     assert server.blocks == (12, 16) and sorted(loaded) == [12, 13, 14, 15]
+
+    others = [ServerInfo("a", 0, 4), ServerInfo("b", 8, 12), ServerInfo("c", 4, 8, "joining")]
+    server, announced, loaded = _stub_server((12, 16), others, num_blocks=20)  # 16-19: nobody's
+    read = server.visible_servers
+
+    async def another_claims_12_16_meanwhile():
+        servers = await read()
+        others.append(ServerInfo("d", 12, 16, "joining"))  # seen from the second read on
+        return servers
+
+    server.visible_servers = another_claims_12_16_meanwhile
+    asyncio.run(server.move(4))  # gives way to 12:16, then (a back-off colliding in turn) to 16:20
+    assert announced[1:] == [("joining", (4, 8)), ("joining", (12, 16)), ("joining", (16, 20))]
+    assert sorted(loaded) == [16, 17, 18, 19]
 
 
 def test_in_a_small_swarm_a_poll_finds_a_crash_without_waiting_for_a_periodic_check(monkeypatch):

@@ -55,6 +55,7 @@ PLAN_ROUNDS = 8         # rounds of one-server improvements when planning (a bou
 PROBE_COVERAGE = 3      # servers of blocks held by this many or fewer are checked for life before planning
 MAX_PROBES = 16
 COVER_PARTS = 3         # a hole may be shared by up to this many servers, loading its parts at once
+BACK_OFF_ROUNDS = 3     # a mover that gave way reads the others' claims again, up to this many reads in all
 
 
 def block_throughputs(servers: Sequence[ServerInfo], num_blocks: int) -> np.ndarray:
@@ -395,7 +396,8 @@ def back_off(servers: Sequence[ServerInfo], num_blocks: int, me: ServerInfo) -> 
     announced, a server reads the others': where some block of its gap (served by no other server)
     is being loaded by another too, and the best span for it (`best_start`, with the others' claims)
     holds more blocks that nobody holds, it goes there. Of two servers claiming at once, the later
-    reads the other's claim, and gives way. Only a collision counts: movers of one plan read
+    reads the other's claim, and gives way; back-offs can collide in turn, so a server that gave way
+    reads again (up to BACK_OFF_ROUNDS reads). Only a collision counts: movers of one plan read
     mid-move leave gaps for each other that merely look unclaimed. In a large swarm (PLAN_MAX_SERVERS
     or more), where servers choose for themselves, their hole-closing moves see to it instead.
     """

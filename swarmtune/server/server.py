@@ -337,14 +337,16 @@ class Server:
         """Move to the span at `start`: keep serving the blocks both spans share, load the others one by one.
 
         Once the move is announced, and before loading anything, give way where another server claimed
-        the same gap meanwhile (`back_off`).
+        the same gap meanwhile (`back_off`; again where the new claim collides in turn).
         """
         old_start, old_end = self.blocks
         kept = await self.claim(start)
         logger.info(f"moving from blocks {old_start}:{old_end} to {start}:{start + old_end - old_start}, "
                     f"keeping {kept.end - kept.start if kept is not None else 0}")
-        elsewhere = await self.back_off()
-        if elsewhere is not None:
+        for _ in range(block_selection.BACK_OFF_ROUNDS):  # each read once our latest claim is on the DHT
+            elsewhere = await self.back_off()
+            if elsewhere is None:
+                break
             logger.info(f"another server is loading blocks of our gap as well: taking {elsewhere}:"
                         f"{elsewhere + old_end - old_start} instead")
             kept = await self.claim(elsewhere)
