@@ -276,11 +276,12 @@ class Server:
             reported &= {s.peer_id for s in servers}  # reports of servers gone from the DHT change nothing
             layout = block_selection.layout(servers), reported
             small = len(servers) <= block_selection.PLAN_MAX_SERVERS
+            unchanged = not periodic and layout == seen
             probe = len(servers) <= block_selection.MAX_PROBES  # each poll pings all: a crash is found within one
-            if not periodic and layout == seen and not probe:
+            if unchanged and not probe:
                 continue
             servers, dead = await self.without_dead(servers, reported)
-            if not periodic and layout == seen and not dead - reported:
+            if unchanged and not dead - reported:
                 continue
             seen = layout
             if dead - reported:
