@@ -218,6 +218,19 @@ def test_blocks_a_move_leaves_to_a_loading_server_count_as_unserved_until_it_get
     assert block_selection._waves(crashed, 12, {"x": 8, "l": 0})[1] == 6 * load_s
 
 
+def test_blocks_every_server_leaves_are_unserved_however_their_throughputs_round():
+    # with these, taking the three away one by one left -1e-9 on blocks 0-5, which passed for a server
+    rng = random.Random(0)
+    triples = [(2.4594964725869315, 1.2582818151973187, 1.6914923853808896)]
+    triples += [tuple(rng.uniform(0.5, 3.0) for _ in range(3)) for _ in range(200)]
+    for throughputs in triples:
+        servers = [server(name, 0, 6, t) for name, t in zip("abc", throughputs)] + [server("z", 6, 12)]
+        waves, unserved_s = block_selection._waves(block_selection._spans(servers, 12), 12,
+                                                   {"a": 6, "b": 6, "c": 6, "z": 6})
+        assert waves[-1][1] == 0.0  # the last to go leaves blocks 0-5 to nobody
+        assert unserved_s == block_selection.HORIZON_S - sum(seconds for _, _, seconds, _ in waves[:-1])
+
+
 def test_a_hole_is_covered_by_a_server_whose_blocks_others_hold_and_a_wide_one_by_several():
     spans = block_selection._spans([server("a", 0, 4), server("b", 0, 4), server("c", 4, 8)], 12)
     covered = block_selection._cover(spans, 12, {"a": 0, "b": 0, "c": 4})
@@ -234,6 +247,20 @@ def test_a_hole_is_covered_by_a_server_whose_blocks_others_hold_and_a_wide_one_b
     assert block_selection._waves(spans, 16, alone)[1] == block_selection.MOVE_S + 6 * load_s
     assert block_selection._waves(spans, 16, shared)[1] == block_selection.MOVE_S + 3 * load_s
     assert plan(servers, 16) == shared
+
+
+def test_a_wide_hole_is_shared_by_servers_whose_going_leaves_no_hole_and_a_narrow_one_is_not_shared():
+    # 0-11 unserved; b (12-19) alone serves 16-19, and covers as much of a third of the hole as a1 does
+    servers = [server("a1", 12, 16), server("a2", 12, 16), server("a3", 12, 16), server("b", 12, 20),
+               server("c", 20, 24)]
+    spans = block_selection._spans(servers, 24)
+    shared = block_selection._cover(spans, 24, {s.peer_id: s.start for s in spans}, parts=3)
+    assert shared == {"a1": 8, "a2": 4, "a3": 0, "b": 12, "c": 20}
+    # a two-block hole (10-11) is loaded by one server, not by two taking a block each
+    spans = block_selection._spans([server("a", 0, 4), server("b", 0, 4), server("c", 0, 4), server("d", 4, 10)], 12)
+    for parts in range(1, block_selection.COVER_PARTS + 1):
+        covered = block_selection._cover(spans, 12, {"a": 0, "b": 0, "c": 0, "d": 4}, parts)
+        assert covered == {"a": 0, "b": 0, "c": 8, "d": 4}
 
 
 def test_pinned_servers_stay_where_they_are_and_the_others_plan_around_them():

@@ -54,7 +54,8 @@ PLAN_MAX_SERVERS = 64   # up to this many servers, each plans the whole swarm's 
 PLAN_ROUNDS = 8         # rounds of one-server improvements when planning (a bound; they stop far sooner)
 PROBE_COVERAGE = 3      # servers of blocks held by this many or fewer are checked for life before planning
 MAX_PROBES = 16
-COVER_PARTS = 3         # a hole may be shared by up to this many servers, loading its parts at once
+COVER_PARTS = 3         # a hole may be shared by up to this many servers, loading its parts at once,
+COVER_MIN_SHARE = 3     # ... each taking at least this many of its blocks
 BACK_OFF_ROUNDS = 3     # a mover that gave way reads the others' claims again, up to this many reads in all
 
 
@@ -267,7 +268,7 @@ def _waves(spans: tuple[_Span, ...], num_blocks: int,
             start, kept = starts[s.peer_id], kept_blocks(s.served, starts[s.peer_id], s.length)
             serving[start:start + s.length] += s.throughput
             serving[kept.start:kept.stop] -= s.throughput  # served all along
-        serving = serving.round(9)
+        serving = _settled(serving)
         movers = [s for s in movers if s not in wave]
     return waves, _unserved_seconds(gaps or [serving], waves, loading, starts, loaded_anyway)
 
@@ -305,7 +306,7 @@ def _leaving(serving: np.ndarray, s: _Span, start: int) -> np.ndarray:
     kept = kept_blocks(s.served, start, s.length)
     out[s.served.start:s.served.stop] -= s.throughput
     out[kept.start:kept.stop] += s.throughput
-    return out.round(9)  # 0, not 1e-16, where nobody is left
+    return _settled(out)
 
 
 def anticipated_throughputs(servers: Sequence[ServerInfo], num_blocks: int) -> np.ndarray:
@@ -452,11 +453,14 @@ def _cover(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int], pa
     """The layout `starts` with its holes filled by few moves, each hole shared by up to `parts` servers, preferring
     servers whose blocks others hold.
 
-    Hole by hole from the first, the server that covers most of it (of its share, a `parts`-th)
-    moves to its best start that does; of equals, one whose going leaves no hole, then the one
-    leaving the best layout. Holes it leaves are filled in turn (a chain). What a fresh layout gains
-    may take minutes of moves to reach; this closes the holes with a few. A server loads a hole's
-    blocks one by one, so a wide hole that several share is served again sooner, for more moves.
+    Hole by hole from the first, the server that covers most of it (of its share: a `parts`-th,
+    though at least COVER_MIN_SHARE blocks) moves to its best start that does; of equals, the one
+    whose going leaves fewest blocks to nobody (a long server can cover as much of a wide hole as a
+    short one whose blocks others hold, and leave a hole), then the one serving most blocks, then
+    the one leaving the best layout. Holes it leaves are filled in turn (a chain). What a fresh
+    layout gains may take minutes of moves to reach; this closes the holes with a few. A server
+    loads a hole's blocks one by one, so a wide hole that several share is served again sooner, for
+    more moves.
     """
     starts = dict(starts)
     totals = _layout_totals(spans, num_blocks, starts)
@@ -468,17 +472,19 @@ def _cover(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int], pa
             break
         first = int(holes[0])
         width = int(np.argmax(np.append(totals[first:], 1.0) > 0))
-        share = shares.setdefault(first + width, -(-width // parts))
+        share = shares.setdefault(first + width, -(-width // max(1, min(parts, width // COVER_MIN_SHARE))))
         options = []
         for s in free:
-            left = _place(totals, starts[s.peer_id], s.length, -s.throughput).round(9)  # 0, not 1e-16
+            left = _settled(_place(totals, starts[s.peer_id], s.length, -s.throughput))
             size = min(s.length, width, share)  # covers [first, first + size)
             at = np.arange(max(0, first + size - s.length), min(first, num_blocks - s.length) + 1)
             in_hole = np.minimum(at + s.length, first + width) - np.maximum(at, first)
             at = at[in_hole <= share] if (in_hole <= share).any() else at  # the rest of the hole is others' share
             rows = left + s.throughput * _windows(num_blocks, s.length)[at]
             ranked, best = _leximin_best(rows)
-            options.append((size, (rows[best] > 0).sum(), tuple(ranked[best]), s.peer_id, s, int(at[best]), rows[best]))
+            opened = ((rows[best] == 0) & (totals > 0)).sum()  # blocks its going leaves to nobody
+            options.append((size, -opened, (rows[best] > 0).sum(), tuple(ranked[best]), s.peer_id, s, int(at[best]),
+                            rows[best]))
         *_, s, start, totals = max(options)
         starts[s.peer_id] = start
         free.remove(s)
@@ -563,6 +569,15 @@ def _windows(num_blocks: int, length: int) -> np.ndarray:
     index = np.arange(num_blocks)
     starts = np.arange(num_blocks - length + 1)[:, None]
     return (index >= starts) & (index < starts + length)
+
+
+def _settled(totals: np.ndarray) -> np.ndarray:
+    """Per-block throughputs after adding and taking away servers, rounded to 1e-9 (so that equal layouts compare
+    equal), and exactly 0 where nobody is left: the rounding errors add up to +-1e-9 over a few moves, which must
+    not pass for a server."""
+    out = totals.round(9)
+    out[np.abs(out) < 1e-6] = 0.0
+    return out
 
 
 def _place(values: np.ndarray, start: int, length: int, amount: float) -> np.ndarray:
