@@ -10,7 +10,8 @@ others' next poll plans without it). A server loads
 as the real one does: in `load_order`, serving each block once it is loaded, and on a move the
 blocks its old and new spans share all along. It shows as "joining" until its first block is in.
 Once a move is visible, the server gives way where another server claimed the same gap
-(`back_off`). In a swarm of up to MAX_PROBES servers each poll pings every server.
+(`back_off`). In a swarm of up to MAX_PROBES servers each poll pings every server; a server
+waits out PROBE_TIMEOUT on a crashed one only the first time it pings it.
 
 What is reported, sampled every `sample_period` after the warm-up:
 - swarm / planner: the swarm's throughput (its weakest block, summed over the online servers
@@ -126,6 +127,12 @@ class _Server:
     ready: bool = False     # loaded once: counts towards what the swarm could do
     epoch: int = 0          # invalidates the load-completion event of an abandoned span
     seen: tuple = ()        # the layout and reports at its last check
+    found_dead: frozenset = frozenset()  # crashed servers it pinged already: it does not wait on them again
+
+    @property
+    def checking(self) -> bool:
+        """Whether it checks the swarm: a server loading its span does not until it is done."""
+        return self.info.state == "online" and self.info.target is None
 
 
 class Simulation:
@@ -322,12 +329,14 @@ class Simulation:
         if periodic or probing or (small and server.seen != self.layout[1]):
             server.seen = self.layout[1]
             self._consider_moving(server)
+        if len(self.records) <= MAX_PROBES and server.checking:  # the poll pinged every server
+            server.found_dead = self.view()[1]
         gap = self._balance_gap() if periodic or not small else self.p.poll_period
         self.at(self.now + gap, self.check, peer, periodic)
 
     def _consider_moving(self, server: _Server) -> None:
         info = server.info
-        if info.state == "online" and info.target is None:  # a server loading its span stays until it is done
+        if server.checking:
             servers, dead = self.view()
             if dead - self.reports():
                 self.report(dead)
@@ -335,8 +344,9 @@ class Simulation:
             if start is not None:
                 self.result.moves += self.now >= self.p.warmup
                 self.result.steady_moves += self.now >= self.p.warmup and self.steady()
-                self._move(server, start, self.p.move_s + PROBE_TIMEOUT * bool(dead),
+                self._move(server, start, self.p.move_s + PROBE_TIMEOUT * bool(dead - server.found_dead),
                            kept_blocks(range(info.start, info.end), start, server.blocks))
+            server.found_dead = dead
 
     def leave(self, peer: str) -> None:
         server = self.servers[peer]

@@ -150,6 +150,28 @@ def test_in_a_small_swarm_a_poll_finds_a_crash_without_waiting_for_a_periodic_ch
     assert reports == [{"x"}] and plans == [["me", "x"], ["me"]]
 
 
+def test_a_record_found_dead_is_not_pinged_again_until_it_is_announced_anew(monkeypatch):
+    """Pinging a dead server waits out a timeout at every poll while its record lingers: once is enough."""
+    pinged = []
+
+    async def call(p2p, peer_id, method, data, timeout, token=None):
+        pinged.append(peer_id)
+        if peer_id == "x":
+            raise transport.ServerFailure(peer_id, "no answer")
+
+    monkeypatch.setattr(transport, "call", call)
+    server, _, _ = _stub_server((0, 4), [])
+    alive, dead = ServerInfo("a", 4, 8, expires=100.0), ServerInfo("x", 8, 16, expires=100.0)
+    for expected in (["a", "x"], ["a"], ["a"]):
+        pinged.clear()
+        assert asyncio.run(server.without_dead([alive, dead], frozenset())) == ([alive], {"x"})
+        assert sorted(pinged) == expected
+    pinged.clear()
+    renewed = replace(dead, expires=115.0)  # announced again: it may be back
+    assert asyncio.run(server.without_dead([alive, renewed], frozenset())) == ([alive], {"x"})
+    assert sorted(pinged) == ["a", "x"]
+
+
 def test_servers_without_blocks_cover_the_model_and_recover_from_a_crash(tiny_models, tmp_path):
     """4 servers x 4 blocks choose their spans on a 12-block model; after one dies, 3 x 4 must tile it exactly."""
     model = tiny_models("llama", layers=12)

@@ -72,6 +72,7 @@ class Server:
         self.state = "joining"
         self.adapters: dict[str, ClientLora] = {}  # hosted adapters' LoRA, read once
         self.cache_bytes = config.cache_bytes      # the KV budget (--cache-mb auto: None until the first span loads)
+        self.found_dead: dict[str, float] = {}     # peers whose record did not answer a ping: the record's expiry
 
     @property
     def prefix(self) -> str:
@@ -301,7 +302,9 @@ class Server:
         not answer a ping; and those.
 
         A crashed server's announcement lingers until it expires; planning around it would leave its
-        blocks unserved that long.
+        blocks unserved that long. A record found dead once is not pinged again (each ping of a dead
+        server waits out PING_TIMEOUT, and in a small swarm every poll checks every server). A live
+        server refreshes its record every update period, and a new record is pinged again.
         """
         me = str(self.p2p.peer_id)
         token = self.config.network.membership.token(me)
@@ -315,10 +318,14 @@ class Server:
             except transport.ServerFailure:
                 return False
 
-        alive = await asyncio.gather(*(answers(s.peer_id) for s in suspects))
-        dead = frozenset(s.peer_id for s, ok in zip(suspects, alive) if not ok)
-        if dead:
-            logger.info(f"not counting {len(dead)} announced servers that do not answer: {', '.join(sorted(dead))}")
+        known = {s.peer_id for s in suspects if self.found_dead.get(s.peer_id) == s.expires}
+        pinged = [s for s in suspects if s.peer_id not in known]
+        alive = await asyncio.gather(*(answers(s.peer_id) for s in pinged))
+        found = {s.peer_id for s, ok in zip(pinged, alive) if not ok}
+        if found:
+            logger.info(f"not counting {len(found)} announced servers that do not answer: {', '.join(sorted(found))}")
+        dead = frozenset(known | found)
+        self.found_dead = {s.peer_id: s.expires for s in suspects if s.peer_id in dead}
         return [s for s in servers if s.peer_id not in dead], dead
 
     async def report_unreachable(self, dead: frozenset[str]) -> None:
