@@ -472,7 +472,8 @@ def _cover(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int], pa
             break
         first = int(holes[0])
         width = int(np.argmax(np.append(totals[first:], 1.0) > 0))
-        share = shares.setdefault(first + width, -(-width // max(1, min(parts, width // COVER_MIN_SHARE))))
+        pieces = max(1, min(parts, width // COVER_MIN_SHARE))  # none under COVER_MIN_SHARE blocks
+        share = shares.setdefault(first + width, -(-width // pieces))
         options = []
         for s in free:
             left = _settled(_place(totals, starts[s.peer_id], s.length, -s.throughput))
