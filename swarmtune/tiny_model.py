@@ -15,11 +15,14 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedToken
 from swarmtune.models.family import supported_model_types
 
 VOCAB_SIZE = 384
+# Tensors transformers initialises to zero: random here, so that a loader dropping them fails the tests.
+ZERO_INITIALISED = ("e_score_correction_bias", "experts.gate_up_proj_bias", "experts.down_proj_bias")
 
 
 def tiny_config(family: str, layers: int = 6, hidden: int = 64, vocab_size: int = VOCAB_SIZE) -> PretrainedConfig:
     """A small config of `family` that still exercises its distinctive features."""
-    from transformers import BloomConfig, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config
+    from transformers import (BloomConfig, Glm4MoeConfig, GptOssConfig, LlamaConfig, MistralConfig, MixtralConfig,
+                              Qwen2Config, Qwen3Config, Qwen3MoeConfig)
 
     heads = 4
     common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
@@ -37,6 +40,17 @@ def tiny_config(family: str, layers: int = 6, hidden: int = 64, vocab_size: int 
         return Qwen3Config(**common, head_dim=hidden // heads)
     if family == "mixtral":
         return MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    experts = dict(num_experts_per_tok=2, moe_intermediate_size=hidden // 2)
+    if family == "qwen3_moe":  # q/k norms; block 1 dense (mlp_only_layers) beside MoE blocks
+        return Qwen3MoeConfig(**common, head_dim=hidden // heads, num_experts=4, mlp_only_layers=[1], **experts)
+    if family == "glm4_moe":  # the first block dense, then shared + routed experts; half-width rotary, q/k/v bias
+        return Glm4MoeConfig(**common, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
+                             routed_scaling_factor=2.5, attention_bias=True, **experts)
+    if family == "gpt_oss":  # attention sinks, sliding (window 4) and full layers alternating, yarn rotary
+        rope = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                "truncate": False, "original_max_position_embeddings": 64}
+        return GptOssConfig(**{**common, "intermediate_size": hidden // 2}, head_dim=hidden // heads,
+                            num_local_experts=4, num_experts_per_tok=2, sliding_window=4, rope_parameters=rope)
     if family == "bloom":
         return BloomConfig(vocab_size=vocab_size, hidden_size=hidden, n_layer=layers, n_head=heads,
                            bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -72,6 +86,10 @@ def make_tiny_model(family: str, out: str, layers: int = 6, hidden: int = 64, se
     tokenizer = train_tokenizer()
     config = tiny_config(family, layers, hidden, vocab_size=len(tokenizer))
     model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith(ZERO_INITIALISED):
+                tensor.normal_(std=0.1)
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out)

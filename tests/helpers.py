@@ -20,7 +20,8 @@ import torch
 
 from swarmtune import launch
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom", "qwen3_moe", "glm4_moe", "gpt_oss"]
+MOE_FAMILIES = ["qwen3_moe", "glm4_moe", "gpt_oss"]
 RECIPES = sorted(e.name[:-5] for e in launch.recipes_dir().iterdir() if e.name.endswith(".yaml"))
 PEERS = ["/ip4/10.1.2.3/tcp/31337/p2p/Qmb7FeGu3HqZ7rwcsYCd8iBELnmmCu1ahRKvGkwaAX2iEZ",  # well-formed, never dialled
          "/ip4/10.1.2.4/tcp/31337/p2p/QmNYG4mfj1dhLZBYBWEFyhYC2S2QDHZ8Ra5K7XKqtqBLAd"]
@@ -30,7 +31,7 @@ def reference_model(path: str):
     """The same checkpoint as a plain local transformers model (fp32, eval mode)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    attn = "eager" if AutoConfig.from_pretrained(path).model_type == "bloom" else "sdpa"
+    attn = "eager" if AutoConfig.from_pretrained(path).model_type in ("bloom", "gpt_oss") else "sdpa"
     return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32).eval()
 
 

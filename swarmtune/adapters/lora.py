@@ -20,30 +20,49 @@ from swarmtune.models.family import get_family
 
 def target_shapes(config: PretrainedConfig, targets: list[str] | tuple[str, ...] | None = None,
                   blocks: list[int] | None = None) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each target layer of each block, from the config alone."""
+    """(in_features, out_features) of each target layer of each block, from the config alone.
+
+    A block lacking a target (a dense layer beside MoE layers, or the reverse) has no adapter there;
+    a target that none of the blocks has is an error.
+    """
     family = get_family(config.model_type)
     targets = tuple(targets or family.lora_targets)
-    shapes = {}
+    paths = {short: _full_paths(short, family.lora_targets) for short in targets}
+    shapes, found = {}, set()
     for block_index in blocks if blocks is not None else range(config.num_hidden_layers):
         with torch.device("meta"):
             block = family.block_class(config, block_index)
         for short in targets:
-            path = _full_path(short, family.lora_targets)
-            layer = block.get_submodule(path)
-            if not isinstance(layer, nn.Linear):
-                raise ValueError(f"LoRA target {short!r} is not a linear layer in {config.model_type} blocks")
-            shapes[f"{block_index}.{path}"] = (layer.in_features, layer.out_features)
+            for path in paths[short]:
+                layer = _submodule(block, path)
+                if layer is None:
+                    continue
+                if not isinstance(layer, nn.Linear):
+                    raise ValueError(f"LoRA target {short!r} is not a linear layer in {config.model_type} blocks")
+                shapes[f"{block_index}.{path}"] = (layer.in_features, layer.out_features)
+                found.add(short)
+    missing = [short for short in targets if short not in found]
+    if missing:
+        raise ValueError(f"LoRA target {missing[0]!r} is in none of the chosen {config.model_type} blocks")
     return shapes
 
 
-def _full_path(target: str, known: tuple[str, ...]) -> str:
-    """Accept PEFT-style short names ('q_proj') as well as paths inside the block ('self_attn.q_proj')."""
+def _submodule(block: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _full_paths(target: str, known: tuple[str, ...]) -> list[str]:
+    """Accept PEFT-style short names ('q_proj', every layer of that name) as well as paths inside the block
+    ('self_attn.q_proj')."""
     if target in known:
-        return target
+        return [target]
     matches = [k for k in known if k.rsplit(".", 1)[-1] == target]
-    if len(matches) != 1:
+    if not matches:
         raise ValueError(f"Unknown LoRA target {target!r}: choose from {', '.join(known)}")
-    return matches[0]
+    return matches
 
 
 class ClientLora(nn.Module):

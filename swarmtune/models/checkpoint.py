@@ -49,10 +49,11 @@ def load_config(model: str, attn_implementation: str = "sdpa", revision: str | N
     source = model if os.path.isdir(model) else hub_file(model, "config.json", revision)
     config = AutoConfig.from_pretrained(source)
     config._name_or_path = model  # the hub id, as transformers records it, not the cached file's path
-    config._attn_implementation = attn_implementation
+    family = get_family(config.model_type)  # fail early on unsupported families
+    supported = family.attn_implementations
+    config._attn_implementation = attn_implementation if attn_implementation in supported else supported[0]
     # What a local transformers model picks for MoE experts (mixtral); lone blocks would get None.
     config._experts_implementation = "grouped_mm"
-    get_family(config.model_type)  # fail early on unsupported families
     return config
 
 
@@ -165,12 +166,18 @@ def open_checkpoint(model: str, revision: str | None = None) -> Checkpoint:
 
 
 def _materialize(module: nn.Module, state: StateDict, dtype: torch.dtype, device: torch.device | str,
-                 what: str) -> nn.Module:
+                 what: str, fp32_keys: tuple[str, ...] = ()) -> nn.Module:
     expected = set(module.state_dict())
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise CheckpointError(f"{what}: missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+
+    def target(key: str, tensor: torch.Tensor) -> torch.dtype:
+        if not tensor.is_floating_point():
+            return tensor.dtype
+        return torch.float32 if key.endswith(fp32_keys) else dtype
+
+    state = {k: v.to(device=device, dtype=target(k, v)) for k, v in state.items()}
     try:
         module.load_state_dict(state, assign=True)
     except RuntimeError as e:  # shape mismatches between the config and the stored tensors
@@ -204,7 +211,7 @@ def load_span(
         with torch.device("meta"):
             block = family.block_class(config, index)
         state = family.convert_block_state(raw, config)
-        blocks.append(_materialize(block, state, dtype, device, f"block {index} of {model}"))
+        blocks.append(_materialize(block, state, dtype, device, f"block {index} of {model}", family.fp32_keys))
     position_module = family.make_position_module(config)
     if position_module is not None:
         position_module = position_module.to(device)

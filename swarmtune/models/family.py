@@ -35,8 +35,13 @@ class Family:
     layer_inputs: Callable[..., list[dict]] = None  # type: ignore[assignment]
     # Maps one block's checkpoint tensors (keys relative to the block) to the module's names.
     convert_block_state: Callable[[StateDict, PretrainedConfig], StateDict] = lambda state, config: state
-    # Linear layers inside a block that LoRA may target, by their path inside the block.
+    # Linear layers inside a block that LoRA may target, by their path inside the block; a block lacking one
+    # (a dense layer beside MoE layers, or the reverse) simply has no slot there.
     lora_targets: tuple[str, ...] = ()
+    # The attention implementations the blocks support, the preferred one first (gpt-oss's sinks need eager).
+    attn_implementations: tuple[str, ...] = ("sdpa", "eager")
+    # Block tensors (by name suffix) that stay fp32 whatever the serving dtype, as transformers keeps them.
+    fp32_keys: tuple[str, ...] = ()
     final_norm_class: Callable[[PretrainedConfig], nn.Module] = None  # type: ignore[assignment]
     embed_norm_class: Callable[[PretrainedConfig], nn.Module] | None = None
     extra: dict = field(default_factory=dict)
@@ -78,4 +83,4 @@ def get_family(model_type: str) -> Family:
 
 
 def _load_builtin_families() -> None:
-    from swarmtune.models import bloom, rotary  # noqa: F401  (registers on import)
+    from swarmtune.models import bloom, moe, rotary  # noqa: F401  (registers on import)

@@ -54,12 +54,16 @@ class LoraSlot(nn.Module):
 
 
 def wrap_targets(blocks: nn.ModuleList, start: int, targets: tuple[str, ...]) -> list[str]:
-    """Wrap each target linear of each block in a LoraSlot; returns the slot keys."""
+    """Wrap each target linear of each block in a LoraSlot (where the block has it); returns the slot keys."""
     keys = []
     for offset, block in enumerate(blocks):
         for path in targets:
             parent_path, _, name = path.rpartition(".")
-            parent = block.get_submodule(parent_path) if parent_path else block
+            try:
+                parent = block.get_submodule(parent_path) if parent_path else block
+                getattr(parent, name)
+            except AttributeError:  # e.g. shared experts in a dense block
+                continue
             key = f"{start + offset}.{path}"
             setattr(parent, name, LoraSlot(getattr(parent, name), key))
             keys.append(key)
