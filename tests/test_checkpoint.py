@@ -214,10 +214,13 @@ def test_sharded_checkpoint_without_index_loads(tiny_llama, tmp_path):
 
 
 @torch.no_grad()
-def test_mixtral_fused_expert_checkpoint_loads(tiny_models, tmp_path):
-    """Mixtral tensors stored in transformers' fused expert layout load as well as the per-expert one."""
-    path = tiny_models("mixtral")
-    out = str(tmp_path / "mixtral-fused")
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "glm4_moe"])
+def test_fused_expert_checkpoint_loads(tiny_models, tmp_path, family):
+    """MoE tensors stored in transformers' fused expert layout load as well as the per-expert one (which
+    `save_pretrained` writes, as the published checkpoints have it)."""
+    path = tiny_models(family)
+    assert any(".experts.0." in k for k in weight_map(path))
+    out = str(tmp_path / f"{family}-fused")
     reference = reference_model(path)
     fused = {k: v.contiguous() for k, v in reference.state_dict().items()}  # save_pretrained would unfuse them
     reference.config.save_pretrained(out)
@@ -226,6 +229,58 @@ def test_mixtral_fused_expert_checkpoint_loads(tiny_models, tmp_path):
     ids = torch.tensor([[8, 6, 7, 5, 3, 9]])
     expected = reference(input_ids=ids).logits
     assert (span_logits(out, ids, [(0, 1), (1, 6)]) - expected).abs().max().item() <= TOL
+
+
+def write_mxfp4_checkpoint(path: str, out: str, scales: tuple[int, int] = (117, 124)) -> None:
+    """gpt-oss as openai publishes it: random MXFP4 experts (`*_blocks` codes, `*_scales` exponents drawn
+    from `scales`), other tensors as they are, in two shards with an index."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for key, tensor in read_all(path).items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            experts, rows_in, rows_out = tensor.shape  # stored transposed: output rows of 32-value groups
+            state[key + "_blocks"] = torch.randint(0, 256, (experts, rows_out, rows_in // 32, 16), dtype=torch.uint8,
+                                                   generator=g)
+            state[key + "_scales"] = torch.randint(*scales, (experts, rows_out, rows_in // 32), dtype=torch.uint8,
+                                                   generator=g)
+        else:
+            state[key] = tensor
+    os.makedirs(out)
+    shards: dict[str, dict[str, torch.Tensor]] = {"model-00001-of-00002.safetensors": {},
+                                                   "model-00002-of-00002.safetensors": {}}
+    for key, tensor in state.items():
+        second = key.startswith(tuple(f"model.layers.{i}." for i in range(3, 6))) or key.startswith("lm_head")
+        shards[sorted(shards)[second]][key] = tensor
+    for name, tensors in shards.items():
+        save_file(tensors, os.path.join(out, name), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: name for name, tensors in shards.items() for k in tensors}}
+    with open(os.path.join(out, INDEX_FILE), "w") as f:
+        json.dump(index, f)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+@torch.no_grad()
+def test_gpt_oss_mxfp4_experts_load_dequantized(tiny_models, tmp_path):
+    """A sharded MXFP4 gpt-oss checkpoint serves what transformers' own dequantization of it computes."""
+    from transformers import Mxfp4Config
+
+    out = str(tmp_path / "gpt-oss-mxfp4")
+    write_mxfp4_checkpoint(tiny_models("gpt_oss"), out)
+    assert any(k.endswith("gate_up_proj_scales") for k in weight_map(out))
+    reference = AutoModelForCausalLM.from_pretrained(out, quantization_config=Mxfp4Config(dequantize=True),
+                                                     dtype=torch.float32, attn_implementation="eager").eval()
+    ids = torch.tensor([[8, 6, 7, 5, 3, 9, 11, 4]])
+    expected = reference(input_ids=ids).logits
+    assert (span_logits(out, ids, [(0, 2), (2, 6)]) - expected).abs().max().item() <= TOL
+    # a loader ignoring the scales would read every group at scale 2**0, as this file has it: far from it
+    flat = str(tmp_path / "gpt-oss-mxfp4-unscaled")
+    write_mxfp4_checkpoint(tiny_models("gpt_oss"), flat, scales=(127, 128))
+    assert (span_logits(flat, ids, [(0, 6)]) - expected).abs().max().item() > 1e-2
 
 
 # --- hub model ids ----------------------------------------------------------------------------------------
