@@ -21,8 +21,17 @@ ZERO_INITIALISED = ("e_score_correction_bias", "experts.gate_up_proj_bias", "exp
 
 def tiny_config(family: str, layers: int = 6, hidden: int = 64, vocab_size: int = VOCAB_SIZE) -> PretrainedConfig:
     """A small config of `family` that still exercises its distinctive features."""
-    from transformers import (BloomConfig, Glm4MoeConfig, GptOssConfig, LlamaConfig, MistralConfig, MixtralConfig,
-                              Qwen2Config, Qwen3Config, Qwen3MoeConfig)
+    from transformers import (
+        BloomConfig,
+        Glm4MoeConfig,
+        GptOssConfig,
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        Qwen2Config,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     heads = 4
     common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
