@@ -52,9 +52,10 @@ def tiny_config(family: str, layers: int = 6, hidden: int = 64, vocab_size: int 
     experts = dict(num_experts_per_tok=2, moe_intermediate_size=hidden // 2)
     if family == "qwen3_moe":  # q/k norms; block 1 dense (mlp_only_layers) beside MoE blocks
         return Qwen3MoeConfig(**common, head_dim=hidden // heads, num_experts=4, mlp_only_layers=[1], **experts)
-    if family == "glm4_moe":  # the first block dense, then shared + routed experts; half-width rotary, q/k/v bias
+    if family == "glm4_moe":  # as GLM-4.5: a dense first block, then shared + routed experts; half-width
+        # rotary, q/k/v bias, q/k norms
         return Glm4MoeConfig(**common, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
-                             routed_scaling_factor=2.5, attention_bias=True, **experts)
+                             routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=True, **experts)
     if family == "gpt_oss":  # attention sinks, sliding (window 4) and full layers alternating, yarn rotary
         rope = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0,
                 "truncate": False, "original_max_position_embeddings": 64}

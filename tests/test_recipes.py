@@ -31,7 +31,8 @@ from swarmtune.tuning.module import OptimConfig, TuningConfig
 from tests.helpers import PEERS, RECIPES, hydra_context
 
 ROOT = Path(__file__).resolve().parent.parent
-HUB_FAMILIES = {"meta-llama/Llama-2-70b-hf": "llama", "mistralai/Mixtral-8x7B-v0.1": "mixtral"}
+HUB_FAMILIES = {"meta-llama/Llama-2-70b-hf": "llama", "mistralai/Mixtral-8x7B-v0.1": "mixtral",
+                "Qwen/Qwen3-235B-A22B": "qwen3_moe", "openai/gpt-oss-120b": "gpt_oss", "zai-org/GLM-4.5": "glm4_moe"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
