@@ -169,7 +169,7 @@ def _load_lora(files: _AdapterFiles, config: PretrainedConfig) -> tuple[ClientLo
     if peft_config.get("peft_type") != "LORA":
         raise AdapterError(f"{files.adapter}: only LoRA adapters are supported, not {peft_config.get('peft_type')}")
     for option, plain in _UNSUPPORTED.items():
-        if peft_config.get(option, plain) not in (plain, None, {}, False):
+        if peft_config.get(option, plain) not in (plain, None, {}, [], False):
             raise AdapterError(f"{files.adapter}: LoRA option {option}={peft_config[option]!r} is not supported")
     extra = set(peft_config.get("modules_to_save") or []) - {"lm_head"}
     if extra:
