@@ -189,3 +189,16 @@ def test_half_precision_spans_stay_close_to_fp32(tiny_llama, llama_span: SpanMod
     expected = llama_span(hidden)
     actual = half(hidden.to(half.compute_dtype)).float()
     assert (actual - expected).abs().max().item() <= 0.05 * expected.abs().max().item()
+
+
+@torch.no_grad()
+def test_glm4_moe_router_stays_fp32_in_half_precision(tiny_models):
+    """As transformers keeps them (_keep_in_fp32_modules_strict): the router's weight and expert bias."""
+    path = tiny_models("glm4_moe")
+    span = load_span(path, 0, 3, dtype="bf16")
+    fp32 = {name for name, t in span.state_dict().items() if t.dtype == torch.float32}
+    assert fp32 == {f"blocks.{i}.mlp.gate.{name}" for i in (1, 2) for name in ("weight", "e_score_correction_bias")}
+    assert span.blocks[1].mlp.gate.e_score_correction_bias.abs().max() > 0  # the tiny model's is random
+    hidden = torch.randn(1, 5, span.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    expected = load_span(path, 0, 3)(hidden)
+    assert (span(hidden.bfloat16()).float() - expected).abs().max().item() <= 0.05 * expected.abs().max().item()
