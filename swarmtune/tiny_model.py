@@ -37,6 +37,16 @@ def tiny_config(family: str, layers: int = 6, hidden: int = 64, vocab_size: int 
         return Qwen3Config(**common, head_dim=hidden // heads)
     if family == "mixtral":
         return MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    if family == "deepseek_v3":  # MLA with q/kv low-rank, yarn rope, grouped routing, a dense first block
+        from transformers import DeepseekV3Config
+
+        rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,
+                "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+        mla = dict(q_lora_rank=hidden // 2, kv_lora_rank=hidden // 4, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                   v_head_dim=12)
+        moe = dict(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1,
+                   moe_intermediate_size=hidden // 2, first_k_dense_replace=1)
+        return DeepseekV3Config(**{**common, "num_key_value_heads": heads}, **mla, **moe, rope_parameters=rope)
     if family == "bloom":
         return BloomConfig(vocab_size=vocab_size, hidden_size=hidden, n_layer=layers, n_head=heads,
                            bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -72,6 +82,10 @@ def make_tiny_model(family: str, out: str, layers: int = 6, hidden: int = 64, se
     tokenizer = train_tokenizer()
     config = tiny_config(family, layers, hidden, vocab_size=len(tokenizer))
     model = AutoModelForCausalLM.from_config(config)
+    if family == "deepseek_v3":  # transformers starts the routing bias at zero: make loading it matter
+        with torch.no_grad():
+            for layer in model.model.layers[config.first_k_dense_replace:]:
+                layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.1)
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out)

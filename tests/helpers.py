@@ -20,7 +20,7 @@ import torch
 
 from swarmtune import launch
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom", "deepseek_v3"]
 RECIPES = sorted(e.name[:-5] for e in launch.recipes_dir().iterdir() if e.name.endswith(".yaml"))
 PEERS = ["/ip4/10.1.2.3/tcp/31337/p2p/Qmb7FeGu3HqZ7rwcsYCd8iBELnmmCu1ahRKvGkwaAX2iEZ",  # well-formed, never dialled
          "/ip4/10.1.2.4/tcp/31337/p2p/QmNYG4mfj1dhLZBYBWEFyhYC2S2QDHZ8Ra5K7XKqtqBLAd"]

@@ -15,24 +15,31 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from swarmtune.models.family import get_family
+from swarmtune.models.family import get_family, present_targets
 
 
 def target_shapes(config: PretrainedConfig, targets: list[str] | tuple[str, ...] | None = None,
                   blocks: list[int] | None = None) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each target layer of each block, from the config alone."""
+    """(in_features, out_features) of each target layer of each block, from the config alone.
+
+    A block lacking a target is skipped (DeepSeek's dense blocks have no shared experts); a target
+    that none of the blocks has is an error.
+    """
     family = get_family(config.model_type)
-    targets = tuple(targets or family.lora_targets)
-    shapes = {}
+    paths = [_full_path(short, family.lora_targets) for short in targets or family.lora_targets]
+    shapes, found = {}, set()
     for block_index in blocks if blocks is not None else range(config.num_hidden_layers):
         with torch.device("meta"):
             block = family.block_class(config, block_index)
-        for short in targets:
-            path = _full_path(short, family.lora_targets)
+        for path in present_targets(block, tuple(paths)):
             layer = block.get_submodule(path)
             if not isinstance(layer, nn.Linear):
-                raise ValueError(f"LoRA target {short!r} is not a linear layer in {config.model_type} blocks")
+                raise ValueError(f"LoRA target {path!r} is not a linear layer in {config.model_type} blocks")
             shapes[f"{block_index}.{path}"] = (layer.in_features, layer.out_features)
+            found.add(path)
+    absent = [path for path in paths if path not in found]
+    if absent and targets:  # the family's default list may name layers that this configuration lacks
+        raise ValueError(f"LoRA target {absent[0]!r} is in none of the chosen {config.model_type} blocks")
     return shapes
 
 

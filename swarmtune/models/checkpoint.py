@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from swarmtune.errors import UserError, check_source
+from swarmtune.models import fp8
 from swarmtune.models.family import Family, StateDict, get_family
 from swarmtune.models.span import SpanModel
 
@@ -165,12 +166,18 @@ def open_checkpoint(model: str, revision: str | None = None) -> Checkpoint:
 
 
 def _materialize(module: nn.Module, state: StateDict, dtype: torch.dtype, device: torch.device | str,
-                 what: str) -> nn.Module:
+                 what: str, fp32_keys: tuple[str, ...] = ()) -> nn.Module:
     expected = set(module.state_dict())
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise CheckpointError(f"{what}: missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+
+    def target(key: str, value: torch.Tensor) -> torch.dtype:
+        if not value.is_floating_point():
+            return value.dtype
+        return torch.float32 if key.endswith(fp32_keys) and fp32_keys else dtype
+
+    state = {k: v.to(device=device, dtype=target(k, v)) for k, v in state.items()}
     try:
         module.load_state_dict(state, assign=True)
     except RuntimeError as e:  # shape mismatches between the config and the stored tensors
@@ -196,15 +203,19 @@ def load_span(
         raise ValueError(f"Block span {start}:{end} is outside the model's {num_layers} blocks")
     family = get_family(config.model_type)
     ckpt = open_checkpoint(model, revision)
+    fp8_block = fp8.block_size(config)
     blocks = nn.ModuleList()
     for index in range(start, end):
         prefix = family.block_key_prefix(index)
+        what = f"block {index} of {model}"
         keys = ckpt.keys_with_prefix(prefix)
         raw = {k[len(prefix):]: v for k, v in ckpt.read(keys).items()}
+        if fp8_block is not None:
+            raw = fp8.dequantize(raw, fp8_block, what)
         with torch.device("meta"):
             block = family.block_class(config, index)
         state = family.convert_block_state(raw, config)
-        blocks.append(_materialize(block, state, dtype, device, f"block {index} of {model}"))
+        blocks.append(_materialize(block, state, dtype, device, what, family.fp32_keys))
     position_module = family.make_position_module(config)
     if position_module is not None:
         position_module = position_module.to(device)

@@ -23,8 +23,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from swarmtune.models.family import get_family
-from swarmtune.models.kv_cache import SpanKVCache
-from swarmtune.models.span import SpanModel, kv_shape
+from swarmtune.models.span import SpanModel
 from swarmtune.server import quantize as quantize_lib
 
 logger = logging.getLogger(__name__)
@@ -105,7 +104,7 @@ def free_bytes(device: str) -> int:
 
 def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
     """KV cache bytes of one token (one batch row, one position) in one block."""
-    return SpanKVCache.nbytes_for(1, 1, 1, *kv_shape(config), dtype)
+    return get_family(config.model_type).cache_shape(config).nbytes_per_token(dtype)
 
 
 def blocks_that_fit(config: PretrainedConfig, dtype: torch.dtype, device: str, quant: str,
