@@ -41,6 +41,8 @@ def peft_weights(peft_model, key: str) -> tuple[torch.Tensor, torch.Tensor]:
     ("llama", None, None),
     ("llama", ["q_proj", "v_proj"], [1, 4]),
     ("bloom", ["query_key_value", "dense_4h_to_h"], None),
+    ("deepseek_v3", None, None),  # MLA everywhere, dense MLP in block 0, shared experts in the others
+    ("deepseek_v3", ["kv_a_proj_with_mqa", "down_proj"], [0, 3]),
 ])
 def test_peft_loads_exported_lora(tiny_models, tmp_path, family, targets, blocks):
     path = tiny_models(family)
@@ -50,7 +52,7 @@ def test_peft_loads_exported_lora(tiny_models, tmp_path, family, targets, blocks
     peft_format.save_adapter(str(tmp_path), config, path, lora=lora, lm_head=head)
 
     state = load_file(tmp_path / peft_format.ADAPTER_WEIGHTS)
-    prefix = "base_model.model.model.layers." if family == "llama" else "base_model.model.transformer.h."
+    prefix = "base_model.model.transformer.h." if family == "bloom" else "base_model.model.model.layers."
     assert all(k.startswith(prefix) or k == peft_format.LM_HEAD_KEY for k in state)
 
     peft_model = PeftModel.from_pretrained(reference_model(path), str(tmp_path))
@@ -63,10 +65,11 @@ def test_peft_loads_exported_lora(tiny_models, tmp_path, family, targets, blocks
     torch.testing.assert_close(peft_model.base_model.model.lm_head.modules_to_save["default"].weight, head)
 
 
-@pytest.mark.parametrize("family", ["llama", "bloom"])
+@pytest.mark.parametrize("family", ["llama", "bloom", "deepseek_v3"])
 def test_import_adapter_written_by_peft(tiny_models, tmp_path, family):
     path = tiny_models(family)
-    targets = ["q_proj", "v_proj"] if family == "llama" else ["query_key_value"]
+    targets = {"llama": ["q_proj", "v_proj"], "bloom": ["query_key_value"],
+               "deepseek_v3": ["q_b_proj", "shared_experts.down_proj"]}[family]
     torch.manual_seed(1)
     peft_model = get_peft_model(reference_model(path), LoraConfig(r=4, lora_alpha=12, target_modules=targets,
                                                                   use_rslora=True))
@@ -78,7 +81,8 @@ def test_import_adapter_written_by_peft(tiny_models, tmp_path, family):
 
     lora = peft_format.load_lora(str(tmp_path), load_config(path))
     assert lora.rank == 4 and lora.scale == pytest.approx(12 / 2) and lora.use_rslora
-    assert len(lora.keys) == 6 * len(targets)
+    assert len(lora.keys) == sum(n.endswith(".lora_A") for n, _ in peft_model.named_modules())
+    assert len(lora.keys) == (11 if family == "deepseek_v3" else 6 * len(targets))  # block 0 has no shared experts
     for key in lora.keys:
         for ours, theirs in zip(lora.pair(key), peft_weights(peft_model, key)):
             torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

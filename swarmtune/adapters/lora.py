@@ -26,7 +26,8 @@ def target_shapes(config: PretrainedConfig, targets: list[str] | tuple[str, ...]
     that none of the blocks has is an error.
     """
     family = get_family(config.model_type)
-    paths = [_full_path(short, family.lora_targets) for short in targets or family.lora_targets]
+    paths = list(dict.fromkeys(p for short in targets or family.lora_targets
+                               for p in _full_paths(short, family.lora_targets)))
     shapes, found = {}, set()
     for block_index in blocks if blocks is not None else range(config.num_hidden_layers):
         with torch.device("meta"):
@@ -37,20 +38,21 @@ def target_shapes(config: PretrainedConfig, targets: list[str] | tuple[str, ...]
                 raise ValueError(f"LoRA target {path!r} is not a linear layer in {config.model_type} blocks")
             shapes[f"{block_index}.{path}"] = (layer.in_features, layer.out_features)
             found.add(path)
-    absent = [path for path in paths if path not in found]
-    if absent and targets:  # the family's default list may name layers that this configuration lacks
-        raise ValueError(f"LoRA target {absent[0]!r} is in none of the chosen {config.model_type} blocks")
+    if targets:  # the family's default list may name layers that this configuration lacks
+        for short in targets:
+            if not found & set(_full_paths(short, family.lora_targets)):
+                raise ValueError(f"LoRA target {short!r} is in none of the chosen {config.model_type} blocks")
     return shapes
 
 
-def _full_path(target: str, known: tuple[str, ...]) -> str:
-    """Accept PEFT-style short names ('q_proj') as well as paths inside the block ('self_attn.q_proj')."""
-    if target in known:
-        return target
-    matches = [k for k in known if k.rsplit(".", 1)[-1] == target]
-    if len(matches) != 1:
+def _full_paths(target: str, known: tuple[str, ...]) -> list[str]:
+    """The paths inside the block that a target names: a path ('self_attn.q_proj'), or as PEFT matches
+    target_modules, every path ending in it ('q_proj'; DeepSeek's 'gate_proj': the dense MLP's and the
+    shared experts')."""
+    matches = [k for k in known if k == target or k.endswith("." + target)]
+    if not matches:
         raise ValueError(f"Unknown LoRA target {target!r}: choose from {', '.join(known)}")
-    return matches[0]
+    return matches
 
 
 class ClientLora(nn.Module):

@@ -16,10 +16,11 @@ from swarmtune.models.family import Family, StateDict, register
 from swarmtune.models.kv_cache import CacheShape
 from swarmtune.models.rotary import layer_inputs
 
-# MLA's projections (q_proj where q_lora_rank is None, q_a/q_b otherwise) and the shared experts of MoE blocks
+# MLA's projections (q_proj where q_lora_rank is None, q_a/q_b otherwise), the MLP of the dense blocks and the
+# shared experts of the MoE blocks; each block has some of them (routed experts are fused tensors, not linears)
 LORA_TARGETS = ("self_attn.q_proj", "self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa",
-                "self_attn.kv_b_proj", "self_attn.o_proj", "mlp.shared_experts.gate_proj",
-                "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj")
+                "self_attn.kv_b_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+                "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj")
 
 
 def cache_shape(config: PretrainedConfig) -> CacheShape:
