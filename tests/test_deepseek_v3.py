@@ -20,7 +20,7 @@ from swarmtune.client.config import ClientConfig
 from swarmtune.client.inference import InferenceSession
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.client.span_requests import RequestRefused
-from swarmtune.models import get_family, load_client_parts, load_span
+from swarmtune.models import get_family, load_client_parts, load_config, load_span
 from swarmtune.models.checkpoint import INDEX_FILE, open_checkpoint
 from swarmtune.models.fp8 import FP8Error
 from swarmtune.swarm import LocalSwarm
@@ -164,6 +164,23 @@ def test_fused_expert_checkpoint_loads(path, reference, tmp_path):
     save_file(fused, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     ids = torch.tensor([[8, 6, 7, 5, 3, 9]])
     assert (span_logits(out, ids, [(0, 1), (1, 6)]) - reference(input_ids=ids).logits).abs().max().item() <= TOL
+
+
+@torch.no_grad()
+def test_kimi_k2_config_loads_as_deepseek_v3(path, reference, tmp_path):
+    """Kimi-K2 names its model_type kimi_k2 (for remote code, which we do not run): its blocks are DeepSeek-V3's."""
+    out = tmp_path / "kimi"
+    os.makedirs(out)
+    for name in os.listdir(path):
+        os.symlink(os.path.join(path, name), out / name)
+    config = read_json(os.path.join(path, "config.json"))
+    os.remove(out / "config.json")
+    with open(out / "config.json", "w") as f:
+        json.dump({**config, "model_type": "kimi_k2", "architectures": ["DeepseekV3ForCausalLM"],
+                   "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"}}, f)
+    assert load_config(str(out)).model_type == "deepseek_v3"
+    ids = torch.tensor([[8, 6, 7, 5, 3, 9]])
+    assert (span_logits(str(out), ids, [(0, 6)]) - reference(input_ids=ids).logits).abs().max().item() <= TOL
 
 
 def test_bf16_keeps_the_router_in_fp32(path):

@@ -15,7 +15,7 @@ from functools import lru_cache
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig
+from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
 from swarmtune.errors import UserError, check_source
 from swarmtune.models import fp8
@@ -24,6 +24,7 @@ from swarmtune.models.span import SpanModel
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -48,13 +49,28 @@ def load_config(model: str, attn_implementation: str = "sdpa", revision: str | N
     """
     check_source(model, "model")
     source = model if os.path.isdir(model) else hub_file(model, "config.json", revision)
-    config = AutoConfig.from_pretrained(source)
+    config = _auto_config(source)
     config._name_or_path = model  # the hub id, as transformers records it, not the cached file's path
     config._attn_implementation = attn_implementation
     # What a local transformers model picks for MoE experts (mixtral); lone blocks would get None.
     config._experts_implementation = "grouped_mm"
     get_family(config.model_type)  # fail early on unsupported families
     return config
+
+
+def _auto_config(source: str) -> PretrainedConfig:
+    """AutoConfig, except for checkpoints whose model_type transformers lacks but whose blocks are a family's:
+    Kimi-K2's config says kimi_k2 (for its remote code) and describes a deepseek_v3 model."""
+    path = os.path.join(source, "config.json") if os.path.isdir(source) else source
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        data = None  # AutoConfig names the problem
+    alias = MODEL_TYPE_ALIASES.get(data.get("model_type")) if isinstance(data, dict) else None
+    if alias is not None:  # without model_type and auto_map, which name the remote code
+        return CONFIG_MAPPING[alias].from_dict({k: v for k, v in data.items() if k not in ("model_type", "auto_map")})
+    return AutoConfig.from_pretrained(source)
 
 
 def hub_file(repo: str, filename: str, revision: str | None = None) -> str:
