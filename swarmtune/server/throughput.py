@@ -78,7 +78,8 @@ def measure(config: PretrainedConfig, dtype: torch.dtype, device: str, quant: st
 def cache_key(config: PretrainedConfig, dtype: torch.dtype, device: str, quant: str = "none") -> str:
     """Everything the figures depend on: block shape, attention kernel, dtype, quantization, hardware, torch."""
     shape = {name: getattr(config, name, None) for name in (
-        "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_local_experts")}
+        "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_local_experts",
+        "moe_intermediate_size", "kv_lora_rank")}
     shape_text = " ".join(f"{k}={v}" for k, v in shape.items() if v is not None)
     return (f"{config.model_type} {shape_text} attn={config._attn_implementation} {str(dtype).replace('torch.', '')} "
             f"quant={quant} {device_name(device)} torch={torch.__version__}")
