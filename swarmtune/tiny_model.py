@@ -23,6 +23,7 @@ def tiny_config(family: str, layers: int = 6, hidden: int = 64, vocab_size: int 
     """A small config of `family` that still exercises its distinctive features."""
     from transformers import (
         BloomConfig,
+        DeepseekV3Config,
         Glm4MoeConfig,
         GptOssConfig,
         LlamaConfig,
@@ -61,6 +62,14 @@ def tiny_config(family: str, layers: int = 6, hidden: int = 64, vocab_size: int 
                 "truncate": False, "original_max_position_embeddings": 64}
         return GptOssConfig(**{**common, "intermediate_size": hidden // 2}, head_dim=hidden // heads,
                             num_local_experts=4, num_experts_per_tok=2, sliding_window=4, rope_parameters=rope)
+    if family == "deepseek_v3":  # MLA with q/kv low-rank, yarn rope, grouped routing, a dense first block
+        rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,
+                "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+        mla = dict(q_lora_rank=hidden // 2, kv_lora_rank=hidden // 4, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                   v_head_dim=12)
+        moe = dict(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1,
+                   moe_intermediate_size=hidden // 2, first_k_dense_replace=1)
+        return DeepseekV3Config(**{**common, "num_key_value_heads": heads}, **mla, **moe, rope_parameters=rope)
     if family == "bloom":
         return BloomConfig(vocab_size=vocab_size, hidden_size=hidden, n_layer=layers, n_head=heads,
                            bos_token_id=1, eos_token_id=2, pad_token_id=0)

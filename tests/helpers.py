@@ -20,7 +20,8 @@ import torch
 
 from swarmtune import launch
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom", "qwen3_moe", "glm4_moe", "gpt_oss"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "bloom", "qwen3_moe", "glm4_moe", "gpt_oss",
+            "deepseek_v3"]
 MOE_FAMILIES = ["qwen3_moe", "glm4_moe", "gpt_oss"]
 RECIPES = sorted(e.name[:-5] for e in launch.recipes_dir().iterdir() if e.name.endswith(".yaml"))
 PEERS = ["/ip4/10.1.2.3/tcp/31337/p2p/Qmb7FeGu3HqZ7rwcsYCd8iBELnmmCu1ahRKvGkwaAX2iEZ",  # well-formed, never dialled

@@ -43,6 +43,8 @@ def peft_weights(peft_model, key: str) -> tuple[torch.Tensor, torch.Tensor]:
     ("bloom", ["query_key_value", "dense_4h_to_h"], None),
     ("glm4_moe", None, None),  # a dense MLP in block 0, shared experts in the others: named module by module
     ("gpt_oss", None, [0, 3]),
+    ("deepseek_v3", None, None),  # MLA everywhere, dense MLP in block 0, shared experts in the others
+    ("deepseek_v3", ["kv_a_proj_with_mqa", "down_proj"], [0, 3]),
 ])
 def test_peft_loads_exported_lora(tiny_models, tmp_path, family, targets, blocks):
     path = tiny_models(family)
@@ -65,13 +67,14 @@ def test_peft_loads_exported_lora(tiny_models, tmp_path, family, targets, blocks
     torch.testing.assert_close(peft_model.base_model.model.lm_head.modules_to_save["default"].weight, head)
 
 
-@pytest.mark.parametrize("family", ["llama", "bloom", "glm4_moe"])
+@pytest.mark.parametrize("family", ["llama", "bloom", "glm4_moe", "deepseek_v3"])
 def test_import_adapter_written_by_peft(tiny_models, tmp_path, family):
     path = tiny_models(family)
     # glm4_moe: the shared experts of blocks 1-5 (a bare "gate_proj" would make PEFT adapt the routed experts'
     # fused tensors too, which we refuse)
     targets = {"llama": ["q_proj", "v_proj"], "bloom": ["query_key_value"],
-               "glm4_moe": ["q_proj", "shared_experts.gate_proj"]}[family]
+               "glm4_moe": ["q_proj", "shared_experts.gate_proj"],
+               "deepseek_v3": ["q_b_proj", "shared_experts.down_proj"]}[family]
     torch.manual_seed(1)
     peft_model = get_peft_model(reference_model(path), LoraConfig(r=4, lora_alpha=12, target_modules=targets,
                                                                   use_rslora=True))
@@ -83,7 +86,9 @@ def test_import_adapter_written_by_peft(tiny_models, tmp_path, family):
 
     lora = peft_format.load_lora(str(tmp_path), load_config(path))
     assert lora.rank == 4 and lora.scale == pytest.approx(12 / 2) and lora.use_rslora
-    assert len(lora.keys) == sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
+    assert len(lora.keys) == sum(n.endswith(".lora_A") for n, _ in peft_model.named_modules())
+    # block 0 of glm4_moe and deepseek_v3 is dense: it has no shared experts
+    assert len(lora.keys) == (11 if family in ("glm4_moe", "deepseek_v3") else 6 * len(targets))
     for key in lora.keys:
         for ours, theirs in zip(lora.pair(key), peft_weights(peft_model, key)):
             torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

@@ -32,7 +32,8 @@ from tests.helpers import PEERS, RECIPES, hydra_context
 
 ROOT = Path(__file__).resolve().parent.parent
 HUB_FAMILIES = {"meta-llama/Llama-2-70b-hf": "llama", "mistralai/Mixtral-8x7B-v0.1": "mixtral",
-                "Qwen/Qwen3-235B-A22B": "qwen3_moe", "openai/gpt-oss-120b": "gpt_oss", "zai-org/GLM-4.5": "glm4_moe"}
+                "Qwen/Qwen3-235B-A22B": "qwen3_moe", "openai/gpt-oss-120b": "gpt_oss", "zai-org/GLM-4.5": "glm4_moe",
+                "deepseek-ai/DeepSeek-V3": "deepseek_v3"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -65,8 +66,8 @@ def test_recipe_composes(recipe, monkeypatch):
         else:
             assert launch.peer_list(cfg.swarm.initial_peers) == PEERS
         assert not cfg.data.path.startswith("pkg://")
-    if tuning.lora.enabled:  # target names exist in this family's blocks
-        target_shapes(tiny_config(family), tuning.lora.targets, [0])
+    if tuning.lora.enabled:  # target names exist in this family's blocks (some only in DeepSeek's MoE blocks)
+        target_shapes(tiny_config(family), tuning.lora.targets)
     assert tuning.lora.enabled or tuning.prompt or tuning.deep_prompt
 
 

@@ -15,51 +15,41 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from swarmtune.models.family import get_family
+from swarmtune.models.family import get_family, present_targets
 
 
 def target_shapes(config: PretrainedConfig, targets: list[str] | tuple[str, ...] | None = None,
                   blocks: list[int] | None = None) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each target layer of each block, from the config alone.
 
-    A block lacking a target (a dense layer beside MoE layers, or the reverse) has no adapter there;
-    a target that none of the blocks has is an error.
+    A block lacking a target is skipped (DeepSeek's dense blocks have no shared experts); a target
+    that none of the blocks has is an error.
     """
     family = get_family(config.model_type)
-    targets = tuple(targets or family.lora_targets)
-    paths = {short: _full_paths(short, family.lora_targets) for short in targets}
+    paths = list(dict.fromkeys(p for short in targets or family.lora_targets
+                               for p in _full_paths(short, family.lora_targets)))
     shapes, found = {}, set()
     for block_index in blocks if blocks is not None else range(config.num_hidden_layers):
         with torch.device("meta"):
             block = family.block_class(config, block_index)
+        for path in present_targets(block, tuple(paths)):
+            layer = block.get_submodule(path)
+            if not isinstance(layer, nn.Linear):
+                raise ValueError(f"LoRA target {path!r} is not a linear layer in {config.model_type} blocks")
+            shapes[f"{block_index}.{path}"] = (layer.in_features, layer.out_features)
+            found.add(path)
+    if targets:  # the family's default list may name layers that this configuration lacks
         for short in targets:
-            for path in paths[short]:
-                layer = _submodule(block, path)
-                if layer is None:
-                    continue
-                if not isinstance(layer, nn.Linear):
-                    raise ValueError(f"LoRA target {short!r} is not a linear layer in {config.model_type} blocks")
-                shapes[f"{block_index}.{path}"] = (layer.in_features, layer.out_features)
-                found.add(short)
-    missing = [short for short in targets if short not in found]
-    if missing:
-        raise ValueError(f"LoRA target {missing[0]!r} is in none of the chosen {config.model_type} blocks")
+            if not found & set(_full_paths(short, family.lora_targets)):
+                raise ValueError(f"LoRA target {short!r} is in none of the chosen {config.model_type} blocks")
     return shapes
 
 
-def _submodule(block: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return block.get_submodule(path)
-    except AttributeError:
-        return None
-
-
 def _full_paths(target: str, known: tuple[str, ...]) -> list[str]:
-    """Accept PEFT-style short names ('q_proj', every layer of that name) as well as paths inside the block
-    ('self_attn.q_proj')."""
-    if target in known:
-        return [target]
-    matches = [k for k in known if k.rsplit(".", 1)[-1] == target]
+    """The paths inside the block that a target names: a path ('self_attn.q_proj'), or as PEFT matches
+    target_modules, every path ending in it ('q_proj'; DeepSeek's 'gate_proj': the dense MLP's and the
+    shared experts')."""
+    matches = [k for k in known if k == target or k.endswith("." + target)]
     if not matches:
         raise ValueError(f"Unknown LoRA target {target!r}: choose from {', '.join(known)}")
     return matches

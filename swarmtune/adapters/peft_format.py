@@ -169,7 +169,7 @@ def _load_lora(files: _AdapterFiles, config: PretrainedConfig) -> tuple[ClientLo
     if peft_config.get("peft_type") != "LORA":
         raise AdapterError(f"{files.adapter}: only LoRA adapters are supported, not {peft_config.get('peft_type')}")
     for option, plain in _UNSUPPORTED.items():
-        if peft_config.get(option, plain) not in (plain, None, {}, [], False):
+        if peft_config.get(option, plain) not in (plain, None, {}, False, []):
             raise AdapterError(f"{files.adapter}: LoRA option {option}={peft_config[option]!r} is not supported")
     extra = set(peft_config.get("modules_to_save") or []) - {"lm_head"}
     if extra:
@@ -178,7 +178,7 @@ def _load_lora(files: _AdapterFiles, config: PretrainedConfig) -> tuple[ClientLo
     lm_head = state.pop(LM_HEAD_KEY, None)
     family = get_family(config.model_type)
     pairs = _lora_pairs(state, family, files.adapter)
-    known = target_shapes(config, family.lora_targets)
+    known = target_shapes(config)  # every target layer of every block
     shapes = {}
     for key, (a, b) in pairs.items():
         if key not in known:

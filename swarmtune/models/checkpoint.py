@@ -15,14 +15,16 @@ from functools import lru_cache
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig
+from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
 from swarmtune.errors import UserError, check_source
+from swarmtune.models import fp8
 from swarmtune.models.family import Family, StateDict, get_family
 from swarmtune.models.span import SpanModel
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -47,7 +49,7 @@ def load_config(model: str, attn_implementation: str = "sdpa", revision: str | N
     """
     check_source(model, "model")
     source = model if os.path.isdir(model) else hub_file(model, "config.json", revision)
-    config = AutoConfig.from_pretrained(source)
+    config = _auto_config(source)
     config._name_or_path = model  # the hub id, as transformers records it, not the cached file's path
     family = get_family(config.model_type)  # fail early on unsupported families
     supported = family.attn_implementations
@@ -55,6 +57,21 @@ def load_config(model: str, attn_implementation: str = "sdpa", revision: str | N
     # What a local transformers model picks for MoE experts (mixtral); lone blocks would get None.
     config._experts_implementation = "grouped_mm"
     return config
+
+
+def _auto_config(source: str) -> PretrainedConfig:
+    """AutoConfig, except for checkpoints whose model_type transformers lacks but whose blocks are a family's:
+    Kimi-K2's config says kimi_k2 (for its remote code) and describes a deepseek_v3 model."""
+    path = os.path.join(source, "config.json") if os.path.isdir(source) else source
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        data = None  # AutoConfig names the problem
+    alias = MODEL_TYPE_ALIASES.get(data.get("model_type")) if isinstance(data, dict) else None
+    if alias is not None:  # without model_type and auto_map, which name the remote code
+        return CONFIG_MAPPING[alias].from_dict({k: v for k, v in data.items() if k not in ("model_type", "auto_map")})
+    return AutoConfig.from_pretrained(source)
 
 
 def hub_file(repo: str, filename: str, revision: str | None = None) -> str:
@@ -172,10 +189,10 @@ def _materialize(module: nn.Module, state: StateDict, dtype: torch.dtype, device
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise CheckpointError(f"{what}: missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
 
-    def target(key: str, tensor: torch.Tensor) -> torch.dtype:
-        if not tensor.is_floating_point():
-            return tensor.dtype
-        return torch.float32 if key.endswith(fp32_keys) else dtype
+    def target(key: str, value: torch.Tensor) -> torch.dtype:
+        if not value.is_floating_point():
+            return value.dtype
+        return torch.float32 if key.endswith(fp32_keys) and fp32_keys else dtype
 
     state = {k: v.to(device=device, dtype=target(k, v)) for k, v in state.items()}
     try:
@@ -203,15 +220,19 @@ def load_span(
         raise ValueError(f"Block span {start}:{end} is outside the model's {num_layers} blocks")
     family = get_family(config.model_type)
     ckpt = open_checkpoint(model, revision)
+    fp8_block = fp8.block_size(config)
     blocks = nn.ModuleList()
     for index in range(start, end):
         prefix = family.block_key_prefix(index)
+        what = f"block {index} of {model}"
         keys = ckpt.keys_with_prefix(prefix)
         raw = {k[len(prefix):]: v for k, v in ckpt.read(keys).items()}
+        if fp8_block is not None:
+            raw = fp8.dequantize(raw, fp8_block, what)
         with torch.device("meta"):
             block = family.block_class(config, index)
         state = family.convert_block_state(raw, config)
-        blocks.append(_materialize(block, state, dtype, device, f"block {index} of {model}", family.fp32_keys))
+        blocks.append(_materialize(block, state, dtype, device, what, family.fp32_keys))
     position_module = family.make_position_module(config)
     if position_module is not None:
         position_module = position_module.to(device)

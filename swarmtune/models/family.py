@@ -10,6 +10,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from swarmtune.errors import UserError
+from swarmtune.models.kv_cache import CacheShape
 
 StateDict = dict[str, torch.Tensor]
 
@@ -40,7 +41,9 @@ class Family:
     lora_targets: tuple[str, ...] = ()
     # The attention implementations the blocks support, the preferred one first (gpt-oss's sinks need eager).
     attn_implementations: tuple[str, ...] = ("sdpa", "eager")
-    # Block tensors (by name suffix) that stay fp32 whatever the serving dtype, as transformers keeps them.
+    # What one block's attention caches per token: the KV cache's size and the server's budgets follow it.
+    cache_shape: Callable[[PretrainedConfig], CacheShape] = lambda config: gqa_cache_shape(config)
+    # Block tensors (key suffixes) kept in float32 whatever the serving dtype, as transformers keeps them.
     fp32_keys: tuple[str, ...] = ()
     final_norm_class: Callable[[PretrainedConfig], nn.Module] = None  # type: ignore[assignment]
     embed_norm_class: Callable[[PretrainedConfig], nn.Module] | None = None
@@ -52,6 +55,26 @@ class Family:
     def run_block(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         out = block(hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
+
+
+def gqa_cache_shape(config: PretrainedConfig) -> CacheShape:
+    """Keys and values of every KV head: 2 x kv_heads x head_dim values per token."""
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return CacheShape(kv_heads, head_dim, kv_heads, head_dim)
+
+
+def present_targets(block: nn.Module, targets: tuple[str, ...]) -> list[str]:
+    """Those of `targets` that this block has (DeepSeek's q_proj is None where q_lora_rank is set)."""
+    def present(path: str) -> bool:
+        parent_path, _, name = path.rpartition(".")
+        try:
+            parent = block.get_submodule(parent_path) if parent_path else block
+        except AttributeError:
+            return False
+        return isinstance(getattr(parent, name, None), nn.Module)
+    return [path for path in targets if present(path)]
 
 
 class UnsupportedModel(UserError, ValueError):
@@ -83,4 +106,4 @@ def get_family(model_type: str) -> Family:
 
 
 def _load_builtin_families() -> None:
-    from swarmtune.models import bloom, moe, rotary  # noqa: F401  (registers on import)
+    from swarmtune.models import bloom, deepseek, moe, rotary  # noqa: F401  (registers on import)

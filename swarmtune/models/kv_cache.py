@@ -2,7 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """What one block caches per token, as its attention passes it to ``cache.update``: keys of
+    [key_heads, key_dim] and values of [value_heads, value_dim].
+
+    GQA caches keys and values of its KV heads; DeepSeek's MLA caches one compressed latent
+    (kv_lora_rank "keys") and the shared rotary key (qk_rope_head_dim "values") as a single head.
+    """
+
+    key_heads: int
+    key_dim: int
+    value_heads: int
+    value_dim: int
+
+    @property
+    def values_per_token(self) -> int:
+        return self.key_heads * self.key_dim + self.value_heads * self.value_dim
+
+    def nbytes_per_token(self, dtype: torch.dtype) -> int:
+        """Bytes one token (one batch row, one position) takes in one block's cache."""
+        return self.values_per_token * torch.empty((), dtype=dtype).element_size()
 
 
 class SpanKVCache:
@@ -20,23 +45,22 @@ class SpanKVCache:
         end: int,
         batch_size: int,
         max_length: int,
-        num_kv_heads: int,
-        head_dim: int,
+        shape: CacheShape,
         dtype: torch.dtype,
         device: torch.device | str,
     ):
         self.start, self.end = start, end
         self.max_length = max_length
         self.length = 0
-        shape = (end - start, batch_size, num_kv_heads, max_length, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        blocks = end - start
+        self.keys = torch.zeros((blocks, batch_size, shape.key_heads, max_length, shape.key_dim), dtype=dtype,
+                                device=device)
+        self.values = torch.zeros((blocks, batch_size, shape.value_heads, max_length, shape.value_dim),
+                                  dtype=dtype, device=device)
 
     @staticmethod
-    def nbytes_for(num_blocks: int, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int,
-                   dtype: torch.dtype) -> int:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_blocks * batch_size * num_kv_heads * max_length * head_dim * itemsize
+    def nbytes_for(num_blocks: int, batch_size: int, max_length: int, shape: CacheShape, dtype: torch.dtype) -> int:
+        return num_blocks * batch_size * max_length * shape.nbytes_per_token(dtype)
 
     @property
     def nbytes(self) -> int:

@@ -71,13 +71,14 @@ class SpanModel(nn.Module):
         return hidden
 
     def make_cache_nbytes(self, batch_size: int, max_length: int) -> int:
-        return SpanKVCache.nbytes_for(self.num_blocks, batch_size, max_length, *kv_shape(self.config),
+        """Bytes of `make_cache(batch_size, max_length)`: what the server's KV budget charges for it."""
+        return SpanKVCache.nbytes_for(self.num_blocks, batch_size, max_length, self.family.cache_shape(self.config),
                                       self.compute_dtype)
 
     def make_cache(self, batch_size: int, max_length: int) -> SpanKVCache:
-        heads, head_dim = kv_shape(self.config)
         device = next(self.blocks.parameters()).device
-        return SpanKVCache(self.start, self.end, batch_size, max_length, heads, head_dim, self.compute_dtype, device)
+        return SpanKVCache(self.start, self.end, batch_size, max_length, self.family.cache_shape(self.config),
+                           self.compute_dtype, device)
 
 
 def add_deep_prompt(hidden: torch.Tensor, prompt: torch.Tensor, past: int) -> torch.Tensor:
@@ -89,10 +90,3 @@ def add_deep_prompt(hidden: torch.Tensor, prompt: torch.Tensor, past: int) -> to
     head = hidden[:, :n] + prompt[:, past:past + n].to(hidden.dtype)
     return torch.cat([head, hidden[:, n:]], dim=1)
 
-
-def kv_shape(config: PretrainedConfig) -> tuple[int, int]:
-    """(number of KV heads, head dim) of one block's cache."""
-    heads = getattr(config, "num_attention_heads", None) or config.n_head
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return kv_heads, head_dim

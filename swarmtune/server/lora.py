@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swarmtune.models.family import present_targets
+
 _ACTIVE: contextvars.ContextVar[LoraSet | None] = contextvars.ContextVar("active_lora", default=None)
 
 
@@ -54,16 +56,12 @@ class LoraSlot(nn.Module):
 
 
 def wrap_targets(blocks: nn.ModuleList, start: int, targets: tuple[str, ...]) -> list[str]:
-    """Wrap each target linear of each block in a LoraSlot (where the block has it); returns the slot keys."""
+    """Wrap each target linear that each block has in a LoraSlot; returns the slot keys."""
     keys = []
     for offset, block in enumerate(blocks):
-        for path in targets:
+        for path in present_targets(block, targets):
             parent_path, _, name = path.rpartition(".")
-            try:
-                parent = block.get_submodule(parent_path) if parent_path else block
-                getattr(parent, name)
-            except AttributeError:  # e.g. shared experts in a dense block
-                continue
+            parent = block.get_submodule(parent_path) if parent_path else block
             key = f"{start + offset}.{path}"
             setattr(parent, name, LoraSlot(getattr(parent, name), key))
             keys.append(key)

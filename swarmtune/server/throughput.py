@@ -23,8 +23,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from swarmtune.models.family import get_family
-from swarmtune.models.kv_cache import SpanKVCache
-from swarmtune.models.span import SpanModel, kv_shape
+from swarmtune.models.span import SpanModel
 from swarmtune.server import quantize as quantize_lib
 
 logger = logging.getLogger(__name__)
@@ -79,7 +78,8 @@ def measure(config: PretrainedConfig, dtype: torch.dtype, device: str, quant: st
 def cache_key(config: PretrainedConfig, dtype: torch.dtype, device: str, quant: str = "none") -> str:
     """Everything the figures depend on: block shape, attention kernel, dtype, quantization, hardware, torch."""
     shape = {name: getattr(config, name, None) for name in (
-        "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_local_experts")}
+        "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_local_experts",
+        "moe_intermediate_size", "kv_lora_rank")}
     shape_text = " ".join(f"{k}={v}" for k, v in shape.items() if v is not None)
     return (f"{config.model_type} {shape_text} attn={config._attn_implementation} {str(dtype).replace('torch.', '')} "
             f"quant={quant} {device_name(device)} torch={torch.__version__}")
@@ -105,7 +105,7 @@ def free_bytes(device: str) -> int:
 
 def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
     """KV cache bytes of one token (one batch row, one position) in one block."""
-    return SpanKVCache.nbytes_for(1, 1, 1, *kv_shape(config), dtype)
+    return get_family(config.model_type).cache_shape(config).nbytes_per_token(dtype)
 
 
 def blocks_that_fit(config: PretrainedConfig, dtype: torch.dtype, device: str, quant: str,
