@@ -12,9 +12,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers.generation.streamers import BaseStreamer
 
+from swarmtune.adapters.lora import target_shapes
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.swarm import LocalSwarm
+from swarmtune.tiny_model import tiny_config
 from swarmtune.tuning.module import LoraSettings, OptimConfig, SwarmLM, TuningConfig
 from tests.helpers import MOE_FAMILIES, reference_model
 
@@ -111,6 +113,21 @@ def test_lora_step_matches_peft(moe: Moe):
             assert max_diff(module(**batch).logits, peft_model(**batch).logits) <= TOL
     finally:
         moe.model.lora = None
+
+
+def test_lora_targets_follow_each_blocks_kind():
+    """glm4_moe: block 0 is dense (its MLP is a target), the others have shared experts; a short name
+    covers every layer of that name, as in PEFT; a target none of the chosen blocks has is refused."""
+    config = tiny_config("glm4_moe")
+    keys = set(target_shapes(config))
+    assert {"0.mlp.gate_proj", "1.mlp.shared_experts.gate_proj", "5.self_attn.o_proj"} <= keys
+    assert "0.mlp.shared_experts.gate_proj" not in keys and "1.mlp.gate_proj" not in keys
+    assert set(target_shapes(config, ["gate_proj"], [0, 1])) == {"0.mlp.gate_proj", "1.mlp.shared_experts.gate_proj"}
+    with pytest.raises(ValueError, match="'mlp.gate_proj' is in none"):
+        target_shapes(config, ["mlp.gate_proj"], [2, 3])
+    qwen = tiny_config("qwen3_moe")  # block 1 is dense (mlp_only_layers)
+    assert {k for k in target_shapes(qwen) if ".mlp." in k} == {f"1.mlp.{p}" for p in ("gate_proj", "up_proj",
+                                                                                     "down_proj")}
 
 
 class _KillAfter(BaseStreamer):

@@ -8,7 +8,8 @@ import torch
 from swarmtune.models import load_span
 from swarmtune.server import compute
 from swarmtune.server.lora import LoraSet, wrap_targets
-from swarmtune.server.quantize import block_bytes, quantize
+from swarmtune.server.quantize import QuantizedExperts, block_bytes, quantize
+from tests.helpers import MOE_FAMILIES
 
 # relative error against fp32 of a 6-block tiny llama's output (measured about 3e-4 and 5e-3; with LoRA on
 # q_proj and down_proj 2.5e-3 and 3.7e-2) and of the LoRA gradients (measured about 1e-2 and 0.13-0.19)
@@ -73,6 +74,36 @@ def test_lora_on_quantized_blocks(tiny_llama, quant):
     _, _, ref_grads = compute.backward(base, hidden, None, None, None, lora, grad_out)
     for got, expected in zip(grads, ref_grads):
         assert _rel(got, expected) < GRAD_TOLERANCE[quant]
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+@pytest.mark.parametrize("family", ["mixtral", *MOE_FAMILIES])
+def test_moe_experts_are_quantized(tiny_models, family, quant):
+    """Routed experts (fused 3D parameters, not linear layers, in transformers 5.x) are stored quantized too,
+    nf4 bit for bit as bitsandbytes quantizes each expert's matrix; outputs and input gradients stay close."""
+    path = tiny_models(family)
+    full = load_span(path, 0, 6)
+    span = quantize(load_span(path, 0, 6), quant, torch.float32, "cpu")
+    assert not any(p.ndim == 3 for p in span.parameters())
+    experts = span.blocks[2].mlp.experts
+    assert isinstance(experts.gate_up_proj, QuantizedExperts) and isinstance(experts.down_proj, QuantizedExperts)
+    original = full.blocks[2].mlp.experts.gate_up_proj
+    if quant == "nf4":
+        import bitsandbytes as bnb
+
+        for i in range(original.shape[0]):
+            packed, state = bnb.functional.quantize_4bit(original[i].contiguous(), blocksize=64, quant_type="nf4")
+            assert torch.equal(experts.gate_up_proj[i], bnb.functional.dequantize_4bit(packed, state))
+    assert _rel(experts.gate_up_proj[1], original[1]) < {"int8": 1e-2, "nf4": 0.12}[quant]
+    assert block_bytes(full.blocks[2], quant, torch.float32) < block_bytes(full.blocks[2], "none", torch.float32) / 3
+
+    hidden = torch.randn(2, 9, full.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    ours, theirs = hidden.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
+    out, expected = span(ours), full(theirs)
+    assert _rel(out, expected) < TOLERANCE[quant]
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert _rel(ours.grad, theirs.grad) < GRAD_TOLERANCE[quant]
 
 
 def test_block_bytes_shrink(full):

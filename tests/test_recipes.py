@@ -88,6 +88,15 @@ def test_entry_point_composes_every_recipe_from_any_directory(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+def test_every_hub_model_config_names_a_supported_family():
+    """conf/model entries for real models (with or without a recipe) name a hub id of a family we serve."""
+    from swarmtune.models import supported_model_types
+
+    paths = {yaml.safe_load(p.read_text())["path"] for p in (ROOT / "conf" / "model").glob("*.yaml")} - {None}
+    assert paths <= set(HUB_FAMILIES), paths - set(HUB_FAMILIES)
+    assert {HUB_FAMILIES[p] for p in paths} <= set(supported_model_types())
+
+
 def test_package_list_is_complete():
     """pyproject lists packages explicitly (for the conf/recipes mapping): none may be forgotten."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
