@@ -77,7 +77,8 @@ class Shapes:
 
 
 # DeepSeek-V3 at full width: its hidden size, MLA heads; one MoE block, one server
-DEEPSEEK = dict(family="deepseek_v3", hidden=7168, heads=128, kv_heads=128, mlp=18432, blocks=1, servers=1)
+DEEPSEEK = dict(family="deepseek_v3", hidden=7168, heads=128, kv_heads=128, mlp=18432, blocks=1, servers=1,
+                start_timeout=1800.0)  # the server first times 512-token forwards through 8 of 16 experts
 LLAMA_2_70B_KV_BYTES = 2 * 8 * 128 * 2  # per token and block in bf16: keys and values of 8 KV heads of 128
 
 
