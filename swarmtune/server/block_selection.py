@@ -78,9 +78,7 @@ def choose_best_span(servers: Sequence[ServerInfo], num_blocks: int, capacity: f
     identical servers) go to the lowest start, or a random one with `rng`, so servers joining at
     the same moment spread out.
     """
-    sizes = relative_sizes(sizes)
-    rows = _rows(num_blocks, span_ends(capacity, num_blocks, sizes))
-    return _best(block_throughputs(servers, num_blocks), rows, my_throughput, rng)
+    return best_start(block_throughputs(servers, num_blocks), capacity, my_throughput, rng, sizes)
 
 
 def join_start(servers: Sequence[ServerInfo], num_blocks: int, me: ServerInfo, rng: random.Random | None = None,
@@ -100,9 +98,10 @@ def join_start(servers: Sequence[ServerInfo], num_blocks: int, me: ServerInfo, r
     return plan([*others, me], num_blocks, sizes)[me.peer_id]
 
 
-def best_start(totals: np.ndarray, length: int, throughput: float, rng: random.Random | None = None) -> int:
-    """`choose_best_span` over precomputed per-block throughputs of the other servers, for a span of `length`."""
-    return _best(totals, _windows(len(totals), length), throughput, rng)
+def best_start(totals: np.ndarray, capacity: float, throughput: float, rng: random.Random | None = None,
+               sizes: Sequence[float] | None = None) -> int:
+    """`choose_best_span` over precomputed per-block throughputs of the other servers."""
+    return _best(totals, _rows(len(totals), span_ends(capacity, len(totals), relative_sizes(sizes))), throughput, rng)
 
 
 def _best(totals: np.ndarray, rows: np.ndarray, throughput: float, rng: random.Random | None = None) -> int:
