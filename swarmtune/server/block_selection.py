@@ -119,6 +119,7 @@ def relative_sizes(sizes: Sequence[float] | None) -> tuple[float, ...] | None:
     return tuple(float(size) / largest for size in sizes)
 
 
+@functools.lru_cache(maxsize=1024)  # per server in view, at every plan
 def span_ends(capacity: float, num_blocks: int, sizes: tuple[float, ...] | None = None) -> tuple[int, ...]:
     """Per start a server may take (from 0), the end of its span there: as many blocks as `capacity` holds.
 
