@@ -26,7 +26,8 @@ What is reported, sampled every `sample_period` after the warm-up:
   burst, to the load that completes it), counted from when the servers left could serve every block.
 - moves per server-hour, after the warm-up; and in steady state, counting only the time (and the moves)
   at least `steady_s` after the last server joined or left.
-Baselines in the same run: random spans, and greedy joining without rebalancing.
+Baselines in the same run: random spans, and greedy joining without rebalancing. The DeepSeek-V3-shaped
+scenarios (blocks of unequal size) run twice: servers placing their spans by count, and by memory.
 
     python benchmarks/balance_sim.py [--quick]      (or python -m benchmarks.balance_sim)
 """
