@@ -26,7 +26,8 @@ What is reported, sampled every `sample_period` after the warm-up:
   burst, to the load that completes it), counted from when the servers left could serve every block.
 - moves per server-hour, after the warm-up; and in steady state, counting only the time (and the moves)
   at least `steady_s` after the last server joined or left.
-Baselines in the same run: random spans, and greedy joining without rebalancing.
+Baselines in the same run: random spans, and greedy joining without rebalancing. The DeepSeek-V3-shaped
+scenarios (blocks of unequal size) run twice: servers placing their spans by count, and by memory.
 
     python benchmarks/balance_sim.py [--quick]      (or python -m benchmarks.balance_sim)
 """
@@ -56,12 +57,16 @@ from swarmtune.server.block_selection import (
     kept_blocks,
     layout,
     load_order,
+    relative_sizes,
     served_throughputs,
     should_move,
+    span_end,
+    span_ends,
     suspects,
 )
 
-# (hardware, throughput per block, blocks of a Llama-2-70B-like model that fit in nf4, share of servers)
+# (hardware, throughput per block, blocks of a Llama-2-70B-like model that fit in nf4, share of servers); with
+# blocks of unequal size (Params.sizes), the memory of that many of the model's largest blocks
 HARDWARE = [
     ("H100 80GB", 8.0, 40, 0.05),
     ("A100 80GB", 5.0, 40, 0.10),
@@ -72,6 +77,10 @@ HARDWARE = [
     ("RTX 3060", 1.0, 6, 0.15),
 ]
 POLICIES = ("random", "greedy", "balance")
+# DeepSeek-V3's blocks (transformers' DeepseekV3Config, built on the meta device): 3 dense (583.5M parameters),
+# then 58 MoE (11,507.3M: 256 routed experts, 1 shared); each token reads about as many parameters in either
+# (585M of an MoE block's with 8 experts), so a server serves both at the same tokens/s
+DEEPSEEK_V3_SIZES = (583.5 / 11507.3,) * 3 + (1.0,) * 58
 PROBE_TIMEOUT = 2.0   # what asking a dead server costs before it counts as dead
 
 
@@ -102,6 +111,8 @@ class Params:
     sample_period: float = 5.0
     steady_s: float = 300.0           # steady state: this long after the last server joined or left
     seed: int = 0
+    sizes: tuple[float, ...] | None = None  # each block's memory relative to the largest (None: all alike)
+    by_bytes: bool = True             # with sizes: servers place spans by memory; False: N blocks of any kind
 
 
 @dataclass
@@ -122,7 +133,7 @@ class Result:
 @dataclass
 class _Server:
     info: ServerInfo
-    blocks: int
+    capacity: float         # blocks it holds, or with sizes, the memory of as many of the largest
     alive: bool = True
     ready: bool = False     # loaded once: counts towards what the swarm could do
     epoch: int = 0          # invalidates the load-completion event of an abandoned span
@@ -154,6 +165,8 @@ class Simulation:
         self.planned: tuple[frozenset, float] = (frozenset(), 0.0)
         self.result = Result()
         self.changed = 0.0                          # when a server last joined or left
+        self.sizes = relative_sizes(params.sizes)   # the blocks' memory, as the central planner and the bound see it
+        self.placed = self.sizes if params.by_bytes else None  # ... and as the servers place their spans
 
     # ---- event plumbing --------------------------------------------------------------------------
 
@@ -239,22 +252,27 @@ class Simulation:
         self.joined += 1
         self.changed = self.now
         throughput *= self.rng.uniform(0.8, 1.2)
-        blocks = min(blocks, p.num_blocks)
+        capacity = min(blocks, p.num_blocks)
         peer = f"{name}#{next(self.counter)}"
         if p.policy == "random":
-            start = self.decisions.randrange(p.num_blocks - blocks + 1)
+            start = self.decisions.randrange(len(span_ends(capacity, p.num_blocks, self.placed)))
         elif p.policy == "greedy":
-            start = choose_best_span(self.view()[0], p.num_blocks, blocks, throughput, self.decisions)
+            start = choose_best_span(self.view()[0], p.num_blocks, capacity, throughput, self.decisions, self.placed)
         else:
-            me = ServerInfo(peer, 0, blocks, "joining", throughput=throughput)
-            start = join_start(self.view()[0], p.num_blocks, me, self.decisions)
-        server = _Server(ServerInfo(peer, start, start + blocks, "joining", throughput=throughput), blocks)
+            me = ServerInfo(peer, 0, self._end(capacity, 0), "joining", throughput=throughput, capacity=capacity)
+            start = join_start(self.view()[0], p.num_blocks, me, self.decisions, self.placed)
+        info = ServerInfo(peer, start, self._end(capacity, start), "joining", throughput=throughput, capacity=capacity)
+        server = _Server(info, capacity)
         self.servers[peer] = server
         self._load(server, start, p.load_s)
         self.at(self.now + p.update_period, self.refresh, peer)
         if p.policy == "balance":
             self.at(self.now + self._balance_gap(), self.check, peer, True)
             self.at(self.now + p.poll_period, self.check, peer, False)
+
+    def _end(self, capacity: float, start: int) -> int:
+        """Where the span at `start` of a server with `capacity` ends."""
+        return span_end(capacity, start, self.p.num_blocks, self.placed)
 
     def _load(self, server: _Server, start: int, overhead: float) -> None:
         """Load [start, start + blocks) block by block (`load_order`), serving each as it comes."""
@@ -270,7 +288,7 @@ class Simulation:
         self.at(self.now + self.p.dht_delay, self._back_off, server, server.epoch, self.now + overhead, kept)
 
     def _claim(self, server: _Server, start: int, kept: range) -> None:
-        whole = (start, start + server.blocks)
+        whole = (start, self._end(server.capacity, start))
         if len(kept):
             server.info = replace(server.info, start=kept.start, end=kept.stop, state="online", target=whole)
         else:
@@ -281,9 +299,9 @@ class Simulation:
                   reads: int = BACK_OFF_ROUNDS) -> None:
         if not server.alive or server.epoch != epoch:
             return
-        start = back_off(self.view()[0], self.p.num_blocks, server.info)
+        start = back_off(self.view()[0], self.p.num_blocks, server.info, self.placed)
         if start is not None:
-            kept = kept_blocks(kept, start, server.blocks)
+            kept = kept_blocks(kept, start, self._end(server.capacity, start) - start)
             self._claim(server, start, kept)
             if reads > 1:  # the new claim may collide in turn: read again once it is visible
                 self.at(self.now + self.p.dht_delay, self._back_off, server, epoch, loads_from, kept, reads - 1)
@@ -291,8 +309,8 @@ class Simulation:
         self._load_blocks(server, loads_from, kept)
 
     def _load_blocks(self, server: _Server, loads_from: float, kept: range) -> None:
-        order = load_order(anticipated_throughputs(self.view()[0], self.p.num_blocks), server.info.whole_span[0],
-                           server.blocks, kept)
+        start, end = server.info.whole_span
+        order = load_order(anticipated_throughputs(self.view()[0], self.p.num_blocks), start, end - start, kept)
         for i, block in enumerate(order, 1):
             self.at(max(self.now, loads_from) + self.p.load_s_per_block * i, self.loaded, server.info.peer_id,
                     server.epoch, block)
@@ -340,12 +358,12 @@ class Simulation:
             servers, dead = self.view()
             if dead - self.reports():
                 self.report(dead)
-            start = should_move(servers, self.p.num_blocks, info)
+            start = should_move(servers, self.p.num_blocks, info, sizes=self.placed)
             if start is not None:
                 self.result.moves += self.now >= self.p.warmup
                 self.result.steady_moves += self.now >= self.p.warmup and self.steady()
                 self._move(server, start, self.p.move_s + PROBE_TIMEOUT * bool(dead - server.found_dead),
-                           kept_blocks(range(info.start, info.end), start, server.blocks))
+                           kept_blocks(range(info.start, info.end), start, self._end(server.capacity, start) - start))
             server.found_dead = dead
 
     def leave(self, peer: str) -> None:
@@ -390,13 +408,13 @@ class Simulation:
         p, result = self.p, self.result
         weakest = served_throughputs([s.info for s in self.servers.values() if s.alive], p.num_blocks).min()
         ready = [s for s in self.servers.values() if s.alive and s.ready]
-        capacity = sum(s.info.throughput * s.blocks for s in ready)
+        capacity = sum(s.info.throughput * s.capacity for s in ready)
         planner = self.planner_min(ready)
         result.samples += 1
         if planner > 0:
             result.ratios.append(weakest / planner)
         if capacity:
-            result.bounds.append(weakest / (capacity / p.num_blocks))
+            result.bounds.append(weakest / (capacity / (p.num_blocks if self.sizes is None else sum(self.sizes))))
         result.holes += weakest == 0 and planner > 0  # unserved blocks the servers could have served
         server_seconds = sum(s.alive for s in self.servers.values()) * p.sample_period
         result.server_seconds += server_seconds
@@ -423,16 +441,19 @@ class Simulation:
         """`planned_min` of the loaded servers, computed again only when they change."""
         key = frozenset(s.info.peer_id for s in ready)
         if key != self.planned[0]:
-            self.planned = key, planned_min([(s.blocks, s.info.throughput) for s in ready], self.p.num_blocks)
+            self.planned = key, planned_min([(s.capacity, s.info.throughput) for s in ready], self.p.num_blocks,
+                                            self.sizes)
         return self.planned[1]
 
 
-def planned_min(servers: Sequence[tuple[int, float]], num_blocks: int) -> float:
-    """The weakest block when (blocks, throughput) servers are placed one by one from scratch, most capacity first."""
+def planned_min(servers: Sequence[tuple[float, float]], num_blocks: int,
+                sizes: tuple[float, ...] | None = None) -> float:
+    """The weakest block when (capacity, throughput) servers are placed one by one from scratch, most capacity first
+    (by memory, with `sizes`)."""
     totals = np.zeros(num_blocks)
-    for blocks, throughput in sorted(servers, key=lambda s: s[0] * s[1], reverse=True):
-        start = best_start(totals, blocks, throughput)
-        totals[start:start + blocks] += throughput
+    for capacity, throughput in sorted(servers, key=lambda s: s[0] * s[1], reverse=True):
+        start = best_start(totals, capacity, throughput, sizes=sizes)
+        totals[start:span_end(capacity, start, num_blocks, sizes)] += throughput
     return float(totals.min())
 
 
@@ -480,7 +501,24 @@ def scenarios(quick: bool) -> list[Params]:
                fleet=("H100 80GB",) + ("RTX 3060", "T4", "RTX 3090") * 2, num_blocks=48, **small),
         Params("30 servers joining one by one (2 min apart)", servers=30, fleet=mixed, one_by_one=True,
                formation=3600.0, warmup=0.0, duration=4800.0),
+        *deepseek_scenarios(duration),
     ]
+
+
+def deepseek_scenarios(duration: float) -> list[Params]:
+    """DeepSeek-V3's shape (DEEPSEEK_V3_SIZES), servers placing their spans by count and by memory."""
+    tight = ("A100 40GB", "RTX 4090", "RTX 3090", "T4", "T4")  # memory for 60 MoE blocks: the model takes 58.15
+    shape = dict(num_blocks=61, sizes=DEEPSEEK_V3_SIZES, duration=duration, warmup=600.0)
+    out = []
+    for by_bytes, how in ((False, "count"), (True, "bytes")):
+        out += [
+            Params(f"DeepSeek-V3 12 mixed, 30% crash/30 min, by {how}", servers=12, burst=0.3, by_bytes=by_bytes,
+                   fleet=("RTX 4090", "A100 40GB", "RTX 3090", "T4", "RTX 3060", "RTX 4090", "RTX 3090", "A100 80GB"),
+                   **shape),
+            Params(f"DeepSeek-V3 5 servers, 60 MoE blocks' memory, by {how}", servers=5, fleet=tight,
+                   by_bytes=by_bytes, **shape),
+        ]
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

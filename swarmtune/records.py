@@ -32,6 +32,7 @@ class ServerInfo:
     target: tuple[int, int] | None = None  # the whole span it holds, where it serves only part of it yet (loading)
     pinned: bool = False             # its span was given (--blocks): it never moves, others plan around it
     throughput: float = 1.0          # forward tokens/s per block: what training routes by
+    capacity: float = 0.0            # memory for blocks, in the model's largest blocks (0: not said; its span's)
     inference_rps: float = 1.0       # single-token steps/s for the whole span
     dtype: str = "float32"
     quant: str = "none"
@@ -71,6 +72,7 @@ class ServerInfo:
                 target=_span(record.get("target")),
                 pinned=record.get("pinned", False) is True,
                 throughput=_positive(record["throughput"]), inference_rps=_positive(record["inference_rps"]),
+                capacity=_capacity(record.get("capacity", 0.0)),
                 dtype=str(record["dtype"]), quant=str(record["quant"]),
                 cache_tokens_left=_int(record["cache_tokens_left"]),
                 adapters=tuple(str(a) for a in record.get("adapters", ())),
@@ -123,6 +125,11 @@ def _span(x) -> tuple[int, int] | None:
     if not 0 <= _int(start) < _int(end) <= MAX_BLOCKS:
         raise ValueError("expected a span of blocks")
     return start, end
+
+
+def _capacity(x) -> float:
+    """0 (not said: records of servers before it was announced), or a positive number of blocks the model may have."""
+    return 0.0 if x == 0 else min(_positive(x), float(MAX_BLOCKS))
 
 
 def _positive(x) -> float:

@@ -271,15 +271,17 @@ def test_pinned_servers_stay_where_they_are_and_the_others_plan_around_them():
     assert plan(servers, 12)["z"] == 0
 
 
-def _settle(servers: dict[str, ServerInfo], num_blocks: int, rounds: int = 10) -> int:
+def _settle(servers: dict[str, ServerInfo], num_blocks: int, rounds: int = 10, sizes: list | None = None) -> int:
     """Let servers check in turn, moving as told, until nobody moves; returns the holes left."""
     for _ in range(rounds):
         moved = False
         for name in list(servers):
             me = servers[name]
-            start = should_move(list(servers.values()), num_blocks, me)
+            start = should_move(list(servers.values()), num_blocks, me, sizes=sizes)
             if start is not None:
-                servers[name] = ServerInfo(name, start, start + me.end - me.start, throughput=me.throughput)
+                end = start + me.end - me.start if sizes is None else block_selection.span_end(
+                    me.capacity, start, num_blocks, block_selection.relative_sizes(sizes))
+                servers[name] = ServerInfo(name, start, end, throughput=me.throughput, capacity=me.capacity)
                 moved = True
         if not moved:
             break
@@ -295,3 +297,54 @@ def test_of_two_servers_claiming_one_gap_the_later_gives_way_to_the_gap_nobody_c
     assert back_off([server("a", 0, 4), server("b", 6, 12), other, mover], 16, mover) == 12
     assert back_off([*settled, me], 16, me) is None  # 12-15 unclaimed, but 4-8 is mine alone: another mover's share
     assert back_off([*settled, server("d", 12, 16), other, me], 16, me) is None  # nowhere better: every block held
+
+
+# DeepSeek-V3's shape in small: 3 dense blocks of 1/20 the memory of the MoE ones after them
+SIZES = [0.05] * 3 + [1.0] * 6
+
+
+def test_a_span_holds_as_many_blocks_as_fit_its_capacity_from_where_it_starts():
+    sizes = [0.05] * 3 + [1.0] * 7
+    assert block_selection.span_ends(3.0, 10, block_selection.relative_sizes(sizes)) == (5, 5, 5, 6, 7, 8, 9, 10)
+    assert block_selection.span_ends(3.0, 10) == (3, 4, 5, 6, 7, 8, 9, 10)  # by count
+    assert block_selection.relative_sizes([2.0] * 5) is None  # blocks alike: by count, as before
+    assert block_selection.relative_sizes([1, 20, 20]) == (0.05, 1.0, 1.0)
+
+
+def test_servers_whose_memory_covers_the_model_cover_it_where_counting_blocks_cannot():
+    # three servers with memory for 2.15 MoE blocks each, as the model takes 6.15 (by count: 6 of its 9 blocks)
+    for sizes, holes in ((SIZES, 0), (None, 3)):
+        servers = {}
+        for name in "abc":
+            me = ServerInfo(name, 0, block_selection.span_end(2.15, 0, 9, block_selection.relative_sizes(sizes)),
+                            "joining", capacity=2.15)
+            start = join_start(list(servers.values()), 9, me, sizes=sizes)
+            end = block_selection.span_end(2.15, start, 9, block_selection.relative_sizes(sizes))
+            servers[name] = dataclasses.replace(me, start=start, end=end, state="online")
+        assert _settle(servers, 9, sizes=sizes) == holes
+
+
+def test_a_server_moves_where_its_memory_holds_more_blocks_to_close_a_hole():
+    # "a" holds MoE blocks 3-5 with room for 3.15: from block 0 it holds the 3 dense blocks as well
+    servers = [ServerInfo("a", 3, 6, capacity=3.15), ServerInfo("b", 6, 9, capacity=3.0)]
+    assert plan(servers, 9, SIZES) == {"a": 0, "b": 6}
+    assert should_move(servers, 9, servers[0], sizes=SIZES) == 0
+    assert should_move(servers, 9, servers[0]) is None  # by count it would leave blocks 3-5 to cover 0-2
+    # a record without a capacity (a server of before) is planned with what its span holds: from 0, blocks 0-4
+    old = ServerInfo.from_record("a", {k: v for k, v in servers[0].to_record().items() if k != "capacity"})
+    (derived,), (announced,) = (block_selection._spans([s], 9, block_selection.relative_sizes(SIZES))
+                                for s in (old, servers[0]))
+    assert old.capacity == 0.0 and derived.capacity == 3 and derived.length_at(0) == 5 < announced.length_at(0) == 6
+
+
+def test_equal_sizes_plan_as_counting_blocks_does():
+    servers = [server("a", 0, 8), server("b", 0, 4), server("d", 0, 4, 2.0), ServerInfo("e", 6, 9, capacity=5.5)]
+    assert plan(servers, 12, [7.0] * 12) == plan(servers, 12)
+    assert join_start(servers, 12, server("f", 0, 5), sizes=[7.0] * 12) == join_start(servers, 12, server("f", 0, 5))
+
+
+def test_a_capacity_is_announced_and_checked():
+    info = ServerInfo("p", 0, 4, capacity=4.7)
+    assert ServerInfo.from_record("p", info.to_record()) == info
+    for bad in (-1.0, float("nan"), float("inf"), None):
+        assert ServerInfo.from_record("p", info.to_record() | {"capacity": bad}) is None

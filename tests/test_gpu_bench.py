@@ -197,11 +197,11 @@ def test_blocks_that_fit_keep_room_for_an_auto_cache(monkeypatch):
     one_block, kv = _sizes(config)
     free = int((7 * (one_block + kv) + one_block // 2) / throughput.MEMORY_FRACTION)
     monkeypatch.setattr(throughput, "free_bytes", lambda device: free)
-    assert throughput.blocks_that_fit(config, torch.bfloat16, "cpu", "none", reserve_bytes=None) == 7
-    fixed = throughput.blocks_that_fit(config, torch.bfloat16, "cpu", "none", reserve_bytes=0)
-    assert fixed == int(free * throughput.MEMORY_FRACTION // one_block) > 7
+    assert int(throughput.capacity_that_fits(config, torch.bfloat16, "cpu", "none", reserve_bytes=None)) == 7
+    fixed = throughput.capacity_that_fits(config, torch.bfloat16, "cpu", "none", reserve_bytes=0)
+    assert int(fixed) == int(free * throughput.MEMORY_FRACTION // one_block) > 7
     monkeypatch.setattr(throughput, "free_bytes", lambda device: 1 << 50)
-    assert throughput.blocks_that_fit(config, torch.bfloat16, "cpu", "none", reserve_bytes=None) == 80
+    assert throughput.capacity_that_fits(config, torch.bfloat16, "cpu", "none", reserve_bytes=None) == 80
 
 
 @pytest.mark.parametrize("free_gib", [24, 80, 141])

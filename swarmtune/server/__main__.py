@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     span.add_argument("--blocks", type=parse_blocks, help="the span to serve, START:END")
     span.add_argument("--num-blocks", type=parse_num_blocks,
                       help="serve this many blocks ('auto': as many as fit in free memory) where the swarm needs "
-                           "them most, and move when another layout would serve it markedly better")
+                           "them most, and move when another layout would serve it markedly better; where blocks "
+                           "differ in size (DeepSeek-V3's dense first ones), the memory of this many of the largest, "
+                           "so that more of the smaller ones fit")
     p.add_argument("--balance-period", type=float, default=ServerConfig.balance_period,
                    help="with --num-blocks: mean seconds between checks whether to move (randomised +-50%%)")
     p.add_argument("--poll-period", type=float, default=ServerConfig.poll_period,

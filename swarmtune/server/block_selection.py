@@ -69,36 +69,87 @@ def served_throughputs(servers: Sequence[ServerInfo], num_blocks: int) -> np.nda
     return _coverage([dataclasses.replace(s, target=None) for s in servers if s.state == "online"], num_blocks)[0]
 
 
-def choose_best_span(servers: Sequence[ServerInfo], num_blocks: int, my_num_blocks: int, my_throughput: float,
-                     rng: random.Random | None = None) -> int:
+def choose_best_span(servers: Sequence[ServerInfo], num_blocks: int, capacity: float, my_throughput: float,
+                     rng: random.Random | None = None, sizes: Sequence[float] | None = None) -> int:
     """The start of the span whose addition leaves the best sorted per-block throughputs.
 
-    Ties (an empty swarm, identical servers) go to the lowest start, or a random one with `rng`,
-    so servers joining at the same moment spread out.
+    `capacity`: how many blocks the server holds, or with `sizes` (each block's memory relative to
+    the largest) how many of the largest its memory holds (`span_ends`). Ties (an empty swarm,
+    identical servers) go to the lowest start, or a random one with `rng`, so servers joining at
+    the same moment spread out.
     """
-    return best_start(block_throughputs(servers, num_blocks), my_num_blocks, my_throughput, rng)
+    return best_start(block_throughputs(servers, num_blocks), capacity, my_throughput, rng, sizes)
 
 
-def join_start(servers: Sequence[ServerInfo], num_blocks: int, me: ServerInfo, rng: random.Random | None = None) -> int:
-    """Where a joining server `me` (its span's length and throughput) goes.
+def join_start(servers: Sequence[ServerInfo], num_blocks: int, me: ServerInfo, rng: random.Random | None = None,
+               sizes: Sequence[float] | None = None) -> int:
+    """Where a joining server `me` (its span's length, or with `sizes` its capacity, and throughput) goes.
 
     In a small swarm, its place in the swarm's plan with it added: the servers already there then
     move (if they must) while it loads, rather than after.
     """
     others = [s for s in servers if s.peer_id != me.peer_id]
-    length = min(me.end, num_blocks) - me.start
-    start = choose_best_span(others, num_blocks, length, me.throughput, rng)
+    sizes = relative_sizes(sizes)
+    ends = span_ends(_capacity(me, num_blocks, sizes), num_blocks, sizes)
+    start = _best(block_throughputs(others, num_blocks), _rows(num_blocks, ends), me.throughput, rng)
     if len(others) >= PLAN_MAX_SERVERS:
         return start
-    me = dataclasses.replace(me, start=start, end=start + length, state="joining")
-    return plan([*others, me], num_blocks)[me.peer_id]
+    me = dataclasses.replace(me, start=start, end=ends[start], state="joining")
+    return plan([*others, me], num_blocks, sizes)[me.peer_id]
 
 
-def best_start(totals: np.ndarray, length: int, throughput: float, rng: random.Random | None = None) -> int:
+def best_start(totals: np.ndarray, capacity: float, throughput: float, rng: random.Random | None = None,
+               sizes: Sequence[float] | None = None) -> int:
     """`choose_best_span` over precomputed per-block throughputs of the other servers."""
-    ranked, best = _leximin_best(totals + throughput * _windows(len(totals), length))
+    return _best(totals, _rows(len(totals), span_ends(capacity, len(totals), relative_sizes(sizes))), throughput, rng)
+
+
+def _best(totals: np.ndarray, rows: np.ndarray, throughput: float, rng: random.Random | None = None) -> int:
+    """The start of the best of the spans in `rows` (row s: the blocks of the span at s) added to `totals`."""
+    ranked, best = _leximin_best(totals + throughput * rows)
     ties = np.flatnonzero((ranked == ranked[best]).all(axis=1))
     return int(rng.choice(ties) if rng is not None else ties[0])
+
+
+def relative_sizes(sizes: Sequence[float] | None) -> tuple[float, ...] | None:
+    """Each block's memory over the largest's; None where they are all alike (every span then has a fixed length)."""
+    if sizes is None or min(sizes) == max(sizes):
+        return None
+    largest = max(sizes)
+    return tuple(float(size) / largest for size in sizes)
+
+
+@functools.lru_cache(maxsize=1024)  # per server in view, at every plan
+def span_ends(capacity: float, num_blocks: int, sizes: tuple[float, ...] | None = None) -> tuple[int, ...]:
+    """Per start a server may take (from 0), the end of its span there: as many blocks as `capacity` holds.
+
+    Without `sizes` (`relative_sizes`), `capacity` is a number of blocks; with them, memory in
+    units of the largest block, so that a span over smaller blocks holds more of them. The starts
+    run up to the first whose span reaches the last block (a later one would hold less of it).
+    """
+    if sizes is None:
+        length = min(int(capacity), num_blocks)
+        return tuple(range(length, num_blocks + 1))
+    prefix = np.concatenate([[0.0], np.cumsum(sizes)])
+    ends = np.searchsorted(prefix, prefix[:-1] + capacity + 1e-9 * max(1.0, capacity), side="right") - 1
+    last = int(np.argmax(ends >= num_blocks)) if (ends >= num_blocks).any() else num_blocks - 1
+    return tuple(int(end) for end in np.minimum(ends[:last + 1], num_blocks))
+
+
+def span_end(capacity: float, start: int, num_blocks: int, sizes: tuple[float, ...] | None = None) -> int:
+    """The end of the span of a server with `capacity` at `start` (`span_ends`; past the last start, the model's)."""
+    ends = span_ends(capacity, num_blocks, sizes)
+    return ends[start] if start < len(ends) else num_blocks
+
+
+def _capacity(s: ServerInfo, num_blocks: int, sizes: tuple[float, ...] | None) -> float:
+    """What `span_ends` takes for `s`: its span's length, or with `sizes` its announced capacity (a record
+    without one: what its span holds)."""
+    start, end = s.whole_span
+    end = min(end, num_blocks)
+    if sizes is None:
+        return end - start
+    return s.capacity or float(sum(sizes[start:end]))
 
 
 def _leximin_best(rows: np.ndarray) -> tuple[np.ndarray, int]:
@@ -122,13 +173,14 @@ def leximin_gain(new: np.ndarray, old: np.ndarray) -> float:
     return math.inf if a[i] == 0 else float(b[i] / a[i])
 
 
-def plan(servers: Sequence[ServerInfo], num_blocks: int) -> dict[str, int]:
+def plan(servers: Sequence[ServerInfo], num_blocks: int, sizes: Sequence[float] | None = None) -> dict[str, int]:
     """The start every server should have, as anyone reading this view computes it.
 
     Deterministic (servers in peer id order, ties to the lowest start), so that servers planning
-    from the same view agree.
+    from the same view agree. With `sizes` (each block's memory), a server's span at a start is
+    as many blocks as its capacity holds there (`span_ends`).
     """
-    return dict(_plan(_spans(servers, num_blocks), num_blocks)[0])
+    return dict(_plan(_spans(servers, num_blocks, relative_sizes(sizes)), num_blocks)[0])
 
 
 class _Span(NamedTuple):
@@ -138,10 +190,18 @@ class _Span(NamedTuple):
     throughput: float
     served: range       # the blocks it serves now (empty while it loads its first)
     pinned: bool        # never moves
+    ends: tuple[int, ...]  # per start it may take, where its span there ends (`span_ends`)
+    capacity: float     # its length, or with block sizes, its memory for blocks (`_capacity`)
 
     @property
     def loading(self) -> bool:
         return len(self.served) < self.length
+
+    def length_at(self, start: int) -> int:
+        return self.length if start == self.start else self.ends[start] - start
+
+    def rows(self, num_blocks: int) -> np.ndarray:
+        return _rows(num_blocks, self.ends)
 
 
 def layout(servers: Sequence[ServerInfo]) -> frozenset[tuple]:
@@ -154,12 +214,15 @@ def layout(servers: Sequence[ServerInfo]) -> frozenset[tuple]:
                      for s in servers)
 
 
-def _spans(servers: Sequence[ServerInfo], num_blocks: int) -> tuple[_Span, ...]:
+def _spans(servers: Sequence[ServerInfo], num_blocks: int,
+           sizes: tuple[float, ...] | None = None) -> tuple[_Span, ...]:
     spans = []
     for s in servers:
         start, end = s.whole_span
         served = range(s.start, min(s.end, num_blocks)) if s.state == "online" else range(0)
-        spans.append(_Span(s.peer_id, start, min(end, num_blocks) - start, s.throughput, served, s.pinned))
+        capacity = _capacity(s, num_blocks, sizes)
+        spans.append(_Span(s.peer_id, start, min(end, num_blocks) - start, s.throughput, served, s.pinned,
+                           span_ends(capacity, num_blocks, sizes), capacity))
     return tuple(sorted(spans))
 
 
@@ -178,8 +241,8 @@ def _plan(spans: tuple[_Span, ...], num_blocks: int) -> tuple[tuple[tuple[str, i
     current = {s.peer_id: s.start for s in spans}
     movable = [s for s in spans if not s.pinned]
     fresh = _reinsert(spans, num_blocks, current, movable)
-    mirrored = {s.peer_id: s.start if s.pinned else num_blocks - fresh[s.peer_id] - s.length
-                for s in spans}  # without pinned servers as good as `fresh`, maybe with fewer moves
+    mirrored = {s.peer_id: s.start if s.pinned else _mirrored(s, fresh[s.peer_id], num_blocks)
+                for s in spans}  # without pinned servers (blocks alike) as good as `fresh`, maybe with fewer moves
     order = _removal_order(spans, num_blocks, current)
     candidates = [_improve(spans, num_blocks, current), fresh, mirrored]
     candidates += [_cover(spans, num_blocks, current, parts) for parts in range(1, COVER_PARTS + 1)]
@@ -197,6 +260,11 @@ def _plan(spans: tuple[_Span, ...], num_blocks: int) -> tuple[tuple[tuple[str, i
     wave, _, _, deep = waves[best][0][0]
     waiting = deep and any(s.loading for s in spans)  # a deep wave waits for the servers loading now
     return tuple(candidates[best].items()), frozenset() if waiting else frozenset(s.peer_id for s in wave)
+
+
+def _mirrored(s: _Span, start: int, num_blocks: int) -> int:
+    """The start of `s`'s span at `start` mirrored about the model's middle (or the last start it may take)."""
+    return min(num_blocks - start - s.length_at(start), len(s.ends) - 1)
 
 
 def _value(final: float, waves: list, unserved_s: float, unit: float) -> float:
@@ -232,7 +300,7 @@ def _waves(spans: tuple[_Span, ...], num_blocks: int,
         served = serving > 0  # blocks only loading servers hold are left out: they are not served yet anyway
         floor = KEEP * serving[served].min() if served.any() else 0.0
         wave, deep = [], False
-        fillers = [s for s in movers if unserved[starts[s.peer_id]:starts[s.peer_id] + s.length].any()]
+        fillers = [s for s in movers if unserved[_span_at(s, starts[s.peer_id])].any()]
         if fillers and not waves:  # first, the servers that serve unserved blocks, those leaving no new ones
             for s in fillers:
                 without = _leaving(serving, s, starts[s.peer_id])
@@ -254,7 +322,7 @@ def _waves(spans: tuple[_Span, ...], num_blocks: int,
             left = [_leaving(serving, s, starts[s.peer_id]) for s in movers]
             wave = [movers[int(np.argmax([t.min() for t in left]))]]
             serving = left[movers.index(wave[0])]
-        seconds = max(MOVE_S + LOAD_S_PER_BLOCK * (s.length - len(kept_blocks(s.served, starts[s.peer_id], s.length)))
+        seconds = max(MOVE_S + LOAD_S_PER_BLOCK * (s.length_at(starts[s.peer_id]) - len(_kept(s, starts[s.peer_id])))
                       for s in wave)
         gaps.append(serving.copy())
         if not waves:  # the servers loading now are done by the time the first wave is
@@ -265,8 +333,8 @@ def _waves(spans: tuple[_Span, ...], num_blocks: int,
         else:
             waves.append((wave, float(serving.min()), seconds, deep))
         for s in wave:
-            start, kept = starts[s.peer_id], kept_blocks(s.served, starts[s.peer_id], s.length)
-            serving[start:start + s.length] += s.throughput
+            start, kept = starts[s.peer_id], _kept(s, starts[s.peer_id])
+            serving[start:start + s.length_at(start)] += s.throughput
             serving[kept.start:kept.stop] -= s.throughput  # served all along
         serving = _settled(serving)
         movers = [s for s in movers if s not in wave]
@@ -287,7 +355,7 @@ def _unserved_seconds(gaps: list[np.ndarray], waves: list, loading: list[_Span],
         ahead = gaps[k] + 0.5 * _layout_totals(wave, len(gaps[k]), starts)
         goes += [(s, starts[s.peer_id], began[k] + MOVE_S, ahead) for s in wave]
     for s, start, loads_from, serving in goes:
-        for i, block in enumerate(load_order(serving, start, s.length, kept_blocks(s.served, start, s.length)), 1):
+        for i, block in enumerate(load_order(serving, start, s.length_at(start), _kept(s, start)), 1):
             ready[block] = min(ready[block], loads_from + LOAD_S_PER_BLOCK * i)
     for serving, since in zip(gaps, began):
         unserved = (serving == 0) & ~loaded_anyway
@@ -300,10 +368,19 @@ def kept_blocks(served: range, start: int, length: int) -> range:
     return range(max(served.start, start), max(served.start, min(served.stop, start + length)))
 
 
+def _span_at(s: _Span, start: int) -> slice:
+    return slice(start, start + s.length_at(start))
+
+
+def _kept(s: _Span, start: int) -> range:
+    """The blocks `s` keeps serving as it moves to `start`."""
+    return kept_blocks(s.served, start, s.length_at(start))
+
+
 def _leaving(serving: np.ndarray, s: _Span, start: int) -> np.ndarray:
     """`serving` (per-block throughputs) once `s` stops serving what it will not keep at `start`."""
     out = serving.copy()
-    kept = kept_blocks(s.served, start, s.length)
+    kept = _kept(s, start)
     out[s.served.start:s.served.stop] -= s.throughput
     out[kept.start:kept.stop] += s.throughput
     return _settled(out)
@@ -348,7 +425,8 @@ def _removal_order(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, 
     """Movable servers in the order that leaves the best layout as each is taken out: the most redundant first."""
     totals, left, order = _layout_totals(spans, num_blocks, starts), [s for s in spans if not s.pinned], []
     while left:
-        without = np.stack([_place(totals, starts[s.peer_id], s.length, -s.throughput) for s in left])
+        without = np.stack([_place(totals, starts[s.peer_id], s.length_at(starts[s.peer_id]), -s.throughput)
+                            for s in left])
         pick = _leximin_best(without)[1]
         order.append(left.pop(pick))
         totals = without[pick]
@@ -360,36 +438,41 @@ def _reinsert(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int],
     """`removed` taken out and placed again, the most capacity first, each where it most raises the order."""
     starts = dict(starts)
     totals = _layout_totals([s for s in spans if s not in removed], num_blocks, starts)
-    for s in sorted(removed, key=lambda s: (-s.throughput * s.length, s.peer_id)):
-        start = starts[s.peer_id] = best_start(totals, s.length, s.throughput)
-        totals[start:start + s.length] += s.throughput
+    for s in sorted(removed, key=lambda s: (-s.throughput * s.capacity, s.peer_id)):
+        start = starts[s.peer_id] = _best(totals, s.rows(num_blocks), s.throughput)
+        totals[start:start + s.length_at(start)] += s.throughput
     return starts
 
 
 def should_move(servers: Sequence[ServerInfo], num_blocks: int, me: ServerInfo,
-                min_gain: float = MIN_GAIN) -> int | None:
+                min_gain: float = MIN_GAIN, sizes: Sequence[float] | None = None) -> int | None:
     """A better start for `me` (which may appear in `servers`), or None to stay.
 
     `servers` are the live ones as far as the caller knows (see `suspects`): online, or loading
-    a span they announced ("joining").
+    a span they announced ("joining"). With `sizes`, see `plan`.
     """
     others = [s for s in servers if s.peer_id != me.peer_id]
+    sizes = relative_sizes(sizes)
     start, end = me.whole_span
     me = dataclasses.replace(me, start=start, end=min(end, num_blocks), target=None)
     if len(others) < PLAN_MAX_SERVERS:
-        start = _planned_move(others, num_blocks, me)
+        start = _planned_move(others, num_blocks, me, sizes)
         if start is not False:
             return start
     totals, counts = _coverage(others, num_blocks)
     length = me.end - me.start
+    ends = span_ends(_capacity(me, num_blocks, sizes), num_blocks, sizes)
+    rows = _rows(num_blocks, ends)
     if (_place(counts, me.start, length, 1) == 0).any():
-        return _fill_holes(counts, me.start, length)
-    best = best_start(totals, length, me.throughput)
-    current, moved = _place(totals, me.start, length, me.throughput), _place(totals, best, length, me.throughput)
+        return _fill_holes(counts, me.start, length, rows)
+    best = _best(totals, rows, me.throughput)
+    current = _place(totals, me.start, length, me.throughput)
+    moved = _place(totals, best, ends[best] - best, me.throughput)
     return best if best != me.start and moved.min() >= min_gain * current.min() else None
 
 
-def back_off(servers: Sequence[ServerInfo], num_blocks: int, me: ServerInfo) -> int | None:
+def back_off(servers: Sequence[ServerInfo], num_blocks: int, me: ServerInfo,
+             sizes: Sequence[float] | None = None) -> int | None:
     """Where `me`, which has just announced the span it moves to (`whole_span`), goes instead; None to stay.
 
     Servers that plan from views a moment apart can claim the same gap and leave another without a
@@ -411,8 +494,10 @@ def back_off(servers: Sequence[ServerInfo], num_blocks: int, me: ServerInfo) -> 
     mine = slice(start, start + length)
     if not ((serving[mine] == 0) & (held[mine] > 0)).any():  # no other server loads a block of my gap
         return None
-    best = best_start(held, length, me.throughput)
-    return best if (held[best:best + length] == 0).sum() > (held[mine] == 0).sum() else None
+    sizes = relative_sizes(sizes)
+    ends = span_ends(_capacity(me, num_blocks, sizes), num_blocks, sizes)
+    best = _best(held, _rows(num_blocks, ends), me.throughput)
+    return best if (held[best:ends[best]] == 0).sum() > (held[mine] == 0).sum() else None
 
 
 def suspects(servers: Sequence[ServerInfo], num_blocks: int,
@@ -437,14 +522,13 @@ def suspects(servers: Sequence[ServerInfo], num_blocks: int,
                                           counts[held[s.peer_id].start:held[s.peer_id].stop].min()))[:MAX_PROBES]
 
 
-def _planned_move(others: list[ServerInfo], num_blocks: int, me: ServerInfo) -> int | None | bool:
+def _planned_move(others: list[ServerInfo], num_blocks: int, me: ServerInfo,
+                  sizes: tuple[float, ...] | None) -> int | None | bool:
     """`me`'s move in the swarm's plan, if it goes now; None to stay; False where the plan leaves holes."""
-    servers = [*others, me]
-    layout, going = _plan(_spans(servers, num_blocks), num_blocks)
+    spans = _spans([*others, me], num_blocks, sizes)
+    layout, going = _plan(spans, num_blocks)
     layout = dict(layout)
-    moved = [dataclasses.replace(s, start=layout[s.peer_id], end=layout[s.peer_id] + s.whole_span[1] - s.whole_span[0],
-                                 target=None) for s in servers]
-    if (block_throughputs(moved, num_blocks) == 0).any():
+    if (_layout_totals(spans, num_blocks, layout) == 0).any():
         return False  # leave it to the chain of hole-closing moves
     return layout[me.peer_id] if me.peer_id in going else None
 
@@ -476,12 +560,13 @@ def _cover(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int], pa
         share = shares.setdefault(first + width, -(-width // pieces))
         options = []
         for s in free:
-            left = _settled(_place(totals, starts[s.peer_id], s.length, -s.throughput))
-            size = min(s.length, width, share)  # covers [first, first + size)
-            at = np.arange(max(0, first + size - s.length), min(first, num_blocks - s.length) + 1)
-            in_hole = np.minimum(at + s.length, first + width) - np.maximum(at, first)
+            left = _settled(_place(totals, starts[s.peer_id], s.length_at(starts[s.peer_id]), -s.throughput))
+            ends, at = np.array(s.ends), np.arange(len(s.ends))
+            size = min(int(np.where(at <= first, ends - first, 0).max()), width, share)  # covers [first, first + size)
+            at = at[(at <= first) & (ends >= first + size)]
+            in_hole = np.minimum(ends[at], first + width) - np.maximum(at, first)
             at = at[in_hole <= share] if (in_hole <= share).any() else at  # the rest of the hole is others' share
-            rows = left + s.throughput * _windows(num_blocks, s.length)[at]
+            rows = left + s.throughput * s.rows(num_blocks)[at]
             ranked, best = _leximin_best(rows)
             opened = ((rows[best] == 0) & (totals > 0)).sum()  # blocks its going leaves to nobody
             options.append((size, -opened, (rows[best] > 0).sum(), tuple(ranked[best]), s.peer_id, s, int(at[best]),
@@ -502,13 +587,13 @@ def _improve(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int]) 
             if s.pinned:
                 continue
             start = starts[s.peer_id]
-            totals[start:start + s.length] -= s.throughput
-            best = best_start(totals, s.length, s.throughput)
-            if best != start and leximin_gain(_place(totals, best, s.length, s.throughput),
-                                              _place(totals, start, s.length, s.throughput)) >= PLAN_GAIN:
+            totals[start:start + s.length_at(start)] -= s.throughput
+            best = _best(totals, s.rows(num_blocks), s.throughput)
+            if best != start and leximin_gain(_place(totals, best, s.length_at(best), s.throughput),
+                                              _place(totals, start, s.length_at(start), s.throughput)) >= PLAN_GAIN:
                 start, moved = best, True
             starts[s.peer_id] = start
-            totals[start:start + s.length] += s.throughput
+            totals[start:start + s.length_at(start)] += s.throughput
         if not moved:
             break
     return starts
@@ -517,7 +602,8 @@ def _improve(spans: tuple[_Span, ...], num_blocks: int, starts: dict[str, int]) 
 def _layout_totals(spans: Sequence[_Span], num_blocks: int, starts: dict[str, int]) -> np.ndarray:
     totals = np.zeros(num_blocks)
     for s in spans:
-        totals[starts[s.peer_id]:starts[s.peer_id] + s.length] += s.throughput
+        start = starts[s.peer_id]
+        totals[start:start + s.length_at(start)] += s.throughput
     return totals
 
 
@@ -528,7 +614,7 @@ def _served_totals(spans: Sequence[_Span], num_blocks: int) -> np.ndarray:
     return totals
 
 
-def _fill_holes(counts: np.ndarray, start: int, length: int) -> int | None:
+def _fill_holes(counts: np.ndarray, start: int, length: int, rows: np.ndarray) -> int | None:
     """The start leaving the fewest holes, then the holes nearest to spare coverage, if that beats staying.
 
     When no single move closes a hole, the spare coverage (blocks held twice) may be far from it:
@@ -536,16 +622,16 @@ def _fill_holes(counts: np.ndarray, start: int, length: int) -> int | None:
     until one move closes the hole. Every such step strictly lowers (holes, distance), so the
     servers cannot move in circles.
     """
-    placed = counts + _windows(len(counts), length)
+    placed = counts + np.vstack([rows, _place(np.zeros(len(counts)), start, length, 1) > 0])  # the last: staying
     holes = placed == 0
     spare = placed >= 2
     index = np.arange(len(counts))
     gaps = np.abs(index[:, None] - index[None, :])
     nearest = np.where(spare[:, None, :], gaps[None], np.inf).min(axis=2)
     distance = np.where(holes, nearest, 0.0).sum(axis=1)
-    order = np.lexsort((distance, holes.sum(axis=1)))
+    order = np.lexsort((distance[:-1], holes[:-1].sum(axis=1)))
     best = int(order[0])
-    better = (holes[best].sum(), distance[best]) < (holes[start].sum(), distance[start])
+    better = (holes[best].sum(), distance[best]) < (holes[-1].sum(), distance[-1])
     return best if better else None
 
 
@@ -566,10 +652,16 @@ def _coverage(servers: Sequence[ServerInfo], num_blocks: int) -> tuple[np.ndarra
 
 def _windows(num_blocks: int, length: int) -> np.ndarray:
     """Row s: which blocks a span of `length` starting at s covers."""
-    length = min(length, num_blocks)
+    return _rows(num_blocks, span_ends(length, num_blocks))
+
+
+@functools.lru_cache(maxsize=1024)  # the spans of the servers in view, read over and over while planning
+def _rows(num_blocks: int, ends: tuple[int, ...]) -> np.ndarray:
+    """Row s: which blocks the span from s to ends[s] covers (read-only)."""
     index = np.arange(num_blocks)
-    starts = np.arange(num_blocks - length + 1)[:, None]
-    return (index >= starts) & (index < starts + length)
+    rows = (index >= np.arange(len(ends))[:, None]) & (index < np.array(ends)[:, None])
+    rows.flags.writeable = False
+    return rows
 
 
 def _settled(totals: np.ndarray) -> np.ndarray:

@@ -41,7 +41,8 @@ PING_TIMEOUT = 2.0  # a server that does not answer an info call within this is 
 class ServerConfig:
     model: str
     blocks: tuple[int, int] | None = None   # the span to serve; None: choose where the swarm needs it
-    num_blocks: int | None = None           # how many to choose (None: as many as fit in free memory)
+    num_blocks: int | None = None           # how many to choose (None: as many as fit in free memory); with blocks
+                                            # of unequal size, the memory of as many of the largest
     balance_period: float = 10.0            # mean seconds between checks whether to move (a DHT read, a few pings)
     poll_period: float = 2.0                # small swarms: a DHT read this often (up to 16 servers: pings of all)
     throughput_cache: str | None = None     # directory of the measured-throughput cache (None: ~/.cache/swarmtune)
@@ -68,6 +69,8 @@ class Server:
         self.p2p = self.dht = self.servicer = None
         self.executor: PriorityExecutor | None = None
         self.model_config = self.speed = None
+        self.sizes: tuple[float, ...] | None = None  # the blocks' relative sizes (None: all alike)
+        self.capacity: float | None = None  # memory for blocks, in the model's largest (None: the span was given)
         self.blocks: tuple[int, int] | None = None   # the whole span held (some of it maybe still loading)
         self.state = "joining"
         self.adapters: dict[str, ClientLora] = {}  # hosted adapters' LoRA, read once
@@ -85,6 +88,7 @@ class Server:
             torch.set_num_threads(cfg.num_threads)
         cuda.configure(cfg.device)
         self.model_config = load_config(cfg.model, cfg.attn_implementation, cfg.revision)
+        self.sizes = block_selection.relative_sizes(throughput.block_sizes(self.model_config))
         self.speed = throughput.get_throughput(self.model_config, parse_dtype(cfg.dtype), cfg.device, cfg.quant,
                                                cfg.throughput_cache)
 
@@ -110,7 +114,8 @@ class Server:
         return ServerInfo(
             peer_id=str(self.p2p.peer_id), start=served[0], end=served[1], state=state,
             target=None if served == self.blocks else self.blocks, pinned=self.config.blocks is not None,
-            throughput=self.config.throughput or self.speed.forward, inference_rps=self.speed.inference / (end - start),
+            throughput=self.config.throughput or self.speed.forward, capacity=self.capacity or 0.0,
+            inference_rps=self.speed.inference / (end - start),
             dtype=str(parse_dtype(self.config.dtype)).replace("torch.", ""), quant=self.config.quant,
             cache_tokens_left=int(cache_tokens), adapters=tuple(servicer.hosted_adapters) if servicer else (),
             version=__version__, addrs=tuple(self.maddrs),
@@ -191,7 +196,8 @@ class Server:
         server claimed our gap as well (`block_selection.back_off`); None to keep it."""
         num_blocks = self.model_config.num_hidden_layers
         try:
-            return block_selection.back_off(await self.visible_servers(), num_blocks, self.server_info(self.state))
+            return block_selection.back_off(await self.visible_servers(), num_blocks, self.server_info(self.state),
+                                            self.sizes)
         except Exception as e:  # a DHT hiccup: keep the claim, the periodic checks correct it
             logger.warning(f"could not read the swarm to check our claim: {e}")
             return None
@@ -237,19 +243,28 @@ class Server:
         return [s for s in servers if s.state != "offline"]
 
     async def choose_blocks(self) -> tuple[int, int]:
-        """The span of our size that most raises the swarm's weakest blocks (in a small swarm, as planned)."""
+        """The span our memory holds that most raises the swarm's weakest blocks (in a small swarm, as planned).
+
+        Where blocks differ in size, how many it holds depends on where it starts (`block_selection.span_ends`).
+        """
         cfg = self.config
-        num_layers = self.model_config.num_hidden_layers
-        length = cfg.num_blocks or throughput.blocks_that_fit(self.model_config, parse_dtype(cfg.dtype), cfg.device,
-                                                              cfg.quant, cfg.cache_bytes)
-        if length < 1:
+        self.capacity = float(cfg.num_blocks or throughput.capacity_that_fits(
+            self.model_config, parse_dtype(cfg.dtype), cfg.device, cfg.quant, cfg.cache_bytes))
+        if self.capacity < min(self.sizes or (1.0,)):
             cache = "its KV cache" if cfg.cache_bytes is None else f"{cfg.cache_bytes >> 20} MiB of KV cache"
             raise RuntimeError(f"Not enough free memory on {cfg.device} for one block of {cfg.model} besides "
                                f"{cache}: free some, or give --num-blocks")
-        length = min(length, num_layers)
-        me = ServerInfo(str(self.p2p.peer_id), 0, length, "joining", throughput=cfg.throughput or self.speed.forward)
-        start = block_selection.join_start(await self.visible_servers(), num_layers, me, random.Random())
-        return start, start + length
+        me = ServerInfo(str(self.p2p.peer_id), 0, self.span_end(0), "joining", capacity=self.capacity,
+                        throughput=cfg.throughput or self.speed.forward)
+        start = block_selection.join_start(await self.visible_servers(), self.model_config.num_hidden_layers, me,
+                                           random.Random(), self.sizes)
+        return start, self.span_end(start)
+
+    def span_end(self, start: int) -> int:
+        """Where our span ends if it starts at `start`: as many blocks as our memory holds there."""
+        if self.capacity is None:  # a span given (--blocks): it never moves
+            return start + self.blocks[1] - self.blocks[0]
+        return block_selection.span_end(self.capacity, start, self.model_config.num_hidden_layers, self.sizes)
 
     async def balance_forever(self) -> None:
         """Now and then (jittered, so servers do not move in lockstep) move if another span serves markedly better.
@@ -288,7 +303,8 @@ class Server:
             if dead - reported:
                 await self.report_unreachable(dead)
             start = await asyncio.to_thread(  # up to 0.2 s of planning in a swarm of 60: not on the event loop
-                block_selection.should_move, servers, num_blocks, self.server_info(self.state))
+                block_selection.should_move, servers, num_blocks, self.server_info(self.state),
+                block_selection.MIN_GAIN, self.sizes)
             if start is not None:
                 try:
                     await self.move(start)
@@ -349,14 +365,14 @@ class Server:
         """
         old_start, old_end = self.blocks
         kept = await self.claim(start)
-        logger.info(f"moving from blocks {old_start}:{old_end} to {start}:{start + old_end - old_start}, "
+        logger.info(f"moving from blocks {old_start}:{old_end} to {start}:{self.span_end(start)}, "
                     f"keeping {kept.end - kept.start if kept is not None else 0}")
         for _ in range(block_selection.BACK_OFF_ROUNDS):  # each read once our latest claim is on the DHT
             elsewhere = await self.back_off()
             if elsewhere is None:
                 break
             logger.info(f"another server is loading blocks of our gap as well: taking {elsewhere}:"
-                        f"{elsewhere + old_end - old_start} instead")
+                        f"{self.span_end(elsewhere)} instead")
             kept = await self.claim(elsewhere)
         gc.collect()
         if torch.device(self.config.device).type == "cuda":
@@ -366,11 +382,11 @@ class Server:
     async def claim(self, start: int) -> SpanModel | None:
         """Hold the span at `start` from now on, and say so. Of our blocks, keep serving those it shares (returned);
         with none, withdraw (offline, so clients route elsewhere) and announce the span as loading ("joining")."""
-        length = self.blocks[1] - self.blocks[0]
+        end = self.span_end(start)
         served = range(self.servicer.span.start, self.servicer.span.end) if self.servicer is not None else range(0)
-        kept = block_selection.kept_blocks(served, start, length)
+        kept = block_selection.kept_blocks(served, start, end - start)
         if len(kept):
-            self.blocks = (start, start + length)
+            self.blocks = (start, end)
             await self.serve(self.servicer.span.part(kept.start, kept.stop))
             return self.servicer.span
         if self.servicer is not None:
@@ -378,7 +394,7 @@ class Server:
             await self.announce("offline")
             await self.servicer.remove_p2p_handlers(self.p2p)
             self.servicer = None
-        self.blocks = (start, start + length)
+        self.blocks = (start, end)
         self.state = "joining"
         await self.announce("joining")
         return None

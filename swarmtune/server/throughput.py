@@ -4,6 +4,11 @@ Servers announce their speed so that clients route by it and joining servers bal
 figures come from a short benchmark of one randomly initialised block of the model's shape
 (same dtype, device and attention implementation as served), cached on disk per configuration:
 the benchmark runs once per machine and model shape, not at every start.
+
+A model's blocks may differ in size (DeepSeek-V3's 3 dense first blocks take 1/20 of the memory of
+its MoE blocks): what fits is measured in memory (`block_bytes`), and the block benchmarked is the
+largest. A token reads about as many parameters in a dense block as in an MoE one (its routed and
+shared experts: DeepSeek-V3 583M against 585M), so a block's speed is taken to be the same.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ MAX_STEPS = 32              # single-token inference steps timed
 BUDGET_S = 0.3              # seconds of timing per figure, after one warm-up call
 MEMORY_FRACTION = 0.8       # share of free memory for blocks and KV cache; the rest absorbs activations
 AUTO_CACHE_TOKENS = 8192    # with --cache-mb auto, KV room per block that --num-blocks auto keeps (batch x length)
+_BLOCK_BYTES: dict[tuple, tuple[int, ...]] = {}  # block_bytes, per configuration, dtype and quantization
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ def get_throughput(config: PretrainedConfig, dtype: torch.dtype, device: str, qu
 
 
 def measure(config: PretrainedConfig, dtype: torch.dtype, device: str, quant: str = "none") -> Throughput:
-    """Time a batched forward and single-token steps through one random block of the model's shape."""
+    """Time a batched forward and single-token steps through one random block of the model's shape (its largest)."""
     block = _random_block(config, dtype, "cpu" if quant != "none" else device)  # quantized on the move to device
     span = quantize_lib.quantize(block, quant, dtype, device)
     hidden = torch.randn(1, FORWARD_TOKENS, config.hidden_size, dtype=dtype, device=device)
@@ -81,6 +87,8 @@ def cache_key(config: PretrainedConfig, dtype: torch.dtype, device: str, quant: 
         "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_local_experts",
         "moe_intermediate_size", "kv_lora_rank")}
     shape_text = " ".join(f"{k}={v}" for k, v in shape.items() if v is not None)
+    layer = largest_block(config)
+    shape_text += f" layer={layer}" if layer else ""  # the block measured, where it is not the first
     return (f"{config.model_type} {shape_text} attn={config._attn_implementation} {str(dtype).replace('torch.', '')} "
             f"quant={quant} {device_name(device)} torch={torch.__version__}")
 
@@ -108,22 +116,46 @@ def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
     return get_family(config.model_type).cache_shape(config).nbytes_per_token(dtype)
 
 
-def blocks_that_fit(config: PretrainedConfig, dtype: torch.dtype, device: str, quant: str,
-                    reserve_bytes: int | None) -> int:
-    """How many blocks fit in MEMORY_FRACTION of the device's free memory beside the KV cache.
+def capacity_that_fits(config: PretrainedConfig, dtype: torch.dtype, device: str, quant: str,
+                       reserve_bytes: int | None) -> float:
+    """How much of the model fits in MEMORY_FRACTION of the device's free memory beside the KV cache, in units
+    of its largest block: with blocks alike, how many (`block_selection.span_ends` takes the whole part).
 
     The cache takes `reserve_bytes`, or with None (--cache-mb auto) AUTO_CACHE_TOKENS tokens per
-    block: the share that auto_cache_bytes then leaves it, so the two stay consistent.
+    block: the share that auto_cache_bytes then leaves it, so the two stay consistent. Servers
+    plan with every block's size relative to the largest in parameters (`block_sizes`), alike
+    whatever each serves in; a unit here is what the costliest block (by its own bytes, with its
+    cache, over its relative size) takes, so that any span fitting the capacity fits the memory.
     """
-    with torch.device("meta"):
-        block = get_family(config.model_type).block_class(config, 0)
-    one_block = quantize_lib.block_bytes(block, quant, dtype)
-    usable = free_bytes(device) * MEMORY_FRACTION
-    if reserve_bytes is None:
-        count = usable // (one_block + AUTO_CACHE_TOKENS * kv_bytes_per_token(config, dtype))
-    else:
-        count = (usable - reserve_bytes) // one_block
-    return int(max(0, min(config.num_hidden_layers, count)))
+    own, sizes = block_bytes(config, dtype, quant), block_sizes(config)
+    cache = AUTO_CACHE_TOKENS * kv_bytes_per_token(config, dtype) if reserve_bytes is None else 0
+    unit = max((mine + cache) * max(sizes) / size for mine, size in zip(own, sizes))
+    usable = free_bytes(device) * MEMORY_FRACTION - (reserve_bytes or 0)
+    return max(0.0, min(usable / unit, sum(sizes) / max(sizes)))
+
+
+def block_sizes(config: PretrainedConfig) -> tuple[int, ...]:
+    """Every block's size as all servers of the model plan with it: its parameters (bytes in float32, unquantized)."""
+    return block_bytes(config, torch.float32)
+
+
+def block_bytes(config: PretrainedConfig, dtype: torch.dtype, quant: str = "none") -> tuple[int, ...]:
+    """Memory of each block of the model as served in `dtype` and `quant`: the family's block for that layer,
+    built on the meta device (`quantize.block_bytes`)."""
+    key = (config.to_json_string(use_diff=False), dtype, quant)
+    if key not in _BLOCK_BYTES:  # per configuration: a start, and the throughput cache's key, ask more than once
+        family = get_family(config.model_type)
+        with torch.device("meta"):
+            _BLOCK_BYTES[key] = tuple(quantize_lib.block_bytes(family.block_class(config, layer), quant, dtype)
+                                      for layer in range(config.num_hidden_layers))
+    return _BLOCK_BYTES[key]
+
+
+def largest_block(config: PretrainedConfig) -> int:
+    """The layer of the model's largest block (the first of equals)."""
+    sizes = block_sizes(config)
+    return sizes.index(max(sizes))
+
 
 
 def auto_cache_bytes(free_before: int, free_after: int) -> int:
@@ -137,13 +169,13 @@ def auto_cache_bytes(free_before: int, free_after: int) -> int:
 
 
 def _random_block(config: PretrainedConfig, dtype: torch.dtype, device: str) -> SpanModel:
-    family = get_family(config.model_type)
+    family, layer = get_family(config.model_type), largest_block(config)
     with torch.device(device):
-        blocks = nn.ModuleList([family.block_class(config, 0)]).to(dtype)
+        blocks = nn.ModuleList([family.block_class(config, layer)]).to(dtype)
     position_module = family.make_position_module(config)
     if position_module is not None:
         position_module = position_module.to(device)
-    return SpanModel(family, config, 0, 1, blocks, position_module, dtype).eval()
+    return SpanModel(family, config, layer, layer + 1, blocks, position_module, dtype).eval()
 
 
 def _rate(fn: Callable[[], object], max_calls: int, device: str) -> float:
