@@ -72,7 +72,8 @@ class Pair:
 
 def pair(row: dict) -> Pair:
     """{prompt, chosen, rejected}, each a string or a list of messages. Answers given as whole conversations
-    (as in ultrafeedback_binarized) share their first messages: those are the prompt."""
+    (as in ultrafeedback_binarized) share their first messages: those are the prompt; an answer that starts
+    with the prompt's messages is what follows them."""
     for name in ("chosen", "rejected"):
         if row.get(name) is None:
             raise RowError(f"no '{name}'")
@@ -91,7 +92,8 @@ def pair(row: dict) -> Pair:
     if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
         return Pair(prompt, chosen, rejected)
     prompt = messages(prompt, "prompt") if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    answers = [[{"role": "assistant", "content": a}] if isinstance(a, str) else a for a in (chosen, rejected)]
+    answers = [[{"role": "assistant", "content": a}] if isinstance(a, str)
+               else a[len(prompt):] if a[:len(prompt)] == prompt else a for a in (chosen, rejected)]
     return Pair(prompt, _answer(answers[0], "chosen"), _answer(answers[1], "rejected"))
 
 
