@@ -31,7 +31,8 @@ from swarmtune.tuning.module import OptimConfig, TuningConfig
 from tests.helpers import PEERS, RECIPES, hydra_context
 
 ROOT = Path(__file__).resolve().parent.parent
-HUB_FAMILIES = {"meta-llama/Llama-2-70b-hf": "llama", "mistralai/Mixtral-8x7B-v0.1": "mixtral"}
+HUB_FAMILIES = {"meta-llama/Llama-2-70b-hf": "llama", "mistralai/Mixtral-8x7B-v0.1": "mixtral",
+                "meta-llama/Llama-3.1-70B-Instruct": "llama"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
