@@ -54,6 +54,27 @@ def swarm_lm(llama_client):
     llama_client.soft_prompts = None
 
 
+def pairs_preferred(model_path: str, adapter: str, pairs: InstructionDataModule | None = None,
+                    beta: float = BETA) -> tuple[float, float]:
+    """Reward accuracy and mean margin of `adapter` on the held-out bundled pairs (as training splits them, seed
+    0), with plain PEFT: the policy with the adapter, the reference with it disabled."""
+    if pairs is None:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        pairs = InstructionDataModule(DataConfig(path=PREFERENCE, format="preference", val_fraction=0.1,
+                                                 max_val_samples=16), tokenizer)
+    model = PeftModel.from_pretrained(reference_model(model_path), adapter).eval()
+    margins = []
+    with torch.no_grad():
+        for batch in pairs.eval_dataloader("validation"):
+            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+            policy = plain_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
+            with model.disable_adapter():
+                reference = plain_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
+            chosen, rejected = (beta * (policy - reference)).chunk(2)
+            margins += (chosen - rejected).tolist()
+    return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
+
+
 def plain_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(answer | prompt) per row, written out plainly (log-softmax, gather, masked sum)."""
     logps = torch.log_softmax(logits[:, :-1].float(), -1)
@@ -148,22 +169,9 @@ def test_training_prefers_chosen_answers_with_plain_peft(llama_client, tiny_llam
             "train/rewards_rejected"} <= set(header)
     assert abs(float(first["train/loss"]) - math.log(2)) <= 1e-6
 
-    peft_model = PeftModel.from_pretrained(reference_model(tiny_llama), adapter).eval()
-    correct, margins = 0, []
-    with torch.no_grad():
-        for batch in pairs.val_dataloader():
-            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-            policy = plain_logps(peft_model(input_ids=ids, attention_mask=mask).logits, labels)
-            with peft_model.disable_adapter():
-                ref = plain_logps(peft_model(input_ids=ids, attention_mask=mask).logits, labels)
-            rewards = BETA * (policy - ref)
-            chosen, rejected = rewards.chunk(2)
-            correct += int((chosen > rejected).sum())
-            margins += (chosen - rejected).tolist()
-    assert correct / len(margins) >= 0.9 and sum(margins) / len(margins) > 0.05
-    assert swarm_scores["pairs"] == len(margins)
-    assert abs(swarm_scores["reward_margin"] - sum(margins) / len(margins)) <= 1e-4
-    assert swarm_scores["reward_accuracy"] == correct / len(margins)
+    accuracy, margin = pairs_preferred(tiny_llama, adapter, pairs)
+    assert accuracy >= 0.9 and margin > 0.05
+    assert abs(swarm_scores["reward_margin"] - margin) <= 1e-4 and swarm_scores["reward_accuracy"] == accuracy
 
 
 def test_prompt_tuning_with_dpo_exports_its_prompts(swarm_lm, tiny_llama, pairs, tmp_path):

@@ -3,7 +3,8 @@
 The frozen blocks run on the swarm (`SwarmForCausalLM`); everything trainable lives here:
 LoRA matrices for the remote blocks' projections (sent with every request), soft prompts
 (input prefix and/or per-block deep prompts) and optionally the LM head. Checkpoints hold only
-that trainable state, so a checkpoint of a 70B fine-tune stays a few megabytes.
+that trainable state, so a checkpoint of a 70B fine-tune stays a few megabytes. The objective is
+next-token loss on the labels (sft) or DPO on preference pairs (dpo, see swarmtune.tuning.dpo).
 """
 
 from __future__ import annotations
