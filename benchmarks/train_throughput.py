@@ -6,7 +6,13 @@ costs: serialisation, p2p round trips and recomputation of the forward in backwa
 reports the LoRA bytes a step sends, with the digest reuse (backward names the forward's
 adapter by digest) and without it (every request carries the tensors).
 
+With --dpo it compares instead a DPO step on `batch` preference pairs (the policy's forward and
+backward over both answers, the reference's forward over both with the adapter off) with an SFT
+step over the chosen answers of the same pairs, through the swarm and locally (PEFT, its adapter
+disabled for the reference). The target is a DPO step within 2.8x an SFT step.
+
     python benchmarks/train_throughput.py --hidden 256 --layers 6 --batch 4 --seq 128
+    python benchmarks/train_throughput.py --dpo --hidden 256 --layers 6 --batch 4 --seq 128
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.client.span_requests import LoraShipments
 from swarmtune.swarm import LocalSwarm
 from swarmtune.tiny_model import make_tiny_model
+from swarmtune.tuning import dpo
 from swarmtune.tuning.module import LoraSettings, OptimConfig, SwarmLM, TuningConfig
 
 
@@ -53,6 +60,89 @@ def train_step(model, optimizer):
     return step
 
 
+def preference_batches(n: int, pairs: int, seq: int) -> list[dict[str, torch.Tensor]]:
+    """Random pairs of `seq` tokens, the first half a shared prompt, the answers labelled: 2 * pairs rows each,
+    the chosen answers first."""
+    batches = []
+    for _ in range(n):
+        prompt = torch.randint(3, 300, (pairs, seq // 2))
+        ids = torch.cat([prompt.repeat(2, 1), torch.randint(3, 300, (2 * pairs, seq - seq // 2))], dim=1)
+        labels = ids.clone()
+        labels[:, :seq // 2] = -100
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return batches
+
+
+def seconds_per_step(step, batches: list[dict], warmup: int) -> float:
+    for batch in batches[:warmup]:
+        step(batch)
+    start = time.perf_counter()
+    for batch in batches[warmup:]:
+        step(batch)
+    return (time.perf_counter() - start) / len(batches[warmup:])
+
+
+def objective_steps(model, optimizer, beta: float = 0.1, reference=None):
+    """(sft step over the chosen rows, dpo step over all rows); `reference(batch)`: the reference log-probs
+    (default: the swarm's, with the adapter off)."""
+    def finish(loss: torch.Tensor) -> None:
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def sft(batch: dict) -> None:
+        chosen = {k: v[:v.shape[0] // 2] for k, v in batch.items()}
+        finish(model(**chosen).loss)
+
+    def dpo_step(batch: dict) -> None:
+        if reference is None:
+            finish(dpo.step(model, batch, beta)[0])
+            return
+        ref = reference(batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        finish(dpo.loss(dpo.sequence_logps(logits, batch["labels"]), ref, beta)[0])
+
+    return sft, dpo_step
+
+
+def compare_objectives(args, path: str, spans: list[tuple[int, int]], tmp: str) -> dict:
+    """Seconds per DPO step and per SFT step over the chosen answers, same pairs, swarm and local."""
+    batches = preference_batches(args.warmup + args.steps, args.batch, args.seq)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    local = get_peft_model(local, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets))
+
+    def local_reference(batch: dict) -> torch.Tensor:
+        with torch.no_grad(), local.disable_adapter():
+            logits = local(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return dpo.sequence_logps(logits, batch["labels"])
+
+    local_params = [p for p in local.parameters() if p.requires_grad]
+    steps = {"local": objective_steps(local, torch.optim.AdamW(local_params, lr=1e-4), reference=local_reference)}
+    runs = {(where, objective): [] for where in ("local", "swarm") for objective in ("sft", "dpo")}
+    with LocalSwarm(path, spans=spans, log_dir=tmp) as swarm:
+        model = SwarmForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
+        try:
+            tuning = TuningConfig(lora=LoraSettings(rank=args.rank, alpha=2 * args.rank), objective="dpo")
+            module = SwarmLM(model, tuning, OptimConfig())
+            steps["swarm"] = objective_steps(model, torch.optim.AdamW(module.lora.parameters(), lr=1e-4))
+            for _ in range(args.rounds):  # interleaved, so load from other processes hits all alike
+                for where, (sft, dpo_step) in steps.items():
+                    runs[where, "sft"].append(seconds_per_step(sft, batches, args.warmup))
+                    runs[where, "dpo"].append(seconds_per_step(dpo_step, batches, args.warmup))
+        finally:
+            model.close()
+    best = {k: min(v) for k, v in runs.items()}
+    return {
+        "model": f"llama {args.layers} blocks x hidden {args.hidden}, spans {spans}",
+        "pairs": f"{args.batch} pairs x {args.seq} tokens (half prompt, half answer)", "lora_rank": args.rank,
+        **{f"{where}_{objective}_step_s": round(best[where, objective], 4) for where, objective in best},
+        "swarm_dpo_vs_sft": round(best["swarm", "dpo"] / best["swarm", "sft"], 3),
+        "local_dpo_vs_sft": round(best["local", "dpo"] / best["local", "sft"], 3),
+        "all_runs_s": {f"{w}_{o}": [round(x, 4) for x in v] for (w, o), v in runs.items()},
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--hidden", type=int, default=256)
@@ -63,6 +153,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best of each is reported")
+    p.add_argument("--dpo", action="store_true", help="a DPO step vs an SFT step over the chosen answers instead")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
@@ -72,6 +163,9 @@ def main() -> None:
         path = make_tiny_model("llama", os.path.join(tmp, "model"), layers=args.layers, hidden=args.hidden)
         third = args.layers // 3
         spans = [(0, third), (third, 2 * third), (2 * third, args.layers)]
+        if args.dpo:
+            print(json.dumps(compare_objectives(args, path, spans, tmp), indent=2))
+            return
         batches = [torch.randint(3, 300, (args.batch, args.seq)) for _ in range(args.warmup + args.steps)]
         lora = LoraSettings(rank=args.rank, alpha=2 * args.rank)
         local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")

@@ -76,8 +76,12 @@ def tiny_config(family: str, layers: int = 6, hidden: int = 64, vocab_size: int 
     raise ValueError(f"Unsupported family {family!r}: use one of {', '.join(supported_model_types())}")
 
 
-# A plain chat format, so that chat endpoints work on the demo model too.
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+# A plain chat format, so that chat endpoints and chat fine-tuning work on the demo model too. Each assistant
+# turn ends with the end-of-sequence token (so generation stops there) and is marked as `{% generation %}`,
+# which transformers' assistant-token masks read. The generation prompt is the assistant's header.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}"
+                 "Assistant:{% generation %} {{ m['content'] }}{{ eos_token }}{% endgeneration %}"
+                 "{% else %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
                  "{% if add_generation_prompt %}Assistant:{% endif %}")
 
 

@@ -40,7 +40,7 @@ def run(cfg: DictConfig) -> tuple[str, float]:
     from swarmtune.tuning import collab as collab_lib
     from swarmtune.tuning import loggers
     from swarmtune.tuning.checkpoint_io import AtomicCheckpointIO
-    from swarmtune.tuning.data import DataConfig, InstructionDataModule, check_data_path
+    from swarmtune.tuning.data import DataConfig, InstructionDataModule, load_checked
     from swarmtune.tuning.evaluation import EvalConfig, GenerationEval
     from swarmtune.tuning.module import OptimConfig, SwarmLM, TuningConfig
     from swarmtune.tuning.progress import StepProgressBar
@@ -48,8 +48,10 @@ def run(cfg: DictConfig) -> tuple[str, float]:
     _log_once()
     # Every setting is checked, and the trainer built, before anything slow starts.
     data_config = settings(DataConfig, cfg.data, "data")
-    check_data_path(data_config.path)
     tuning, optim = settings(TuningConfig, cfg.tuning, "tuning"), settings(OptimConfig, cfg.optim, "optim")
+    if (tuning.objective == "dpo") != (data_config.format == "preference"):
+        raise errors.UserError(f"tuning.objective={tuning.objective} with data.format={data_config.format}: DPO "
+                               "trains on preference pairs, and only DPO does (set both, or neither)")
     eval_config = settings(EvalConfig, cfg.eval, "eval")
     collab = settings(collab_lib.CollabConfig, cfg.collab, "collab")
     if collab.enabled and (cfg.trainer.devices != 1 or cfg.trainer.num_nodes != 1):
@@ -74,11 +76,12 @@ def run(cfg: DictConfig) -> tuple[str, float]:
     except Exception as e:  # Lightning's own words on a bad argument
         raise errors.UserError(f"trainer: {e}") from None
 
+    raw = load_checked(data_config)
     L.seed_everything(cfg.seed, workers=True)
     with contextlib.ExitStack() as stack:
         stack.callback(loggers.finish, logger)
         model, tokenizer = open_model(stack, cfg, os.path.join(output_dir, "swarm"))
-        data = InstructionDataModule(data_config, tokenizer, seed=cfg.seed)
+        data = InstructionDataModule(data_config, tokenizer, seed=cfg.seed, raw=raw)
         generation = None
         if cfg.generate_every_n_val:
             generation = GenerationEval(data.eval_examples("validation", eval_config.num_samples), tokenizer,

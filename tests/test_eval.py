@@ -24,6 +24,7 @@ from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.tuning.data import IGNORE, DataConfig, EvalExample, InstructionDataModule
 from swarmtune.tuning.evaluation import SAMPLE_COLUMNS, EvalConfig, exact_match, generate, log_samples, normalize, score
 from tests.helpers import PEERS, RECIPES, adapter_path, hydra_context, reference_model
+from tests.test_dpo import plain_logps
 
 
 def peer_list(swarm) -> str:
@@ -66,7 +67,8 @@ def test_every_recipe_composes_for_eval(recipe, monkeypatch):
     assert eval_cfg.model == train_cfg.model and eval_cfg.data == train_cfg.data
     assert eval_cfg.swarm == train_cfg.swarm and eval_cfg.seed == train_cfg.seed
     # nothing that evaluation would not read: no training groups, no training-only values
-    assert set(eval_cfg) == {"model", "swarm", "data", "adapter", "split", "seed", "output_dir", "eval"}
+    assert set(eval_cfg) == {"model", "swarm", "data", "adapter", "split", "seed", "output_dir", "eval", "beta"}
+    assert eval_cfg.beta == train_cfg.tuning.beta
 
 
 def test_validation_generates_through_the_swarm_and_logs(tmp_path, tiny_llama, llama_swarm, train_process):
@@ -152,3 +154,34 @@ def test_eval_entry_point_matches_plain_peft_perplexity(tmp_path, tiny_llama, ll
     assert math.isclose(printed["ppl"], math.exp(nll / tokens), rel_tol=1e-4), (printed["ppl"], math.exp(nll / tokens))
     base_nll, _ = response_nll_locally(reference_model(tiny_llama), loader)
     assert abs(base_nll - nll) / tokens > 1e-2  # the adapter was applied
+
+
+def test_eval_entry_point_on_preference_data_matches_plain_peft(tmp_path, tiny_llama, llama_swarm):
+    """On preference pairs, the reward accuracy and margin of an adapter against the model without it."""
+    adapter = random_adapter(tmp_path / "adapter", tiny_llama)
+    run_dir = tmp_path / "eval"
+    done = subprocess.run([sys.executable, "-m", "swarmtune.eval", "recipe=tiny_dpo", f"model.path={tiny_llama}",
+                           f"swarm.initial_peers={peer_list(llama_swarm)}", f"adapter={adapter}", "beta=0.5",
+                           f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    printed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert printed == json.loads((run_dir / "metrics.json").read_text())
+
+    with hydra_context(eval_entry.GROUPS):
+        cfg = compose("eval", overrides=["recipe=tiny_dpo", f"model.path={tiny_llama}"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    data = InstructionDataModule(DataConfig(**OmegaConf.to_container(cfg.data)), tokenizer)
+    model = PeftModel.from_pretrained(reference_model(tiny_llama), adapter)
+    margins = []
+    with torch.no_grad():
+        for batch in data.eval_dataloader("validation"):
+            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+            policy = plain_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
+            with model.disable_adapter():
+                reference = plain_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
+            chosen, rejected = (0.5 * (policy - reference)).chunk(2)
+            margins += (chosen - rejected).tolist()
+    assert printed["pairs"] == len(margins) > 0
+    assert printed["reward_accuracy"] == sum(m > 0 for m in margins) / len(margins)
+    assert math.isclose(printed["reward_margin"], sum(margins) / len(margins), rel_tol=1e-4, abs_tol=1e-5)
+    assert {"loss", "rewards_chosen", "rewards_rejected"} <= set(printed) and abs(printed["reward_margin"]) > 1e-3

@@ -10,10 +10,15 @@ import torch
 
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.connection import SwarmConnection
+from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.client.routing import NoServersError
 from swarmtune.client.sequential import RemoteSequential
 from swarmtune.models import load_client_parts
 from swarmtune.swarm import LocalSwarm
+from swarmtune.tuning import dpo
+from swarmtune.tuning.module import LoraSettings, OptimConfig, SwarmLM, TuningConfig
+from tests.test_dpo import local_dpo, preference_batch
+from tests.test_lora_grads import Reference, max_diff, randomize
 
 EXACT = 1e-6
 
@@ -156,3 +161,31 @@ def test_no_server_left_for_a_block_raises_within_budget(swarm, parts, batch):
         assert time.monotonic() - started < 3.0 + 10
     finally:
         remote.connection.close()
+
+
+def test_server_killed_in_a_dpo_step(swarm, tiny_llama, victim):
+    """The fast server serves both forward passes of a DPO step (the reference's and the policy's), then dies
+    before the backward: the replay on the others gives the local PEFT model's loss and LoRA gradients."""
+    target = victim()
+    options = dict(initial_peers=swarm.initial_peers, routing_randomness=0.0, request_timeout=5.0,
+                   retry_budget=30.0, ban_base=1.0)
+    model = SwarmForCausalLM.from_pretrained(tiny_llama, client_config=ClientConfig(**options),
+                                             dht_prefix=swarm.dht_prefix)
+    try:
+        module = SwarmLM(model, TuningConfig(lora=LoraSettings(rank=4, alpha=8), objective="dpo"), OptimConfig())
+        randomize(module.lora.parameters(), seed=3)
+        reference = Reference(tiny_llama, module)
+        batch = preference_batch(tiny_llama)
+        loss, _ = dpo.step(model, batch, beta=0.1)
+        _assert_route(model.remote, target)
+        target.kill()
+        loss.backward()
+        assert model.remote.replayer.stats.failures >= 1
+        ref_loss, _ = local_dpo(reference, batch)
+        ref_loss.backward()
+        assert abs(loss.item() - ref_loss.item()) <= 1e-5
+        for key in module.lora.keys:
+            for ours, theirs in zip(module.lora.pair(key), reference.lora_pairs[key]):
+                assert max_diff(ours.grad, theirs.grad) <= 1e-5, key
+    finally:
+        model.close()

@@ -58,9 +58,11 @@ def ddp_run(tmp_path_factory, tiny_llama):
         process.stop()
 
 
-def one_rank_accumulating(tiny_llama: str, swarm: LocalSwarm, out_dir: Path) -> dict[str, torch.Tensor]:
+def one_rank_accumulating(tiny_llama: str, swarm: LocalSwarm, out_dir: Path,
+                          recipe: str = "tiny_local") -> dict[str, torch.Tensor]:
     """The same training in this process on 1 rank: each step accumulates rank 0's batch, then rank 1's."""
     overrides = [*COMMON, f"model.path={tiny_llama}", peers_override(swarm)]
+    overrides[0] = f"recipe={recipe}"
     launch.register_recipes()
     with launch.composed("config", overrides) as cfg, contextlib.ExitStack() as stack:
         L.seed_everything(SEED, workers=True)
@@ -130,3 +132,13 @@ def test_ddp_run_resumes_from_its_checkpoint(ddp_run, tiny_llama, llama_swarm, t
     assert output.count("Adapter saved to") == 1
     checkpoint = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == STEPS + 2
+
+
+@pytest.mark.slow
+def test_two_ranks_of_dpo_equal_one_rank_fed_both_ranks_batches(tiny_llama, llama_swarm, tmp_path, train_process):
+    """DPO (each rank's reference from the swarm with its adapter off) averages over ranks as SFT does."""
+    args = ["recipe=tiny_dpo", *COMMON[1:], *DDP, f"model.path={tiny_llama}", peers_override(llama_swarm),
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    output = train_process(args, tmp_path / "train.log").wait(timeout=600)
+    expected = one_rank_accumulating(tiny_llama, llama_swarm, tmp_path / "baseline", recipe="tiny_dpo")
+    assert_same_adapter(adapter_tensors(adapter_path(output)), expected)

@@ -4,6 +4,7 @@ asked (--debug, HYDRA_FULL_ERROR=1)."""
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -93,10 +94,20 @@ def no_swarm(monkeypatch):
     (train, ["collab.run_id=bees", "collab.target_batch_size=0"], "collab: target_batch_size must be a positive"),
     (train, ["collab.run_id=bees", "trainer.devices=2", "trainer.strategy=ddp"], "collab.run_id trains one process"),
     (train, ["+collab.peers=[]"], "collab.peers is not a setting: use one of run_id"),
+    (train, ["tuning.objective=dpo"], "tuning.objective=dpo with data.format=instruction"),
+    (train, ["recipe=tiny_dpo", "tuning.objective=sft"], "tuning.objective=sft with data.format=preference"),
+    (train, ["recipe=tiny_dpo", "tuning.train_lm_head=true"], "tuning: objective=dpo .*train_lm_head=false"),
+    (train, ["tuning.objective=ppo"], "tuning: objective 'ppo' is unknown: use one of sft, dpo"),
+    (train, ["recipe=tiny_dpo", "tuning.beta=0"], "tuning: beta must be a positive number"),
+    (train, ["data.format=chat"], "data: format 'chat' is unknown: use one of instruction, messages"),
+    (train, ["recipe=tiny_dpo", "+data.packing=true"], "data: packing joins rows.*packing=false"),
+    (train, ["recipe=tiny_chat", "data.chat_template=/nonexistent.jinja"],
+     "data.chat_template /nonexistent.jinja: no such file"),
     (generate, ["adapter=/nonexistent/adapter"], "adapter /nonexistent/adapter: no such directory"),
     (generate, ["generation.temperature=0"], "generation.temperature must be a positive number"),
     (generate, ["+generation.max_new_token=5"], "generation.max_new_token is not an argument"),
     (eval_entry, ["adapter=/nonexistent/adapter"], "adapter /nonexistent/adapter: no such directory"),
+    (eval_entry, ["beta=0"], "beta must be a positive number"),
 ], ids=lambda v: v.__name__.split(".")[-1] if hasattr(v, "__name__") else " ".join(v) if isinstance(v, list) else "")
 def test_mistakes_are_found_before_any_swarm(entry, overrides, match, tmp_path, no_swarm):
     config, groups = {train: ("config", None), generate: ("generate", None),
@@ -109,6 +120,34 @@ def test_mistakes_are_found_before_any_swarm(entry, overrides, match, tmp_path, 
         cfg = compose(config, overrides=overrides)
     with pytest.raises(UserError, match=match):
         entry.run(cfg)
+
+
+@pytest.mark.parametrize("entry,recipe,row,match", [
+    (train, "tiny_chat", {"messages": [{"role": "user", "content": "hi"}, {"content": "hello"}]},
+     r"data: row 1 of split 'train': messages\[1\] has no 'role' \(data.format=messages\)"),
+    (train, "tiny_dpo", {"prompt": "hi", "chosen": "hello"}, "data: row 1 of split 'train': no 'rejected'"),
+    (eval_entry, "tiny_dpo", {"prompt": "hi", "chosen": "hello"}, "row 1 of split 'train': no 'rejected'"),
+], ids=["messages", "preference", "eval"])
+def test_malformed_rows_are_found_before_any_swarm(entry, recipe, row, match, tmp_path, no_swarm):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]} \
+        if recipe == "tiny_chat" else {"prompt": "hi", "chosen": "hello", "rejected": "bye"}
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    config, groups = ("config", None) if entry is train else ("eval", eval_entry.GROUPS)
+    overrides = [f"recipe={recipe}", f"data.path={data}", f"output_dir={tmp_path}"]
+    with hydra_context(groups):
+        cfg = compose(config, overrides=overrides + (["logger=none"] if entry is train else []))
+    with pytest.raises(UserError, match=match):
+        entry.run(cfg)
+
+
+def test_a_malformed_row_is_told_in_a_line(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "hi", "chosen": "hello"}) + "\n")
+    outcome = run("swarmtune.train", "recipe=tiny_dpo", f"data.path={data}", f"hydra.run.dir={tmp_path}")
+    told = [line for line in outcome.error_lines if "examples/s" not in line]  # datasets' progress of the load
+    assert outcome.returncode == 2 and "Traceback" not in outcome.stderr and not outcome.started_swarm, outcome
+    assert told == ["error: data: row 0 of split 'train': no 'rejected' (data.format=preference)"], outcome.stderr
 
 
 def test_a_swarm_nobody_answers_for(tmp_path):

@@ -1,15 +1,18 @@
-"""Instruction-tuning data: HF datasets in, padded or packed token batches out.
+"""Fine-tuning data: HF datasets in, padded or packed token batches out.
 
-Each row is rendered with a prompt template and a response template (Python format strings over
-the row's columns). Labels cover the response only unless `train_on_prompt`, so the model learns
-to answer rather than to repeat the instructions. Batches are right-padded for training (the
-loss ignores padding), or packed into fixed-length rows without padding.
+Three formats. `instruction`: each row is rendered with a prompt template and a response template
+(Python format strings over the row's columns). `messages`: each row is a conversation, rendered with
+the chat template (see swarmtune.tuning.chat). `preference`: each row a prompt with a chosen and a
+rejected answer, for DPO; a batch of N pairs is 2N rows, the chosen answers first. Labels cover
+what the model must learn to write (the response, the assistant turns, the answers), so it learns to
+answer rather than to repeat the instructions. Batches are right-padded (the loss ignores padding),
+or packed into fixed-length rows without padding.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from importlib import resources
 
@@ -19,8 +22,10 @@ from datasets import Dataset, DatasetDict, load_dataset
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from swarmtune.errors import check_positive, check_source
+from swarmtune.errors import UserError, check_file, check_positive, check_source
+from swarmtune.tuning import chat
 
+FORMATS = ("instruction", "messages", "preference")
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 IGNORE = -100
 
@@ -32,6 +37,12 @@ class DataConfig:
     name: str | None = field(default=None, metadata={"help": "hub dataset configuration"})
     split: str = field(default="train", metadata={"help": "the split to train on"})
     revision: str | None = field(default=None, metadata={"help": "hub dataset revision"})
+    format: str = field(default="instruction", metadata={
+        "help": "instruction: prompt/response templates over columns; messages: conversations (OpenAI messages "
+                "or ShareGPT conversations) through the chat template; preference: prompt, chosen, rejected "
+                "(strings or messages), for tuning.objective=dpo"})
+    chat_template: str | None = field(default=None, metadata={
+        "help": "a jinja file to render conversations with; null: the tokenizer's chat template"})
     prompt_template: str = field(default="{prompt}", metadata={"help": "format string over a row's columns"})
     response_template: str = field(default="{response}", metadata={"help": "format string over a row's columns"})
     train_on_prompt: bool = field(default=False, metadata={"help": "labels cover the prompt too"})
@@ -59,6 +70,12 @@ class DataConfig:
             raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format {self.format!r} is unknown: use one of {', '.join(FORMATS)}")
+        if self.format == "preference" and self.packing:
+            raise ValueError("packing joins rows, and a preference pair must stay whole: set packing=false")
+        if self.chat_template is not None and self.format == "instruction":
+            raise ValueError("chat_template renders formats messages and preference: set format, or drop it")
 
 
 def resolve_path(path: str) -> str:
@@ -72,6 +89,31 @@ def resolve_path(path: str) -> str:
 def check_data_path(path: str) -> None:
     """Fail fast on a data path that is neither here nor shaped like a hub dataset id."""
     check_source(resolve_path(path), "data.path", files=True)
+
+
+def load_checked(cfg: DataConfig) -> DatasetDict:
+    """The dataset, with every row of the splits used checked against `cfg.format`: a malformed row is
+    a UserError naming it and its field, before anything slow starts."""
+    check_data_path(cfg.path)
+    if cfg.chat_template is not None:
+        check_file(cfg.chat_template, "data.chat_template")
+    raw = load_raw(cfg)
+    for split in dict.fromkeys(s for s in (cfg.split, cfg.val_split) if s is not None):
+        if split not in raw:
+            raise UserError(f"data: the dataset has no split {split!r}: use one of {list(raw)}")
+        check_rows(raw[split], cfg.format, split)
+    return raw
+
+
+def check_rows(rows: Dataset, format: str, split: str) -> None:
+    parse = {"messages": chat.conversation, "preference": chat.pair}.get(format)
+    if parse is None:  # instruction rows are columns for format strings
+        return
+    for i, row in enumerate(rows):
+        try:
+            parse(row)
+        except chat.RowError as e:
+            raise UserError(f"data: row {i} of split {split!r}: {e} (data.format={format})") from None
 
 
 def load_raw(cfg: DataConfig) -> DatasetDict:
@@ -114,19 +156,70 @@ def encode_prompt(row: dict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
 
 
 def eval_example(row: dict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> EvalExample:
-    return EvalExample(cfg.prompt_template.format_map(row), encode_prompt(row, tokenizer, cfg),
-                      cfg.response_template.format_map(row))
+    """The prompt as training renders it (for conversations: the turns before the last assistant turn, with
+    the generation prompt; for pairs: the prompt), and the reference answer (the last assistant turn; the
+    chosen answer)."""
+    if cfg.format == "instruction":
+        return EvalExample(cfg.prompt_template.format_map(row), encode_prompt(row, tokenizer, cfg),
+                           cfg.response_template.format_map(row))
+    if cfg.format == "messages":
+        turns = chat.conversation(row)
+        last = max((i for i, m in enumerate(turns) if m["role"] == "assistant"), default=len(turns))
+        prompt, answer = turns[:last], turns[last:last + 1]
+    else:
+        p = chat.pair(row)
+        if not p.conversational:
+            prompt = cfg.prompt_template.format_map({**row, "prompt": p.prompt})
+            return EvalExample(prompt, encode_prompt({**row, "prompt": p.prompt}, tokenizer, cfg), p.chosen)
+        prompt, answer = p.prompt, [m for m in p.chosen if m["role"] == "assistant"][:1]
+    text = chat.render(tokenizer, prompt, generation_prompt=True)
+    return EvalExample(text, tokenizer.encode(text, add_special_tokens=False), answer[0]["content"] if answer else "")
 
 
-def tokenize_row(row: dict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> dict:
+def _encoded(pieces: list[tuple[str, bool]], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """Token ids of the pieces one after another, and labels: the ids of learnt pieces, IGNORE elsewhere."""
+    ids, labels = [], []
+    for text, learnt in pieces:
+        tokens = tokenizer.encode(text, add_special_tokens=False)
+        ids += tokens
+        labels += tokens if learnt else [IGNORE] * len(tokens)
+    return ids, labels
+
+
+def _instruction(row: dict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> tuple[list[int], list[int]]:
     """Prompt and response are tokenized apart, so the label boundary is exact."""
     prompt = encode_prompt(row, tokenizer, cfg)
     response = tokenizer.encode(cfg.response_template.format_map(row), add_special_tokens=False)
     if cfg.add_eos and tokenizer.eos_token_id is not None:
         response = response + [tokenizer.eos_token_id]
-    labels = ([IGNORE] * len(prompt) if not cfg.train_on_prompt else prompt) + response
+    return prompt + response, ([IGNORE] * len(prompt) if not cfg.train_on_prompt else prompt) + response
+
+
+def _answers(row: dict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of the prompt followed by the chosen answer, and by the rejected one."""
+    p = chat.pair(row)
+    if p.conversational:
+        return [_encoded(chat.pieces(tokenizer, p.prompt + answer, first=len(p.prompt)), tokenizer)
+                for answer in (p.chosen, p.rejected)]
+    out = []
+    for answer in (p.chosen, p.rejected):
+        ids, labels = _instruction({**row, "prompt": p.prompt, "response": answer}, tokenizer,
+                                   replace(cfg, response_template="{response}", train_on_prompt=False))
+        out.append((ids, labels))
+    return out
+
+
+def tokenize_row(row: dict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> dict:
     limit = None if cfg.packing else cfg.max_length  # packing cuts rows itself, without losing tokens
-    return {"input_ids": (prompt + response)[:limit], "labels": labels[:limit]}
+    if cfg.format == "preference":
+        (chosen, chosen_labels), (rejected, rejected_labels) = _answers(row, tokenizer, cfg)
+        return {"chosen_input_ids": chosen[:limit], "chosen_labels": chosen_labels[:limit],
+                "rejected_input_ids": rejected[:limit], "rejected_labels": rejected_labels[:limit]}
+    if cfg.format == "messages":
+        ids, labels = _encoded(chat.pieces(tokenizer, chat.conversation(row)), tokenizer)
+    else:
+        ids, labels = _instruction(row, tokenizer, cfg)
+    return {"input_ids": ids[:limit], "labels": labels[:limit]}
 
 
 def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> Dataset:
@@ -136,8 +229,9 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -
 
 
 def _has_targets(row: dict) -> bool:
-    """False for rows whose response was cut off entirely: they teach nothing."""
-    return any(t != IGNORE for t in row["labels"][1:])
+    """False for rows whose response was cut off entirely (for pairs: either answer): they teach nothing."""
+    columns = ["chosen_labels", "rejected_labels"] if "chosen_labels" in row else ["labels"]
+    return all(any(t != IGNORE for t in row[c][1:]) for c in columns)
 
 
 def pack(ds: Dataset, length: int) -> Dataset:
@@ -152,7 +246,11 @@ def pack(ds: Dataset, length: int) -> Dataset:
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right padding: real tokens keep positions 0..n-1, as in the unpadded sequence."""
+    """Right padding: real tokens keep positions 0..n-1, as in the unpadded sequence. N preference pairs
+    become 2N rows: the prompts with their chosen answers, then with their rejected answers."""
+    if rows and "chosen_input_ids" in rows[0]:
+        rows = [{"input_ids": r[f"{side}_input_ids"], "labels": r[f"{side}_labels"]}
+                for side in ("chosen", "rejected") for r in rows]
     longest = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
@@ -165,18 +263,32 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def use_chat_template(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer, with the chat template of `cfg.chat_template` if given; one is needed for conversations."""
+    if cfg.chat_template is not None:
+        check_file(cfg.chat_template, "data.chat_template")
+        with open(cfg.chat_template) as f:
+            tokenizer.chat_template = f.read()
+    if cfg.format == "messages" and not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"data.format=messages: the tokenizer of {tokenizer.name_or_path} has no chat template: "
+                        "give one with data.chat_template=FILE (a jinja file)")
+    return tokenizer
+
+
 class InstructionDataModule(L.LightningDataModule):
-    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0):
-        """`seed` decides the held-out validation rows and the order of training rows."""
+    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0,
+                 raw: DatasetDict | None = None):
+        """`seed` decides the held-out validation rows and the order of training rows; `raw`: the dataset,
+        loaded already (by `load_checked`)."""
         super().__init__()
-        self.cfg, self.tokenizer, self.seed = cfg, tokenizer, seed
+        self.cfg, self.tokenizer, self.seed = cfg, use_chat_template(tokenizer, cfg), seed
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("The tokenizer has neither a pad nor an eos token to pad with")
         self.pad_id = pad
         self.train: Dataset | None = None
         self.val: Dataset | None = None
-        self.raw: DatasetDict | None = None
+        self.raw: DatasetDict | None = raw
         self.rows: dict[str, Dataset] = {}    # untokenized "train" and "validation", as split for training
 
     def setup(self, stage: str | None = None) -> None:
@@ -187,8 +299,9 @@ class InstructionDataModule(L.LightningDataModule):
 
     def _load(self) -> None:
         """The raw splits and the train/validation rows, without tokenizing anything (evaluation needs one split)."""
-        if self.raw is None:
-            self.raw = load_raw(self.cfg)
+        if not self.rows:
+            if self.raw is None:
+                self.raw = load_raw(self.cfg)
             train, val = train_val_split(self.raw, self.cfg, self.seed)
             self.rows = {"train": train, "validation": val}
 

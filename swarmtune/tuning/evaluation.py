@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.errors import check_positive
+from swarmtune.tuning import dpo
 from swarmtune.tuning.data import IGNORE, EvalExample
 
 SAMPLE_COLUMNS = ["prompt", "reference", "generation", "exact_match"]
@@ -111,6 +112,21 @@ def response_nll(model: SwarmForCausalLM, loader: DataLoader) -> tuple[float, in
         total += float(nll)
         count += int((labels != IGNORE).sum())
     return total, count
+
+
+@torch.no_grad()
+def preference_scores(model: SwarmForCausalLM, loader: DataLoader, beta: float) -> dict[str, float]:
+    """Over every pair of the batches: DPO's loss, the reward accuracy (how often the chosen answer gets the
+    higher implicit reward beta * log(pi / pi_ref)), the reward margin and the mean rewards; pi has the
+    model's adapter, pi_ref not. Means over pairs, so they do not depend on batching."""
+    sums, pairs = {}, 0
+    for batch in loader:
+        loss, metrics = dpo.step(model, batch, beta)
+        n = batch["input_ids"].shape[0] // 2
+        for name, value in {"loss": loss, **metrics}.items():
+            sums[name] = sums.get(name, 0.0) + float(value) * n
+        pairs += n
+    return {"pairs": pairs, **{name: total / max(pairs, 1) for name, total in sums.items()}}
 
 
 def perplexity(nll: float, tokens: int) -> float:

@@ -3,7 +3,8 @@
 The frozen blocks run on the swarm (`SwarmForCausalLM`); everything trainable lives here:
 LoRA matrices for the remote blocks' projections (sent with every request), soft prompts
 (input prefix and/or per-block deep prompts) and optionally the LM head. Checkpoints hold only
-that trainable state, so a checkpoint of a 70B fine-tune stays a few megabytes.
+that trainable state, so a checkpoint of a 70B fine-tune stays a few megabytes. The objective is
+next-token loss on the labels (sft) or DPO on preference pairs (dpo, see swarmtune.tuning.dpo).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from swarmtune.adapters.prompts import SoftPrompts
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.errors import check_positive
 from swarmtune.tuning import collab as collab_lib
+from swarmtune.tuning import dpo
 from swarmtune.tuning.data import IGNORE
 from swarmtune.tuning.evaluation import GenerationEval, log_samples, write_samples
 
@@ -46,6 +48,9 @@ class LoraSettings:
             raise ValueError(f"lora.dropout must lie in [0, 1), got {self.dropout}")
 
 
+OBJECTIVES = ("sft", "dpo")
+
+
 @dataclass
 class TuningConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -53,11 +58,21 @@ class TuningConfig:
     deep_prompt: bool = field(default=False, metadata={"help": "a trainable prefix added before every block"})
     prefix_length: int = field(default=16, metadata={"help": "positions the soft prompts take before each example"})
     train_lm_head: bool = False
+    objective: str = field(default="sft", metadata={
+        "help": "sft: next-token loss on the labels; dpo: DPO on preference pairs (data.format=preference), "
+                "the reference being the swarm with the adapter off"})
+    beta: float = field(default=0.1, metadata={"help": "DPO's beta: how far from the reference the policy may go"})
 
     def __post_init__(self):
         if isinstance(self.lora, dict):  # as a config file gives it
             self.lora = LoraSettings(**self.lora)
         check_positive(self, "prefix_length")
+        check_positive(self, "beta")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r} is unknown: use one of {', '.join(OBJECTIVES)}")
+        if self.objective == "dpo" and self.train_lm_head:
+            raise ValueError("objective=dpo takes its reference from the model with the adapter off, and a trained "
+                             "LM head cannot be switched off without a second copy: set train_lm_head=false")
         if not (self.lora.enabled or self.prompt or self.deep_prompt or self.train_lm_head):
             raise ValueError("nothing to train: enable lora, prompt, deep_prompt or train_lm_head")
 
@@ -134,12 +149,25 @@ class SwarmLM(L.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self(**batch).loss
+        if self.tuning.objective == "dpo":
+            loss, metrics = dpo.step(self.model, batch, self.tuning.beta)
+            pairs = batch["input_ids"].shape[0] // 2
+            for name, value in metrics.items():
+                self.log(f"train/{name}", value, prog_bar=name == "reward_accuracy", batch_size=pairs)
+        else:
+            loss = self(**batch).loss
         self.log("train/loss", loss, prog_bar=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.tuning.objective == "dpo":  # every metric a mean over pairs, of every rank's batches
+            loss, metrics = dpo.step(self.model, batch, self.tuning.beta)
+            pairs = batch["input_ids"].shape[0] // 2
+            for name, value in {"loss": loss, **metrics}.items():
+                self.log(f"val/{name}", value, prog_bar=name in ("loss", "reward_accuracy"), batch_size=pairs,
+                         sync_dist=True)
+            return loss
         loss = self(**batch).loss
         # Weighted by response tokens, so the epoch's val/loss is the mean NLL per token, as swarmtune.eval's.
         # With data parallelism, averaged over every rank's batches (by the same weights).
@@ -149,7 +177,7 @@ class SwarmLM(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         loss = self.trainer.callback_metrics.get("val/loss")
-        if loss is not None:
+        if loss is not None and self.tuning.objective == "sft":
             self.log("val/ppl", math.exp(min(float(loss), 50.0)), sync_dist=True)
         if self.generation is None or self.trainer.sanity_checking:
             return
