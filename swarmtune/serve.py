@@ -35,7 +35,7 @@ def build(stack: contextlib.ExitStack, cfg: DictConfig):
     """(app, engine) for `cfg`; `stack` stops the batchers, the model's connection and any embedded swarm."""
     from swarmtune.api.app import Engine, make_app
     from swarmtune.api.batching import Variant
-    from swarmtune.api.limits import Limits
+    from swarmtune.api.limits import EndpointLimits
     from swarmtune.api.swarm_page import swarm_router
 
     adapters = plain(cfg.adapters) if cfg.adapters is not None else {}
@@ -47,9 +47,9 @@ def build(stack: contextlib.ExitStack, cfg: DictConfig):
         if not (isinstance(cfg.batching[key], int) and cfg.batching[key] >= 1):
             raise UserError(f"batching.{key} must be an integer >= 1, got {cfg.batching[key]!r}")
     try:
-        limits = Limits(**plain(cfg.limits))
+        limits = EndpointLimits(**plain(cfg.limits))
     except (TypeError, ValueError) as e:
-        raise UserError(f"{e} (serve's limits: {', '.join(Limits.__dataclass_fields__)})") from None
+        raise UserError(f"{e} (serve's limits: {', '.join(EndpointLimits.__dataclass_fields__)})") from None
     template = None
     if cfg.chat_template is not None:
         errors.check_file(cfg.chat_template, "chat_template")

@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from swarmtune.api.batching import Batcher, Sampling, Sequence, Token, Variant
-from swarmtune.api.limits import Admission, BodyLimit, Limits
+from swarmtune.api.limits import Admission, BodyLimit, EndpointLimits
 from swarmtune.api.metrics import Metrics
 from swarmtune.api.protocol import APIError, ChatRequest, CompletionRequest
 from swarmtune.api.text import Detokenizer, StopCutter
@@ -41,7 +41,7 @@ class Engine:
     """The model, its tokenizer, one batcher per variant (made on first use), and what clients may take."""
 
     def __init__(self, model, tokenizer, base_name: str, adapters: dict[str, Variant], api_key: str | None = None,
-                 max_rows: int = 16, max_length: int = 2048, draft=None, limits: Limits | None = None):
+                 max_rows: int = 16, max_length: int = 2048, draft=None, limits: EndpointLimits | None = None):
         self.model, self.tokenizer, self.base_name = model, tokenizer, base_name
         self.draft = draft  # speculative decoding's draft model, shared by every variant's batcher
         self.connection = model.connection
@@ -52,7 +52,7 @@ class Engine:
         self.batchers: dict[str, Batcher] = {}
         self._lock = threading.Lock()
         self.created = int(time.time())
-        self.limits = limits or Limits()
+        self.limits = limits or EndpointLimits()
         self.admission = Admission(self.limits.per_client, self.limits.max_sequences)
         self.replies: set[_Reply] = set()  # admitted and not yet answered or gone
         self.metrics = Metrics(self)

@@ -26,7 +26,7 @@ RETRY_AFTER_S = 1  # what a 429 tells the client to wait: sequences finish and f
 
 
 @dataclasses.dataclass(frozen=True)
-class Limits:
+class EndpointLimits:
     """The endpoint's limits (serve.yaml's `limits`)."""
 
     max_body_kb: int = 2048          # request body, before parsing
@@ -173,7 +173,7 @@ def guarded_h11(header_timeout_s: float) -> type[H11Protocol]:
     return GuardedH11Protocol
 
 
-def uvicorn_config(app, limits: Limits, **kwargs):
+def uvicorn_config(app, limits: EndpointLimits, **kwargs):
     """uvicorn's Config for `app` under `limits`: h11 with the header guard, the keep-alive timeout, 16 KiB headers."""
     import uvicorn
 
