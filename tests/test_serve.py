@@ -63,8 +63,9 @@ def swarm(tiny_llama, adapters):
 def serving(overrides: list[str]):
     """(base url, engine) of the app `python -m swarmtune.serve` would run with these overrides, under uvicorn
     configured as the command configures it (its limits and timeouts), in a thread."""
-    with launch.composed("serve", overrides) as cfg, contextlib.ExitStack() as stack:
-        app, engine = serve.build(stack, cfg)
+    with contextlib.ExitStack() as stack:
+        with launch.composed("serve", overrides) as cfg:  # left at once: another app may be composed meanwhile
+            app, engine = serve.build(stack, cfg)
         sock = socket.create_server(("127.0.0.1", 0))
         server = uvicorn.Server(uvicorn_config(app, engine.limits))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -178,10 +178,8 @@ def make_app(engine: Engine, extra_routers: tuple = ()) -> FastAPI:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException):
-        if e.status_code in (408, 413):
-            engine.metrics.rejected.labels(str(e.status_code)).inc()
-        error = APIError(e.status_code, str(e.detail), code="request_too_large" if e.status_code == 413 else None)
+    async def http_error(request: Request, e: StarletteHTTPException):  # 404 and 405: unknown routes and methods
+        error = APIError(e.status_code, str(e.detail))
         return JSONResponse(error.body(), status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -211,7 +209,8 @@ def make_app(engine: Engine, extra_routers: tuple = ()) -> FastAPI:
             return JSONResponse(error.body(), status_code=401)
         return await call_next(request)
 
-    app.add_middleware(BodyLimit, max_bytes=engine.limits.max_body_kb * 1024, timeout_s=engine.limits.body_timeout_s)
+    app.add_middleware(BodyLimit, max_bytes=engine.limits.max_body_kb * 1024, timeout_s=engine.limits.body_timeout_s,
+                       refused=lambda status: engine.metrics.rejected.labels(str(status)).inc())
 
     @app.get("/metrics")
     async def metrics():

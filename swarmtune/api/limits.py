@@ -17,7 +17,6 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from swarmtune.api.protocol import APIError
@@ -89,46 +88,70 @@ def busy(message: str) -> APIError:
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for a body above `max_bytes` (declared or counted), 408 for one slower than `timeout_s`."""
+    """ASGI middleware: 413 for a body above `max_bytes` (declared or counted), 408 for one slower than `timeout_s`.
 
-    def __init__(self, app, max_bytes: int, timeout_s: float):
-        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+    A body found too large or too slow on the way is not the app's to answer (it would call it malformed):
+    reading it stops, and whatever the app then answers is replaced by the 413 or 408."""
+
+    def __init__(self, app, max_bytes: int, timeout_s: float, refused: Callable[[int], None] = lambda status: None):
+        self.app, self.max_bytes, self.timeout_s, self.refused = app, max_bytes, timeout_s, refused
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            return await self._refuse(send)
-        received, complete = 0, False
+            return await self._refuse(send, APIError(413, self._too_large(), code="request_too_large"))
+        received, complete, refusal = 0, False, None
         deadline = time.monotonic() + self.timeout_s
 
         async def counted():
-            nonlocal received, complete
+            nonlocal received, complete, refusal
             if complete:  # the body is in: later receives wait for the client to hang up, without a deadline
                 return await receive()
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                raise HTTPException(408, f"the request body took longer than {self.timeout_s:g} s") from None
+                refusal = APIError(408, f"the request body took longer than {self.timeout_s:g} s", code="timeout")
+                raise BodyRefused from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
                 if received > self.max_bytes:
-                    raise HTTPException(413, self._message())
+                    refusal = APIError(413, self._too_large(), code="request_too_large")
+                    raise BodyRefused
             return message
 
-        await self.app(scope, counted, send)
+        started = False
 
-    def _message(self) -> str:
+        async def answer(message):
+            nonlocal started
+            if refusal is None:
+                await send(message)
+            elif not started:
+                await self._refuse(send, refusal)
+            started = True
+
+        try:
+            await self.app(scope, counted, answer)
+        except BodyRefused:
+            if not started:
+                await self._refuse(send, refusal)
+
+    def _too_large(self) -> str:
         return f"the request body is larger than {self.max_bytes // 1024} KiB (serve's limits.max_body_kb)"
 
-    async def _refuse(self, send) -> None:
-        body = APIError(413, self._message(), code="request_too_large").json()
-        await send({"type": "http.response.start", "status": 413,
+    async def _refuse(self, send, error: APIError) -> None:
+        self.refused(error.status)
+        body = error.json()
+        await send({"type": "http.response.start", "status": error.status,
                     "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+class BodyRefused(Exception):
+    """Raised into the app's read of a body that `BodyLimit` refuses."""
 
 
 def guarded_h11(header_timeout_s: float) -> type[H11Protocol]:
