@@ -232,8 +232,11 @@ def make_app(engine: Engine, extra_routers: tuple = ()) -> FastAPI:
             prompts = await asyncio.to_thread(lambda: [_encode(engine, p) for p in texts])
             limit = 16 if body.max_tokens is None else body.max_tokens
             return await _respond(engine, request, release, body, prompts, limit, body.logprobs, chat=False)
+        except BaseException:
+            release()
+            raise
         finally:
-            if not body.stream:
+            if not body.stream:  # a stream's room goes with its response
                 release()
 
     @app.post("/v1/chat/completions")
@@ -244,8 +247,11 @@ def make_app(engine: Engine, extra_routers: tuple = ()) -> FastAPI:
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
             limit = body.limit() or max(1, engine.max_length - len(prompt))
             return await _respond(engine, request, release, body, [prompt], limit, logprobs, chat=True)
+        except BaseException:
+            release()
+            raise
         finally:
-            if not body.stream:
+            if not body.stream:  # a stream's room goes with its response
                 release()
 
     return app
