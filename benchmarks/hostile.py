@@ -546,9 +546,6 @@ def main(argv: list[str] | None = None) -> None:
     run_section(run, hostile_table, __doc__, SECTION, argv)
 
 
-if __name__ == "__main__":
-    main()
-
 
 # ---- the HTTP endpoint's classes ----------------------------------------------------------------
 # `python -m swarmtune.serve` as its own process over a one-server swarm (fresh per class, so that its peak
@@ -565,6 +562,7 @@ HTTP_ATTACKS = (
 HTTP_RSS_ALLOWANCE = 200 * MiB  # over the endpoint's no-attack peak: what its limits let attackers hold at once
 LEGIT_BODY = {"prompt": "Bees make honey from", "max_tokens": 8, "temperature": 0}
 SETTLE_TIMEOUT = 30.0
+SERVE_TIMEOUT = 180.0  # serve starts (torch, the model, its connection) within this, however loaded the machine
 
 
 @dataclass
@@ -582,7 +580,7 @@ def start_endpoint(swarm: LocalSwarm, path: str, log_dir: str) -> tuple[ManagedP
     args = [sys.executable, "-m", "swarmtune.serve", f"model.path={path}", "port=0",
             f"swarm.initial_peers=[{','.join(swarm.initial_peers)}]", f"hydra.run.dir={log_dir}/serve"]
     proc = ManagedProcess(args, os.path.join(log_dir, "serve.log"), dict(os.environ, HF_HUB_OFFLINE="1"))
-    deadline = time.monotonic() + READY_TIMEOUT
+    deadline = time.monotonic() + SERVE_TIMEOUT
     while time.monotonic() < deadline:
         line = next((x for x in list(proc.lines) if x.startswith("Serving ")), None)
         if line:
@@ -712,3 +710,7 @@ def http_table(figures: list[Figure]) -> str:
     return markdown_table(["class", "attackers got", "legit request p50 / p99 ms (no attack)", "p99 ratio",
                            "endpoint peak RSS / bound MiB (vs no attack)", "rows free after", "legit errors",
                            "targets met"], rows)
+
+
+if __name__ == "__main__":
+    main()

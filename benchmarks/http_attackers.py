@@ -35,6 +35,7 @@ MODEL_TIMEOUT = 10.0
 
 @dataclass
 class Attack:
+    kind: str
     url: str
     model: str
     deadline: float
@@ -140,12 +141,12 @@ KINDS: dict[str, Callable[[Attack, httpx.AsyncClient, int], Awaitable[None]]] = 
     "streams": streams}
 
 
-async def worker(attack: Attack, kind: str, client: httpx.AsyncClient, index: int) -> None:
+async def worker(attack: Attack, client: httpx.AsyncClient, index: int) -> None:
     for i in range(10**9):
         if not attack.running():
             return
         try:
-            await KINDS[kind](attack, client, index + i)
+            await KINDS[attack.kind](attack, client, index + i)
         except Exception as e:  # count it and go on: the attack is what matters, not our own hiccups
             attack.stats[f"error {type(e).__name__}"] += 1
             await asyncio.sleep(0.1)
@@ -155,7 +156,7 @@ async def report(attack: Attack) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(attack.ready.wait(), attack.left())
     if attack.ready.is_set():
-        print("READY", flush=True)
+        print(f"READY {attack.kind}", flush=True)
     while attack.running():
         print("STATS " + json.dumps(attack.stats), flush=True)
         await asyncio.sleep(min(1.0, attack.left() + 0.01))
@@ -172,10 +173,10 @@ async def main_async(args: argparse.Namespace) -> None:
     limits = httpx.Limits(max_connections=args.workers + 8, max_keepalive_connections=args.workers + 8)
     async with httpx.AsyncClient(limits=limits) as client:
         models = await client.get(f"{url}/v1/models", timeout=MODEL_TIMEOUT)
-        attack = Attack(url, models.json()["data"][0]["id"], time.monotonic() + args.duration)
+        attack = Attack(args.kind, url, models.json()["data"][0]["id"], time.monotonic() + args.duration)
         reporter = asyncio.create_task(report(attack))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(worker(attack, args.kind, client, i)
+            await asyncio.wait_for(asyncio.gather(*(worker(attack, client, i)
                                                     for i in range(args.workers))), args.duration + 5)
         attack.deadline = 0.0
         await asyncio.wait_for(reporter, 5)
