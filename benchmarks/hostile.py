@@ -14,7 +14,11 @@ of the no-attack p99, and no errors; the server's peak RSS (VmHWM) within model 
 and message budgets + 300 MiB; the free KV budget and kept-graph bytes back to where they were once
 the attackers are gone; the server alive throughout.
 
-    python -m benchmarks.hostile [--quick | --smoke] [--out DIR]
+The HTTP endpoint (`python -m swarmtune.serve`) has classes of its own (`HTTP_ATTACKS`, below): the
+legitimate client's request p99 within 3x of no attack, the endpoint's peak RSS within its no-attack
+peak + 200 MiB, and no row in use once the attackers are gone.
+
+    python -m benchmarks.hostile [--quick | --smoke] [--out DIR] [--only KEY,...]
 """
 
 from __future__ import annotations
@@ -26,10 +30,13 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
+import httpx
 import psutil
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.common import (
     Bench,
@@ -438,13 +445,22 @@ def pooled(*outcomes: Outcome) -> Outcome:
     return both
 
 
+ONLY: tuple[str, ...] = ()  # `--only KEY,...`: these classes alone (swarm or HTTP), else the plan's
+
+
 def run(bench: Bench) -> list[Figure]:
     seed_everything()
+    keys = ONLY or bench.plan.hostile_classes
+    figures = run_swarm(bench, keys) if not keys or any(a.key in keys for a in ATTACKS) else []
+    return figures + run_http(bench, keys)
+
+
+def run_swarm(bench: Bench, keys: tuple[str, ...]) -> list[Figure]:
     plan = bench.plan
     path = bench.model(plan.latency_hidden)
     options = dict(SERVER)
     window = plan.hostile_window
-    attacks = [a for a in ATTACKS if not plan.hostile_classes or a.key in plan.hostile_classes]
+    attacks = [a for a in ATTACKS if not keys or a.key in keys]
     start = run_once(bench, path, None, options, window, "no-attack-start")
     bound = rss_bound(start.peak_rss, options)
     outcomes = [(attack, attacked(bench, path, attack, options, window)) for attack in attacks]
@@ -464,6 +480,13 @@ def run(bench: Bench) -> list[Figure]:
 
 
 def hostile_table(figures: list[Figure]) -> str:
+    """The swarm's classes, then the HTTP endpoint's."""
+    swarm = [f for f in figures if not f.details.get("http")]
+    http = [f for f in figures if f.details.get("http")]
+    return "\n\n".join(t for t in (swarm_table(swarm) if swarm else "", http_table(http) if http else "") if t)
+
+
+def swarm_table(figures: list[Figure]) -> str:
     """One row per class: legit latencies against no attack, peak RSS against its bound, the budget after."""
     by_class: dict[str, dict[str, Figure]] = {}
     for f in figures:
@@ -505,7 +528,8 @@ def panels(figures: list[Figure]) -> list[tuple[str, list[str], list[float], lis
     for measure, label, base_name in (("gen_steps", "generation step p99 (ms)", "no attack"),
                                       ("train_steps", "training step p99 (ms)", "no attack"),
                                       ("rss", "server peak RSS (MiB)", "bound")):
-        chosen = [f for f in figures if f.details["measure"] == measure and f.details["class"] != NO_ATTACK]
+        chosen = [f for f in figures if f.details["measure"] == measure and f.details["class"] != NO_ATTACK
+                  and not f.details.get("http")]
         if chosen:
             result.append((label, [f.details["class"].replace("_", "\n") for f in chosen],
                            [f.baseline for f in chosen], [f.swarm for f in chosen], base_name))
@@ -513,7 +537,179 @@ def panels(figures: list[Figure]) -> list[tuple[str, list[str], list[float], lis
 
 
 def main(argv: list[str] | None = None) -> None:
+    global ONLY
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--only" in argv:
+        at = argv.index("--only")
+        ONLY = tuple(argv[at + 1].split(","))
+        del argv[at:at + 2]
     run_section(run, hostile_table, __doc__, SECTION, argv)
+
+
+
+# ---- the HTTP endpoint's classes ----------------------------------------------------------------
+# `python -m swarmtune.serve` as its own process over a one-server swarm (fresh per class, so that its peak
+# RSS is its own), beside a legitimate client that sends small completions back to back from another address
+# (127.0.0.2: clients are told apart by address). Attackers: benchmarks/http_attackers.py, at nice 10.
+
+HTTP_ATTACKS = (
+    Attack("http_flood", "HTTP queue flood with hang-ups", (("queue_flood", 4),)),
+    Attack("http_stops", "HTTP stop bomb", (("stop_bomb", 4),)),
+    Attack("http_body", "HTTP body bomb", (("body_bomb", 2),)),
+    Attack("http_headers", "HTTP slow headers", (("slow_headers", 500),)),
+    Attack("http_streams", "HTTP disconnecting streams", (("streams", 16),)),
+)
+HTTP_RSS_ALLOWANCE = 200 * MiB  # over the endpoint's no-attack peak: what its limits let attackers hold at once
+LEGIT_BODY = {"prompt": "Bees make honey from", "max_tokens": 8, "temperature": 0}
+SETTLE_TIMEOUT = 30.0
+SERVE_TIMEOUT = 180.0  # serve starts (torch, the model, its connection) within this, however loaded the machine
+
+
+@dataclass
+class HttpOutcome:
+    latencies: list[float] = field(default_factory=list)   # the legitimate client's requests, seconds
+    errors: list[str] = field(default_factory=list)
+    peak_rss: int = 0
+    rss_after: int = 0
+    settle_s: float | None = None                           # until no row is in use and nothing is admitted
+    attackers: list[dict] = field(default_factory=list)
+
+
+def start_endpoint(swarm: LocalSwarm, path: str, log_dir: str) -> tuple[ManagedProcess, str]:
+    """`python -m swarmtune.serve` for the swarm, on a free port; (its process, its base URL)."""
+    args = [sys.executable, "-m", "swarmtune.serve", f"model.path={path}", "port=0",
+            f"swarm.initial_peers=[{','.join(swarm.initial_peers)}]", f"hydra.run.dir={log_dir}/serve"]
+    proc = ManagedProcess(args, os.path.join(log_dir, "serve.log"), dict(os.environ, HF_HUB_OFFLINE="1"))
+    deadline = time.monotonic() + SERVE_TIMEOUT
+    while time.monotonic() < deadline:
+        line = next((x for x in list(proc.lines) if x.startswith("Serving ")), None)
+        if line:
+            return proc, line.split(" at ", 1)[1].split("/v1", 1)[0]
+        if proc.proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"serve did not start:\n{proc.tail()}")
+
+
+def legit_loop(url: str, model: str, deadline: float, out: HttpOutcome) -> None:
+    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=60) as client:
+        while time.monotonic() < deadline:
+            began = time.perf_counter()
+            try:
+                r = client.post(f"{url}/v1/completions", json={"model": model, **LEGIT_BODY})
+                if r.status_code != 200:
+                    out.errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
+            except httpx.HTTPError as e:
+                out.errors.append(f"{type(e).__name__}: {e}"[:300])
+            out.latencies.append(time.perf_counter() - began)
+
+
+def endpoint_idle(url: str, timeout: float) -> float | None:
+    """Seconds until /metrics shows no row in use and no request admitted (None: not within `timeout`)."""
+    began = time.monotonic()
+    while time.monotonic() - began < timeout:
+        with contextlib.suppress(httpx.HTTPError):
+            text = httpx.get(f"{url}/metrics", timeout=10).text
+            values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+            if not values["swarmtune_rows_in_use"] and not values["swarmtune_requests_running"] \
+                    and not values["swarmtune_requests_waiting"]:
+                return time.monotonic() - began
+        time.sleep(0.2)
+    return None
+
+
+def http_run(swarm: LocalSwarm, path: str, attack: Attack | None, window: float, log_root: str) -> HttpOutcome:
+    log_dir = os.path.join(log_root, attack.key if attack else "http-no-attack")
+    os.makedirs(log_dir, exist_ok=True)
+    go_file = os.path.join(log_dir, "go")
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(go_file)
+    out, procs = HttpOutcome(), []
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    endpoint, url = start_endpoint(swarm, path, log_dir)
+    try:
+        model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+        httpx.post(f"{url}/v1/completions", json={"model": model, **LEGIT_BODY}, timeout=60)  # warm
+        for i, (kind, workers) in enumerate(attack.attackers if attack else ()):
+            procs.append(ManagedProcess(
+                ["nice", "-n", str(ATTACKER_NICE), sys.executable, "-m", "benchmarks.http_attackers", kind,
+                 "--go-file", go_file, "--duration", f"{window + READY_TIMEOUT:g}", "--workers", str(workers)],
+                os.path.join(log_dir, f"attacker-{i}-{kind}.log"), env))
+        if procs:
+            with open(go_file + ".tmp", "w") as f:
+                f.write(url)
+            os.replace(go_file + ".tmp", go_file)
+            for proc in procs:
+                proc.wait_marker("READY", READY_TIMEOUT, f"attacker {kind}")
+        legit_loop(url, model, time.monotonic() + window, out)
+        out.attackers = stop_attackers(procs)
+        out.settle_s = endpoint_idle(url, SETTLE_TIMEOUT)
+        out.peak_rss, out.rss_after = vm_hwm(endpoint.pid), rss(endpoint.pid)
+    finally:
+        stop_attackers(procs)
+        endpoint.kill()
+    return out
+
+
+def run_http(bench: Bench, keys: tuple[str, ...]) -> list[Figure]:
+    """The HTTP classes (those in `keys`; all for ()), each against the no-attack run at the start."""
+    attacks = [a for a in HTTP_ATTACKS if not keys or a.key in keys]
+    if keys and not attacks:
+        return []
+    path = bench.model(bench.plan.latency_hidden)
+    window = bench.plan.hostile_window
+    log_root = os.path.join(bench.out, "logs", SECTION)
+    with LocalSwarm(path, spans=[(0, bench.plan.layers)], log_dir=log_root) as swarm:
+        base = http_run(swarm, path, None, window, log_root)
+        outcomes = []
+        for attack in attacks:
+            try:
+                outcomes.append((attack, http_run(swarm, path, attack, window, log_root)))
+            except Exception as e:  # the benchmark could not run this class: reported, not fatal to the rest
+                outcomes.append((attack, HttpOutcome(errors=[f"benchmark: {type(e).__name__}: {e}"[:500]])))
+    bound = base.peak_rss + HTTP_RSS_ALLOWANCE
+    figures = []
+    for key, title, out in [(NO_ATTACK, "HTTP, no attack", base), *((a.key, a.title, o) for a, o in outcomes)]:
+        met = {"latency": p99(out.latencies) <= LATENCY_FACTOR * p99(base.latencies), "no errors": not out.errors,
+               "rss": 0 < out.peak_rss <= bound, "rows freed": out.settle_s is not None}
+        details = {"class": key, "title": title, "http": True, "checks": met, "errors": out.errors[:5],
+                   "error_count": len(out.errors), "window_s": window, "attackers": out.attackers,
+                   "p50_ms": 1e3 * p50(out.latencies), "base_p50_ms": 1e3 * p50(base.latencies),
+                   "samples": len(out.latencies), "settle_s": out.settle_s, "after_mib": out.rss_after / MiB,
+                   "over_no_attack_mib": (out.peak_rss - base.peak_rss) / MiB}
+        figures.append(Figure(SECTION, f"{title}: legitimate request p99", "ms",
+                              1e3 * _finite(p99(out.latencies), window), 1e3 * p99(base.latencies), "no attack",
+                              details={**details, "measure": "http_request"}))
+        figures.append(Figure(SECTION, f"{title}: endpoint peak RSS", "MiB", out.peak_rss / MiB, bound / MiB,
+                              "bound", details={**details, "measure": "http_rss"}))
+    return figures
+
+
+def http_table(figures: list[Figure]) -> str:
+    by_class: dict[str, dict[str, Figure]] = {}
+    for f in figures:
+        by_class.setdefault(f.details["class"], {})[f.details["measure"]] = f
+    rows = []
+    for measures in by_class.values():
+        req, mem = measures["http_request"], measures["http_rss"]
+        d = req.details
+        met = dict(d["checks"])
+        if d["class"] == NO_ATTACK:
+            del met["latency"]
+        sent = Counter()
+        for a in d["attackers"]:
+            sent.update({k: v for k, v in a.items() if isinstance(v, int)})
+        rows.append([d["title"], ", ".join(f"{v} {k}" for k, v in sent.most_common(4)) or "-",
+                     f"{fmt(d['p50_ms'])} / {fmt(req.swarm)} ({fmt(d['base_p50_ms'])} / {fmt(req.baseline)})",
+                     f"{fmt(req.swarm / req.baseline) if req.baseline else '-'}x",
+                     f"{mem.swarm:.0f} / {mem.baseline:.0f} ({d['over_no_attack_mib']:+.0f})",
+                     "-" if d["settle_s"] is None else f"{d['settle_s']:.1f} s", str(d["error_count"]),
+                     "yes" if all(met.values()) else "no: " + ", ".join(k for k, ok in met.items() if not ok)])
+    return markdown_table(["class", "attackers got", "legit request p50 / p99 ms (no attack)", "p99 ratio",
+                           "endpoint peak RSS / bound MiB (vs no attack)", "rows free after", "legit errors",
+                           "targets met"], rows)
 
 
 if __name__ == "__main__":

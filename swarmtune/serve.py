@@ -35,6 +35,7 @@ def build(stack: contextlib.ExitStack, cfg: DictConfig):
     """(app, engine) for `cfg`; `stack` stops the batchers, the model's connection and any embedded swarm."""
     from swarmtune.api.app import Engine, make_app
     from swarmtune.api.batching import Variant
+    from swarmtune.api.limits import EndpointLimits
     from swarmtune.api.swarm_page import swarm_router
 
     adapters = plain(cfg.adapters) if cfg.adapters is not None else {}
@@ -45,13 +46,17 @@ def build(stack: contextlib.ExitStack, cfg: DictConfig):
     for key in ("max_rows", "max_length"):
         if not (isinstance(cfg.batching[key], int) and cfg.batching[key] >= 1):
             raise UserError(f"batching.{key} must be an integer >= 1, got {cfg.batching[key]!r}")
+    try:
+        limits = EndpointLimits(**plain(cfg.limits))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{e} (serve's limits: {', '.join(EndpointLimits.__dataclass_fields__)})") from None
     template = None
     if cfg.chat_template is not None:
         errors.check_file(cfg.chat_template, "chat_template")
         with open(cfg.chat_template) as f:
             template = f.read()
     model_path = resolve_model(cfg.model)
-    name = cfg.name or cfg.model.path or os.path.basename(model_path.rstrip("/"))
+    name = cfg.name or public_name(cfg.model.path, model_path)
     if name in adapters:
         raise UserError(f"adapter name {name!r} is the base model's name: rename the adapter or set name=...")
     config = model_config(cfg.model, model_path)
@@ -70,10 +75,17 @@ def build(stack: contextlib.ExitStack, cfg: DictConfig):
     if template is not None:
         tokenizer.chat_template = template
     engine = Engine(model, tokenizer, name, variants, api_key=cfg.api_key, max_rows=cfg.batching.max_rows,
-                    max_length=cfg.batching.max_length, draft=draft)
+                    max_length=cfg.batching.max_length, draft=draft, limits=limits)
     stack.callback(engine.close)
     page = swarm_router(model.connection, name, refresh_s=cfg.page_refresh_s)
     return make_app(engine, extra_routers=(page,)), engine
+
+
+def public_name(path: str | None, resolved: str) -> str:
+    """The model's name for clients: a hub id as given, a local directory by its basename (no local path is served)."""
+    if path and not os.path.exists(path):
+        return path
+    return os.path.basename(os.path.normpath(resolved))
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -88,13 +100,15 @@ def listen(host: str, port: int) -> socket.socket:
 def run(cfg: DictConfig) -> None:
     import uvicorn
 
+    from swarmtune.api.limits import uvicorn_config
+
     with contextlib.ExitStack() as stack:
         sock = stack.enter_context(listen(cfg.host, cfg.port))
         app, engine = build(stack, cfg)
         host, port = sock.getsockname()[:2]
         print(f"Serving {engine.base_name} (and {len(engine.variants) - 1} adapter(s)) at "
               f"http://{host}:{port}/v1, swarm page at http://{host}:{port}/", file=sys.stderr, flush=True)
-        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        uvicorn.Server(uvicorn_config(app, engine.limits)).run(sockets=[sock])
 
 
 @hydra.main(config_path=config_path(), config_name="serve", version_base=None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import sys
 import threading
@@ -17,15 +18,21 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
+import psutil
 import pytest
+import torch
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from swarmtune import launch, serve
 from swarmtune.adapters import peft_format
+from swarmtune.api.limits import uvicorn_config
+from swarmtune.api.text import StopCutter
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.models import load_config
 from swarmtune.swarm import LocalSwarm, ManagedProcess
+from tests.helpers import reference_model
 from tests.test_export import random_lora
 
 PROMPTS = ["Question: what do bees make? Answer:", "A cat", "The quick brown fox jumps over the lazy dog, then it",
@@ -52,29 +59,37 @@ def swarm(tiny_llama, adapters):
         yield s
 
 
+@contextlib.contextmanager
+def serving(overrides: list[str]):
+    """(base url, engine) of the app `python -m swarmtune.serve` would run with these overrides, under uvicorn
+    configured as the command configures it (its limits and timeouts), in a thread."""
+    with contextlib.ExitStack() as stack:
+        with launch.composed("serve", overrides) as cfg:  # left at once: another app may be composed meanwhile
+            app, engine = serve.build(stack, cfg)
+        sock = socket.create_server(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn_config(app, engine.limits))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
+        finally:
+            server.should_exit = True
+            thread.join(15)
+            sock.close()
+
+
 @pytest.fixture(scope="module")
 def served(swarm, adapters, tiny_llama):
     """(base url, engine) of the app `python -m swarmtune.serve` would run for this swarm."""
     overrides = [f"model.path={tiny_llama}", f"swarm.initial_peers=[{','.join(swarm.initial_peers)}]",
                  f"adapters={{bees: {adapters['bees']}}}", "batching.max_rows=4"]  # 8 requests reuse rows
-    with launch.composed("serve", overrides) as cfg, contextlib.ExitStack() as stack:
-        app, engine = serve.build(stack, cfg)
-        sock = socket.create_server(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.started
+    with serving(overrides) as (url, engine):
         _wait_for_adapter(engine, "hosted")
-        try:
-            yield url, engine
-        finally:
-            server.should_exit = True
-            thread.join(15)
-            sock.close()
+        yield url, engine
 
 
 def _wait_for_adapter(engine, name: str, timeout: float = 30) -> None:
@@ -233,6 +248,305 @@ def test_concurrent_requests_share_steps_and_equal_lone_results(client, served):
         together = [f.result().choices[0].text for f in futures]
     assert together == lone  # rows handed from finished requests to waiting ones hide what they saw
     assert batcher.steps - steps < sum(lengths) / 2  # one batched step serves many requests
+
+
+# ---- in the open: attackers beside a legitimate client, through the real HTTP stack ----------------------
+
+LIMITS = ["limits.per_client=2", "limits.max_sequences=4", "limits.max_choices=2", "limits.max_request_tokens=600",
+          "limits.max_body_kb=64", "limits.header_timeout_s=1", "limits.body_timeout_s=2", "limits.keep_alive_s=1"]
+
+
+@pytest.fixture(scope="module")
+def guarded(swarm, tiny_llama):
+    """(url, engine) of a server with small limits, whose model never ends a sequence early (no EOS)."""
+    overrides = [f"model.path={tiny_llama}", f"swarm.initial_peers=[{','.join(swarm.initial_peers)}]",
+                 "batching.max_rows=4", *LIMITS]
+    with serving(overrides) as (url, engine):
+        engine.eos = set()
+        yield url, engine
+
+
+def legit(url: str, name: str) -> httpx.Response:
+    """A legitimate request, from another address (127.0.0.2) than the attackers'."""
+    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=60) as c:
+        began = time.monotonic()
+        r = c.post(f"{url}/v1/completions", json={"model": name, "prompt": "Bees", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None, r.text
+        assert time.monotonic() - began < 30
+        return r
+
+
+def idle(engine, timeout: float = 5.0) -> None:
+    """Every row free, nothing admitted: what a hung-up client held is let go."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = [s for b in engine.batchers.values() for s in b.rows if s is not None]
+        if not rows and engine.admission.in_flight == 0 and not engine.replies:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"still held after {timeout} s: {len(rows)} rows, {engine.admission.in_flight} admitted")
+
+
+def test_hung_up_requests_leave_the_batch_and_clients_are_bounded(guarded):
+    """Long requests (streaming or not) whose client hangs up free their rows at the next step; a client's third
+    sequence in flight is a 429 with Retry-After, another client still gets through."""
+    url, engine = guarded
+    name = engine.base_name
+    body = {"model": name, "prompt": "Honey", "max_tokens": 500, "temperature": 1, "seed": 1}
+    with httpx.Client(timeout=60) as c:
+        long_stream = c.stream("POST", f"{url}/v1/completions", json={**body, "stream": True})
+        lines = long_stream.__enter__().iter_lines()  # kept: a dropped iterator would hang up at once
+        assert next(lines)  # generating
+        with ThreadPoolExecutor(1) as pool:
+            whole = pool.submit(lambda: httpx.post(f"{url}/v1/completions", json=body, timeout=3))
+            deadline = time.monotonic() + 10
+            while engine.admission.in_flight < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            third = c.post(f"{url}/v1/completions", json=body)
+            assert third.status_code == 429 and third.headers["retry-after"].isdigit(), third.text
+            assert "at most 2" in third.json()["error"]["message"]
+            legit(url, name)
+            with pytest.raises(httpx.TimeoutException):  # the client gives up and hangs up
+                whole.result()
+        long_stream.__exit__(None, None, None)  # hangs up mid-stream
+    idle(engine)
+    too_many = httpx.post(f"{url}/v1/completions", json={**body, "n": 3}, timeout=30)
+    assert too_many.status_code == 400 and "at most 2" in too_many.json()["error"]["message"]
+    too_long = httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 400, "n": 2}, timeout=30)
+    assert too_long.status_code == 400 and "600" in too_long.json()["error"]["message"]
+
+
+def test_stop_bombs_are_refused_and_stop_matching_holds_back_little(guarded):
+    url, engine = guarded
+    name = engine.base_name
+    for stop, status in ((["x" * 120_000] * 4, 413), (["x" * 20_000], 400), (["a", "b", "c", "d", "e"], 400)):
+        began = time.monotonic()
+        r = httpx.post(f"{url}/v1/completions", json={"model": name, "prompt": "Bees", "stop": stop}, timeout=30)
+        assert r.status_code == status and ("stop" in r.json()["error"]["message"] or status == 413), r.text
+        assert time.monotonic() - began < 5
+    stops = ["ab" * 128, "b" * 256, "q" * 256, "z" * 255 + "y"]  # each as long as allowed
+    cutter = StopCutter(stops)
+    given = "".join(cutter.feed(piece) for piece in ["ab", "b", "zzz", "bb"] * 5_000)
+    assert len(cutter.held) < 256 and not cutter.stopped and len(given) + len(cutter.held) == 5_000 * 8
+    r = httpx.post(f"{url}/v1/completions", json={"model": name, "prompt": "Bees", "stop": stops, "max_tokens": 30},
+                   timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 30
+    legit(url, name)
+
+
+def test_body_bombs_are_413_before_reading(guarded):
+    """Above limits.max_body_kb: a declared length is refused unread; a chunked body as soon as it passes the
+    limit; a body that does not arrive in time is a 408. Nothing of them is kept."""
+    url, engine = guarded
+    process = psutil.Process()
+    before = process.memory_info().rss
+    prompt = "bee " * 2_000_000  # 8 MB
+    payload = json.dumps({"model": engine.base_name, "prompt": prompt}).encode()
+    for _ in range(3):
+        began = time.monotonic()
+        r = httpx.post(f"{url}/v1/completions", content=payload, timeout=30,
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "64 KiB" in r.json()["error"]["message"], r.text
+        assert time.monotonic() - began < 5
+        with contextlib.suppress(httpx.TransportError):  # the server may close before the sender is done
+            r = httpx.post(f"{url}/v1/completions", content=_chunks(payload), timeout=30,
+                           headers={"content-type": "application/json"})
+            assert r.status_code == 413, r.text
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"model\":")
+        s.settimeout(10)
+        assert b" 408 " in s.recv(4096).split(b"\r\n", 1)[0]
+    legit(url, engine.base_name)
+    del payload, prompt
+    assert process.memory_info().rss - before < 64 * 2**20
+
+
+def _chunks(data: bytes, size: int = 1 << 16):
+    """A body without Content-Length (chunked)."""
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+def test_slow_headers_are_cut_off(guarded):
+    """Connections that trickle their headers are closed after limits.header_timeout_s (1 s here)."""
+    url, engine = guarded
+    port = int(url.rsplit(":", 1)[1])
+    conns = []
+    for _ in range(50):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        conns.append(s)
+    began, closed = time.monotonic(), set()
+    try:
+        while len(closed) < len(conns) and time.monotonic() - began < 6:
+            for i, s in enumerate(conns):
+                if i in closed:
+                    continue
+                try:
+                    s.sendall(b"X-Slow: 1\r\n")
+                    s.setblocking(False)
+                    if s.recv(1) == b"":
+                        closed.add(i)
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    closed.add(i)
+                finally:
+                    s.setblocking(True)
+            time.sleep(0.2)
+        legit(url, engine.base_name)
+        assert len(closed) == len(conns), f"{len(conns) - len(closed)} slow-header connections still open after 6 s"
+    finally:
+        for s in conns:
+            s.close()
+
+
+def test_api_key_guards_every_route_and_nothing_names_a_local_path(guarded, tiny_llama):
+    url, engine = guarded
+    engine.api_key = "sekret"
+    try:
+        for path in ("/", "/api/swarm", "/metrics", "/v1/models", "/openapi.json"):
+            r = httpx.get(url + path, timeout=30)
+            assert r.status_code == 401, (path, r.status_code)
+            assert tiny_llama not in r.text and "peer" not in r.text.lower()
+        assert "API key" in httpx.get(url + "/", timeout=30).text  # the page asks for it
+        auth = {"Authorization": "Bearer sekret"}
+        page = httpx.get(url + "/?key=sekret", timeout=30)
+        assert page.status_code == 200 and 'class="block"' in page.text and "loading" not in page.text
+        assert httpx.get(url + "/?key=guess", timeout=30).status_code == 401
+        state = httpx.get(url + "/api/swarm", headers=auth, timeout=30)
+        metrics = httpx.get(url + "/metrics", headers=auth, timeout=30)
+        models = httpx.get(url + "/v1/models", headers=auth, timeout=30)
+        assert state.status_code == metrics.status_code == models.status_code == 200
+        for r in (page, state, models):
+            assert os.path.dirname(tiny_llama) not in r.text, r.text[:500]
+        assert models.json()["data"][0]["id"] == os.path.basename(tiny_llama)
+    finally:
+        engine.api_key = None
+
+
+def test_seed_beyond_int64_is_a_400(guarded):
+    url, engine = guarded
+    for seed in (2**63, -(2**63) - 1, 10**30):
+        r = httpx.post(f"{url}/v1/completions", json={"model": engine.base_name, "prompt": "x", "seed": seed},
+                       timeout=30)
+        assert r.status_code == 400 and "seed" in r.json()["error"]["message"], r.text
+    r = httpx.post(f"{url}/v1/completions", timeout=30,
+                   json={"model": engine.base_name, "prompt": "x", "seed": 2**63 - 1, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+def test_echo_logprobs_equal_the_local_model(served, tiny_llama):
+    """echo + logprobs: the prompt's tokens with their logprobs (the first null), as a local fp32 model gives
+    them, with max_tokens 0 (the prompt alone) and 1 (lm-eval's loglikelihood request)."""
+    url, engine = served
+    tokenizer = engine.tokenizer
+    ref = reference_model(tiny_llama)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+    for max_tokens in (0, 1):
+        r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "model": engine.base_name, "prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": max_tokens,
+            "temperature": 0})
+        assert r.status_code == 200, r.text
+        for choice, ids in zip(sorted(r.json()["choices"], key=lambda c: c["index"]), prompts):
+            lp = choice["logprobs"]
+            assert len(lp["tokens"]) == len(ids) + max_tokens
+            assert choice["text"].startswith(tokenizer.decode(ids, skip_special_tokens=True))
+            assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+            with torch.no_grad():
+                local = torch.log_softmax(ref(torch.tensor([ids])).logits[0].float(), -1)
+            expected = [float(local[i - 1, ids[i]]) for i in range(1, len(ids))]
+            assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][1:len(ids)], expected)) < 1e-4
+            for i in range(1, len(ids)):  # the top alternative is the local argmax's logprob
+                assert abs(max(lp["top_logprobs"][i].values()) - float(local[i - 1].max())) < 1e-4
+    r = httpx.post(f"{url}/v1/completions", timeout=30, json={"model": engine.base_name, "prompt": "x",
+                                                               "max_tokens": 0})
+    assert r.status_code == 400 and "echo" in r.json()["error"]["message"]
+
+
+def test_metrics_in_prometheus_format(served):
+    url, engine = served
+    httpx.post(f"{url}/v1/completions", timeout=60, json={"model": engine.base_name, "prompt": "Bees",
+                                                          "max_tokens": 3, "temperature": 0})
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    value = {s.name: s.value for f in families.values() for s in f.samples}
+    assert value["swarmtune_prompt_tokens_total"] > 0 and value["swarmtune_generation_tokens_total"] >= 3
+    assert value["swarmtune_time_to_first_token_seconds_count"] >= 1
+    assert value["swarmtune_inter_token_latency_seconds_count"] >= 2
+    assert value["swarmtune_swarm_blocks"] == 6 and value["swarmtune_swarm_blocks_covered"] == 6
+    for gauge in ("swarmtune_requests_running", "swarmtune_requests_waiting", "swarmtune_rows_in_use"):
+        assert families[gauge].type == "gauge" and value[gauge] == 0
+
+
+MC_TASK = """task: swarmtune_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+GEN_TASK = """task: swarmtune_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+metric_list:
+  - metric: exact_match
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_runs_multiple_choice_and_generate_until(served, tiny_llama, tmp_path):
+    """lm-evaluation-harness's local-completions against the endpoint: its loglikelihoods equal the local fp32
+    model's, its generations the swarm's greedy ones."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    url, engine = served
+    questions = [{"question": "Bees make", "choices": [" honey", " wax", " noise"], "answer": 0},
+                 {"question": "The quick brown fox", "choices": [" jumps", " sleeps"], "answer": 1}]
+    for name, task, rows in (("mc", MC_TASK, questions), ("gen", GEN_TASK, [{"question": "A cat", "answer": "x"}])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp_path / f"{name}.yaml").write_text(task.format(data=tmp_path / f"{name}.jsonl"))
+    args = {"model": engine.base_name, "base_url": f"{url}/v1/completions", "tokenizer_backend": "huggingface",
+            "tokenizer": tiny_llama, "max_retries": 1, "num_concurrent": 1}
+    results = lm_eval.simple_evaluate(model="local-completions", model_args=args,
+                                      tasks=["swarmtune_mc", "swarmtune_gen"], log_samples=True,
+                                      task_manager=TaskManager(include_path=str(tmp_path)))
+    tokenizer, ref = engine.tokenizer, reference_model(tiny_llama)
+
+    def loglikelihood(context: str, continuation: str) -> float:  # as lm-eval encodes the pair
+        whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+        start = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(ref(torch.tensor([whole])).logits[0].float(), -1)
+        return sum(float(logprobs[i - 1, whole[i]]) for i in range(start, len(whole)))
+
+    samples = results["samples"]["swarmtune_mc"]
+    assert len(samples) == 2 and sum(len(s["arguments"]) for s in samples) == 5
+    for sample in samples:
+        for (context, continuation), (got, _) in zip(sample["arguments"], sample["filtered_resps"]):
+            assert abs(got - loglikelihood(context, continuation)) < 1e-4, (context, continuation)
+    generated = results["samples"]["swarmtune_gen"][0]["resps"][0][0]
+    direct = httpx.post(f"{url}/v1/completions", timeout=60, json={
+        "model": engine.base_name, "prompt": tokenizer("A cat", add_special_tokens=False)["input_ids"],
+        "max_tokens": 8, "temperature": 0, "stop": ["\n"]}).json()["choices"][0]["text"]
+    assert generated == direct
 
 
 def test_stream_survives_a_killed_server(client, served, swarm, reference):

@@ -19,7 +19,7 @@ import fastapi
 import pytest
 import uvicorn
 
-from swarmtune.api.swarm_page import Health, SwarmMonitor, swarm_router
+from swarmtune.api.swarm_page import Health, SwarmMonitor, public_id, swarm_router
 from swarmtune.client.bans import Bans
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.connection import SwarmConnection
@@ -106,9 +106,10 @@ def test_the_json_shows_every_block_covered_and_every_server(swarm, page_url, ti
     state = wait_json(page_url, lambda s: s["servers"] and all(x["reachable"] for x in s["servers"])
                       and s["model"]["model_id"], 30)
     assert state["refresh_s"] == REFRESH_S and abs(state["time"] - time.time()) < 60
+    local = os.path.basename(tiny_llama)  # the servers announce their checkpoint's path: only its name is shown
     assert state["model"] == {"name": tiny_llama, "dht_prefix": swarm.dht_prefix, "num_blocks": 6,
-                              "model_id": tiny_llama, "model_type": "llama"}
-    assert state["models"] == [{"dht_prefix": swarm.dht_prefix, "num_blocks": 6, "model_id": tiny_llama,
+                              "model_id": local, "model_type": "llama"}
+    assert state["models"] == [{"dht_prefix": swarm.dht_prefix, "num_blocks": 6, "model_id": local,
                                 "model_type": "llama"}]
     assert state["covered"] and state["uncovered_blocks"] == []
     held = {s.peer_id: s.span for s in swarm.servers}
@@ -119,6 +120,51 @@ def test_the_json_shows_every_block_covered_and_every_server(swarm, page_url, ti
     for x in state["servers"]:
         assert x["state"] == "online" and x["covering"] and x["ping_ms"] > 0 and x["dtype"] and x["version"]
         assert x["cache_tokens_left"] >= 0 and x["throughput"] > 0 and x["expires_in_s"] > 0
+
+
+def test_public_ids_name_no_local_path(tmp_path, monkeypatch):
+    assert public_id("meta-llama/Llama-2-70b-hf") == "meta-llama/Llama-2-70b-hf"
+    assert public_id("gpt2") == "gpt2"
+    for path in ("/home/me/ckpt/llama-6-64", "./llama-6-64", "../x/llama-6-64/", "C:\\models\\llama-6-64"):
+        assert public_id(path) == "llama-6-64"
+    (tmp_path / "a" / "llama-6-64").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert public_id("a/llama-6-64") == "llama-6-64"  # relative, but a directory here: not a hub id
+
+
+def test_the_page_arrives_with_data_and_fits_1280_px(swarm, page_url, tmp_path):
+    """The first paint shows the swarm (its state is in the HTML; JavaScript off here), and at 1280 px the
+    server table fits the window, long fields cut with their full text on hover."""
+    with urllib.request.urlopen(page_url, timeout=10) as reply:
+        html = reply.read().decode()
+    assert "loading" not in html and html.count('class="block"') == 6 and html.count("<tr data-peer=") == 3
+    assert 'data-covered="true"' in html and "every block is served" in html
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium is not on PATH (Debian: apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True)
+        try:
+            for javascript in (False, True):
+                page = browser.new_context(java_script_enabled=javascript,
+                                           viewport={"width": 1280, "height": 600}).new_page()
+                page.goto(page_url, timeout=15_000)
+                assert page.locator("#coverage .block").count() == 6
+                assert page.locator("#servers tbody tr").count() == 3
+                table = page.evaluate("[document.querySelector('#servers').getBoundingClientRect().right, "
+                                      "document.documentElement.clientWidth, document.documentElement.scrollWidth]")
+                assert table[0] <= table[1] and table[2] <= table[1], table
+                cut = page.evaluate("[...document.querySelectorAll('#servers td')].filter(td => "
+                                    "td.scrollWidth > td.clientWidth && td.title !== td.textContent).length")
+                assert cut == 0  # whatever an ellipsis cuts is in the title
+                page.screenshot(path=str(tmp_path / f"swarm-page-1280-js-{javascript}.png"), full_page=True)
+        finally:
+            browser.close()
+    if os.environ.get("SWARMTUNE_TEST_ARTIFACTS"):
+        os.makedirs(os.environ["SWARMTUNE_TEST_ARTIFACTS"], exist_ok=True)
+        shutil.copy(tmp_path / "swarm-page-1280-js-True.png", os.environ["SWARMTUNE_TEST_ARTIFACTS"])
 
 
 def test_the_page_shows_a_killed_servers_gap_within_a_refresh(swarm, page_url, tmp_path):

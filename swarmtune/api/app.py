@@ -4,37 +4,44 @@ Each request's choices become `Sequence`s of the `Batcher` of the model it names
 come back on the event loop, are decoded into text (held back while they might start a stop
 sequence) and answered whole or streamed as server-sent events in OpenAI's chunk format.
 Every error is OpenAI's error JSON with its status: 400 bad parameters, 401 wrong key, 404
-unknown model, 503 blocks without servers.
+unknown model, 408 a body too slow, 413 a body too large, 429 too much in flight (Retry-After),
+503 blocks without servers. What each request and client may take: `swarmtune.api.limits`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from swarmtune.api.batching import Batcher, Sampling, Sequence, Token, Variant
+from swarmtune.api.limits import Admission, BodyLimit, EndpointLimits
+from swarmtune.api.metrics import Metrics
 from swarmtune.api.protocol import APIError, ChatRequest, CompletionRequest
+from swarmtune.api.text import Detokenizer, StopCutter
 from swarmtune.client.routing import NoServersError
 
 logger = logging.getLogger(__name__)
 
 
 class Engine:
-    """The model, its tokenizer and one batcher per variant (made on first use)."""
+    """The model, its tokenizer, one batcher per variant (made on first use), and what clients may take."""
 
     def __init__(self, model, tokenizer, base_name: str, adapters: dict[str, Variant], api_key: str | None = None,
-                 max_rows: int = 16, max_length: int = 2048, draft=None):
+                 max_rows: int = 16, max_length: int = 2048, draft=None, limits: EndpointLimits | None = None):
         self.model, self.tokenizer, self.base_name = model, tokenizer, base_name
         self.draft = draft  # speculative decoding's draft model, shared by every variant's batcher
         self.connection = model.connection
@@ -45,6 +52,10 @@ class Engine:
         self.batchers: dict[str, Batcher] = {}
         self._lock = threading.Lock()
         self.created = int(time.time())
+        self.limits = limits or EndpointLimits()
+        self.admission = Admission(self.limits.per_client, self.limits.max_sequences)
+        self.replies: set[_Reply] = set()  # admitted and not yet answered or gone
+        self.metrics = Metrics(self)
 
     def hosted_adapters(self) -> list[str]:
         return sorted({a for s in self.connection.view.servers.values() for a in s.adapters})
@@ -72,72 +83,104 @@ class Engine:
             raise APIError(503, str(NoServersError(missing, self.base_name)), type="service_unavailable",
                            code="no_coverage")
 
+    def admit(self, request: Request, name: str, sequences: int) -> Callable[[], None]:
+        """Before any work: the model exists and is covered, the request is within its limits, and its client's
+        and the server's sequences in flight leave room for it (else 429). Returns the release of that room."""
+        self.batcher(name)
+        self.check_coverage(name)
+        if sequences > self.limits.max_choices:
+            raise APIError(400, f"this request asks for {sequences} sequences (prompts x n): at most "
+                                f"{self.limits.max_choices} per request", param="n")
+        client = request.client.host if request.client else "unknown"
+        return self.admission.take(client, sequences)
+
     def close(self) -> None:
         for batcher in self.batchers.values():
             batcher.close()
 
 
 class _Stream:
-    """One choice's tokens as they come, turned into text that stops at a stop sequence."""
+    """One choice: its tokens turned into text that stops at a stop sequence, in the batching thread (off the
+    event loop, a token at a time), handed to the loop as (text, tokens, finish reason or None) pieces."""
 
     def __init__(self, engine: Engine, index: int, stops: list[str], loop: asyncio.AbstractEventLoop):
-        self.engine, self.index, self.stops = engine, index, stops
+        self.engine, self.index, self.loop = engine, index, loop
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.loop = loop
-        self.tokens: list[Token] = []
-        self.text = ""           # what has been given out
-        self.given = 0           # tokens given out with it
+        self.detokenizer = Detokenizer(engine.tokenizer)
+        self.cutter = StopCutter(stops)
+        self.sequence: Sequence | None = None
+        self.tokens: list[Token] = []          # generated (the batching thread's until `finish` is set)
+        self.prompt: list[Token] | None = None  # with echo and logprobs: the prompt's tokens, scored
+        self.given = 0                         # tokens handed out with text
+        self.text = ""                         # the text handed out (the loop's)
         self.finish: str | None = None
+        self.started = self.last = time.perf_counter()
 
     def emit(self, event) -> None:  # the batching thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-
-    async def next_text(self, sequence: Sequence) -> tuple[str, list[Token]] | None:
-        """New text and the tokens behind it; None when the choice has ended (`finish` says why)."""
         if self.finish is not None:
-            return None
-        event = await self.queue.get()
+            return
+        try:
+            piece = self._piece(event)
+        except Exception as e:  # e.g. the tokenizer's: this choice fails, the batch goes on
+            self.finish, piece = "error", e
+            self.sequence.cancel()
+        if piece is not None:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, piece)
+
+    def _piece(self, event):
         if isinstance(event, Exception):
-            raise event
+            self.finish = "error"
+            return event
+        if isinstance(event, list):
+            self.prompt = event
+            return None
         if isinstance(event, str):
             self.finish = event
-            return self._flush()
+            return self._take(self.cutter.feed(self.detokenizer.flush(), final=True), event)
+        self._timed()
         self.tokens.append(event)
-        full = self._decoded()
-        cut = min((i for i in (full.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            sequence.cancel()
+        text = self.cutter.feed(self.detokenizer.add(event.id))
+        if self.cutter.stopped:
+            self.sequence.cancel()
             self.finish = "stop"
-            return self._take(full[:cut])
-        return self._take(full[:len(full) - self._held_back(full)])
+            return self._take(text, "stop")
+        return self._take(text, None)
 
-    def _held_back(self, full: str) -> int:
-        """Characters that may yet become a stop sequence or a whole character."""
-        partial = len(full) - len(full.rstrip("\ufffd"))
-        return max([partial, *(k for s in self.stops for k in range(1, len(s)) if full.endswith(s[:k]))])
+    def _timed(self) -> None:
+        now, metrics = time.perf_counter(), self.engine.metrics
+        (metrics.itl if self.tokens else metrics.ttft).observe(now - (self.last if self.tokens else self.started))
+        metrics.generation_tokens.inc()
+        self.last = now
 
-    def _decoded(self) -> str:
-        return self.engine.tokenizer.decode([t.id for t in self.tokens], skip_special_tokens=True)
+    def _take(self, text: str, finish: str | None) -> tuple[str, list[Token], str | None]:
+        tokens, self.given = self.tokens[self.given:], len(self.tokens)
+        return text, tokens, finish
 
-    def _flush(self) -> tuple[str, list[Token]]:
-        return self._take(self._decoded())
-
-    def _take(self, text: str) -> tuple[str, list[Token]]:
-        delta = text[len(self.text):] if text.startswith(self.text) else ""
-        self.text = max(self.text, text, key=len)
-        pending, self.given = self.tokens[self.given:], len(self.tokens)
-        return delta, pending
+    async def next_piece(self) -> tuple[str, list[Token], str | None]:
+        """The next text (and the tokens behind it; a finish reason with the last); raises the swarm's error."""
+        piece = await self.queue.get()
+        if isinstance(piece, Exception):
+            raise piece
+        self.text += piece[0]
+        return piece
 
 
 def make_app(engine: Engine, extra_routers: tuple = ()) -> FastAPI:
-    app = FastAPI(title="swarmtune", docs_url=None, redoc_url=None)
+    app = FastAPI(title="swarmtune", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     for router in extra_routers:
         app.include_router(router)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        if e.status in (413, 429):
+            engine.metrics.rejected.labels(str(e.status)).inc()
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):  # 404 and 405: unknown routes and methods
+        error = APIError(e.status_code, str(e.detail))
+        return JSONResponse(error.body(), status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
@@ -158,13 +201,20 @@ def make_app(engine: Engine, extra_routers: tuple = ()) -> FastAPI:
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
-        if engine.api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {engine.api_key}".encode()):
-                error = APIError(401, "Incorrect API key provided", type="authentication_error",
-                                 code="invalid_api_key")
-                return JSONResponse(error.body(), status_code=401)
+        """With an api_key, every route needs it: the header, or (the page alone) `?key=`, which it then keeps."""
+        if engine.api_key and not _has_key(request, engine.api_key):
+            if request.url.path == "/" and request.method == "GET":
+                return HTMLResponse(KEY_PAGE, status_code=401)
+            error = APIError(401, "Incorrect API key provided", type="authentication_error", code="invalid_api_key")
+            return JSONResponse(error.body(), status_code=401)
         return await call_next(request)
+
+    app.add_middleware(BodyLimit, max_bytes=engine.limits.max_body_kb * 1024, timeout_s=engine.limits.body_timeout_s,
+                       refused=lambda status: engine.metrics.rejected.labels(str(status)).inc())
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(engine.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():
@@ -175,19 +225,66 @@ def make_app(engine: Engine, extra_routers: tuple = ()) -> FastAPI:
                                             else engine.base_name} for n in names]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        prompts = [_encode(engine, p) for p in body.prompts()]
-        logprobs = body.logprobs
-        return await _respond(engine, body, prompts, body.max_tokens or 16, logprobs, chat=False)
+    async def completions(body: CompletionRequest, request: Request):
+        texts = body.prompts()
+        release = engine.admit(request, body.model, len(texts) * body.n)
+        try:
+            prompts = await asyncio.to_thread(lambda: [_encode(engine, p) for p in texts])
+            limit = 16 if body.max_tokens is None else body.max_tokens
+            return await _respond(engine, request, release, body, prompts, limit, body.logprobs, chat=False)
+        except BaseException:
+            release()
+            raise
+        finally:
+            if not body.stream:  # a stream's room goes with its response
+                release()
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
-        prompt = _chat_prompt(engine, body)
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        limit = body.limit() or max(1, engine.max_length - len(prompt))
-        return await _respond(engine, body, [prompt], limit, logprobs, chat=True)
+    async def chat(body: ChatRequest, request: Request):
+        release = engine.admit(request, body.model, body.n)
+        try:
+            prompt = await asyncio.to_thread(_chat_prompt, engine, body)
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            limit = body.limit() or max(1, engine.max_length - len(prompt))
+            return await _respond(engine, request, release, body, [prompt], limit, logprobs, chat=True)
+        except BaseException:
+            release()
+            raise
+        finally:
+            if not body.stream:  # a stream's room goes with its response
+                release()
 
     return app
+
+
+def _has_key(request: Request, key: str) -> bool:
+    expected = f"Bearer {key}".encode()
+    given = request.headers.get("authorization", "").encode()
+    if secrets.compare_digest(given, expected):
+        return True
+    query = request.query_params.get("key") if request.url.path == "/" else None
+    return query is not None and secrets.compare_digest(f"Bearer {query}".encode(), expected)
+
+
+# What `/` answers without the key: a form that asks for it once and keeps it for the session (sessionStorage).
+KEY_PAGE = """<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>swarmtune: key</title></head>
+<body style="font: 14px system-ui, sans-serif; margin: 1.5em">
+<form id="form"><label>This server needs its API key: <input id="key" type="password" autofocus></label>
+<button>open</button> <span id="why"></span></form>
+<script>
+"use strict";
+const stored = sessionStorage.getItem("swarmtune-key");
+if (new URL(location.href).searchParams.has("key")) {
+  sessionStorage.removeItem("swarmtune-key");
+  document.getElementById("why").textContent = "that key is not right";
+} else if (stored) {
+  location.replace("?key=" + encodeURIComponent(stored));
+}
+document.getElementById("form").onsubmit = (e) => {
+  e.preventDefault();
+  location.replace("?key=" + encodeURIComponent(document.getElementById("key").value));
+};
+</script></body></html>"""
 
 
 def _encode(engine: Engine, prompt: str | list[int]) -> list[int]:
@@ -215,87 +312,145 @@ def _chat_prompt(engine: Engine, body: ChatRequest) -> list[int]:
     return _encode(engine, tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-async def _respond(engine: Engine, body, prompts: list[list[int]], limit: int, logprobs: int | None, chat: bool):
+async def _respond(engine: Engine, request: Request, release: Callable[[], None], body, prompts: list[list[int]],
+                   limit: int, logprobs: int | None, chat: bool):
+    """Submit the request's sequences; its answer whole (the client gone: its rows freed) or as events."""
+    tokens = sum(len(p) + limit for p in prompts) * body.n
+    if tokens > engine.limits.max_request_tokens:
+        raise APIError(400, f"this request needs {tokens} tokens ((prompt + max_tokens) x n, over its prompts), "
+                            f"more than the {engine.limits.max_request_tokens} a request may have: ask for fewer",
+                       param="max_tokens", code="context_length_exceeded")
     batcher = engine.batcher(body.model)
-    engine.check_coverage(body.model)
     loop = asyncio.get_running_loop()
+    echo = getattr(body, "echo", False)
     streams, sequences = [], []
     for prompt in prompts:
         for i in range(body.n):
             stream = _Stream(engine, len(streams), body.stops(), loop)
             seed = body.seed + i if body.seed is not None else None
-            sampling = Sampling(limit, body.temperature, body.top_p, seed, logprobs)
-            sequences.append(Sequence(prompt, sampling, engine.eos, stream.emit))
+            sampling = Sampling(limit, body.temperature, body.top_p, seed, logprobs,
+                                echo=echo and logprobs is not None)
+            stream.sequence = Sequence(prompt, sampling, engine.eos, stream.emit)
+            sequences.append(stream.sequence)
             streams.append(stream)
+    kind = "chat.completion" if chat else "text_completion"
+    reply = _Reply(engine, body.model, kind, prompts, body.n, streams, sequences, logprobs, echo)
+    engine.replies.add(reply)
+
+    def cleanup() -> None:
+        for seq in sequences:
+            seq.cancel()
+        engine.replies.discard(reply)
+        release()
+
     try:
         for seq in sequences:
             batcher.submit(seq)
     except ValueError as e:
-        for seq in sequences:
-            seq.cancel()
+        cleanup()
         raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
-    kind = "chat.completion" if chat else "text_completion"
-    reply = _Reply(engine, body.model, kind, prompts, body.n, streams, sequences, logprobs)
+    engine.metrics.prompt_tokens.inc(sum(len(p) for p in prompts) * body.n)
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(reply.events(usage), media_type="text/event-stream")
+        return _EventStream(reply.events(usage), cleanup)
     try:
-        return await reply.whole()
+        return await reply.whole(request)
     finally:
-        for seq in sequences:
-            seq.cancel()
+        cleanup()
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events whose `cleanup` runs however the response ends: done, failed, or its client gone
+    (even before the first event, when the events' generator never started)."""
+
+    def __init__(self, events: AsyncIterator[str], cleanup: Callable[[], None]):
+        super().__init__(events, media_type="text/event-stream")
+        self.cleanup = cleanup
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.cleanup()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (its body is read: what comes next is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class _Reply:
     """One request's answer: whole, or as server-sent events."""
 
     def __init__(self, engine: Engine, model: str, kind: str, prompts: list[list[int]], n: int,
-                 streams: list[_Stream], sequences: list[Sequence], logprobs: int | None):
+                 streams: list[_Stream], sequences: list[Sequence], logprobs: int | None, echo: bool = False):
         self.engine, self.model, self.kind, self.prompts, self.n = engine, model, kind, prompts, n
-        self.streams, self.sequences, self.logprobs = streams, sequences, logprobs
+        self.streams, self.sequences, self.logprobs, self.echo = streams, sequences, logprobs, echo
         self.chat = kind == "chat.completion"
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
     def usage(self) -> dict:
-        prompt = sum(len(p) for p in self.prompts)
+        prompt = sum(len(p) for p in self.prompts) * self.n
         completion = sum(len(s.tokens) for s in self.streams)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    async def whole(self) -> dict:
+    async def whole(self, request: Request) -> Response:
+        """Every choice's text; if the client hangs up first, the sequences are cancelled (by the caller)."""
+        work = asyncio.ensure_future(asyncio.gather(*[self._collect(s) for s in self.streams]))
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            await asyncio.gather(*[self._collect(s, q) for s, q in zip(self.streams, self.sequences)])
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                return Response(status_code=499)  # nobody reads it
+            work.result()
         except NoServersError as e:
             raise APIError(503, str(e), type="service_unavailable", code="no_coverage") from None
         except RuntimeError as e:
             raise APIError(503, f"the swarm failed this request: {e}", type="service_unavailable") from None
-        choices = [self._choice(s, s.text, s.tokens, s.finish) for s in self.streams]
+        finally:
+            for task in (work, gone):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.gather(work, gone, return_exceptions=True)
+        return JSONResponse(await asyncio.to_thread(self._whole_body))  # decoding logprobs' tokens: off the loop
+
+    def _whole_body(self) -> dict:
+        choices = []
+        for s in self.streams:
+            prompt = self.prompts[s.index // self.n]
+            text = (self.engine.tokenizer.decode(prompt, skip_special_tokens=True) if self.echo else "") + s.text
+            tokens = [*(s.prompt or []), *s.tokens] if self.echo and s.prompt is not None else s.tokens
+            choices.append(self._choice(s, text, tokens, s.finish))
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}
 
-    async def _collect(self, stream: _Stream, sequence: Sequence) -> None:
-        while await stream.next_text(sequence) is not None:
+    async def _collect(self, stream: _Stream) -> None:
+        while (await stream.next_piece())[2] is None:
             pass
 
     async def events(self, usage: bool) -> AsyncIterator[str]:
         """SSE: one chunk per choice per new text, then each choice's finish, then [DONE]."""
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(stream: _Stream, sequence: Sequence) -> None:
+        async def pump(stream: _Stream) -> None:
             try:
                 if self.chat:
                     await queue.put(self._chunk(stream, {"role": "assistant", "content": ""}, [], None))
-                while (got := await stream.next_text(sequence)) is not None:
-                    text, tokens = got
+                while True:
+                    text, tokens, finish = await stream.next_piece()
                     if text or (tokens and self.logprobs is not None):
                         await queue.put(self._chunk(stream, text, tokens, None))
-                await queue.put(self._chunk(stream, "", [], stream.finish))
+                    if finish is not None:
+                        break
+                await queue.put(self._chunk(stream, "", [], finish))
             except Exception as e:
                 await queue.put(e)
             finally:
                 await queue.put(None)
 
-        tasks = [asyncio.create_task(pump(s, q)) for s, q in zip(self.streams, self.sequences)]
+        tasks = [asyncio.create_task(pump(s)) for s in self.streams]
         try:
             running = len(tasks)
             while running:
@@ -341,7 +496,8 @@ class _Reply:
         return {"index": stream.index, "text": text, "logprobs": self._logprobs(tokens), "finish_reason": finish}
 
     def _logprobs(self, tokens: list[Token]) -> dict | None:
-        """OpenAI's logprobs object for these tokens: chat's `content` list, or the completions' columns."""
+        """OpenAI's logprobs object for these tokens: chat's `content` list, or the completions' columns
+        (an echoed prompt's first token has none: null, as OpenAI's)."""
         if self.logprobs is None:
             return None
         decode = self.engine.tokenizer.decode
@@ -352,7 +508,7 @@ class _Reply:
             return {"content": [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
                                 for t in tokens]}
         texts = [decode([t.id]) for t in tokens]
-        offsets = [sum(len(x) for x in texts[:i]) for i in range(len(texts))]
+        offsets = list(itertools.accumulate((len(x) for x in texts[:-1]), initial=0)) if texts else []
+        top = [None if t.top is None else {decode([i]): lp for i, lp in t.top} for t in tokens]
         return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
-                "top_logprobs": [{decode([i]): lp for i, lp in t.top} for t in tokens] if self.logprobs else None,
-                "text_offset": offsets}
+                "top_logprobs": top if self.logprobs else None, "text_offset": offsets}

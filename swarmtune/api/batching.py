@@ -52,6 +52,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     logprobs: int | None = None  # alternatives reported per token (0: only the chosen token's logprob)
+    echo: bool = False           # also report the prompt's tokens with their logprobs (the first has none)
 
 
 @dataclasses.dataclass
@@ -66,8 +67,9 @@ class Token:
 class Sequence:
     """One sequence to generate: a prompt, how to sample, and where its tokens go.
 
-    `emit(event)` is called from the batching thread with a `Token`, then a finish reason
-    ("stop" or "length") or an exception; it must not block. `cancel()` frees the row at the next step.
+    `emit(event)` is called from the batching thread: with `echo`, first the prompt's tokens (a list of
+    `Token`, the first without logprob); then each generated `Token`; then a finish reason ("stop" or
+    "length") or an exception. It must not block. `cancel()` frees the row at the next step.
     """
 
     def __init__(self, prompt: list[int], sampling: Sampling, eos: set[int], emit: Callable[[object], None]):
@@ -78,6 +80,7 @@ class Sequence:
         self.draft_probs: list[torch.Tensor] = []  # the distributions they were drawn from
         self.draft: DraftCache | None = None
         self.cancelled = False
+        self.scored = False  # the prompt's logprobs were reported (echo)
         self.generator = torch.Generator()
         if sampling.seed is not None:
             self.generator.manual_seed(sampling.seed)
@@ -222,9 +225,12 @@ class Batcher:
             out = self.session.step(self.parts.prepare_hidden(hidden), mask, positions)
             busy = [(row, seq) for row, seq in enumerate(self.rows) if seq is not None]
             last = torch.cat([out[row, width - len(seq.drafted) - 1:] for row, seq in busy])  # each row's k + 1
-            head = self.variant.lm_head
-            logits = (self.parts.logits(last) if head is None
-                      else torch.nn.functional.linear(self.parts.final_norm(last), head)).float()
+            logits = self._logits(last)
+            for row, seq in busy:
+                if seq.sampling.echo and not seq.scored:  # fed its whole prompt in this step
+                    end = width - len(seq.drafted)
+                    seq.emit(self._score_prompt(seq, out[row, end - len(seq.prompt):end - 1]))
+                    seq.scored = True
         self.steps += 1
         keep = torch.full((len(self.rows),), self.session.length, dtype=torch.long)
         offset = 0
@@ -279,10 +285,29 @@ class Batcher:
                 positions[row, width - n:] = torch.arange(start, start + n)
         return hidden, mask, positions
 
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.variant.lm_head
+        return (self.parts.logits(hidden) if head is None
+                else torch.nn.functional.linear(self.parts.final_norm(hidden), head)).float()
+
+    def _score_prompt(self, seq: Sequence, hidden: torch.Tensor, chunk: int = 256) -> list[Token]:
+        """The prompt's tokens with their logprobs given what precedes them, from the outputs [len - 1, hidden]
+        at every prompt position but the last; vocabulary-wide logits for `chunk` positions at a time."""
+        scored = [Token(seq.prompt[0])]
+        for begin in range(0, hidden.shape[0], chunk):
+            logits = self._logits(hidden[begin:begin + chunk])
+            for i, row in enumerate(logits):
+                scored.append(describe(seq.prompt[begin + i + 1], row, seq.sampling))
+        return scored
+
     def _advance(self, row: int, seq: Sequence, logits: torch.Tensor) -> int:
         """Pick and report the row's next tokens from its logits [drafts + 1, vocab]; free the row when the
         sequence is done. Returns how many of the drafts were kept (in the cache: the rest is rolled back)."""
         seq.fed = len(seq.tokens)
+        if seq.sampling.max_tokens == 0:  # echo of the prompt alone
+            seq.emit("length")
+            self.rows[row] = None
+            return 0
         if seq.drafted:
             target = torch.stack([probabilities(x, seq.sampling) for x in logits])
             tokens = accept(seq.drafted, seq.draft_probs, target, seq.generator)

@@ -6,6 +6,7 @@ than silently ignored. Parameters the swarm does not implement are refused by na
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -13,18 +14,24 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_N = 16            # choices per request
 MAX_LOGPROBS = 20     # alternatives per token
 MAX_STOPS = 4         # as OpenAI
+MAX_STOP_CHARS = 256  # each stop sequence: it is held back and searched for at every token
+INT64 = 2**63         # seeds are int64, as OpenAI's
 
 
 class APIError(Exception):
     """An error the client gets as OpenAI's error JSON with this HTTP status."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def json(self) -> bytes:
+        return json.dumps(self.body()).encode()
 
 
 class StreamOptions(BaseModel):
@@ -44,7 +51,7 @@ class _Sampled(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None
@@ -55,6 +62,8 @@ class _Sampled(BaseModel):
         stops = [stop] if isinstance(stop, str) else stop or []
         if len(stops) > MAX_STOPS or any(not s for s in stops):
             raise ValueError(f"give at most {MAX_STOPS} non-empty stop sequences")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"each stop sequence may have at most {MAX_STOP_CHARS} characters")
         return stops
 
     @model_validator(mode="after")
@@ -69,9 +78,17 @@ class _Sampled(BaseModel):
 
 class CompletionRequest(_Sampled):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: Literal[False] = False
+    echo: bool = False
+
+    @model_validator(mode="after")
+    def _echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 needs echo: true (the prompt's logprobs); else ask for >= 1 token")
+        if self.echo and self.stream:
+            raise ValueError("echo is not supported with stream: ask for the whole completion")
+        return self
 
     @field_validator("prompt")
     @classmethod

@@ -6,6 +6,10 @@ A monitor on the connection's event loop therefore re-reads the records and ping
 short info RPC twice per page refresh; a server whose latest ping failed is shown unreachable and
 does not count as covering its blocks. The monitor only observes: it leaves the connection's view,
 round trips and bans to the client's own routing.
+
+The page arrives with the current state already in its HTML (a first paint, or a reader without
+JavaScript, sees data), then refreshes itself from /api/swarm. No served field names a local path:
+a model announced by its checkpoint's directory is shown by the directory's name.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import html
 import logging
+import os
+import re
 import time
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -160,11 +167,63 @@ class SwarmMonitor:
             "time": time.time(), "refresh_s": refresh_s,
             "checked_age_s": None if self.checked is None else now - self.checked,
             "model": {"name": model_name, "dht_prefix": c.prefix, "num_blocks": num_blocks,
-                      "model_id": info.model_id if info else None, "model_type": info.model_type if info else None},
-            "models": [{"dht_prefix": prefix, "num_blocks": m.num_blocks, "model_id": m.model_id,
+                      "model_id": public_id(info.model_id) if info else None,
+                      "model_type": info.model_type if info else None},
+            "models": [{"dht_prefix": prefix, "num_blocks": m.num_blocks, "model_id": public_id(m.model_id),
                         "model_type": m.model_type} for prefix, m in models.items()],
             "covered": not missing, "uncovered_blocks": missing, "blocks": blocks, "servers": servers,
         }
+
+
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def public_id(model_id: str) -> str:
+    """A hub id as announced; a filesystem path (absolute, relative, or a directory here) by its last part."""
+    if HUB_ID.fullmatch(model_id) and not model_id.startswith(".") and not os.path.exists(model_id):
+        return model_id
+    return os.path.basename(os.path.normpath(model_id.replace("\\", "/"))) or "?"
+
+
+def _fixed(x: float | None, digits: int) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def prerender(s: dict) -> dict[str, str]:
+    """The page's parts as HTML, as its script's `render` makes them (every field escaped: peers wrote them)."""
+    e = html.escape
+    m = s["model"]
+    reachable = sum(x["covering"] for x in s["servers"])
+    counts = f"{reachable} of {len(s['servers'])} servers online and reachable"
+    summary = (f"every block is served: {counts}" if s["covered"] else
+               f"NO SERVER for block(s) {', '.join(map(str, s['uncovered_blocks']))}: {counts}")
+    blocks = []
+    for b in s["blocks"]:
+        held = " ".join("..." + p[-8:] for p in b["servers"]) if b["covered"] else "NO SERVER"
+        title = e(f"block {b['block']}: {held}")
+        blocks.append(f'<div class="block" data-block="{b["block"]}" data-covered="{str(b["covered"]).lower()}" '
+                      f'data-count="{b["count"]}" title="{title}"><b>{b["block"]}</b>'
+                      f'<span>{b["count"] if b["covered"] else "none"}</span></div>')
+    rows = []
+    for x in s["servers"]:
+        note = "ping: " + x["ping_error"] if x["ping_error"] else "banned by this client" if x["banned"] else ""
+        reach = "?" if x["reachable"] is None else "yes" if x["reachable"] else "NO"
+        cells = [(x["peer_id"], ""), (f'{x["start"]}:{x["end"]}', ""), (x["state"], ""), (reach, ""),
+                 (_fixed(x["ping_ms"], 1), "num"), (_fixed(x["throughput"], 1), "num"),
+                 (_fixed(x["inference_rps"], 1), "num"), (x["cache_tokens_left"], "num"), (x["dtype"], ""),
+                 (x["quant"], ""), (", ".join(x["adapters"]), ""), (x["version"], ""), (note, "why")]
+        tds = "".join(f'<td{f" class={q}" if q else ""} title="{e(str(v))}">{e(str(v))}</td>' for v, q in cells)
+        flag = {None: "null", True: "true", False: "false"}[x["reachable"]]
+        rows.append(f'<tr data-peer="{e(x["peer_id"])}" data-reachable="{flag}" '
+                    f'data-covering="{str(x["covering"]).lower()}">{tds}</tr>')
+    others = [x for x in s["models"] if x["dht_prefix"] != m["dht_prefix"]]
+    models = ("Also announced on this DHT: " + "; ".join(
+        f'{x["model_id"]} ({x["dht_prefix"]}, {x["num_blocks"]} blocks)' for x in others)) if others else ""
+    kind = f', {m["model_type"]}' if m["model_type"] else ""
+    return {"__HEADING__": e(f'{m["name"]}: {m["num_blocks"]} blocks (DHT prefix {m["dht_prefix"]}{kind})'),
+            "__SUMMARY__": e(summary), "__COVERED__": str(s["covered"]).lower(),
+            "__UNCOVERED__": e(",".join(map(str, s["uncovered_blocks"]))), "__BLOCKS__": "".join(blocks),
+            "__ROWS__": "".join(rows), "__MODELS__": e(models)}
 
 
 def swarm_router(connection: SwarmConnection, model_name: str, refresh_s: float = 2.0) -> fastapi.APIRouter:
@@ -199,7 +258,8 @@ def swarm_router(connection: SwarmConnection, model_name: str, refresh_s: float 
     @router.get("/", response_class=HTMLResponse, name="swarm_page")
     async def swarm_page(request: fastapi.Request) -> HTMLResponse:
         await monitor.start()
-        html = page.replace("__API_URL__", request.url_for("swarm_api").path)
-        return HTMLResponse(html.replace("__REFRESH_MS__", str(int(refresh_s * 1000))))
+        parts = {"__API_URL__": request.url_for("swarm_api").path, "__REFRESH_MS__": str(int(refresh_s * 1000)),
+                 **prerender(monitor.snapshot(model_name, refresh_s))}
+        return HTMLResponse(re.sub("|".join(parts), lambda match: parts[match.group(0)], page))
 
     return router
