@@ -15,7 +15,17 @@ import hydra
 from omegaconf import DictConfig
 
 from swarmtune.errors import UserError
-from swarmtune.launch import config_path, load_draft, model_config, open_model, plain, reported, resolve_model
+from swarmtune.launch import (
+    client_settings,
+    config_path,
+    load_draft,
+    model_config,
+    open_model,
+    plain,
+    reported,
+    resolve_model,
+    run_hydra_app,
+)
 
 
 def run(cfg: DictConfig) -> str:
@@ -23,6 +33,7 @@ def run(cfg: DictConfig) -> str:
     import torch
     from transformers import TextStreamer
 
+    client_settings(cfg.swarm)
     generation = generation_kwargs(cfg.generation)
     draft = generation.pop("draft", None)
     if draft is not None:
@@ -36,7 +47,7 @@ def run(cfg: DictConfig) -> str:
                                       active_adapter=cfg.active_adapter)
         inputs = tokenizer([cfg.prompt], return_tensors="pt")
         print(cfg.prompt, end="", flush=True)
-        streamer = TextStreamer(tokenizer, skip_prompt=True)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)  # no `</s>` at the end
         out = model.generate(**inputs, streamer=streamer, **generation)
         return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
@@ -61,9 +72,13 @@ def generation_kwargs(node: DictConfig) -> dict:
 
 
 @hydra.main(config_path=config_path(), config_name="generate", version_base=None)
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     with reported():
         run(cfg)
+
+
+def main() -> None:
+    run_hydra_app(_hydra_main, "generate")
 
 
 if __name__ == "__main__":
