@@ -47,9 +47,16 @@ def run(cfg: DictConfig) -> str:
                                       active_adapter=cfg.active_adapter)
         inputs = tokenizer([cfg.prompt], return_tensors="pt")
         print(cfg.prompt, end="", flush=True)
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)  # no `</s>` at the end
-        out = model.generate(**inputs, streamer=streamer, **generation)
+        out = model.generate(**inputs, streamer=text_streamer(tokenizer), **generation)
         return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def text_streamer(tokenizer):
+    """Prints the continuation as it comes, as the returned text reads: without special tokens (a trained adapter
+    ends its answer with `</s>`)."""
+    from transformers import TextStreamer
+
+    return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 def generation_kwargs(node: DictConfig) -> dict:

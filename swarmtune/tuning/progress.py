@@ -22,8 +22,9 @@ from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-TEXT = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
-WITH_BAR = "{desc}: {percentage:3.0f}%%|{bar:%d}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+TEXT = "{desc}{n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"  # (tqdm's desc ends in ": ")
+WITH_BAR = "{desc}{percentage:3.0f}%%|{bar:%d}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+METRICS = "{desc}{n_fmt}/{total_fmt}{postfix}"  # where even the times leave the metrics too little room
 BAR_COLUMNS = (10, 40)  # the bar's narrowest and widest; narrower than that, it is left out
 
 
@@ -33,10 +34,13 @@ def progress_bar() -> ProgressBar:
 
 
 def fitted_format(fields: dict, columns: int) -> str:
-    """A bar format whose bar takes what the text (description, counts, times, metrics) leaves of `columns`."""
+    """A bar format whose bar takes what the text (description, counts, times, metrics) leaves of `columns`: the
+    bar goes first, then the times, so that the metrics stay whole."""
     text = Tqdm.format_meter(**{**fields, "bar_format": TEXT, "ncols": None})
-    room = min(BAR_COLUMNS[1], columns - len(text) - len("100%||") - 1)
-    return WITH_BAR % room if room >= BAR_COLUMNS[0] else TEXT
+    room = min(BAR_COLUMNS[1], columns - len(text) - len("100%|| "))
+    if room >= BAR_COLUMNS[0]:
+        return WITH_BAR % room
+    return TEXT if len(text) <= columns else METRICS
 
 
 class _FittedTqdm(Tqdm):
@@ -136,8 +140,8 @@ class LogProgress(ProgressBar):
                     shown)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._enabled and not trainer.sanity_checking:
-            shown = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k.startswith("val/")}
+        if self._enabled and not trainer.sanity_checking:  # every validation metric, not only the bar's
+            shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
             self._print(f"validation at step {trainer.global_step}", shown)
 
     @staticmethod
