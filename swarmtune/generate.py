@@ -30,10 +30,9 @@ from swarmtune.launch import (
 
 def run(cfg: DictConfig) -> str:
     """Generate for `cfg.prompt`; returns the generated continuation."""
-    import torch
-    from transformers import TextStreamer
-
     client_settings(cfg.swarm)
+    import torch
+
     generation = generation_kwargs(cfg.generation)
     draft = generation.pop("draft", None)
     if draft is not None:
