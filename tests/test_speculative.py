@@ -114,7 +114,7 @@ def _greedy(model, path: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     return model.generate(**args, **kwargs), reference_model(path).generate(**args)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "bloom"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("qwen2", marks=pytest.mark.slow), "bloom"])  # qwen2: a swarm
 def test_greedy_speculation_gives_the_plain_greedy_tokens(family, request, tmp_path_factory):
     if family == "llama":
         model, path = request.getfixturevalue("client"), request.getfixturevalue("tiny_llama")
@@ -316,6 +316,7 @@ def tiny_vocab(tmp_path_factory):
         yield models, swarm
 
 
+@pytest.mark.slow  # a statistical test: hundreds of sampled requests
 def test_batched_speculative_sampling_matches_the_target_distribution(tiny_vocab):
     """The first two sampled tokens, drawn through drafts of one token, against the target's exact marginals."""
     models, swarm = tiny_vocab

@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from peft import PeftModel
 
@@ -113,6 +114,7 @@ def test_a_wandb_run_starts_without_warnings(tmp_path, monkeypatch, capfd):
     assert "anonymous" not in err and "WARNING" not in err, err
 
 
+@pytest.mark.slow  # a second training run
 def test_the_seed_decides_the_data_split(tiny_local_run, tiny_llama, llama_swarm, train_process, tmp_path):
     """seed=1 holds out other validation rows than the default seed 0 (whose run is tiny_local_run)."""
     peers = ",".join(f"'{p}'" for p in llama_swarm.initial_peers)
