@@ -173,6 +173,7 @@ def test_a_record_found_dead_is_not_pinged_again_until_it_is_announced_anew(monk
     assert sorted(pinged) == ["a", "x"]
 
 
+@pytest.mark.slow  # four servers and a crash
 def test_servers_without_blocks_cover_the_model_and_recover_from_a_crash(tiny_models, tmp_path):
     """4 servers x 4 blocks choose their spans on a 12-block model; after one dies, 3 x 4 must tile it exactly."""
     model = tiny_models("llama", layers=12)
