@@ -97,7 +97,7 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
     unquoted by the shell (Hydra: `missing EQUAL at '<EOF>'`), and a key the config lacks (Hydra: append
     it with `+`, which then fails later, in Lightning's or a dataclass's words). Anything else is left
     to Hydra."""
-    from hydra._internal.utils import get_args_parser
+    from hydra._internal.utils import get_args_parser  # Hydra's own: its flags read exactly as Hydra reads them
 
     try:
         args, _ = get_args_parser().parse_known_args(argv)
