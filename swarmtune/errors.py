@@ -37,6 +37,9 @@ def check_file(path: str, what: str) -> None:
 
 def check_multiaddrs(addrs: Iterable[str], what: str, peer_id: bool = True) -> None:
     """Each a multiaddr, ending (with `peer_id`) in the /p2p/ID of the peer, as libp2p needs to dial it."""
+    addrs = list(addrs)
+    if not addrs:
+        return  # without importing hivemind (and torch with it): seconds, on a busy machine
     from hivemind.utils.multiaddr import Multiaddr
 
     for addr in addrs:

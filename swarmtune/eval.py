@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig
 
 from swarmtune.errors import UserError
-from swarmtune.launch import config_path, open_model, register_recipes, reported, settings
+from swarmtune.launch import config_path, open_model, register_recipes, reported, run_hydra_app, settings
 
 GROUPS = ("model", "swarm", "data")  # what evaluation takes of a recipe
 
@@ -93,7 +93,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_recipes(GROUPS)
-    _hydra_main()
+    run_hydra_app(_hydra_main, "eval")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,23 @@ import hydra
 from omegaconf import DictConfig
 
 from swarmtune.errors import UserError
-from swarmtune.launch import config_path, load_draft, model_config, open_model, plain, reported, resolve_model
+from swarmtune.launch import (
+    client_settings,
+    config_path,
+    load_draft,
+    model_config,
+    open_model,
+    plain,
+    reported,
+    resolve_model,
+    run_hydra_app,
+)
 
 
 def run(cfg: DictConfig) -> str:
     """Generate for `cfg.prompt`; returns the generated continuation."""
+    client_settings(cfg.swarm)
     import torch
-    from transformers import TextStreamer
 
     generation = generation_kwargs(cfg.generation)
     draft = generation.pop("draft", None)
@@ -36,9 +46,16 @@ def run(cfg: DictConfig) -> str:
                                       active_adapter=cfg.active_adapter)
         inputs = tokenizer([cfg.prompt], return_tensors="pt")
         print(cfg.prompt, end="", flush=True)
-        streamer = TextStreamer(tokenizer, skip_prompt=True)
-        out = model.generate(**inputs, streamer=streamer, **generation)
+        out = model.generate(**inputs, streamer=text_streamer(tokenizer), **generation)
         return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def text_streamer(tokenizer):
+    """Prints the continuation as it comes, as the returned text reads: without special tokens (a trained adapter
+    ends its answer with `</s>`)."""
+    from transformers import TextStreamer
+
+    return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 def generation_kwargs(node: DictConfig) -> dict:
@@ -61,9 +78,13 @@ def generation_kwargs(node: DictConfig) -> dict:
 
 
 @hydra.main(config_path=config_path(), config_name="generate", version_base=None)
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     with reported():
         run(cfg)
+
+
+def main() -> None:
+    run_hydra_app(_hydra_main, "generate")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -23,10 +25,10 @@ from importlib.abc import Traversable
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 
-from swarmtune import errors
+from swarmtune import errors, shutdown
 from swarmtune.errors import UserError
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
@@ -76,6 +78,91 @@ def reported() -> contextlib.AbstractContextManager:
     """What the Hydra entry points wrap their work in: user errors (bad values in the config included)
     in one or two lines, unless HYDRA_FULL_ERROR=1."""
     return errors.reported(expected=(OmegaConfBaseException,))
+
+
+def run_hydra_app(app, config_name: str, argv: list[str] | None = None) -> None:
+    """Run the Hydra entry point `app` (of primary config `config_name`): its command line checked first, and
+    SIGTERM or SIGINT, whenever they come, stopping it as Ctrl-C does (every swarm process it started too)."""
+    with shutdown.stopped_by_signals():
+        with reported():
+            check_command_line(config_name, sys.argv[1:] if argv is None else argv)
+        app()
+
+
+# ---- the command line, before Hydra reads it ------------------------------------------------------
+
+
+def check_command_line(config_name: str, argv: list[str]) -> None:
+    """Two of Hydra's answers in words that say what to do, before Hydra starts: a value with spaces left
+    unquoted by the shell (Hydra: `missing EQUAL at '<EOF>'`), and a key the config lacks (Hydra: append
+    it with `+`, which then fails later, in Lightning's or a dataclass's words). Anything else is left
+    to Hydra."""
+    from hydra._internal.utils import get_args_parser  # Hydra's own: its flags read exactly as Hydra reads them
+
+    try:
+        args, _ = get_args_parser().parse_known_args(argv)
+    except SystemExit:  # Hydra will say what is wrong with its own flags
+        return
+    if (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.config_name
+            or args.config_path or args.config_dir or args.experimental_rerun):
+        return
+    check_overrides(config_name, args.overrides, multirun=args.multirun)
+
+
+def check_overrides(config_name: str, overrides: list[str], multirun: bool = False) -> None:
+    """`overrides` parse (see check_command_line), and name keys of the config composed from `config_name`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import ConfigCompositionException, HydraException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    parser, parsed = OverridesParser.create(), []
+    for i, text in enumerate(overrides):
+        try:
+            parsed.append(parser.parse_override(text))
+        except HydraException:  # the grammar's own words: `missing EQUAL at '<EOF>'`
+            if "=" in text or i == 0 or "=" not in overrides[i - 1]:
+                return
+            key, value = overrides[i - 1].split("=", 1)
+            words = [value, *overrides[i:]]
+            words = words[:next((j for j, w in enumerate(words) if j and "=" in w), len(words))]
+            raise UserError(f"{text!r} is not key=value: quote a value that has spaces, "
+                            f"e.g. {key}=\"{' '.join(words)}\"") from None
+    # A sweep's values are Hydra's to check; each key of the rest must be in the config unless added with `+`.
+    kept = [o for o in parsed if not (multirun and o.is_sweep_override())]
+    unknown = []
+    while True:
+        try:
+            with composed(config_name, [o.input_line for o in kept]) as cfg:
+                break
+        except ConfigCompositionException as e:
+            match = re.match(r"Could not override '([^']+)'", str(e))
+            culprit = next((o for o in kept if match and o.type == OverrideType.CHANGE and o.key_or_group == match[1]
+                            and isinstance(e.__cause__, (ConfigAttributeError, ConfigKeyError))), None)
+            if culprit is None:
+                return  # Hydra's own words
+            unknown.append(culprit)
+            kept.remove(culprit)
+    if unknown:
+        raise UserError(_unknown_key(cfg, unknown[0].key_or_group, unknown[0].input_line.split("=", 1)[-1]))
+
+
+def _unknown_key(cfg: DictConfig, key: str, value: str) -> str:
+    """What to say of a key the config lacks: the nearest key there is, or the keys of its parent."""
+    parts = key.split(".")
+    node, depth = cfg, 0
+    while depth < len(parts) and isinstance(node, DictConfig) and parts[depth] in node:
+        node, depth = node[parts[depth]], depth + 1
+    if not isinstance(node, DictConfig):
+        return f"{'.'.join(parts[:depth])} is a value, not a group of settings: {key} does not exist"
+    where = ".".join(parts[:depth])
+    known = [str(k) for k in node]
+    close = difflib.get_close_matches(parts[depth], known, n=1, cutoff=0.6)
+    if close:
+        nearest = ".".join([*parts[:depth], close[0], *parts[depth + 1:]])
+        return f"{key} is not in the config: did you mean {nearest}={value}?"
+    return (f"{key} is not in the config ({where or 'its top level'} has {', '.join(known)}): check the name, "
+            f"or add a key the config lacks with +{key}={value}")
 
 
 # ---- config values ---------------------------------------------------------------------------------
@@ -149,6 +236,11 @@ def model_config(model: DictConfig, model_path: str):
         raise UserError(f"cannot read the config of {model_path}: {e}") from None
 
 
+def num_blocks(config) -> int:
+    """The model's transformer blocks, as servers count them."""
+    return int(config.num_hidden_layers)
+
+
 def load_adapter(adapter: str | None, config, revision: str | None):
     """A PEFT-format adapter read (and checked against the model) before any swarm starts."""
     if adapter is None:
@@ -191,7 +283,7 @@ def client_settings(swarm: DictConfig):
     """The ClientConfig for `swarm`, its peers checked (none: a local swarm will serve)."""
     from swarmtune.client.config import ClientConfig
 
-    peers = peer_list(swarm.initial_peers)
+    peers = swarm_peers(swarm)
     errors.check_multiaddrs(peers, "swarm.initial_peers")
     return settings(ClientConfig, {**plain(swarm.client), "initial_peers": peers, "dht_prefix": swarm.dht_prefix},
                     "swarm.client")
@@ -200,10 +292,36 @@ def client_settings(swarm: DictConfig):
 RANK_ZERO_SWARM = "SWARMTUNE_RANK_ZERO_SWARM"  # [initial peers, DHT prefix] of the embedded swarm rank 0 started
 
 
+LOCAL_SERVERS = 3  # the embedded swarm's servers when swarm.local_spans is null
+
+
+def local_spans(spans, num_blocks: int) -> list[tuple[int, int]]:
+    """The spans of an embedded swarm: `swarm.local_spans`, checked against the model's `num_blocks` blocks, or
+    (null) the blocks split evenly over LOCAL_SERVERS servers."""
+    if spans is None:
+        count = min(LOCAL_SERVERS, num_blocks)
+        bounds = [round(i * num_blocks / count) for i in range(count + 1)]
+        return list(zip(bounds[:-1], bounds[1:]))
+    found = []
+    for span in spans:
+        span = list(span) if isinstance(span, (list, tuple, ListConfig)) else span
+        if not (isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)
+                and 0 <= span[0] < span[1] <= num_blocks):
+            raise UserError(f"swarm.local_spans: {span} is not a span of the model's {num_blocks} blocks: give "
+                            f"[START, END] with 0 <= START < END <= {num_blocks}, or null to split them evenly")
+        found.append(tuple(span))
+    served = {block for start, end in found for block in range(start, end)}
+    missing = [block for block in range(num_blocks) if block not in served]
+    if missing:
+        raise UserError(f"swarm.local_spans leave block(s) {', '.join(map(str, missing))} of the model's "
+                        f"{num_blocks} without a server: cover every block, or give null to split them evenly")
+    return found
+
+
 def open_swarm(stack: contextlib.ExitStack, swarm: DictConfig, client_config, model_path: str,
-               log_dir: str | None):
+               log_dir: str | None, num_blocks: int):
     """`client_config` with the peers of the swarm to use: as configured, the one `swarm up` keeps for this
-    model, or an embedded LocalSwarm whose processes `stack` stops on exit."""
+    model, or an embedded LocalSwarm (of `num_blocks` blocks) whose processes `stack` stops on exit."""
     from swarmtune.swarm import LocalSwarm, find_running
 
     if client_config.initial_peers:
@@ -219,8 +337,8 @@ def open_swarm(stack: contextlib.ExitStack, swarm: DictConfig, client_config, mo
               file=sys.stderr, flush=True)
         peers, prefix = running["initial_peers"], running["dht_prefix"]
     else:
-        local = stack.enter_context(LocalSwarm(model_path, spans=[tuple(s) for s in swarm.local_spans],
-                                               log_dir=log_dir))
+        spans = local_spans(swarm.local_spans, num_blocks)
+        local = stack.enter_context(LocalSwarm(model_path, spans=spans, log_dir=log_dir))
         peers, prefix = local.initial_peers, local.dht_prefix
         # The ranks that Lightning's DDP starts later inherit this process's environment: they join this swarm.
         os.environ[RANK_ZERO_SWARM] = json.dumps([peers, prefix])
@@ -245,7 +363,7 @@ def open_model(stack: contextlib.ExitStack, cfg: DictConfig, log_dir: str | None
     model_path = resolve_model(cfg.model)
     config = model_config(cfg.model, model_path)
     loaded = load_adapter(adapter, config, cfg.model.revision)
-    client_config = open_swarm(stack, cfg.swarm, client_config, model_path, log_dir)
+    client_config = open_swarm(stack, cfg.swarm, client_config, model_path, log_dir, num_blocks(config))
     model = SwarmForCausalLM.from_pretrained(model_path, client_config=client_config, dtype=cfg.model.dtype,
                                              revision=cfg.model.revision, active_adapter=active_adapter)
     stack.callback(model.close)
@@ -253,6 +371,24 @@ def open_model(stack: contextlib.ExitStack, cfg: DictConfig, log_dir: str | None
         model.attach_adapter(loaded)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_path, revision=cfg.model.revision)
     return model, tokenizer
+
+
+def swarm_peers(swarm: DictConfig) -> list[str]:
+    """swarm.initial_peers; if they are to come from an environment variable that is not set, or must be given
+    and are not, a UserError saying how to give them."""
+    example = f"'[{errors.MADDR_EXAMPLE}]'"
+    try:
+        return peer_list(swarm.initial_peers)
+    except MissingMandatoryValue:
+        raise UserError(f"this swarm's peers must be given: swarm.initial_peers={example}") from None
+    except InterpolationResolutionError:
+        raw = OmegaConf.to_container(swarm, resolve=False).get("initial_peers")
+        variable = re.fullmatch(r"\$\{oc\.env:(\w+)\}", str(raw))
+        if variable is None:
+            raise
+        raise UserError(f"swarm.initial_peers come from the environment variable {variable[1]}, which is not set: "
+                        f"export {variable[1]}='/ip4/.../tcp/31337/p2p/...' (the swarm's bootstrap peers, space "
+                        f"separated), or give swarm.initial_peers={example}") from None
 
 
 def peer_list(peers) -> list[str]:

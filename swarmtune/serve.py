@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from swarmtune import errors
 from swarmtune.errors import UserError
 from swarmtune.launch import (
+    client_settings,
     config_path,
     load_adapter,
     load_draft,
@@ -28,28 +29,33 @@ from swarmtune.launch import (
     plain,
     reported,
     resolve_model,
+    run_hydra_app,
 )
 
 
 def build(stack: contextlib.ExitStack, cfg: DictConfig):
     """(app, engine) for `cfg`; `stack` stops the batchers, the model's connection and any embedded swarm."""
-    from swarmtune.api.app import Engine, make_app
-    from swarmtune.api.batching import Variant
-    from swarmtune.api.limits import EndpointLimits
-    from swarmtune.api.swarm_page import swarm_router
-
-    adapters = plain(cfg.adapters) if cfg.adapters is not None else {}
+    adapters = plain(cfg.adapters) if isinstance(cfg.adapters, DictConfig) else cfg.adapters or {}
     if not isinstance(adapters, dict):
-        raise UserError("adapters must be a mapping NAME: DIR, e.g. 'adapters={bees: outputs/adapter}'")
+        example = adapters if isinstance(adapters, str) else "outputs/adapter"
+        raise UserError(f"adapters must name each adapter: write 'adapters={{bees: {example}}}' (quoted for the "
+                        "shell), and requests then ask for the model bees")
     for name, source in adapters.items():
         errors.check_source(str(source), f"adapters.{name}")
     for key in ("max_rows", "max_length"):
         if not (isinstance(cfg.batching[key], int) and cfg.batching[key] >= 1):
             raise UserError(f"batching.{key} must be an integer >= 1, got {cfg.batching[key]!r}")
+    from swarmtune.api.limits import EndpointLimits
+
     try:
         limits = EndpointLimits(**plain(cfg.limits))
     except (TypeError, ValueError) as e:
         raise UserError(f"{e} (serve's limits: {', '.join(EndpointLimits.__dataclass_fields__)})") from None
+    client_settings(cfg.swarm)
+    from swarmtune.api.app import Engine, make_app
+    from swarmtune.api.batching import Variant
+    from swarmtune.api.swarm_page import swarm_router
+
     template = None
     if cfg.chat_template is not None:
         errors.check_file(cfg.chat_template, "chat_template")
@@ -112,9 +118,13 @@ def run(cfg: DictConfig) -> None:
 
 
 @hydra.main(config_path=config_path(), config_name="serve", version_base=None)
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     with reported():
         run(cfg)
+
+
+def main() -> None:
+    run_hydra_app(_hydra_main, "serve")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import psutil
 
-from swarmtune import errors, records
+from swarmtune import errors, records, shutdown
 from swarmtune.atomic import write_atomic
 from swarmtune.errors import UserError
 
@@ -166,7 +166,8 @@ class LocalSwarm:
     def start(self) -> None:
         args = [sys.executable, "-m", "swarmtune.dht", "--host", self.server_options.get("host", "127.0.0.1"),
                 *_flags(self.dht_options)]
-        self.bootstrap = ManagedProcess(args, os.path.join(self.log_dir, "dht.log"), _env())
+        with shutdown.held():  # a signal now would stop us before close() knows of the process
+            self.bootstrap = ManagedProcess(args, os.path.join(self.log_dir, "dht.log"), _env())
         self.initial_peers = self.bootstrap.wait_marker("MADDR", self.start_timeout, "the bootstrap DHT peer")
         pending = [self._launch(span, extra) for span, extra in zip(self.spans, self.per_server)]
         for server in pending:
@@ -188,8 +189,9 @@ class LocalSwarm:
         args += _flags(options)
         log = os.path.join(self.log_dir, f"server-{len(self.servers)}-{span[0]}-{span[1]}.log" if span
                            else f"server-{len(self.servers)}.log")
-        server = ServerProcess(span, args, log, _env())
-        self.servers.append(server)
+        with shutdown.held():
+            server = ServerProcess(span, args, log, _env())
+            self.servers.append(server)
         return server
 
     def _wait_ready(self, server: ServerProcess) -> None:
@@ -277,15 +279,12 @@ def up(overrides: list[str]) -> None:
     so that those commands use it instead of starting their own."""
     from swarmtune import launch
 
+    launch.check_overrides("local_swarm", overrides)
     with launch.composed("local_swarm", overrides) as cfg:
         model = launch.resolve_model(cfg.model)
-        launch.model_config(cfg.model, model)
-        spans = [tuple(s) for s in cfg.swarm.local_spans]
+        spans = launch.local_spans(cfg.swarm.local_spans, launch.num_blocks(launch.model_config(cfg.model, model)))
     if find_running(model) is not None:
         raise UserError(f"a swarm for {model} is up already: stop it with python -m swarmtune.swarm down")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     log_dir = tempfile.mkdtemp(prefix="swarmtune-up-")
     with LocalSwarm(model, spans=spans, log_dir=log_dir) as swarm:
         record = {"model": os.path.realpath(model), "initial_peers": swarm.initial_peers,
@@ -298,9 +297,11 @@ def up(overrides: list[str]) -> None:
                   f"initial peers: {' '.join(swarm.initial_peers)}\n"
                   f"train, generate and eval without swarm.initial_peers use it; stop it with Ctrl-C or "
                   f"python -m swarmtune.swarm down", flush=True)
-            while not stop.wait(1.0):
-                if any(server.proc.poll() is not None for server in swarm.servers):
-                    raise UserError(f"a server of the swarm exited; its log is in {log_dir}")
+            while not any(server.proc.poll() is not None for server in swarm.servers):
+                time.sleep(1.0)
+            raise UserError(f"a server of the swarm exited; its log is in {log_dir}")
+        except shutdown.Stopped:
+            pass  # how `down` and Ctrl-C stop it: the swarm stops as the block ends
         finally:
             with contextlib.suppress(OSError):
                 os.remove(path)
@@ -330,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     command, args = (argv[0], argv[1:]) if argv else ("", [])
     debug = "--debug" in args
-    with errors.reported(debug, expected=launch_errors()):
+    with shutdown.stopped_by_signals(), errors.reported(debug, expected=launch_errors()):
         if command == "up":
             up([a for a in args if a != "--debug"])
         elif command == "down":

@@ -14,6 +14,8 @@ import contextlib
 import logging
 import math
 import os
+import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -28,12 +30,14 @@ from swarmtune.launch import (
     plain,
     register_recipes,
     reported,
+    run_hydra_app,
     settings,
 )
 
 
 def run(cfg: DictConfig) -> tuple[str, float]:
     """Train as `cfg` says; returns the adapter directory and the last validation loss (nan if none)."""
+    client_settings(cfg.swarm)  # first: a recipe's swarm may need peers from the environment
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -43,9 +47,10 @@ def run(cfg: DictConfig) -> tuple[str, float]:
     from swarmtune.tuning.data import DataConfig, InstructionDataModule, load_checked
     from swarmtune.tuning.evaluation import EvalConfig, GenerationEval
     from swarmtune.tuning.module import OptimConfig, SwarmLM, TuningConfig
-    from swarmtune.tuning.progress import StepProgressBar
+    from swarmtune.tuning.progress import progress_bar
 
     _log_once()
+    _quiet()
     # Every setting is checked, and the trainer built, before anything slow starts.
     data_config = settings(DataConfig, cfg.data, "data")
     tuning, optim = settings(TuningConfig, cfg.tuning, "tuning"), settings(OptimConfig, cfg.optim, "optim")
@@ -68,7 +73,7 @@ def run(cfg: DictConfig) -> tuple[str, float]:
     try:
         checkpoints = ModelCheckpoint(dirpath=os.path.join(output_dir, "checkpoints"), filename="{step}",
                                       **checkpoint)
-        callbacks = [checkpoints, StepProgressBar()]
+        callbacks = [checkpoints, progress_bar()]
         if collab.enabled:
             callbacks.append(collab_lib.CollabProgress(collab.epochs))
         trainer = L.Trainer(**trainer_args, default_root_dir=output_dir, logger=logger or False,
@@ -117,6 +122,19 @@ def _log_once() -> None:
         logger.propagate = True
 
 
+def _quiet() -> None:
+    """Lightning's pytree helper makes torch warn of its own deprecated LeafSpec on every run: not ours to fix.
+    Outside a terminal, the data set's and checkpoint's progress bars would fill a log with `\\r` updates."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"lightning\.")
+    if not sys.stdout.isatty():
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
 def _run_names(cfg: DictConfig) -> dict:
     """Logger run name, group and tags from Hydra: a multirun's jobs share a group, each has its own name."""
     hc = HydraConfig.get()
@@ -136,7 +154,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def main() -> None:
     register_recipes()
-    _hydra_main()
+    run_hydra_app(_hydra_main, "config")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,7 @@ class Outcome:
     stderr: str
     stdout: str
     started_swarm: bool     # did the command start a server or DHT process of its own?
+    seconds: float = 0.0    # from its start to its exit
 
     @property
     def error_lines(self) -> list[str]:
@@ -102,8 +103,8 @@ def run(module: str, *args: str, env: dict | None = None, unset: tuple[str, ...]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=out, stderr=err, text=True,
                                 env=environment, start_new_session=True, cwd=cwd)
-        started = False
-        deadline = time.monotonic() + timeout
+        started, began = False, time.monotonic()
+        deadline = began + timeout
         try:
             while proc.poll() is None and time.monotonic() < deadline:
                 with contextlib.suppress(psutil.Error):
@@ -111,6 +112,7 @@ def run(module: str, *args: str, env: dict | None = None, unset: tuple[str, ...]
                                    for word in ("swarmtune.server", "swarmtune.dht"))
                 time.sleep(0.05)
             assert proc.poll() is not None, f"{module} {' '.join(args)} did not finish within {timeout:.0f} s"
+            seconds = time.monotonic() - began
         finally:
             with contextlib.suppress(psutil.Error):
                 for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
@@ -118,4 +120,4 @@ def run(module: str, *args: str, env: dict | None = None, unset: tuple[str, ...]
             proc.wait(10)
         out.seek(0)
         err.seek(0)
-        return Outcome(proc.returncode, err.read(), out.read(), started)
+        return Outcome(proc.returncode, err.read(), out.read(), started, seconds)

@@ -48,6 +48,7 @@ def test_blocks_that_fit_leave_room_for_the_cache():
     assert throughput.capacity_that_fits(config, torch.float32, "cpu", "none", reserve_bytes=1 << 60) == 0
 
 
+@pytest.mark.slow  # a long simulation
 def test_a_simulated_large_swarm_stays_near_the_planner_through_churn():
     params = Params(servers=80, duration=2400.0, warmup=600.0, churn=0.1, seed=1)
     balanced = summarize(simulate(params))
@@ -226,6 +227,7 @@ SIZES = [3, 3, 4, 4, 6, 8]            # blocks per server on a 12-block model
 SPEEDS = [1.0, 2.0, 1.0, 3.0, 2.0, 4.0]  # announced tokens/s per block
 
 
+@pytest.mark.slow  # six servers and two crashes
 def test_servers_of_mixed_throughput_place_themselves_near_the_planner_and_recover_from_two_crashes(
         tiny_models, tmp_path):
     """6 servers choose spans; their weakest block is within 90% of a central plan; after two SIGKILLs every block
@@ -293,6 +295,7 @@ def _sole_blocks(client: SwarmConnection, peer: str) -> int:
     return sum(all(not a <= b < e for other, (a, e) in spans.items() if other != peer) for b in range(start, end))
 
 
+@pytest.mark.slow  # two servers and a move of 6 blocks, minutes (the move's logic: the stubbed tests above)
 def test_a_moving_server_keeps_serving_the_blocks_it_keeps_and_serves_the_others_as_it_loads_them(
         tiny_models, tmp_path):
     """Two pinned servers tile 12 blocks, 6:12 twice as fast; a third holds 8, loads each in 0.5 s, and joins at

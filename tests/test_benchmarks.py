@@ -27,6 +27,7 @@ from tests.helpers import run
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # the benchmarks' own smoke run, minutes
 def test_smoke_run_writes_sane_results(tmp_path):
     out = tmp_path / "results"
     # run() kills the swarm processes the benchmarks start, too, should the run fail or overrun
@@ -134,6 +135,7 @@ def _can_emulate() -> bool:
             and subprocess.run(["ip", "netns", "list"], capture_output=True, timeout=10).returncode == 0)
 
 
+@pytest.mark.slow  # network namespaces for the benchmarks
 @pytest.mark.skipif(not _can_emulate(), reason="needs root, iproute2 and /dev/net/tun")
 def test_emulated_link_has_the_configured_rtt_and_is_removed():
     from benchmarks.common import Setting

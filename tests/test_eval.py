@@ -71,6 +71,7 @@ def test_every_recipe_composes_for_eval(recipe, monkeypatch):
     assert eval_cfg.beta == train_cfg.tuning.beta
 
 
+@pytest.mark.slow  # a training run of its own (tiny_local_run validates and generates too)
 def test_validation_generates_through_the_swarm_and_logs(tmp_path, tiny_llama, llama_swarm, train_process):
     """tiny_local with a validation after every step and generation in every second one."""
     run_dir = tmp_path / "run"

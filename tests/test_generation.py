@@ -90,3 +90,19 @@ def test_session_continues_across_generate_calls(llama):
         assert session.length > cached
     expected = ref.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     assert torch.equal(second, expected)
+
+
+def test_the_entry_point_streams_text_without_special_tokens(tiny_llama, capsys):
+    """`python -m swarmtune.generate` prints what it returns: an adapter's closing `</s>` is not text."""
+    from swarmtune.generate import text_streamer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    prompt, answer = tok("Question: what do bees make? Answer:")["input_ids"], tok(" honey")["input_ids"][1:]
+    streamer = text_streamer(tok)
+    streamer.put(torch.tensor([prompt]))  # generate() hands the prompt over first; it is not printed again
+    for token in [*answer, tok.eos_token_id]:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    printed = capsys.readouterr().out
+    assert tok.eos_token == "</s>" and "</s>" not in printed
+    assert printed.strip() == tok.decode(answer).strip()

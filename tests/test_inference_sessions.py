@@ -151,6 +151,7 @@ def test_many_sessions_do_not_leak(client, swarm):
     assert growth < 30 << 20, f"server RSS grew by {growth / 2**20:.1f} MiB over 500 sessions"
 
 
+@pytest.mark.slow  # a swarm of its own (chained steps: test_speculative)
 def test_chained_server_killed_mid_generation(tiny_llama, tokenizer, expected):
     """Servers pass each step along the chain; when the second one dies, the step finishes through a replacement."""
     with LocalSwarm(tiny_llama, spans=[(0, 3), (3, 6), (3, 6)]) as swarm:

@@ -114,7 +114,7 @@ def _greedy(model, path: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     return model.generate(**args, **kwargs), reference_model(path).generate(**args)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "bloom"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("qwen2", marks=pytest.mark.slow), "bloom"])  # qwen2: a swarm
 def test_greedy_speculation_gives_the_plain_greedy_tokens(family, request, tmp_path_factory):
     if family == "llama":
         model, path = request.getfixturevalue("client"), request.getfixturevalue("tiny_llama")
@@ -301,8 +301,8 @@ def _chi2_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def tiny_vocab(tmp_path_factory):
-    """A target and a draft with 12 tokens and peaked distributions, and a swarm of the target."""
+def tiny_vocab_models(tmp_path_factory) -> dict[str, str]:
+    """A target and a draft with 12 tokens and peaked distributions."""
     root = tmp_path_factory.mktemp("tiny-vocab")
     models = {}
     for name, seed, scale in (("target", 0, 12.0), ("draft", 1, 8.0)):
@@ -312,10 +312,17 @@ def tiny_vocab(tmp_path_factory):
             model.lm_head.weight.mul_(scale)
         model.save_pretrained(str(root / name))
         models[name] = str(root / name)
-    with LocalSwarm(models["target"], spans=[(0, 2)]) as swarm:
-        yield models, swarm
+    return models
 
 
+@pytest.fixture(scope="module")
+def tiny_vocab(tiny_vocab_models):
+    """The tiny-vocabulary models, and a swarm of the target."""
+    with LocalSwarm(tiny_vocab_models["target"], spans=[(0, 2)]) as swarm:
+        yield tiny_vocab_models, swarm
+
+
+@pytest.mark.slow  # a statistical test: hundreds of sampled requests
 def test_batched_speculative_sampling_matches_the_target_distribution(tiny_vocab):
     """The first two sampled tokens, drawn through drafts of one token, against the target's exact marginals."""
     models, swarm = tiny_vocab
@@ -352,8 +359,8 @@ def test_generate_entry_point_with_a_draft(swarm, tiny_llama, capsys):
         assert generate.run(cfg) == plain
 
 
-def test_a_draft_with_another_vocabulary_is_a_user_error(tiny_llama, tiny_vocab):
-    models, _ = tiny_vocab
+def test_a_draft_with_another_vocabulary_is_a_user_error(tiny_llama, tiny_vocab_models):
+    models = tiny_vocab_models
     overrides = [f"model.path={tiny_llama}", f"generation.draft={models['draft']}", "swarm.initial_peers=[]"]
     with launch.composed("generate", overrides) as cfg, pytest.raises(UserError, match="vocabulary of 12 tokens"):
         generate.run(cfg)

@@ -33,6 +33,10 @@ def test_tiny_local_end_to_end(tiny_local_run, tiny_llama, llama_client):
     assert (run_dir / "swarm" / "dht.log").exists()  # its own LocalSwarm served the run
     assert output.count("GPU available") == 1  # Lightning's lines once, through Hydra's logging
     assert "30/30" in output and "/-2" not in output  # the bar counts steps, not epochs of -1
+    # piped to a file, as in CI: plain lines, nothing redrawn, no validation bars, no warnings of others' making
+    assert "\r" not in output and "Validation" not in output and "LeafSpec" not in output
+    assert any(line.startswith("step 30/30 (epoch ") and "train/loss=" in line for line in output.splitlines())
+    assert "validation at step 30: val/loss=" in output
 
     adapter = adapter_path(output)
     assert Path(adapter) == run_dir / "adapter"
@@ -97,6 +101,21 @@ def test_wandb_goes_offline_without_credentials(tmp_path, monkeypatch):
     assert time.monotonic() - started < 1.0  # refused at once, not timed out
 
 
+def test_a_wandb_run_starts_without_warnings(tmp_path, monkeypatch, capfd):
+    """Lightning hands wandb anonymous=None, which wandb warns of on every run as a setting that has no effect."""
+    from swarmtune.tuning import loggers
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = loggers.build_logger({"kind": "wandb"}, str(tmp_path), name="quiet")
+    try:
+        assert logger.experiment.name == "quiet"  # wandb.init, as the first logged value would do it
+    finally:
+        loggers.finish(logger)
+    err = capfd.readouterr().err
+    assert "anonymous" not in err and "WARNING" not in err, err
+
+
+@pytest.mark.slow  # a second training run
 def test_the_seed_decides_the_data_split(tiny_local_run, tiny_llama, llama_swarm, train_process, tmp_path):
     """seed=1 holds out other validation rows than the default seed 0 (whose run is tiny_local_run)."""
     peers = ",".join(f"'{p}'" for p in llama_swarm.initial_peers)

@@ -102,6 +102,7 @@ def test_checkpoints_and_export_are_written_once_and_load(ddp_run, tiny_llama):
     assert "val/loss" in (run_dir / "csv" / "metrics.csv").read_text()
 
 
+@pytest.mark.slow  # another two-rank run
 def test_server_killed_mid_step_changes_nothing(ddp_run, tiny_llama, tmp_path, train_process):
     """The only server of blocks 2:5, slowed so that most of each step is spent in it, is SIGKILLed after step 2;
     a replacement comes up; both ranks replay and end with the adapter of the run without the kill."""
@@ -122,6 +123,7 @@ def test_server_killed_mid_step_changes_nothing(ddp_run, tiny_llama, tmp_path, t
     assert_same_adapter(adapter_tensors(adapter_path(output)), adapter_tensors(adapter_path(ddp_run[1])))
 
 
+@pytest.mark.slow  # another two-rank run
 def test_ddp_run_resumes_from_its_checkpoint(ddp_run, tiny_llama, llama_swarm, tmp_path, train_process):
     run_dir, _ = ddp_run
     resumed, last = tmp_path / "resumed", run_dir / "checkpoints" / "last.ckpt"

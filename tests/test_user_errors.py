@@ -4,6 +4,7 @@ asked (--debug, HYDRA_FULL_ERROR=1)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 
@@ -11,24 +12,34 @@ import pytest
 from hydra import compose
 
 from swarmtune import eval as eval_entry
-from swarmtune import generate, train
+from swarmtune import generate, launch, swarm, train
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.errors import UserError
+from swarmtune.server.server import ServerConfig, check_span
 from swarmtune.swarm import LocalSwarm
+from swarmtune.tuning import loggers
 from tests.helpers import PEERS, Outcome, hydra_context, run
 
 BAD_ADDR = "notamultiaddr"
 
 
+# Seconds until the error: imports alone take 3-5 s on 2 quiet cores (up to a minute when they are shared with
+# other jobs); a swarm's start takes minutes there. What proves "before anything slow" is that nothing started.
+SECONDS = 120
+
+
 def assert_told(outcome: Outcome, *words: str) -> None:
-    """Exit status 2, at most two lines on stderr naming each of `words`, no traceback, nothing started."""
+    """Exit status 2, at most two lines on stderr, the first naming words[0], naming each of `words`, no traceback,
+    nothing started, and soon."""
     assert outcome.returncode == 2, outcome
     assert 1 <= len(outcome.error_lines) <= 2, outcome.stderr
     assert outcome.error_lines[0].startswith("error: "), outcome.stderr
+    assert not words or words[0] in outcome.error_lines[0], outcome.stderr
     assert "Traceback" not in outcome.stderr
     for word in words:
         assert word in outcome.stderr, (word, outcome.stderr)
     assert not outcome.started_swarm
+    assert outcome.seconds < SECONDS, outcome
 
 
 def free_port() -> int:
@@ -41,7 +52,11 @@ def free_port() -> int:
     ("swarmtune.generate", ["adapter=/nonexistent/adapter"], ["/nonexistent/adapter", "no such directory"]),
     ("swarmtune.eval", ["adapter=/nonexistent/adapter"], ["/nonexistent/adapter", "no such directory"]),
     ("swarmtune.train", ["trainer.max_steps=-5"], ["trainer", "max_steps"]),
-    ("swarmtune.train", ["recipe=lora_llama70b"], ["SWARMTUNE_INITIAL_PEERS"]),
+    ("swarmtune.train", ["recipe=lora_llama70b"], ["export SWARMTUNE_INITIAL_PEERS=", "swarm.initial_peers="]),
+    ("swarmtune.train", ["trainer.max_epoch=1"], ["did you mean trainer.max_epochs=1?"]),
+    ("swarmtune.generate", ["prompt=Question:", "what", "do", "bees", "make?"],
+     ["quote", 'prompt="Question: what do bees make?"']),
+    ("swarmtune.serve", ["adapters=/some/adapter"], ["'adapters={bees: /some/adapter}'"]),
     ("swarmtune.server", ["--model", "/nonexistent/model", "--new-swarm", "--blocks", "0:1"],
      ["--model /nonexistent/model", "no such directory"]),
     ("swarmtune.server", ["--model", "meta-llama/Llama-2-70b-hf", "--initial-peers", BAD_ADDR, "--blocks", "0:1"],
@@ -53,7 +68,7 @@ def free_port() -> int:
     ("swarmtune.swarm", ["up", "model.path=/nonexistent/model"], ["model.path /nonexistent/model"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else v.split(".")[-1] if isinstance(v, str) else None)
 def test_every_command_tells_a_mistake_in_a_line(module, args, words, tmp_path):
-    if module.endswith(("train", "eval", "generate")):  # Hydra apps: keep their run folders out of the checkout
+    if module.endswith(("train", "eval", "generate", "serve")):  # Hydra apps: their run folders out of the checkout
         args = [*args, f"hydra.run.dir={tmp_path}"]
     assert_told(run(module, *args, unset=("SWARMTUNE_INITIAL_PEERS",)), *words)
 
@@ -163,3 +178,90 @@ def test_tracebacks_on_request(tmp_path):
     full = run("swarmtune.train", "trainer.max_steps=-5", f"hydra.run.dir={tmp_path}", env={"HYDRA_FULL_ERROR": "1"})
     assert full.returncode != 0 and "Traceback" in full.stderr and "max_steps" in full.stderr
     assert not full.started_swarm
+
+
+@pytest.mark.parametrize("recipe", ["lora_llama70b", "lora_llama70b_collab"])
+def test_peers_from_an_unset_variable_are_told_first(recipe, tmp_path, no_swarm, monkeypatch):
+    """The public swarm's peers come from $SWARMTUNE_INITIAL_PEERS: unset, training says how to set it before it
+    builds a logger or a trainer (it used to be after 15 s of start-up, in OmegaConf's words)."""
+    import lightning
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the logger or trainer was built before the missing variable was found")
+
+    monkeypatch.setattr(loggers, "build_logger", too_late)
+    monkeypatch.setattr(lightning.Trainer, "__init__", too_late)
+    with hydra_context():
+        cfg = compose("config", overrides=[f"recipe={recipe}", f"output_dir={tmp_path}"])
+    with pytest.raises(UserError, match=r"^swarm.initial_peers come from the environment variable "
+                                        r"SWARMTUNE_INITIAL_PEERS, which is not set: export SWARMTUNE_INITIAL_PEERS="):
+        train.run(cfg)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["trainer.max_epoch=1"], r"^trainer.max_epoch is not in the config: did you mean trainer.max_epochs=1\?$"),
+    (["trainr.max_steps=5"], "did you mean trainer.max_steps=5"),
+    (["optim.lr=1e-3", "trainer.max_epoch=1", "trainer.bogus=2"], "did you mean trainer.max_epochs=1"),
+    (["trainer.zzz=1"], r"trainer has max_steps, .*: check the name, or add a key the config lacks with \+trainer"),
+    (["seed.x=1"], "seed is a value, not a group of settings"),
+    (["prompt=Question:", "what", "do", "bees", "make?", "seed=1"],
+     r"^'what' is not key=value: quote a value that has spaces, e.g. prompt=\"Question: what do bees make\?\"$"),
+])
+def test_hydra_mistakes_in_words_that_say_what_to_do(overrides, match):
+    config = "generate" if overrides[0].startswith("prompt") else "config"
+    launch.register_recipes()
+    with pytest.raises(UserError, match=match):
+        launch.check_overrides(config, overrides)
+
+
+def test_what_hydra_accepts_passes_the_check():
+    launch.register_recipes()
+    launch.check_overrides("config", ["+trainer.deterministic=true", "trainer.max_epochs=1", "recipe=tiny_local"])
+    launch.check_command_line("config", ["-m", "optim.lr=1e-3,3e-4"])  # a sweep, checked by Hydra itself
+    launch.check_command_line("config", ["--help"])
+    with pytest.raises(UserError, match="trainer.max_epochs"):
+        launch.check_command_line("config", ["-m", "optim.lr=1e-3,3e-4", "trainer.max_epoch=1"])
+
+
+@pytest.mark.parametrize("blocks,num_blocks,match", [
+    ((0, 999), None, r"^--blocks 0:999: M has 6 blocks \(0:6\): give a span within them$"),
+    ((4, 8), None, "--blocks 4:8: M has 6 blocks"),
+    (None, 99, r"^--num-blocks 99: M has 6 blocks: give at most 6, or --num-blocks auto$"),
+])
+def test_server_span_beyond_the_model(blocks, num_blocks, match):
+    with pytest.raises(UserError, match=match):
+        check_span(ServerConfig(model="M", blocks=blocks, num_blocks=num_blocks), 6)
+    check_span(ServerConfig(model="M", blocks=(4, 6)), 6)
+    check_span(ServerConfig(model="M", num_blocks=6), 6)
+
+
+def test_server_blocks_beyond_the_model_before_announcing(tiny_llama):
+    outcome = run("swarmtune.server", "--model", tiny_llama, "--new-swarm", "--blocks", "4:8")
+    assert_told(outcome, "--blocks 4:8", "has 6 blocks (0:6)")
+    assert "MADDR" not in outcome.stdout  # it never joined, let alone announced
+
+
+@pytest.mark.parametrize("spans,match", [
+    ([[4, 8]], r"^swarm.local_spans: \[4, 8\] is not a span of the model's 6 blocks"),
+    ([[0, 3], [3, 0]], r"\[3, 0\] is not a span"),
+    ([[0, 3]], r"^swarm.local_spans leave block\(s\) 3, 4, 5 of the model's 6 without a server"),
+    ([5], "5 is not a span"),
+])
+def test_local_spans_outside_the_model(spans, match):
+    with pytest.raises(UserError, match=match):
+        launch.local_spans(spans, 6)
+
+
+@pytest.mark.parametrize("blocks,expected", [(6, [(0, 2), (2, 4), (4, 6)]), (4, [(0, 1), (1, 3), (3, 4)]),
+                                             (2, [(0, 1), (1, 2)]), (80, [(0, 27), (27, 53), (53, 80)])])
+def test_no_local_spans_split_the_model(blocks, expected):
+    assert launch.local_spans(None, blocks) == expected
+
+
+def test_swarm_up_and_serve_refuse_spans_outside_the_model(tiny_llama, no_swarm, tmp_path):
+    with pytest.raises(UserError, match=r"swarm.local_spans: \[4, 8\] is not a span of the model's 6 blocks"):
+        swarm.up([f"model.path={tiny_llama}", "swarm.local_spans=[[4,8]]"])
+    with hydra_context():
+        cfg = compose("serve", overrides=[f"model.path={tiny_llama}", "swarm.local_spans=[[0,3],[4,8]]"])
+    with pytest.raises(UserError, match=r"\[4, 8\] is not a span"), contextlib.ExitStack() as stack:
+        launch.open_model(stack, cfg, log_dir=str(tmp_path))

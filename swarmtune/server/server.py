@@ -18,6 +18,7 @@ from hivemind.utils import get_dht_time
 from swarmtune import records, transport, wire
 from swarmtune.adapters.lora import ClientLora
 from swarmtune.directory import fetch_swarm, fetch_unreachable
+from swarmtune.errors import UserError
 from swarmtune.models import load_config, load_span, parse_dtype
 from swarmtune.models.family import get_family
 from swarmtune.models.span import SpanModel
@@ -62,6 +63,17 @@ class ServerConfig:
     handler: HandlerConfig = field(default_factory=HandlerConfig)  # limits, timeouts, memory for requests
 
 
+def check_span(cfg: ServerConfig, num_layers: int) -> None:
+    """--blocks and --num-blocks within the model, before this server measures, joins or announces anything."""
+    if cfg.blocks is not None and cfg.blocks[1] > num_layers:
+        start, end = cfg.blocks
+        raise UserError(f"--blocks {start}:{end}: {cfg.model} has {num_layers} blocks (0:{num_layers}): give a span "
+                        "within them")
+    if cfg.num_blocks is not None and cfg.num_blocks > num_layers:
+        raise UserError(f"--num-blocks {cfg.num_blocks}: {cfg.model} has {num_layers} blocks: give at most "
+                        f"{num_layers}, or --num-blocks auto")
+
+
 class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
@@ -88,6 +100,7 @@ class Server:
             torch.set_num_threads(cfg.num_threads)
         cuda.configure(cfg.device)
         self.model_config = load_config(cfg.model, cfg.attn_implementation, cfg.revision)
+        check_span(cfg, self.model_config.num_hidden_layers)
         self.sizes = block_selection.relative_sizes(throughput.block_sizes(self.model_config))
         self.speed = throughput.get_throughput(self.model_config, parse_dtype(cfg.dtype), cfg.device, cfg.quant,
                                                cfg.throughput_cache)

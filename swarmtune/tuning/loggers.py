@@ -23,8 +23,11 @@ def build_logger(cfg: dict, save_dir: str, name: str | None = None, group: str |
 
         mode = wandb_mode(cfg.get("mode", "auto"))
         settings = wandb.Settings(init_timeout=cfg.get("init_timeout", 60))
-        return WandbLogger(project=cfg.get("project", "swarmtune"), entity=cfg.get("entity"), name=name, group=group,
-                           tags=tags, save_dir=save_dir, mode=mode, settings=settings)
+        logger = WandbLogger(project=cfg.get("project", "swarmtune"), entity=cfg.get("entity"), name=name,
+                             group=group, tags=tags, save_dir=save_dir, mode=mode, settings=settings)
+        # Lightning passes anonymous=None, which wandb (0.19+) warns of as a setting that "has no effect"
+        logger._wandb_init.pop("anonymous", None)
+        return logger
     if kind == "csv":
         return CSVLogger(save_dir, name="csv", version="")
     if kind == "tensorboard":
