@@ -33,7 +33,8 @@ from tests.helpers import PEERS, RECIPES, hydra_context
 ROOT = Path(__file__).resolve().parent.parent
 HUB_FAMILIES = {"meta-llama/Llama-2-70b-hf": "llama", "mistralai/Mixtral-8x7B-v0.1": "mixtral",
                 "meta-llama/Llama-3.1-70B-Instruct": "llama", "Qwen/Qwen3-235B-A22B": "qwen3_moe",
-                "openai/gpt-oss-120b": "gpt_oss", "zai-org/GLM-4.5": "glm4_moe", "deepseek-ai/DeepSeek-V3": "deepseek_v3"}
+                "openai/gpt-oss-120b": "gpt_oss", "zai-org/GLM-4.5": "glm4_moe",
+                "deepseek-ai/DeepSeek-V3": "deepseek_v3"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
