@@ -16,13 +16,7 @@ It reports RSS, load time, and decode and forward time per block against transfo
 GiB of memory and 5-10 minutes on 2 cores; `tests/test_real_shape.py` (slow) runs it with one
 block and one server. Exits 1 when a check fails.
 
-`--family deepseek_v3` does the same with DeepSeek-V3's MoE block at full width (hidden 7168, MLA of
-128 heads, experts of 2048, top 8 of 8 groups choosing 4) but 16 routed experts instead of 256, so
-that a block is 1.9 GB rather than 22 GB (a decode step still reads 8 routed and the shared
-expert), and also checks the server's KV accounting: bytes per cached token (the MLA latent) and the
-free tokens it announces.
-
-    python -m benchmarks.real_shape [--family llama|deepseek_v3] [--blocks 4] [--servers 2] [--json out.json]
+    python -m benchmarks.real_shape [--blocks 4] [--servers 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -35,19 +29,19 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from unittest import mock
 
 import psutil
 import torch
-from transformers import AutoModelForCausalLM, DeepseekV3Config, DynamicCache, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from benchmarks.gpu_server import CACHE_KWARG, TOLERANCE, VOCAB, Row, check_row, llama_config, table
+from benchmarks.gpu_server import CACHE_KWARG, TOLERANCE, Row, check_row, llama_config, table
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.inference import InferenceSession
 from swarmtune.client.sequential import RemoteSequential
-from swarmtune.models import checkpoint, get_family
+from swarmtune.models import checkpoint
 from swarmtune.models.checkpoint import INDEX_FILE
 from swarmtune.swarm import LocalSwarm
 
@@ -59,7 +53,6 @@ RSS_FACTOR = 1.15
 class Shapes:
     """Block shape fields as benchmarks.gpu_server.Shapes names them (its llama_config reads them)."""
 
-    family: str = "llama"
     hidden: int = 8192
     heads: int = 64
     kv_heads: int = 8
@@ -73,32 +66,6 @@ class Shapes:
     activation: tuple[int, int] = (8, 512)  # the large activation streamed through and back
     cache_mb: int = 64            # each server's KV budget
     start_timeout: float = 600.0
-    experts: int = 16             # deepseek_v3: routed experts kept of the published 256
-
-
-# DeepSeek-V3 at full width: its hidden size, MLA heads; one MoE block, one server
-DEEPSEEK = dict(family="deepseek_v3", hidden=7168, heads=128, kv_heads=128, mlp=18432, blocks=1, servers=1,
-                start_timeout=1800.0)  # the server first times 512-token forwards through 8 of 16 experts
-LLAMA_2_70B_KV_BYTES = 2 * 8 * 128 * 2  # per token and block in bf16: keys and values of 8 KV heads of 128
-
-
-def model_config(s: Shapes) -> PretrainedConfig:
-    return deepseek_config(s) if s.family == "deepseek_v3" else llama_config(s)
-
-
-def deepseek_config(s: Shapes) -> DeepseekV3Config:
-    """DeepSeek-V3's config (hidden 7168, MLA ranks 1536/512, yarn rope) with every block MoE, `s.experts` routed."""
-    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,
-            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
-    config = DeepseekV3Config(
-        vocab_size=VOCAB, hidden_size=s.hidden, intermediate_size=s.mlp, num_hidden_layers=s.blocks,
-        num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, q_lora_rank=1536, kv_lora_rank=512,
-        qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, moe_intermediate_size=2048,
-        n_routed_experts=s.experts, num_experts_per_tok=8, n_group=8, topk_group=4, n_shared_experts=1,
-        first_k_dense_replace=0, max_position_embeddings=163840, rope_parameters=rope, bos_token_id=1,
-        eos_token_id=2, pad_token_id=0)
-    config._attn_implementation = "sdpa"
-    return config
 
 
 def spans(s: Shapes) -> list[tuple[int, int]]:
@@ -138,7 +105,7 @@ def run(s: Shapes) -> list[Row]:
     torch.manual_seed(0)
     rows: list[Row] = []
     dtype = torch.bfloat16
-    model, build_s = timed(lambda: AutoModelForCausalLM.from_config(model_config(s), dtype=dtype))
+    model, build_s = timed(lambda: AutoModelForCausalLM.from_config(llama_config(s), dtype=dtype))
     model.eval().requires_grad_(False)
     with tempfile.TemporaryDirectory(prefix="swarmtune-real-shape-") as tmp:
         path, logs = os.path.join(tmp, "model"), os.path.join(tmp, "logs")
@@ -163,7 +130,6 @@ def run(s: Shapes) -> list[Row]:
             rows += rss_rows(model, swarm, s, load_times, runtime)
             connection = SwarmConnection(ClientConfig(initial_peers=swarm.initial_peers), swarm.dht_prefix, s.blocks)
             try:
-                rows += cache_rows(model.config, connection, s)
                 rows += forward_backward_rows(model, connection, s)
                 rows += decode_rows(model, connection, s)
                 rows += activation_rows(connection, s)
@@ -197,21 +163,6 @@ def rss_rows(model: PreTrainedModel, swarm: LocalSwarm, s: Shapes, load_times: l
         rows.append(Row("memory", f"server {i} RSS {when}", rss / GiB, "GiB", bound / GiB,
                         f"runtime + {RSS_FACTOR}x its blocks + KV budget", "<= baseline", rss <= bound, check=True,
                         note=note))
-    return rows
-
-
-def cache_rows(config: PretrainedConfig, connection: SwarmConnection, s: Shapes) -> list[Row]:
-    """Bytes a cached token takes in one block, and the free tokens each server announces for its KV budget."""
-    per_token = get_family(config.model_type).cache_shape(config).nbytes_per_token(torch.bfloat16)
-    rows = [Row("kv cache", "bytes per cached token per block (bf16)", per_token, "B", LLAMA_2_70B_KV_BYTES,
-                "a Llama-2-70B block (GQA, 8 KV heads)")]
-    connection.refresh()
-    for i, (start, end) in enumerate(spans(s)):
-        expected = (s.cache_mb << 20) // ((end - start) * per_token)
-        announced = next((r.cache_tokens_left for r in connection.view.servers.values() if r.start == start), -1)
-        rows.append(Row("kv cache", f"server {i}: free tokens announced", announced, "tokens", expected,
-                        f"{s.cache_mb} MiB / ({end - start} blocks x bytes per token)", "== baseline",
-                        announced == expected, check=True))
     return rows
 
 
@@ -290,15 +241,12 @@ def activation_rows(connection: SwarmConnection, s: Shapes) -> list[Row]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", choices=("llama", "deepseek_v3"), default="llama")
-    p.add_argument("--blocks", type=int, default=None, help="default: 4 (llama), 1 (deepseek_v3)")
-    p.add_argument("--servers", type=int, default=None, help="default: 2 (llama), 1 (deepseek_v3)")
+    p.add_argument("--blocks", type=int, default=Shapes.blocks)
+    p.add_argument("--servers", type=int, default=Shapes.servers)
     p.add_argument("--activation", type=int, nargs=2, default=Shapes.activation, metavar=("BATCH", "LENGTH"))
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args(argv)
-    base = Shapes(**DEEPSEEK) if args.family == "deepseek_v3" else Shapes()
-    shapes = replace(base, blocks=args.blocks or base.blocks, servers=args.servers or base.servers,
-                     activation=tuple(args.activation))
+    shapes = Shapes(blocks=args.blocks, servers=args.servers, activation=tuple(args.activation))
     rows = run(shapes)
     print(table(rows, enforce=True), flush=True)
     if args.json:
