@@ -175,6 +175,8 @@ def make_app(engine: Engine, extra_routers: tuple = ()) -> FastAPI:
     async def api_error(request: Request, e: APIError):
         if e.status in (413, 429):
             engine.metrics.rejected.labels(str(e.status)).inc()
+        if e.status == 429:
+            await engine.admission.hold()
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)

@@ -7,7 +7,9 @@
 - A connection whose request line and headers take longer than `header_timeout_s` is closed
   (`guarded_h11`): uvicorn times idle keep-alive connections, not slow headers.
 - `Admission` charges each request its sequences (prompts x n) against its client's address and
-  against the whole server before any work: beyond either bound, a 429 with Retry-After.
+  against the whole server before any work: beyond either bound, a 429 with Retry-After, held back
+  for that long (`hold`), so that a client retrying at once costs the server one refusal a second per
+  connection rather than as many as it can send (each costs the event loop a request's parsing).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from swarmtune.api.protocol import APIError
 
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait: sequences finish and free rows every step
+MAX_HELD = 1024    # 429s held back at once (beyond: answered at once)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,7 @@ class Admission:
         self.per_client, self.total = per_client, total
         self.by_client: dict[str, int] = {}
         self.in_flight = 0
+        self.held = 0
 
     def take(self, client: str, cost: int) -> Callable[[], None]:
         """Charge `cost` sequences to `client`, or raise a 429; returns the (idempotent) release."""
@@ -80,6 +84,16 @@ class Admission:
                 del self.by_client[client]
 
         return release
+
+    async def hold(self) -> None:
+        """Wait out a refusal's Retry-After before it goes out (at most MAX_HELD at once)."""
+        if self.held >= MAX_HELD:
+            return
+        self.held += 1
+        try:
+            await asyncio.sleep(RETRY_AFTER_S)
+        finally:
+            self.held -= 1
 
 
 def busy(message: str) -> APIError:
