@@ -20,8 +20,16 @@ import os
 import hydra
 from omegaconf import DictConfig
 
-from swarmtune.errors import UserError
-from swarmtune.launch import config_path, open_model, register_recipes, reported, run_hydra_app, settings
+from swarmtune.errors import UserError, check_source
+from swarmtune.launch import (
+    client_settings,
+    config_path,
+    open_model,
+    register_recipes,
+    reported,
+    run_hydra_app,
+    settings,
+)
 
 GROUPS = ("model", "swarm", "data")  # what evaluation takes of a recipe
 
@@ -43,6 +51,10 @@ def run(cfg: DictConfig) -> dict:
     data_config = settings(DataConfig, cfg.data, "data")
     if not cfg.beta > 0:
         raise UserError(f"beta must be a positive number, got {cfg.beta}")
+    client_settings(cfg.swarm)  # the swarm's settings, the model's and adapter's paths before any data loads
+    for source, what in ((cfg.model.path, "model.path"), (cfg.adapter, "adapter")):
+        if source:
+            check_source(source, what)
     raw = load_checked(data_config)
     eval_config = settings(EvalConfig, cfg.eval, "eval")
     torch.manual_seed(cfg.seed)

@@ -81,6 +81,9 @@ def run(cfg: DictConfig) -> tuple[str, float]:
     except Exception as e:  # Lightning's own words on a bad argument
         raise errors.UserError(f"trainer: {e}") from None
 
+    client_settings(cfg.swarm)  # the swarm's settings and the model's path are checked before any data loads
+    if cfg.model.path:
+        errors.check_source(cfg.model.path, "model.path")
     raw = load_checked(data_config)
     L.seed_everything(cfg.seed, workers=True)
     with contextlib.ExitStack() as stack:
