@@ -148,7 +148,7 @@ def test_in_a_small_swarm_a_poll_finds_a_crash_without_waiting_for_a_periodic_ch
     async def report_unreachable(dead):
         reports.append(dead)
 
-    def should_move(servers, num_blocks, me):
+    def should_move(servers, num_blocks, me, sizes=None):
         plans.append(sorted(s.peer_id for s in servers))
         if len(plans) == 2:
             server.stop_event.set()

@@ -26,6 +26,10 @@ weakest block gets `MIN_GAIN` times faster, or while some blocks have no server 
 move leaves fewer holes or brings them closer to blocks served twice (a chain of such moves closes
 a hole that no single move can).
 
+Where a model's blocks differ in size (`sizes`: DeepSeek-V3's dense first blocks take 1/20 of an MoE
+block's memory), a server's capacity is memory, and its span at a start holds as many blocks as fit
+(`span_ends`); with blocks alike, a span's length is fixed, as it always was.
+
 Pure functions over `ServerInfo` lists: the server and `benchmarks/balance_sim.py` share them.
 """
 
@@ -648,11 +652,6 @@ def _coverage(servers: Sequence[ServerInfo], num_blocks: int) -> tuple[np.ndarra
         np.add.at(counts, ends, -1)
     counts = np.cumsum(counts[:-1])
     return np.where(counts > 0, np.cumsum(deltas[:-1]), 0.0), counts
-
-
-def _windows(num_blocks: int, length: int) -> np.ndarray:
-    """Row s: which blocks a span of `length` starting at s covers."""
-    return _rows(num_blocks, span_ends(length, num_blocks))
 
 
 @functools.lru_cache(maxsize=1024)  # the spans of the servers in view, read over and over while planning

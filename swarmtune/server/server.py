@@ -316,8 +316,7 @@ class Server:
             if dead - reported:
                 await self.report_unreachable(dead)
             start = await asyncio.to_thread(  # up to 0.2 s of planning in a swarm of 60: not on the event loop
-                block_selection.should_move, servers, num_blocks, self.server_info(self.state),
-                block_selection.MIN_GAIN, self.sizes)
+                block_selection.should_move, servers, num_blocks, self.server_info(self.state), sizes=self.sizes)
             if start is not None:
                 try:
                     await self.move(start)
