@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from swarmtune import launch
 
@@ -121,3 +122,18 @@ def run(module: str, *args: str, env: dict | None = None, unset: tuple[str, ...]
         out.seek(0)
         err.seek(0)
         return Outcome(proc.returncode, err.read(), out.read(), started, seconds)
+
+
+class KillAfter(BaseStreamer):
+    """A generate streamer that SIGKILLs `server` once `tokens` pieces were streamed (mid-generation)."""
+
+    def __init__(self, server, tokens: int):
+        self.server, self.tokens, self.seen = server, tokens, 0
+
+    def put(self, value):
+        self.seen += 1
+        if self.seen == self.tokens:
+            self.server.kill()
+
+    def end(self):
+        pass

@@ -25,8 +25,7 @@ from swarmtune.models.checkpoint import INDEX_FILE, open_checkpoint
 from swarmtune.models.fp8 import FP8Error
 from swarmtune.swarm import LocalSwarm
 from swarmtune.tuning.module import LoraSettings, OptimConfig, SwarmLM, TuningConfig
-from tests.helpers import reference_model
-from tests.test_inference_sessions import _KillAfter
+from tests.helpers import KillAfter, reference_model
 from tests.test_lora_grads import Reference, make_batch, max_diff, randomize
 from tests.test_serving import _check_against_local
 
@@ -309,7 +308,7 @@ def test_server_killed_mid_generation_recovers_with_the_same_tokens(swarm, path,
         expected = reference.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False)
         with model.inference_session(max_length=64) as session:
             out = model.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                                 streamer=_KillAfter(victim, 6))
+                                 streamer=KillAfter(victim, 6))
             assert victim.proc.poll() is not None
             assert len(session.recoveries) == 1 and victim.peer_id not in [s.hop.peer_id for s in session.spans]
         assert torch.equal(out, expected)

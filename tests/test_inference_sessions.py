@@ -17,7 +17,7 @@ from swarmtune.client.inference import InferenceSession
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.client.span_requests import RequestRefused
 from swarmtune.swarm import LocalSwarm
-from tests.helpers import reference_model
+from tests.helpers import KillAfter, reference_model
 
 PROMPT = "The swarm is a group of computers that"
 
@@ -69,30 +69,17 @@ def test_server_killed_between_generate_calls(victim, client, tokenizer, expecte
     assert torch.equal(second, expected)
 
 
-class _KillAfter(BaseStreamer):
-    def __init__(self, server, tokens: int):
-        self.server, self.tokens, self.seen = server, tokens, 0
-
-    def put(self, value):
-        self.seen += 1
-        if self.seen == self.tokens:
-            self.server.kill()
-
-    def end(self):
-        pass
-
-
 def test_server_killed_during_generate(victim, client, tokenizer, expected):
     inputs = tokenizer([PROMPT], return_tensors="pt")
     out = client.generate(**inputs, max_new_tokens=24, min_new_tokens=24, do_sample=False,
-                          streamer=_KillAfter(victim, 8))
+                          streamer=KillAfter(victim, 8))
     assert victim.proc.poll() is not None
     assert torch.equal(out, expected)
 
 
 def test_server_hangs_during_generate(victim, client, tokenizer, expected):
     inputs = tokenizer([PROMPT], return_tensors="pt")
-    streamer = _KillAfter(victim, 8)
+    streamer = KillAfter(victim, 8)
     streamer.server = type("Hang", (), {"kill": victim.suspend})()
     out = client.generate(**inputs, max_new_tokens=24, min_new_tokens=24, do_sample=False, streamer=streamer)
     assert torch.equal(out, expected)

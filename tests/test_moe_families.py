@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers.generation.streamers import BaseStreamer
 
 from swarmtune.adapters.lora import target_shapes
 from swarmtune.client.config import ClientConfig
@@ -19,7 +18,7 @@ from swarmtune.client.speculative import DraftLength
 from swarmtune.swarm import LocalSwarm
 from swarmtune.tiny_model import tiny_config
 from swarmtune.tuning.module import LoraSettings, OptimConfig, SwarmLM, TuningConfig
-from tests.helpers import MOE_FAMILIES, reference_model
+from tests.helpers import MOE_FAMILIES, KillAfter, reference_model
 
 TOL = 1e-5
 PROMPT = torch.tensor([[45, 99, 7]])  # shorter than gpt-oss's tiny window (4): decoding itself crosses it
@@ -146,19 +145,6 @@ def test_lora_targets_follow_each_blocks_kind():
                                                                                      "down_proj")}
 
 
-class _KillAfter(BaseStreamer):
-    def __init__(self, server, tokens: int):
-        self.server, self.tokens, self.seen = server, tokens, 0
-
-    def put(self, value):
-        self.seen += 1
-        if self.seen == self.tokens:
-            self.server.kill()
-
-    def end(self):
-        pass
-
-
 @pytest.mark.slow  # a third server starts and dies: about a minute on a loaded machine
 @pytest.mark.parametrize("moe", ["gpt_oss"], indirect=True)
 def test_server_killed_mid_generation_recovers_same_tokens(moe: Moe):
@@ -171,7 +157,7 @@ def test_server_killed_mid_generation_recovers_same_tokens(moe: Moe):
     client = SwarmForCausalLM.from_pretrained(moe.path, client_config=config)
     try:
         with client.inference_session(max_length=32) as session:
-            out = client.generate(**kwargs, streamer=_KillAfter(victim, 5))
+            out = client.generate(**kwargs, streamer=KillAfter(victim, 5))
             assert len(session.recoveries) == 1
         assert victim.proc.poll() is not None
         assert torch.equal(out, expected)
