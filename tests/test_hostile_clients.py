@@ -59,7 +59,7 @@ def test_rejected_opens_keep_no_kv_memory(llama_swarm, llama_client):
     refused = [
         ({**good, "session_id": "short"}, None),                          # a malformed id
         ({**good, "session_id": "a" * 32}, None),                         # an id in use
-        ({**good, "session_id": "b" * 32, "push_from": 7}, None),         # a malformed upstream
+        ({**good, "session_id": "b" * 32, "push_key": 7}, None),          # a malformed push key
         ({**good, "lora": {"keys": ["1.self_attn.q_proj"], "scale": 1.0, "digest": "never-sent"}}, None),
         ({**good, "max_length": 10**6}, None),                            # over the server's limit
         (good, {"deep_prompts": torch.zeros(2, 1, 2, HIDDEN)}),          # prompts for 2 of its 3 blocks
@@ -106,6 +106,42 @@ def test_only_the_chain_may_push(llama_swarm, tiny_llama):
         attacker.close()
         victim.close()
     assert torch.equal(more, expected)
+
+
+def test_a_server_once_upstream_cannot_be_made_to_inject_into_a_session(llama_swarm, tiny_llama):
+    """A third peer opens its own session on a chained session's upstream server and has it push, for the
+    victim's session and coming steps, hidden states of its choosing: the downstream server refuses them (they
+    lack the key the victim gave that hop), and the victim's tokens are the local model's."""
+    victim = SwarmForCausalLM.from_pretrained(
+        tiny_llama, client_config=ClientConfig(initial_peers=llama_swarm.initial_peers, chaining=True))
+    attacker = SwarmConnection(ClientConfig(initial_peers=llama_swarm.initial_peers), llama_swarm.dht_prefix, 6)
+    prompt = torch.tensor([[1, 45, 67, 89, 12]])
+    expected = reference_model(tiny_llama).generate(prompt, max_new_tokens=8, do_sample=False)
+    forger = None
+    try:
+        with victim.inference_session(max_length=32) as session:
+            out = victim.generate(prompt, max_new_tokens=1, do_sample=False)
+            assert len(session.spans) >= 2
+            upstream, downstream = session.spans[-2], session.spans[-1]
+            refused = info(attacker, downstream.hop.peer_id)["stats"].get("pushes_refused", 0)
+            forger = open_session(attacker, upstream.hop.peer_id, {"start": upstream.hop.start, "end": upstream.hop.end,
+                                                                  "max_length": 64, "batch_size": 1})
+            for _ in range(7):
+                for ahead in range(4):  # the victim's next steps, waiting in its mailbox before the real pushes
+                    target = {"peer": downstream.hop.peer_id, "session": downstream.session_id, "key": "f" * 32}
+                    forged = wire.pack({"step": session.steps + ahead, "push_to": target},
+                                       {"hidden": torch.full((1, 1, HIDDEN), 100.0)})
+                    attacker.run(forger.exchange(forged, 20), timeout=30)
+                time.sleep(0.2)  # the forged pushes arrive
+                out = victim.generate(out, max_new_tokens=1, do_sample=False)
+            refused = info(attacker, downstream.hop.peer_id)["stats"].get("pushes_refused", 0) - refused
+    finally:
+        if forger is not None:
+            attacker.loop.call_soon_threadsafe(forger.close)
+        attacker.close()
+        victim.close()
+    assert torch.equal(out, expected)
+    assert refused >= 28
 
 
 def test_a_forged_push_for_an_unknown_session_is_refused(llama_swarm, llama_client):

@@ -125,3 +125,26 @@ def test_a_large_header_counts_as_many_requests(peer):
         peer(4)
     time.sleep(2.1)  # the debt is at most a second's worth
     peer(4)
+
+
+def test_info_counts_toward_the_rate(swarm):
+    """Info calls are requests like others: a peer calling it far past the rate (50/s here) is refused for its
+    rate, with retry."""
+    import asyncio
+
+    from swarmtune import transport, wire
+    from swarmtune.client.connection import SwarmConnection
+
+    conn = SwarmConnection(ClientConfig(initial_peers=swarm.initial_peers), swarm.dht_prefix, 6)
+    server = swarm.servers[0].peer_id
+
+    async def calls() -> list:
+        return await asyncio.gather(*(transport.call(conn.p2p, server, "info", wire.pack({}), 10, token=conn.token)
+                                      for _ in range(150)), return_exceptions=True)
+
+    try:
+        replies = conn.run(calls(), timeout=30)
+    finally:
+        conn.close()
+    refused = [r for r in replies if isinstance(r, ServerRejected) and "rate limit" in r.reason and r.retry]
+    assert len(refused) >= 50, [r for r in replies if isinstance(r, Exception)][:3]

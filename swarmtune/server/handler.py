@@ -328,8 +328,14 @@ class BlockServicer(ServicerBase):
     # ---- unary RPCs -------------------------------------------------------------------------------
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        if not self.membership.admits(str(context.remote_id), request.uid):
+        """The server's state; a request like any other toward the peer's rate (clients ping with it)."""
+        peer = str(context.remote_id)
+        if not self.membership.admits(peer, request.uid):
             return runtime_pb2.ExpertResponse(metadata=_error("not a member of this private swarm"))
+        try:
+            self._check_rate(peer)
+        except PeerOverLimit as e:
+            return runtime_pb2.ExpertResponse(metadata=await self._refused(peer, e))
         meta = dict(self.info, cache_bytes_free=self.budget.free, active_sessions=len(self.sessions),
                     graph_bytes_kept=self.graphs.nbytes, receiving_bytes=self.receiving.used,
                     evictions=self.budget.evictions, stats=dict(self.stats))
@@ -343,8 +349,9 @@ class BlockServicer(ServicerBase):
     async def _accept_push(self, meta: dict, tensors: dict, peer: str) -> bytes:
         mailbox = self.mailboxes.get(meta.get("session"))
         need(mailbox is not None, "push for an unknown session")
-        need(peer in (mailbox.owner, mailbox.upstream),
-             "push refused: only the session's client and the server its client named before this one may push")
+        if not mailbox.admits(meta.get("key")):
+            self.stats["pushes_refused"] += 1
+            raise RequestError("push refused: it lacks the push key the session's client gave this hop")
         step = get_int(meta, "step", 0, 2**31)
         mailbox.put(step, check_hidden(tensors.get("hidden"), "hidden", self.hidden_size, self.limits))
         self.stats["pushes_received"] += 1
@@ -353,7 +360,7 @@ class BlockServicer(ServicerBase):
     async def _push(self, target: dict, step: int, hidden: torch.Tensor) -> None:
         """Send our output to the next server of the chain; if this fails, the client sends it instead."""
         try:
-            data = wire.pack({"session": target["session"], "step": step}, {"hidden": hidden})
+            data = wire.pack({"session": target["session"], "key": target["key"], "step": step}, {"hidden": hidden})
             token = self.membership.token(str(self.p2p.peer_id))
             await transport.call(self.p2p, target["peer"], "push", data, timeout=10, token=token)
         except Exception as e:
@@ -528,7 +535,7 @@ class BlockServicer(ServicerBase):
         start, end = requested_blocks(meta, (self.span.start, self.span.end), self.num_blocks)
         batch = get_int(meta, "batch_size", 1, self.limits.max_batch)
         max_length = get_int(meta, "max_length", 1, self.limits.max_length)
-        session_id, upstream = meta.get("session_id"), _peer_field(meta, "push_from")
+        session_id, push_key = meta.get("session_id"), _push_key(meta)
         need(session_id is None or (isinstance(session_id, str) and 16 <= len(session_id) <= 64),
              "'session_id' must be a string of 16 to 64 characters")
         if self.sessions_per_peer[peer] >= self.limits.max_sessions_per_peer:
@@ -554,7 +561,7 @@ class BlockServicer(ServicerBase):
             raise
         lease.on_evict = session.free
         if session_id is not None:
-            self.mailboxes[session_id] = Mailbox(owner=peer, upstream=upstream)
+            self.mailboxes[session_id] = Mailbox(push_key)
         self.sessions_per_peer[peer] += 1
         self.sessions.add(session)
         return session
@@ -578,9 +585,9 @@ class BlockServicer(ServicerBase):
     async def _run_step(self, session: ServerSession, data: bytes, peer: str) -> bytes:
         meta, tensors = await self._decode(data, peer)
         hidden = tensors.get("hidden")
-        upstream = _peer_field(meta, "push_from")
-        if upstream is not None and session.id is not None:  # the chain changed: another server pushes now
-            self.mailboxes[session.id].upstream = upstream
+        push_key = _push_key(meta)
+        if push_key is not None and session.id is not None:  # the chain changed: another server pushes now
+            self.mailboxes[session.id].rekey(push_key)
         if hidden is None and meta.get("await_push") and session.id is not None:
             step = get_int(meta, "step", 0, 2**31)
             wait = meta.get("push_wait", 1.0)
@@ -600,7 +607,8 @@ class BlockServicer(ServicerBase):
                                 pos, edits))
         self.stats["inference_steps"] += 1
         target = meta.get("push_to")
-        if isinstance(target, dict) and isinstance(target.get("peer"), str) and isinstance(meta.get("step"), int):
+        if (isinstance(target, dict) and isinstance(target.get("peer"), str) and isinstance(target.get("key"), str)
+                and isinstance(meta.get("step"), int)):
             asyncio.create_task(self._push(target, meta["step"], out))
         return _response({"ok": True, "step": meta.get("step"), "length": session.length}, {"hidden": out})
 
@@ -651,9 +659,10 @@ def _cache_edits(meta: dict, tensors: dict, batch: int) -> CacheEdits | None:
     return CacheEdits(reorder, truncate, keep, reset)
 
 
-def _peer_field(meta: dict, key: str) -> str | None:
-    value = meta.get(key)
-    need(value is None or isinstance(value, str) and 0 < len(value) <= 128, f"'{key}' must be a peer id")
+def _push_key(meta: dict) -> str | None:
+    value = meta.get("push_key")
+    need(value is None or isinstance(value, str) and 16 <= len(value) <= 64,
+         "'push_key' must be a string of 16 to 64 characters")
     return value
 
 

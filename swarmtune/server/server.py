@@ -315,6 +315,8 @@ class Server:
             try:
                 await transport.call(self.p2p, peer_id, "info", wire.pack({}), PING_TIMEOUT, token=token)
                 return True
+            except transport.ServerRejected:  # a refusal (say, for our rate) is an answer
+                return True
             except transport.ServerFailure:
                 return False
 
