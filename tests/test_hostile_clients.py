@@ -328,6 +328,29 @@ def forward_goes_through(conn: SwarmConnection, peer_id: str) -> None:
     assert tensors["hidden"].shape == (1, 4, HIDDEN)
 
 
+def test_large_messages_never_travel_as_unary_calls(strict_server):
+    """A unary call over the small limit is refused, naming streams, before it is decoded; one over what the
+    server's daemon takes never reaches the server; the client sends the same message as a stream, and it is
+    served."""
+    conn, server = strict_server
+    message = wire.pack({"start": 0, "end": 6}, {"hidden": torch.randn(1, 512, HIDDEN)})  # 128 KiB
+
+    async def unary(data: bytes, timeout: float) -> dict:
+        reply = await asyncio.wait_for(conn.p2p.call_protobuf_handler(
+            PeerID.from_base58(server.peer_id), "BlockServicer.rpc_forward",
+            runtime_pb2.ExpertRequest(uid=conn.token, metadata=data), runtime_pb2.ExpertResponse), timeout)
+        return wire.unpack(reply.metadata)[0]
+
+    assert "send larger messages as a stream" in conn.run(unary(message, 20), timeout=30)["error"]
+    before = info(conn, server.peer_id)["stats"]
+    with pytest.raises(Exception):  # the daemon hangs up on its length prefix: a timeout, here
+        conn.run(unary(message + bytes(2 << 20), 3), timeout=10)
+    after = info(conn, server.peer_id)["stats"]
+    assert after.get("rejected", 0) == before.get("rejected", 0) and after.get("forward") == before.get("forward")
+    _, tensors = conn.run(transport.call(conn.p2p, server.peer_id, "forward", message, 20), timeout=30)
+    assert tensors["hidden"].shape == (1, 512, HIDDEN)
+
+
 def test_one_peer_cannot_buffer_more_than_one_message_across_streams(strict_server, another_peer):
     """Streams that never finish their message: the peer's second stream waits, unread and unanswered, while the
     two would hold more than one message's worth (4 MiB and its framing); another peer's forward goes through

@@ -1,7 +1,8 @@
 """The RPCs a server answers, over hivemind's P2P: info, forward, backward and inference sessions.
 
-Each RPC carries one `wire` message. Unary RPCs take messages that fit one frame; the `_stream`
-variants take and return any size, in frames. Every failure becomes an error reply naming the
+Each RPC carries one `wire` message. Unary RPCs take small messages only (transport.UNARY_BYTES: a
+daemon reads a unary call whole before any check); the `_stream` variants take and return any size,
+in frames read one at a time as admission allows. Every failure becomes an error reply naming the
 problem, and the server goes on serving.
 """
 
@@ -138,7 +139,8 @@ class BlockServicer(ServicerBase):
     def _streaming_rpcs(self) -> dict:
         """Handle name (as clients call it) -> handler of every streaming RPC."""
         return {"rpc_spans": self.serve_spans, "rpc_forward_stream": self.serve_forward_stream,
-                "rpc_backward_stream": self.serve_backward_stream, "rpc_inference": self.serve_inference}
+                "rpc_backward_stream": self.serve_backward_stream, "rpc_push_stream": self.serve_push_stream,
+                "rpc_inference": self.serve_inference}
 
     async def _expire_graphs(self) -> None:
         """Kept graphs past their age go even when no request comes along to push them out."""
@@ -312,6 +314,9 @@ class BlockServicer(ServicerBase):
         intake = Intake(self.receiving, peer)
         try:
             if token is not None:
+                need(len(data) <= transport.UNARY_BYTES,
+                     f"a unary call carries at most {transport.UNARY_BYTES} bytes, not {len(data)}: send larger "
+                     f"messages as a stream")
                 self._admission(peer, member=False)(token)
                 intake.charge(len(data))
             meta, tensors = await self._decode(data, peer)
@@ -400,6 +405,12 @@ class BlockServicer(ServicerBase):
         finally:  # the request's bytes stay charged until its reply has gone
             intake.release()
         await _drain(requests)
+
+    async def serve_push_stream(self, requests: Frames, context: P2PContext
+                                ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A push too large for a unary call (`rpc_push`)."""
+        async for response in self._counted(context, self._stream(self._accept_push, requests, context)):
+            yield response
 
     async def serve_spans(self, requests: Frames, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """A client's channel for forward and backward requests (`_channel`)."""
