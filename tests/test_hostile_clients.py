@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -343,7 +344,7 @@ def test_large_messages_never_travel_as_unary_calls(strict_server):
 
     assert "send larger messages as a stream" in conn.run(unary(message, 20), timeout=30)["error"]
     before = info(conn, server.peer_id)["stats"]
-    with pytest.raises(Exception):  # the daemon hangs up on its length prefix: a timeout, here
+    with pytest.raises(asyncio.TimeoutError):  # the daemon hangs up on its length prefix: no reply comes
         conn.run(unary(message + bytes(2 << 20), 3), timeout=10)
     after = info(conn, server.peer_id)["stats"]
     assert after.get("rejected", 0) == before.get("rejected", 0) and after.get("forward") == before.get("forward")
@@ -410,6 +411,53 @@ def test_idle_sessions_of_a_peer_over_its_share_make_room_for_another(strict_ser
         legit.loop.call_soon_threadsafe(mine.close)
     finally:
         conn.loop.call_soon_threadsafe(hog.close)
+    wait_until(lambda: info(conn, server.peer_id)["cache_bytes_free"] == free, "the KV budget did not come back")
+
+
+def test_a_peer_over_its_share_loses_its_oldest_active_session_to_a_waiting_one(strict_server, another_peer):
+    """A peer holding most of the KV memory in two sessions it keeps stepping (never idle long enough to be
+    evicted as idle): another peer's open is served by evicting the hog's oldest session, whose next step is
+    refused with retry, naming the eviction; the memory comes back."""
+    (conn, server), legit = strict_server, another_peer
+    wait_until(lambda: info(conn, server.peer_id)["active_sessions"] == 0, "earlier sessions did not close")
+    free = info(conn, server.peer_id)["cache_bytes_free"]
+    probe = open_session(conn, server.peer_id, {"start": 0, "end": 6, "max_length": 100, "batch_size": 1})
+    per_token = (free - info(conn, server.peer_id)["cache_bytes_free"]) / 100
+    conn.loop.call_soon_threadsafe(probe.close)
+    wait_until(lambda: info(conn, server.peer_id)["cache_bytes_free"] == free, "the probe was not freed")
+    hogs = [open_session(conn, server.peer_id, {"start": 0, "end": 6, "max_length": int(0.45 * free / per_token),
+                                                "batch_size": 1}) for _ in range(2)]
+    stop, refusals = threading.Event(), []
+    step = wire.pack({"type": "step", "step": 0}, {"hidden": torch.randn(1, 1, HIDDEN)})
+
+    def keep_stepping() -> None:
+        while not stop.wait(0.3):
+            for hog in hogs:
+                if not hog.closed:
+                    try:
+                        conn.run(hog.exchange(step, 20), timeout=30)
+                    except ServerFailure as e:
+                        refusals.append(e)
+
+    stepping = threading.Thread(target=keep_stepping, daemon=True)
+    stepping.start()
+    try:
+        time.sleep(1.0)
+        began = time.monotonic()
+        mine = open_session(legit, server.peer_id, {"start": 0, "end": 6, "max_length": int(0.4 * free / per_token),
+                                                    "batch_size": 1})
+        assert time.monotonic() - began < 8  # not the whole wait for memory (10 s)
+        _, out = legit.run(mine.exchange(step, 20), timeout=30)
+        assert out["hidden"].shape == (1, 1, HIDDEN)
+        wait_until(lambda: refusals, "the evicted session's step was not refused")
+        assert "evicted" in refusals[0].reason and refusals[0].retry, refusals
+        assert hogs[0].closed and not hogs[1].closed  # the oldest went; the newer one goes on
+        legit.loop.call_soon_threadsafe(mine.close)
+    finally:
+        stop.set()
+        stepping.join(timeout=30)
+        for hog in hogs:
+            conn.loop.call_soon_threadsafe(hog.close)
     wait_until(lambda: info(conn, server.peer_id)["cache_bytes_free"] == free, "the KV budget did not come back")
 
 
