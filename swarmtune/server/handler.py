@@ -59,6 +59,8 @@ logger = logging.getLogger(__name__)
 MAX_POSITION = 1 << 24
 ATTENTION_SCALE = 1024  # context length at which a token's attention costs about as much as the rest of it
 REFUSAL_WEIGHT = 100    # a malformed request counts as this many toward its peer's request rate
+COST_PER_REQUEST = 64   # compute (tokens x (1 + positions / ATTENTION_SCALE)) that counts as one request more
+OPEN_SECONDS = 4.0      # reserving the whole KV budget counts as this many seconds of the peer's request rate
 SMALL_HEADER = 256      # arrays and maps in a header parsed on the event loop: any request but one that ships LoRA
 CONTAINERS_PER_REQUEST = 64  # a larger header counts as one request per this many (parsing costs)
 
@@ -212,13 +214,15 @@ class BlockServicer(ServicerBase):
 
     async def _compute(self, peer: str, tokens: int, context: int, priority: int, fn, *args):
         """Run `fn` on the compute thread, within the peer's budget of tokens in flight, charged to the peer's
-        fair share of compute by its cost: `tokens` new tokens, each attending to `context` positions."""
+        fair share of compute and to its request rate by its cost: `tokens` new tokens, each attending to
+        `context` positions."""
         if self.tokens_in_flight[peer] + tokens > self.limits.max_tokens_in_flight_per_peer:
             raise PeerOverLimit(f"this peer already has {self.tokens_in_flight[peer]} tokens in flight "
                                 f"(limit {self.limits.max_tokens_in_flight_per_peer})")
+        cost = tokens * (1 + context / ATTENTION_SCALE) * (2 if priority == BACKWARD else 1)
+        self.rates.charge(peer, cost / COST_PER_REQUEST)  # admitted already: what it costs delays the next
         self.tokens_in_flight[peer] += tokens
         try:
-            cost = tokens * (1 + context / ATTENTION_SCALE) * (2 if priority == BACKWARD else 1)
             return await self.executor.submit(priority, fn, *args, peer=peer, cost=cost)
         finally:
             self.tokens_in_flight[peer] -= tokens
@@ -493,7 +497,7 @@ class BlockServicer(ServicerBase):
         intake = Intake(self.receiving, peer, self.config.session_timeout)
         session = None
 
-        def admit_step(token: str) -> None:  # a step that has begun to arrive is not idle: never evicted
+        def admit_step(token: str) -> None:  # a step that has begun to arrive is not idle
             self._admission(peer)(token)
             session.lease.idle_since = None
 
@@ -562,6 +566,7 @@ class BlockServicer(ServicerBase):
             nbytes += sum(t.numel() * t.element_size() for t in lora.tensors())
         static = self.config.cuda_graphs and self.device.type == "cuda" and static_steps_apply(span, lora, deep_prompts)
         nbytes += cuda.static_step_nbytes(span, batch, max_length) if static else 0
+        self._charge_open(peer, nbytes)
         lease = await self.budget.acquire(peer, nbytes, self.config.alloc_timeout)
         try:
             need(session_id not in self.mailboxes, "'session_id' is already in use: choose a new one")
@@ -577,6 +582,16 @@ class BlockServicer(ServicerBase):
         self.sessions.add(session)
         return session
 
+    def _charge_open(self, peer: str, nbytes: int) -> None:
+        """An open costs the server its reservation (allocated and zeroed now, held for the session): it counts
+        toward the peer's rate by its share of the KV budget, so that opening and closing sessions in a loop
+        is as limited as any other flood."""
+        cost = 1 + OPEN_SECONDS * self.limits.requests_per_second_per_peer * nbytes / max(1, self.budget.max_bytes)
+        if not self.rates.admit(peer, cost):
+            raise PeerOverLimit(f"rate limit: a session of {nbytes} bytes of KV memory counts as {cost:.0f} "
+                                f"requests, more than this peer has left of its "
+                                f"{self.limits.requests_per_second_per_peer:g} requests/s")
+
     async def _inference_step(self, session: ServerSession, data: bytes, peer: str) -> bytes:
         """One step. Its hidden states come in the message, or (chaining) pushed by the previous server;
         the output goes back to the client and, when asked, on to the next server."""
@@ -585,13 +600,15 @@ class BlockServicer(ServicerBase):
                              f"moved): open the session on another server")
         if session.lease.evicted:
             self.stats["evicted_steps"] += 1
-            raise ServerBusy("this session was evicted: it had been idle while other peers waited for the "
-                             "server's KV memory; open a new one")
+            raise ServerBusy("this session was evicted: its peer held more than its fair share of the server's "
+                             "KV memory while other peers waited for some; open a new one (elsewhere, or later)")
         session.lease.idle_since = None
         try:
             return await self._run_step(session, data, peer)
         finally:
             session.lease.idle_since = time.monotonic()
+            if session.lease.evicted:  # during the step: its cache goes now
+                session.free()
 
     async def _run_step(self, session: ServerSession, data: bytes, peer: str) -> bytes:
         meta, tensors = await self._decode(data, peer)
