@@ -60,7 +60,7 @@ MAX_POSITION = 1 << 24
 ATTENTION_SCALE = 1024  # context length at which a token's attention costs about as much as the rest of it
 REFUSAL_WEIGHT = 100    # a malformed request counts as this many toward its peer's request rate
 COST_PER_REQUEST = 64   # compute (tokens x (1 + positions / ATTENTION_SCALE)) that counts as one request more
-OPEN_SECONDS = 4.0      # reserving the whole KV budget counts as this many seconds of the peer's request rate
+OPEN_SECONDS = 1.0      # reserving the whole KV budget counts as this many seconds of the peer's request rate
 SMALL_HEADER = 256      # arrays and maps in a header parsed on the event loop: any request but one that ships LoRA
 CONTAINERS_PER_REQUEST = 64  # a larger header counts as one request per this many (parsing costs)
 
@@ -566,6 +566,7 @@ class BlockServicer(ServicerBase):
             nbytes += sum(t.numel() * t.element_size() for t in lora.tensors())
         static = self.config.cuda_graphs and self.device.type == "cuda" and static_steps_apply(span, lora, deep_prompts)
         nbytes += cuda.static_step_nbytes(span, batch, max_length) if static else 0
+        self.budget.check_fits(nbytes)  # else the client's error, not a cost
         self._charge_open(peer, nbytes)
         lease = await self.budget.acquire(peer, nbytes, self.config.alloc_timeout)
         try:

@@ -75,10 +75,13 @@ class CacheBudget:
         """The budget over the peers holding or waiting (and those in `also`)."""
         return self.max_bytes / max(1, len(held.keys() | self.waiting.keys() | (also or {}).keys()))
 
-    async def acquire(self, peer: str, nbytes: int, timeout: float) -> Lease:
+    def check_fits(self, nbytes: int) -> None:
         if nbytes > self.max_bytes:
             raise RequestError(f"the session needs {nbytes} bytes of KV cache but this server's whole cache "
                                f"budget is {self.max_bytes} bytes: ask for a shorter max_length or smaller batch")
+
+    async def acquire(self, peer: str, nbytes: int, timeout: float) -> Lease:
+        self.check_fits(nbytes)
         deadline = time.monotonic() + timeout
         self.waiting[peer].append(nbytes)
         try:
