@@ -330,9 +330,118 @@ async def rejected_open(attack: Attack) -> None:
     await workers(attack, args.workers, loop)
 
 
+# ---- 8. session injection: our own session's steps ask the server to push to sessions we name -----------
+
+
+async def inject(attack: Attack) -> None:
+    """Each worker steps a session of its own whose every step asks the server to push its output to a guessed
+    session (this server's own id as the next one), with a guessed push key: the server computes and pushes,
+    and the push is refused for its key."""
+    args = attack.args
+
+    async def loop(attack: Attack, _: int) -> None:
+        while attack.running():
+            stream = await _open(attack, 1, args.max_length)
+            if stream is None:
+                await asyncio.sleep(0.5)
+                continue
+            for step in range(args.max_length):
+                if not attack.running():
+                    break
+                target = {"peer": attack.peer_id, "session": secrets.token_hex(16), "key": secrets.token_hex(16)}
+                attack.stats["sent"] += 1
+                try:
+                    await stream.exchange(wire.pack({"step": step, "push_to": target},
+                                                    {"hidden": torch.zeros(1, 1, args.hidden)}), CALL_TIMEOUT)
+                except transport.ServerFailure as e:
+                    attack.answered(e.reason)
+                    break
+            stream.close()
+
+    await workers(attack, attack.args.workers, loop)
+
+
+# ---- 9. KV hog, active: the hog's sessions step every half second, never idle long ----------------------
+
+
+async def kv_hog_active(attack: Attack) -> None:
+    attack.args.keepalive = 0.5
+    await kv_hog(attack)
+
+
+# ---- 10. large unary calls: a daemon reads each whole before anyone checks it ---------------------------
+
+
+async def unary_flood(attack: Attack) -> None:
+    """Unary forward calls just under the server's daemon limit (transport.SERVER_UNARY_BYTES), and over it."""
+    sizes = (transport.SERVER_UNARY_BYTES - (4 << 10), 4 << 20)
+
+    async def loop(attack: Attack, i: int) -> None:
+        request = runtime_pb2.ExpertRequest(metadata=bytes(sizes[i % 2]))
+        while attack.running():
+            attack.stats["sent"] += 1
+            try:
+                reply = await asyncio.wait_for(attack.p2p.call_protobuf_handler(
+                    attack.peer, f"{transport.SERVICE}.rpc_forward", request, runtime_pb2.ExpertResponse),
+                    min(CALL_TIMEOUT, attack.left() + 0.1))
+                attack.answered(str(wire.unpack(reply.metadata)[0].get("error", "ok")))
+            except Exception as e:  # the daemon hangs up on a call over its limit: a timeout
+                attack.answered(type(e).__name__)
+
+    await workers(attack, attack.args.workers, loop)
+
+
+# ---- 11. open churn: valid opens of the largest session that fits, closed at once ------------------------
+
+
+async def open_churn(attack: Attack) -> None:
+    args = attack.args
+    per_token = await _token_cost(attack)
+    rows = max(1, min(args.max_batch, (await _info(attack))["cache_bytes_free"] // (per_token * args.max_length)))
+
+    async def loop(attack: Attack, _: int) -> None:
+        while attack.running():
+            stream = await _open(attack, rows, args.max_length)
+            if stream is not None:
+                attack.answered("opened")
+                stream.close()
+
+    await workers(attack, args.workers, loop)
+
+
+# ---- 12. the short lane: forwards just cheap enough, many in flight ---------------------------------------
+
+
+async def short_lane(attack: Attack) -> None:
+    """Forwards of 1 x `--tokens` tokens (1,400 was cheap enough for the old decoding lane)."""
+    data = wire.pack({"start": attack.args.start, "end": attack.args.end},
+                     {"hidden": torch.randn(1, min(1400, attack.args.tokens), attack.args.hidden)})
+
+    async def loop(attack: Attack, _: int) -> None:
+        while attack.running():
+            await attack.call("forward", data)
+
+    await workers(attack, attack.args.workers, loop)
+
+
+# ---- 13. info flood -----------------------------------------------------------------------------------
+
+
+async def info_flood(attack: Attack) -> None:
+    data = wire.pack({})
+
+    async def loop(attack: Attack, _: int) -> None:
+        while attack.running():
+            await attack.call("info", data)
+
+    await workers(attack, attack.args.workers, loop)
+
+
 KINDS: dict[str, Callable[[Attack], Awaitable[None]]] = {
     "flood": flood, "idle": idle, "trickle": trickle, "kv_hog": kv_hog, "long_seq": long_seq,
-    "headers": headers, "push": push, "rejected_open": rejected_open}
+    "headers": headers, "push": push, "rejected_open": rejected_open, "inject": inject,
+    "kv_hog_active": kv_hog_active, "unary_flood": unary_flood, "open_churn": open_churn,
+    "short_lane": short_lane, "info_flood": info_flood}
 
 
 # ---- the process ---------------------------------------------------------------------------------------

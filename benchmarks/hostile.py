@@ -90,6 +90,12 @@ ATTACKS = (
     Attack("headers", "header bombs", (("headers", 2),) * 2),
     Attack("push", "forged chain pushes", (("push", 16),) * 2),
     Attack("rejected_opens", "rejected opens", (("rejected_open", 8),) * 2),
+    Attack("inject", "pushes through the upstream server", (("inject", 4),)),
+    Attack("kv_hog_active", "KV hog, active", (("kv_hog_active", 1),)),
+    Attack("unary", "large unary calls", (("unary_flood", 64),) * 3),
+    Attack("open_churn", "open churn", (("open_churn", 8),) * 2),
+    Attack("short_lane", "short-lane flood", (("short_lane", 8),)),
+    Attack("info", "info flood", (("info_flood", 32),) * 2),
 )
 NO_ATTACK = "no attack"
 

@@ -6,18 +6,24 @@ are validated one by one (`swarmtune.records`): a malformed or foreign one is sk
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
+import itertools
 import logging
+import random
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from hivemind.dht.node import DHTNode
 
-from swarmtune import records
+from swarmtune import records, transport, wire
 from swarmtune.records import ModelInfo, ServerInfo
 
 logger = logging.getLogger(__name__)
+PING_TIMEOUT = 5.0     # a claimant's server that does not answer within this is taken for a fake
+PINGED_PER_CLAIM = 8   # signers of one claim pinged at most, at random
+MAX_PINGED = 64        # signers pinged in all: one of each claim in turn (so 64 distinct claims get one each)
 
 
 async def fetch_swarm(dht: DHTNode, prefix: str, num_blocks: int) -> list[ServerInfo]:
@@ -74,16 +80,47 @@ async def fetch_models(dht: DHTNode) -> dict[str, ModelInfo]:
 
 
 async def settle_claims(dht: DHTNode, prefix: str, claims: dict[str, ModelInfo | None]) -> ModelInfo | None:
-    """The claim to believe, by signer. Anyone can sign a claim, so when claims disagree, those of peers with
-    an online server record for the model outweigh any number from peers that serve nothing; then the most
-    common wins. Claims are bounded (records.MAX_BLOCKS), so checking them is a bounded lookup. A client
-    that has the checkpoint trusts its config instead."""
+    """The claim to believe, by signer. Anyone can sign a claim, and a server record too, so when claims
+    disagree, what counts is how many of each claim's signers are servers that answer (`reachable_backers`).
+    Only where none answers: the most common claim of peers with an online server record, then of all. A
+    reader that has the checkpoint trusts its config instead."""
     claims = {peer: info for peer, info in claims.items() if info is not None}
     if len(set(claims.values())) <= 1:
         return next(iter(claims.values()), None)
+    answering = await reachable_backers(dht.p2p, claims)
+    if any(answering.values()):
+        return max(answering, key=answering.__getitem__)
     servers = await fetch_servers(dht, prefix, max(info.num_blocks for info in claims.values()))
     backed = [info for peer, info in claims.items() if peer in servers]
     return _most_common(backed or claims.values())
+
+
+async def reachable_backers(p2p, claims: dict[str, ModelInfo]) -> dict[ModelInfo, int]:
+    """Per distinct claim, how many of (up to PINGED_PER_CLAIM of) its signers answer a server's info call (a
+    refusal is an answer; a client or a bare DHT node has no such call). Signed records cost their signer a
+    signature each; answering costs a live server each."""
+    by_claim: dict[ModelInfo, list[str]] = collections.defaultdict(list)
+    for peer in random.sample(list(claims), len(claims)):
+        by_claim[claims[peer]].append(peer)
+    rounds = zip(*(itertools.chain(signers[:PINGED_PER_CLAIM], itertools.repeat(None)) for signers in
+                   random.sample(list(by_claim.values()), len(by_claim))))  # a signer of each claim in turn
+    pinged = list(itertools.islice(((claims[peer], peer) for peers in itertools.islice(rounds, PINGED_PER_CLAIM)
+                                    for peer in peers if peer is not None), MAX_PINGED))
+
+    async def answers(peer: str) -> bool:
+        try:
+            await transport.call(p2p, peer, "info", wire.pack({}), PING_TIMEOUT)
+        except transport.ServerRejected:
+            return True
+        except transport.ServerFailure:
+            return False
+        return True
+
+    alive = await asyncio.gather(*(answers(peer) for _, peer in pinged))
+    counts = dict.fromkeys(by_claim, 0)
+    for (info, _), ok in zip(pinged, alive):
+        counts[info] += ok
+    return counts
 
 
 def _items(entry) -> list[tuple[str, object]]:

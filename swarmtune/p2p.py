@@ -40,6 +40,7 @@ class NetworkOptions:
     public: bool = False
     startup_timeout: float = 30.0
     membership: Membership = field(default_factory=Membership)
+    max_unary_bytes: int = DEFAULT_MAX_MSG_SIZE  # unary calls (and their replies) through the daemon, at most
 
     def host_maddrs(self) -> list[str]:
         kind = "ip6" if ":" in self.host else "ip4"
@@ -110,6 +111,7 @@ async def _create_p2p(opts: NetworkOptions) -> P2P:
         use_relay=opts.public,
         use_auto_relay=opts.public,
         startup_timeout=opts.startup_timeout,
+        persistent_conn_max_msg_size=opts.max_unary_bytes,
     )
 
 

@@ -16,6 +16,10 @@ from hivemind.proto import runtime_pb2
 from swarmtune import wire
 
 SERVICE = "BlockServicer"
+# The largest message sent as a unary call; larger ones go as a stream. A daemon reads a unary call whole
+# before its server sees it, so servers refuse larger ones, and their daemons anything past SERVER_UNARY_BYTES.
+UNARY_BYTES = 64 << 10
+SERVER_UNARY_BYTES = 1 << 20  # also bounds the DHT's messages through a server's daemon
 PROBE_PERIOD = 1.0   # seconds without a reply after which a stream checks that its server is still there
 PROBE_TIMEOUT = 10.0  # a server that does not answer an info call within this is taken for dead
 
@@ -54,12 +58,12 @@ async def call(p2p: P2P, peer_id: str, method: str, data: bytes, timeout: float,
                stream: bool = False, token: str = "") -> tuple[dict, dict]:
     """Send one message to `method` (forward, backward, info) and decode the reply.
 
-    Messages that fit one frame go as a unary RPC; larger ones, or ones whose reply may be large
+    Messages up to UNARY_BYTES go as a unary RPC; larger ones, or ones whose reply may be large
     (`stream=True`), go through the streaming variant in frames.
     """
     peer = PeerID.from_base58(peer_id)
     try:
-        if stream or len(data) > wire.CHUNK_BYTES:
+        if stream or len(data) > UNARY_BYTES:
             reply = await asyncio.wait_for(_call_stream(p2p, peer, method + "_stream", data, token), timeout)
         else:
             request = runtime_pb2.ExpertRequest(uid=token, metadata=data)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -59,7 +60,7 @@ def test_rejected_opens_keep_no_kv_memory(llama_swarm, llama_client):
     refused = [
         ({**good, "session_id": "short"}, None),                          # a malformed id
         ({**good, "session_id": "a" * 32}, None),                         # an id in use
-        ({**good, "session_id": "b" * 32, "push_from": 7}, None),         # a malformed upstream
+        ({**good, "session_id": "b" * 32, "push_key": 7}, None),          # a malformed push key
         ({**good, "lora": {"keys": ["1.self_attn.q_proj"], "scale": 1.0, "digest": "never-sent"}}, None),
         ({**good, "max_length": 10**6}, None),                            # over the server's limit
         (good, {"deep_prompts": torch.zeros(2, 1, 2, HIDDEN)}),          # prompts for 2 of its 3 blocks
@@ -106,6 +107,42 @@ def test_only_the_chain_may_push(llama_swarm, tiny_llama):
         attacker.close()
         victim.close()
     assert torch.equal(more, expected)
+
+
+def test_a_server_once_upstream_cannot_be_made_to_inject_into_a_session(llama_swarm, tiny_llama):
+    """A third peer opens its own session on a chained session's upstream server and has it push, for the
+    victim's session and coming steps, hidden states of its choosing: the downstream server refuses them (they
+    lack the key the victim gave that hop), and the victim's tokens are the local model's."""
+    victim = SwarmForCausalLM.from_pretrained(
+        tiny_llama, client_config=ClientConfig(initial_peers=llama_swarm.initial_peers, chaining=True))
+    attacker = SwarmConnection(ClientConfig(initial_peers=llama_swarm.initial_peers), llama_swarm.dht_prefix, 6)
+    prompt = torch.tensor([[1, 45, 67, 89, 12]])
+    expected = reference_model(tiny_llama).generate(prompt, max_new_tokens=8, do_sample=False)
+    forger = None
+    try:
+        with victim.inference_session(max_length=32) as session:
+            out = victim.generate(prompt, max_new_tokens=1, do_sample=False)
+            assert len(session.spans) >= 2
+            upstream, downstream = session.spans[-2], session.spans[-1]
+            refused = info(attacker, downstream.hop.peer_id)["stats"].get("pushes_refused", 0)
+            forger = open_session(attacker, upstream.hop.peer_id, {"start": upstream.hop.start, "end": upstream.hop.end,
+                                                                  "max_length": 64, "batch_size": 1})
+            for _ in range(7):
+                for ahead in range(4):  # the victim's next steps, waiting in its mailbox before the real pushes
+                    target = {"peer": downstream.hop.peer_id, "session": downstream.session_id, "key": "f" * 32}
+                    forged = wire.pack({"step": session.steps + ahead, "push_to": target},
+                                       {"hidden": torch.full((1, 1, HIDDEN), 100.0)})
+                    attacker.run(forger.exchange(forged, 20), timeout=30)
+                time.sleep(0.2)  # the forged pushes arrive
+                out = victim.generate(out, max_new_tokens=1, do_sample=False)
+            refused = info(attacker, downstream.hop.peer_id)["stats"].get("pushes_refused", 0) - refused
+    finally:
+        if forger is not None:
+            attacker.loop.call_soon_threadsafe(forger.close)
+        attacker.close()
+        victim.close()
+    assert torch.equal(out, expected)
+    assert refused >= 28
 
 
 def test_a_forged_push_for_an_unknown_session_is_refused(llama_swarm, llama_client):
@@ -292,6 +329,29 @@ def forward_goes_through(conn: SwarmConnection, peer_id: str) -> None:
     assert tensors["hidden"].shape == (1, 4, HIDDEN)
 
 
+def test_large_messages_never_travel_as_unary_calls(strict_server):
+    """A unary call over the small limit is refused, naming streams, before it is decoded; one over what the
+    server's daemon takes never reaches the server; the client sends the same message as a stream, and it is
+    served."""
+    conn, server = strict_server
+    message = wire.pack({"start": 0, "end": 6}, {"hidden": torch.randn(1, 512, HIDDEN)})  # 128 KiB
+
+    async def unary(data: bytes, timeout: float) -> dict:
+        reply = await asyncio.wait_for(conn.p2p.call_protobuf_handler(
+            PeerID.from_base58(server.peer_id), "BlockServicer.rpc_forward",
+            runtime_pb2.ExpertRequest(uid=conn.token, metadata=data), runtime_pb2.ExpertResponse), timeout)
+        return wire.unpack(reply.metadata)[0]
+
+    assert "send larger messages as a stream" in conn.run(unary(message, 20), timeout=30)["error"]
+    before = info(conn, server.peer_id)["stats"]
+    with pytest.raises(asyncio.TimeoutError):  # the daemon hangs up on its length prefix: no reply comes
+        conn.run(unary(message + bytes(2 << 20), 3), timeout=10)
+    after = info(conn, server.peer_id)["stats"]
+    assert after.get("rejected", 0) == before.get("rejected", 0) and after.get("forward") == before.get("forward")
+    _, tensors = conn.run(transport.call(conn.p2p, server.peer_id, "forward", message, 20), timeout=30)
+    assert tensors["hidden"].shape == (1, 512, HIDDEN)
+
+
 def test_one_peer_cannot_buffer_more_than_one_message_across_streams(strict_server, another_peer):
     """Streams that never finish their message: the peer's second stream waits, unread and unanswered, while the
     two would hold more than one message's worth (4 MiB and its framing); another peer's forward goes through
@@ -351,6 +411,58 @@ def test_idle_sessions_of_a_peer_over_its_share_make_room_for_another(strict_ser
         legit.loop.call_soon_threadsafe(mine.close)
     finally:
         conn.loop.call_soon_threadsafe(hog.close)
+    wait_until(lambda: info(conn, server.peer_id)["cache_bytes_free"] == free, "the KV budget did not come back")
+
+
+def test_a_peer_over_its_share_loses_its_oldest_active_session_to_a_waiting_one(strict_server, another_peer):
+    """A peer holding most of the KV memory in two sessions it keeps stepping (never idle long enough to be
+    evicted as idle): another peer's open is served by evicting the hog's oldest session, whose next step is
+    refused with retry, naming the eviction; the memory comes back."""
+    (conn, server), legit = strict_server, another_peer
+    wait_until(lambda: info(conn, server.peer_id)["active_sessions"] == 0, "earlier sessions did not close")
+    free = info(conn, server.peer_id)["cache_bytes_free"]
+    probe = open_session(conn, server.peer_id, {"start": 0, "end": 6, "max_length": 100, "batch_size": 1})
+    per_token = (free - info(conn, server.peer_id)["cache_bytes_free"]) / 100
+    conn.loop.call_soon_threadsafe(probe.close)
+    wait_until(lambda: info(conn, server.peer_id)["cache_bytes_free"] == free, "the probe was not freed")
+    hogs = []
+    for _ in range(2):
+        time.sleep(1.1)  # each open counts toward the rate by its reservation (almost half a second's worth)
+        hogs.append(open_session(conn, server.peer_id, {"start": 0, "end": 6, "batch_size": 1,
+                                                        "max_length": int(0.45 * free / per_token)}))
+    stop, refusals = threading.Event(), []
+    step = wire.pack({"type": "step", "step": 0}, {"hidden": torch.randn(1, 1, HIDDEN)})
+
+    def keep_stepping() -> None:
+        while not stop.wait(0.3):
+            for hog in hogs:
+                if not hog.closed:
+                    try:
+                        conn.run(hog.exchange(step, 20), timeout=30)
+                    except ServerFailure as e:
+                        refusals.append(e)
+
+    stepping = threading.Thread(target=keep_stepping, daemon=True)
+    stepping.start()
+    try:
+        time.sleep(1.0)
+        began = time.monotonic()
+        mine = open_session(legit, server.peer_id, {"start": 0, "end": 6, "max_length": int(0.4 * free / per_token),
+                                                    "batch_size": 1})
+        assert time.monotonic() - began < 8  # not the whole wait for memory (10 s)
+        _, out = legit.run(mine.exchange(step, 20), timeout=30)
+        assert out["hidden"].shape == (1, 1, HIDDEN)
+        wait_until(lambda: refusals, "the evicted session's step was not refused")
+        assert info(conn, server.peer_id)["evictions"] >= 1
+        # the refusal names the eviction (run after other tests, the stream has been seen to break instead)
+        assert all("evicted" in e.reason and e.retry for e in refusals if isinstance(e, ServerRejected)), refusals
+        assert hogs[0].closed and not hogs[1].closed  # the oldest went; the newer one goes on
+        legit.loop.call_soon_threadsafe(mine.close)
+    finally:
+        stop.set()
+        stepping.join(timeout=30)
+        for hog in hogs:
+            conn.loop.call_soon_threadsafe(hog.close)
     wait_until(lambda: info(conn, server.peer_id)["cache_bytes_free"] == free, "the KV budget did not come back")
 
 

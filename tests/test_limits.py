@@ -46,7 +46,7 @@ FLOODER = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def swarm(tiny_llama):
-    with LocalSwarm(tiny_llama, spans=[(0, 6)], max_requests_per_second=50, max_tokens=4096) as swarm:
+    with LocalSwarm(tiny_llama, spans=[(0, 6)], max_requests_per_second=50, max_tokens=4096, cache_mb=8) as swarm:
         yield swarm
 
 
@@ -125,3 +125,99 @@ def test_a_large_header_counts_as_many_requests(peer):
         peer(4)
     time.sleep(2.1)  # the debt is at most a second's worth
     peer(4)
+
+
+def test_info_counts_toward_the_rate(swarm):
+    """Info calls are requests like others: a peer calling it far past the rate (50/s here) is refused for its
+    rate, with retry."""
+    import asyncio
+
+    from swarmtune import transport, wire
+    from swarmtune.client.connection import SwarmConnection
+
+    conn = SwarmConnection(ClientConfig(initial_peers=swarm.initial_peers), swarm.dht_prefix, 6)
+    server = swarm.servers[0].peer_id
+
+    async def calls() -> list:
+        return await asyncio.gather(*(transport.call(conn.p2p, server, "info", wire.pack({}), 10, token=conn.token)
+                                      for _ in range(150)), return_exceptions=True)
+
+    try:
+        replies = conn.run(calls(), timeout=30)
+    finally:
+        conn.close()
+    refused = [r for r in replies if isinstance(r, ServerRejected) and "rate limit" in r.reason and r.retry]
+    assert len(refused) >= 50, [r for r in replies if isinstance(r, Exception)][:3]
+
+
+def test_a_long_forward_counts_toward_the_rate_by_its_cost(swarm):
+    """2,048 tokens, each attending to 2,048 positions, count as 96 requests (50/s here): once it is admitted, the
+    peer is in debt, and its small requests meanwhile are refused for its rate."""
+    import asyncio
+
+    from swarmtune import transport, wire
+    from swarmtune.client.connection import SwarmConnection
+
+    conn = SwarmConnection(ClientConfig(initial_peers=swarm.initial_peers), swarm.dht_prefix, 6)
+    server = swarm.servers[0].peer_id
+
+    def forward(length: int) -> asyncio.Future:
+        data = wire.pack({"start": 0, "end": 6}, {"hidden": torch.randn(1, length, 64)})
+        return asyncio.run_coroutine_threadsafe(transport.call(conn.p2p, server, "forward", data, 30, token=conn.token),
+                                                conn.loop)
+
+    refusals = []
+    try:
+        time.sleep(1.1)  # a full bucket
+        long = forward(2048)
+        for _ in range(100):
+            done = long.done()
+            try:
+                forward(4).result(timeout=15)
+            except ServerRejected as e:
+                refusals.append(e)
+            if done:
+                break
+            time.sleep(0.1)
+        long.result(timeout=30)
+    finally:
+        conn.close()
+    assert any("rate limit" in e.reason and e.retry for e in refusals), refusals
+
+
+def test_opening_a_session_counts_toward_the_rate_by_its_reservation(swarm):
+    """A session reserving about 90% of the KV budget counts as about 46 requests (50/s here): a peer opening and
+    closing such sessions in a loop is refused for its rate at the second."""
+    from swarmtune import transport, wire
+    from swarmtune.client.connection import SwarmConnection
+
+    conn = SwarmConnection(ClientConfig(initial_peers=swarm.initial_peers), swarm.dht_prefix, 6)
+    server = swarm.servers[0].peer_id
+
+    def free() -> int:
+        meta, _ = conn.run(transport.call(conn.p2p, server, "info", wire.pack({}), 10, token=conn.token), timeout=15)
+        return meta["cache_bytes_free"]
+
+    def open_close(batch: int, length: int) -> int:
+        """Open a session and close it again; the bytes it was charged."""
+        stream = transport.MessageStream(conn.p2p, server, conn.token)
+        meta = {"type": "open", "start": 0, "end": 6, "max_length": length, "batch_size": batch}
+        try:
+            before = free()
+            conn.run(stream.exchange(wire.pack(meta), 20), timeout=30)
+            return before - free()
+        finally:
+            conn.loop.call_soon_threadsafe(stream.close)
+
+    try:
+        budget = free()
+        per_token = open_close(1, 100) / 100
+        length = int(0.9 * budget / per_token)
+        assert length <= 8192  # the server's --max-length
+        time.sleep(1.1)  # a full bucket
+        open_close(1, length)
+        with pytest.raises(ServerRejected, match="rate limit") as raised:
+            open_close(1, length)
+        assert raised.value.retry
+    finally:
+        conn.close()

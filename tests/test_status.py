@@ -117,3 +117,58 @@ def test_peers_that_serve_nothing_cannot_outvote_the_servers_on_the_model(llama_
     assert "the swarm's records say 6 blocks" not in done.stdout  # the servers' claim stood
     listed = subprocess.run(status, capture_output=True, text=True, timeout=120)
     assert re.search(rf"{re.escape(llama_swarm.dht_prefix)}\s+6\s+llama", listed.stdout), listed.stdout
+
+
+FAKE_SERVERS = """
+import asyncio, sys
+from hivemind.utils import get_dht_time
+from swarmtune import records
+from swarmtune.p2p import NetworkOptions, start_dht, start_p2p
+from swarmtune.records import ModelInfo, ServerInfo
+from swarmtune.security import Identity
+
+async def claim(initial_peers, prefix):
+    identity = Identity.load_or_create(None)
+    opts = NetworkOptions(initial_peers=initial_peers, identity_path=identity.path)
+    p2p = await start_p2p(opts)
+    dht = await start_dht(p2p, opts, identity=identity)
+    lie = ModelInfo(1024, "org/fake", "llama")
+    server = ServerInfo(identity.peer_id, 0, 6, state="online", throughput=1e6).to_record()
+    stored = await dht.store_many([prefix, records.MODELS_KEY, records.block_key(prefix, 0)],
+                                  [lie.to_record(), lie.to_record(prefix), server],
+                                  expiration_time=get_dht_time() + 60, subkeys=[identity.peer_id] * 3)
+    assert all(stored.values()), stored
+    return p2p, dht
+
+async def main():
+    fakes = [await claim(sys.argv[2:], sys.argv[1]) for _ in range(4)]
+    print("STORED", flush=True)
+    # up, with DHT nodes that hold the records but no server answering, until the test closes our stdin
+    await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, sys.stdin.read), 120)
+    for p2p, dht in fakes:
+        await dht.shutdown()
+        await p2p.shutdown()
+
+asyncio.run(main())
+"""
+
+
+def test_fake_servers_cannot_outvote_the_reachable_ones_on_the_model(llama_swarm):
+    """Four live peers sign a claim of 1,024 blocks and an online server record each, but answer no server call
+    (the servers, 3 of them, say 6): status without the checkpoint still shows 6 blocks, the claim of the servers
+    that answer."""
+    fake = subprocess.Popen([sys.executable, "-c", FAKE_SERVERS, llama_swarm.dht_prefix, *llama_swarm.initial_peers],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout.readline().startswith("STORED")
+        done = subprocess.run([sys.executable, "-m", "swarmtune.swarm", "status", "--initial-peers",
+                               *llama_swarm.initial_peers, "--dht-prefix", llama_swarm.dht_prefix],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        fake.stdin.close()  # it shuts its daemons down
+        try:
+            fake.wait(30)
+        except subprocess.TimeoutExpired:
+            fake.kill()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r": 6 blocks, \d+ of \d+ servers online", done.stdout), done.stdout

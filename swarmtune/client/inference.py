@@ -86,11 +86,12 @@ class _SpanSession:
 
     def __init__(self, session: InferenceSession, hop: Hop, history: _History, upstream: str | None = None):
         self.session, self.hop, self.history = session, hop, history
-        self.upstream = upstream  # the server before this one in the chain: the only one that may push to it
+        self.upstream = upstream  # the server before this one in the chain: the one given our push key
         self.edits = _Edits()  # to send with the next step
         self.stream = MessageStream(session.connection.p2p, hop.peer_id, session.connection.token)
         self.shadows: list[_SpanSession] = []  # other servers running the same blocks, to verify this one
-        self.session_id = secrets.token_hex(16)  # lets the previous server push its outputs to this session
+        self.session_id = secrets.token_hex(16)  # names this session to the previous server's pushes
+        self.push_key = secrets.token_hex(16)  # what authorises them: given only to that server, anew if it changes
         self.awaiting = False  # a chained step was sent whose reply is still unread
 
     def open(self) -> None:
@@ -98,9 +99,7 @@ class _SpanSession:
 
         def request(lora_meta: dict | None, lora_tensors: dict[str, torch.Tensor]) -> None:
             meta = {"type": "open", "start": self.hop.start, "end": self.hop.end, "max_length": s.max_length,
-                    "batch_size": s.batch_size, "session_id": self.session_id}
-            if self.upstream is not None:
-                meta["push_from"] = self.upstream
+                    "batch_size": s.batch_size, "session_id": self.session_id, "push_key": self.push_key}
             if lora_meta is not None:
                 meta["lora"] = lora_meta
             tensors = dict(lora_tensors)
@@ -133,7 +132,7 @@ class _SpanSession:
 
     async def _push_and_receive(self, hidden: torch.Tensor, step: int, timeout: float) -> tuple[dict, dict]:
         """Put the input where the server waits for the previous server's push, then read its reply."""
-        data = wire.pack({"session": self.session_id, "step": step}, {"hidden": hidden})
+        data = wire.pack({"session": self.session_id, "key": self.push_key, "step": step}, {"hidden": hidden})
         with contextlib.suppress(ServerFailure):  # if this fails, the server asks for the input when its wait ends
             await transport.call(self.stream.p2p, self.hop.peer_id, "push", data, timeout, token=self.stream.token)
         return await self.stream.receive(timeout)
@@ -321,10 +320,13 @@ class InferenceSession:
         try:
             for i, span in enumerate(spans):
                 meta = {"step": step, "await_push": i > 0, "push_wait": self.config.push_wait}
-                if i > 0:  # after a recovery the server before this one may have changed
-                    meta["push_from"] = spans[i - 1].hop.peer_id
+                if i > 0 and span.upstream != spans[i - 1].hop.peer_id:  # a recovery changed the server before
+                    span.upstream, span.push_key = spans[i - 1].hop.peer_id, secrets.token_hex(16)  # it: a new key
+                    meta["push_key"] = span.push_key
                 if i + 1 < len(spans):
-                    meta["push_to"] = {"peer": spans[i + 1].hop.peer_id, "session": spans[i + 1].session_id}
+                    following = spans[i + 1]
+                    meta["push_to"] = {"peer": following.hop.peer_id, "session": following.session_id,
+                                       "key": following.push_key}
                 await span.stream.send(span.message(meta, mask, position_ids, h if i == 0 else None))
                 span.awaiting = True
         except ServerFailure:

@@ -2,8 +2,8 @@
 
 Blocks share one device; running requests one at a time per lane keeps memory predictable and
 lets interactive inference steps jump ahead of queued training work. A request cannot be paused
-once it runs, so short requests (cost up to SHORT_COST: decoding steps, short prompts, small
-training batches) have a lane of their own and never wait behind a long one; long requests take
+once it runs, so short requests (cost up to SHORT_COST: decoding steps, prompts of a couple of
+hundred tokens, small training batches) have a lane of their own and never wait behind a long one; long requests take
 turns in the other. Within a lane, among requests of the same priority, the peer served least so
 far goes next (start-time fair queuing over each request's cost), so one peer's queue of requests
 waits behind its own work, not in front of others'.
@@ -19,7 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 INFERENCE, FORWARD, BACKWARD = 0, 1, 2
-SHORT_COST = 4096.0  # in the callers' cost unit: about 4,096 tokens of short context (server.handler)
+# In the callers' cost unit (server.handler: tokens x attended positions): a decoding step of 64 rows at 3,000
+# positions, or a 200-token prompt. No more: each such request holds the lane while it runs, and a peer keeping
+# several in flight would make every decoding step wait for one of them.
+SHORT_COST = 256.0
 
 
 class _Lane:

@@ -1,7 +1,8 @@
 """The RPCs a server answers, over hivemind's P2P: info, forward, backward and inference sessions.
 
-Each RPC carries one `wire` message. Unary RPCs take messages that fit one frame; the `_stream`
-variants take and return any size, in frames. Every failure becomes an error reply naming the
+Each RPC carries one `wire` message. Unary RPCs take small messages only (transport.UNARY_BYTES: a
+daemon reads a unary call whole before any check); the `_stream` variants take and return any size,
+in frames read one at a time as admission allows. Every failure becomes an error reply naming the
 problem, and the server goes on serving.
 """
 
@@ -58,6 +59,8 @@ logger = logging.getLogger(__name__)
 MAX_POSITION = 1 << 24
 ATTENTION_SCALE = 1024  # context length at which a token's attention costs about as much as the rest of it
 REFUSAL_WEIGHT = 100    # a malformed request counts as this many toward its peer's request rate
+COST_PER_REQUEST = 64   # compute (tokens x (1 + positions / ATTENTION_SCALE)) that counts as one request more
+OPEN_SECONDS = 1.0      # reserving the whole KV budget counts as this many seconds of the peer's request rate
 SMALL_HEADER = 256      # arrays and maps in a header parsed on the event loop: any request but one that ships LoRA
 CONTAINERS_PER_REQUEST = 64  # a larger header counts as one request per this many (parsing costs)
 
@@ -138,7 +141,8 @@ class BlockServicer(ServicerBase):
     def _streaming_rpcs(self) -> dict:
         """Handle name (as clients call it) -> handler of every streaming RPC."""
         return {"rpc_spans": self.serve_spans, "rpc_forward_stream": self.serve_forward_stream,
-                "rpc_backward_stream": self.serve_backward_stream, "rpc_inference": self.serve_inference}
+                "rpc_backward_stream": self.serve_backward_stream, "rpc_push_stream": self.serve_push_stream,
+                "rpc_inference": self.serve_inference}
 
     async def _expire_graphs(self) -> None:
         """Kept graphs past their age go even when no request comes along to push them out."""
@@ -210,13 +214,15 @@ class BlockServicer(ServicerBase):
 
     async def _compute(self, peer: str, tokens: int, context: int, priority: int, fn, *args):
         """Run `fn` on the compute thread, within the peer's budget of tokens in flight, charged to the peer's
-        fair share of compute by its cost: `tokens` new tokens, each attending to `context` positions."""
+        fair share of compute and to its request rate by its cost: `tokens` new tokens, each attending to
+        `context` positions."""
         if self.tokens_in_flight[peer] + tokens > self.limits.max_tokens_in_flight_per_peer:
             raise PeerOverLimit(f"this peer already has {self.tokens_in_flight[peer]} tokens in flight "
                                 f"(limit {self.limits.max_tokens_in_flight_per_peer})")
+        cost = tokens * (1 + context / ATTENTION_SCALE) * (2 if priority == BACKWARD else 1)
+        self.rates.charge(peer, cost / COST_PER_REQUEST)  # admitted already: what it costs delays the next
         self.tokens_in_flight[peer] += tokens
         try:
-            cost = tokens * (1 + context / ATTENTION_SCALE) * (2 if priority == BACKWARD else 1)
             return await self.executor.submit(priority, fn, *args, peer=peer, cost=cost)
         finally:
             self.tokens_in_flight[peer] -= tokens
@@ -312,6 +318,9 @@ class BlockServicer(ServicerBase):
         intake = Intake(self.receiving, peer)
         try:
             if token is not None:
+                need(len(data) <= transport.UNARY_BYTES,
+                     f"a unary call carries at most {transport.UNARY_BYTES} bytes, not {len(data)}: send larger "
+                     f"messages as a stream")
                 self._admission(peer, member=False)(token)
                 intake.charge(len(data))
             meta, tensors = await self._decode(data, peer)
@@ -328,8 +337,14 @@ class BlockServicer(ServicerBase):
     # ---- unary RPCs -------------------------------------------------------------------------------
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        if not self.membership.admits(str(context.remote_id), request.uid):
+        """The server's state; a request like any other toward the peer's rate (clients ping with it)."""
+        peer = str(context.remote_id)
+        if not self.membership.admits(peer, request.uid):
             return runtime_pb2.ExpertResponse(metadata=_error("not a member of this private swarm"))
+        try:
+            self._check_rate(peer)
+        except PeerOverLimit as e:
+            return runtime_pb2.ExpertResponse(metadata=await self._refused(peer, e))
         meta = dict(self.info, cache_bytes_free=self.budget.free, active_sessions=len(self.sessions),
                     graph_bytes_kept=self.graphs.nbytes, receiving_bytes=self.receiving.used,
                     evictions=self.budget.evictions, stats=dict(self.stats))
@@ -343,8 +358,9 @@ class BlockServicer(ServicerBase):
     async def _accept_push(self, meta: dict, tensors: dict, peer: str) -> bytes:
         mailbox = self.mailboxes.get(meta.get("session"))
         need(mailbox is not None, "push for an unknown session")
-        need(peer in (mailbox.owner, mailbox.upstream),
-             "push refused: only the session's client and the server its client named before this one may push")
+        if not mailbox.admits(meta.get("key")):
+            self.stats["pushes_refused"] += 1
+            raise RequestError("push refused: it lacks the push key the session's client gave this hop")
         step = get_int(meta, "step", 0, 2**31)
         mailbox.put(step, check_hidden(tensors.get("hidden"), "hidden", self.hidden_size, self.limits))
         self.stats["pushes_received"] += 1
@@ -353,7 +369,7 @@ class BlockServicer(ServicerBase):
     async def _push(self, target: dict, step: int, hidden: torch.Tensor) -> None:
         """Send our output to the next server of the chain; if this fails, the client sends it instead."""
         try:
-            data = wire.pack({"session": target["session"], "step": step}, {"hidden": hidden})
+            data = wire.pack({"session": target["session"], "key": target["key"], "step": step}, {"hidden": hidden})
             token = self.membership.token(str(self.p2p.peer_id))
             await transport.call(self.p2p, target["peer"], "push", data, timeout=10, token=token)
         except Exception as e:
@@ -393,6 +409,12 @@ class BlockServicer(ServicerBase):
         finally:  # the request's bytes stay charged until its reply has gone
             intake.release()
         await _drain(requests)
+
+    async def serve_push_stream(self, requests: Frames, context: P2PContext
+                                ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A push too large for a unary call (`rpc_push`)."""
+        async for response in self._counted(context, self._stream(self._accept_push, requests, context)):
+            yield response
 
     async def serve_spans(self, requests: Frames, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """A client's channel for forward and backward requests (`_channel`)."""
@@ -475,7 +497,7 @@ class BlockServicer(ServicerBase):
         intake = Intake(self.receiving, peer, self.config.session_timeout)
         session = None
 
-        def admit_step(token: str) -> None:  # a step that has begun to arrive is not idle: never evicted
+        def admit_step(token: str) -> None:  # a step that has begun to arrive is not idle
             self._admission(peer)(token)
             session.lease.idle_since = None
 
@@ -528,7 +550,7 @@ class BlockServicer(ServicerBase):
         start, end = requested_blocks(meta, (self.span.start, self.span.end), self.num_blocks)
         batch = get_int(meta, "batch_size", 1, self.limits.max_batch)
         max_length = get_int(meta, "max_length", 1, self.limits.max_length)
-        session_id, upstream = meta.get("session_id"), _peer_field(meta, "push_from")
+        session_id, push_key = meta.get("session_id"), _push_key(meta)
         need(session_id is None or (isinstance(session_id, str) and 16 <= len(session_id) <= 64),
              "'session_id' must be a string of 16 to 64 characters")
         if self.sessions_per_peer[peer] >= self.limits.max_sessions_per_peer:
@@ -544,6 +566,8 @@ class BlockServicer(ServicerBase):
             nbytes += sum(t.numel() * t.element_size() for t in lora.tensors())
         static = self.config.cuda_graphs and self.device.type == "cuda" and static_steps_apply(span, lora, deep_prompts)
         nbytes += cuda.static_step_nbytes(span, batch, max_length) if static else 0
+        self.budget.check_fits(nbytes)  # else the client's error, not a cost
+        self._charge_open(peer, nbytes)
         lease = await self.budget.acquire(peer, nbytes, self.config.alloc_timeout)
         try:
             need(session_id not in self.mailboxes, "'session_id' is already in use: choose a new one")
@@ -554,10 +578,20 @@ class BlockServicer(ServicerBase):
             raise
         lease.on_evict = session.free
         if session_id is not None:
-            self.mailboxes[session_id] = Mailbox(owner=peer, upstream=upstream)
+            self.mailboxes[session_id] = Mailbox(push_key)
         self.sessions_per_peer[peer] += 1
         self.sessions.add(session)
         return session
+
+    def _charge_open(self, peer: str, nbytes: int) -> None:
+        """An open costs the server its reservation (allocated and zeroed now, held for the session): it counts
+        toward the peer's rate by its share of the KV budget, so that opening and closing sessions in a loop
+        is as limited as any other flood."""
+        cost = 1 + OPEN_SECONDS * self.limits.requests_per_second_per_peer * nbytes / max(1, self.budget.max_bytes)
+        if not self.rates.admit(peer, cost):
+            raise PeerOverLimit(f"rate limit: a session of {nbytes} bytes of KV memory counts as {cost:.0f} "
+                                f"requests, more than this peer has left of its "
+                                f"{self.limits.requests_per_second_per_peer:g} requests/s")
 
     async def _inference_step(self, session: ServerSession, data: bytes, peer: str) -> bytes:
         """One step. Its hidden states come in the message, or (chaining) pushed by the previous server;
@@ -567,20 +601,22 @@ class BlockServicer(ServicerBase):
                              f"moved): open the session on another server")
         if session.lease.evicted:
             self.stats["evicted_steps"] += 1
-            raise ServerBusy("this session was evicted: it had been idle while other peers waited for the "
-                             "server's KV memory; open a new one")
+            raise ServerBusy("this session was evicted: its peer held more than its fair share of the server's "
+                             "KV memory while other peers waited for some; open a new one (elsewhere, or later)")
         session.lease.idle_since = None
         try:
             return await self._run_step(session, data, peer)
         finally:
             session.lease.idle_since = time.monotonic()
+            if session.lease.evicted:  # during the step: its cache goes now
+                session.free()
 
     async def _run_step(self, session: ServerSession, data: bytes, peer: str) -> bytes:
         meta, tensors = await self._decode(data, peer)
         hidden = tensors.get("hidden")
-        upstream = _peer_field(meta, "push_from")
-        if upstream is not None and session.id is not None:  # the chain changed: another server pushes now
-            self.mailboxes[session.id].upstream = upstream
+        push_key = _push_key(meta)
+        if push_key is not None and session.id is not None:  # the chain changed: another server pushes now
+            self.mailboxes[session.id].rekey(push_key)
         if hidden is None and meta.get("await_push") and session.id is not None:
             step = get_int(meta, "step", 0, 2**31)
             wait = meta.get("push_wait", 1.0)
@@ -600,7 +636,8 @@ class BlockServicer(ServicerBase):
                                 pos, edits))
         self.stats["inference_steps"] += 1
         target = meta.get("push_to")
-        if isinstance(target, dict) and isinstance(target.get("peer"), str) and isinstance(meta.get("step"), int):
+        if (isinstance(target, dict) and isinstance(target.get("peer"), str) and isinstance(target.get("key"), str)
+                and isinstance(meta.get("step"), int)):
             asyncio.create_task(self._push(target, meta["step"], out))
         return _response({"ok": True, "step": meta.get("step"), "length": session.length}, {"hidden": out})
 
@@ -651,9 +688,10 @@ def _cache_edits(meta: dict, tensors: dict, batch: int) -> CacheEdits | None:
     return CacheEdits(reorder, truncate, keep, reset)
 
 
-def _peer_field(meta: dict, key: str) -> str | None:
-    value = meta.get(key)
-    need(value is None or isinstance(value, str) and 0 < len(value) <= 128, f"'{key}' must be a peer id")
+def _push_key(meta: dict) -> str | None:
+    value = meta.get("push_key")
+    need(value is None or isinstance(value, str) and 16 <= len(value) <= 64,
+         "'push_key' must be a string of 16 to 64 characters")
     return value
 
 

@@ -8,6 +8,7 @@ the same step, so pushes are kept here by step number (a few at most) until take
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 
 import torch
@@ -16,13 +17,23 @@ MAX_WAITING = 4
 
 
 class Mailbox:
-    """Pushes for one session, taken only from its client (`owner`) or the server it named as the previous
-    one of its chain (`upstream`): anyone else knowing the session id could otherwise write its inputs."""
+    """Pushes for one session, taken only with its push key: a random capability the session's client gave this
+    hop (when opening, or anew when the chain before it changed) and hands only to the server it wants to push
+    here. Who sends a push proves nothing: any server that was once upstream of a session knows its id, and
+    pushes whatever a client of its own names."""
 
-    def __init__(self, owner: str, upstream: str | None = None):
-        self.owner, self.upstream = owner, upstream
+    def __init__(self, key: str | None):
+        self.key = key  # None: no push is taken (the client sends every input itself)
         self._items: dict[int, torch.Tensor] = {}
         self._arrived = asyncio.Event()
+
+    def admits(self, key: object) -> bool:
+        return self.key is not None and isinstance(key, str) and hmac.compare_digest(key, self.key)
+
+    def rekey(self, key: str) -> None:
+        """A new key (the chain before this hop changed): what the old one let in is dropped too."""
+        self.key = key
+        self._items.clear()
 
     def put(self, step: int, hidden: torch.Tensor) -> None:
         self._items[step] = hidden

@@ -152,7 +152,8 @@ class Server:
         # the daemon's identity key also signs our DHT records, so load (or create) it here
         identity = Identity.load_or_create(cfg.network.identity_path)
         network = dataclasses.replace(cfg.network, identity_path=identity.path,
-                                      check_identity=cfg.network.identity_path is not None)
+                                      check_identity=cfg.network.identity_path is not None,
+                                      max_unary_bytes=transport.SERVER_UNARY_BYTES)  # not 4 MiB per call in flight
         self.p2p = await start_p2p(network)
         self.dht = await start_dht(self.p2p, network, identity=identity)
         self.maddrs = await visible_maddrs(self.p2p)
@@ -342,6 +343,8 @@ class Server:
         async def answers(peer_id: str) -> bool:
             try:
                 await transport.call(self.p2p, peer_id, "info", wire.pack({}), PING_TIMEOUT, token=token)
+                return True
+            except transport.ServerRejected:  # a refusal (say, for our rate) is an answer
                 return True
             except transport.ServerFailure:
                 return False

@@ -8,7 +8,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,7 @@ class Lease:
     idle_since: float | None
     evicted: bool = False
     on_evict: Callable[[], None] | None = None  # frees what the bytes stand for (the session's cache)
+    created: float = field(default_factory=time.monotonic)
 
 
 class CacheBudget:
@@ -37,8 +38,10 @@ class CacheBudget:
 
     A session that does not fit waits (bounded). A peer whose request keeps it within its fair share
     (the budget over the number of peers holding or waiting) makes room by evicting sessions of other
-    peers above their share that have been idle for `evict_idle_after` seconds, most idle first, and
-    only when that makes enough room. A peer above its share does not take freed memory ahead of a
+    peers above their share, only when that makes enough room: first those idle for `evict_idle_after`
+    seconds, most idle first, then (a peer that keeps all its sessions stepping) the oldest sessions of
+    such peers, active or not, until each is down to its share. A session evicted in the middle of a
+    step ends after it. A peer above its share does not take freed memory ahead of a
     poorer waiting peer whose request fits within that peer's share, nor the memory that a poorer peer
     held in the last RECENT seconds (up to that peer's share): a client between two sessions finds its
     room again, rather than taken by a hog that re-takes whatever is freed. Used from the event loop
@@ -72,10 +75,13 @@ class CacheBudget:
         """The budget over the peers holding or waiting (and those in `also`)."""
         return self.max_bytes / max(1, len(held.keys() | self.waiting.keys() | (also or {}).keys()))
 
-    async def acquire(self, peer: str, nbytes: int, timeout: float) -> Lease:
+    def check_fits(self, nbytes: int) -> None:
         if nbytes > self.max_bytes:
             raise RequestError(f"the session needs {nbytes} bytes of KV cache but this server's whole cache "
                                f"budget is {self.max_bytes} bytes: ask for a shorter max_length or smaller batch")
+
+    async def acquire(self, peer: str, nbytes: int, timeout: float) -> Lease:
+        self.check_fits(nbytes)
         deadline = time.monotonic() + timeout
         self.waiting[peer].append(nbytes)
         try:
@@ -142,10 +148,12 @@ class CacheBudget:
         share = self.fair_share(held)
         if held.get(peer, 0) + nbytes > share:
             return
-        idle = sorted((lease for lease in self.leases if lease.peer != peer and lease.idle_since is not None
+        others = [lease for lease in self.leases if lease.peer != peer]
+        idle = sorted((lease for lease in others if lease.idle_since is not None
                        and now - lease.idle_since >= self.evict_idle_after), key=lambda lease: lease.idle_since)
+        oldest = sorted((lease for lease in others if lease not in idle), key=lambda lease: lease.created)
         chosen, free = [], self.free
-        for lease in idle:
+        for lease in idle + oldest:
             if free >= nbytes:
                 break
             if held[lease.peer] > share:
@@ -159,10 +167,11 @@ class CacheBudget:
             self.evict(lease)
 
     def evict(self, lease: Lease) -> None:
-        """End `lease`'s session now (it takes no more steps) and free its memory for others."""
+        """End `lease`'s session (it takes no more steps) and give its memory to others: now if it is idle, else
+        once its step ends (its owner frees it then)."""
         lease.evicted = True
         self.release(lease)
-        if lease.on_evict is not None:
+        if lease.on_evict is not None and lease.idle_since is not None:
             lease.on_evict()
 
 
