@@ -151,18 +151,6 @@ def test_bad_outputs_count_as_failures(swarm, parts, batch, baseline, victim, fa
         remote.connection.close()
 
 
-def test_no_server_left_for_a_block_raises_within_budget(swarm, parts, batch):
-    remote = _client(swarm, retry_budget=3.0)
-    try:
-        swarm.servers[1].kill()  # the only server for blocks 3:6
-        started = time.monotonic()
-        with pytest.raises(NoServersError, match="3:6"):
-            _loss_and_grad(remote, parts, batch)
-        assert time.monotonic() - started < 3.0 + 10
-    finally:
-        remote.connection.close()
-
-
 def test_server_killed_in_a_dpo_step(swarm, tiny_llama, victim):
     """The fast server serves both forward passes of a DPO step (the reference's and the policy's), then dies
     before the backward: the replay on the others gives the local PEFT model's loss and LoRA gradients."""
@@ -189,3 +177,16 @@ def test_server_killed_in_a_dpo_step(swarm, tiny_llama, victim):
                 assert max_diff(ours.grad, theirs.grad) <= 1e-5, key
     finally:
         model.close()
+
+
+def test_no_server_left_for_a_block_raises_within_budget(swarm, parts, batch):
+    """Kills the module swarm's only server for blocks 3:6, so it stays the file's last test."""
+    remote = _client(swarm, retry_budget=3.0)
+    try:
+        swarm.servers[1].kill()  # the only server for blocks 3:6
+        started = time.monotonic()
+        with pytest.raises(NoServersError, match="3:6"):
+            _loss_and_grad(remote, parts, batch)
+        assert time.monotonic() - started < 3.0 + 10
+    finally:
+        remote.connection.close()

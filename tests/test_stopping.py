@@ -102,7 +102,8 @@ def test_serve_splits_a_4_block_model_and_stops_on_sigterm(tmp_path, tiny_models
         if not asked["done"]:
             line = next(line for line in process.lines if line.startswith("Serving "))
             url = line.split(" at ", 1)[1].split(" ", 1)[0].rstrip(",")
-            reply = httpx.post(f"{url}/completions", json={"model": model, "prompt": "Bees", "max_tokens": 4},
+            reply = httpx.post(f"{url}/completions", json={"model": os.path.basename(model), "prompt": "Bees",
+                                                                  "max_tokens": 4},
                                timeout=60)
             assert reply.status_code == 200, reply.text
             assert reply.json()["usage"]["completion_tokens"] == 4
