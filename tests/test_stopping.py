@@ -71,7 +71,7 @@ def stop_with(signum: int, module: str, args: list[str], ready: Callable[[Manage
         below = swarm_children(process)
         os.kill(process.pid, signum)
         code = process.proc.wait(60)
-        deadline = time.monotonic() + 10  # a daemon told to stop may take a moment to go
+        deadline = time.monotonic() + 30  # a daemon told to stop may take a moment to go (more on busy cores)
         while (left := tagged(tag)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not left, (below, [" ".join(p.cmdline()) for p in left], process.tail())
