@@ -28,7 +28,7 @@ from benchmarks.common import (
     token_ids,
 )
 from swarmtune.adapters.lora import ClientLora, target_shapes
-from swarmtune.models.family import get_family
+from swarmtune.models.registry import get_family
 
 SECTION = "serving"
 TOKENS_TARGET = 0.8

@@ -5,7 +5,7 @@
 
 import argparse
 
-from swarmtune.models.family import supported_model_types
+from swarmtune.models.registry import supported_model_types
 from swarmtune.tiny_model import make_tiny_model
 
 

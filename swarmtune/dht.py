@@ -7,7 +7,7 @@ import asyncio
 import signal
 
 from swarmtune import errors
-from swarmtune.p2p import NetworkOptions, start_dht, start_p2p, visible_maddrs
+from swarmtune.p2p import NetworkOptions, start_dht, start_p2p, stop_p2p, visible_maddrs
 from swarmtune.security import Membership
 
 
@@ -24,7 +24,7 @@ async def run(opts: NetworkOptions) -> None:
         await stop.wait()
     finally:
         await asyncio.wait_for(dht.shutdown(), 5)
-        await p2p.shutdown()
+        await stop_p2p(p2p)
 
 
 def main(argv: list[str] | None = None) -> None:

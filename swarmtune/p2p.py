@@ -69,12 +69,19 @@ async def start_p2p(opts: NetworkOptions) -> P2P:
     """A libp2p daemon bound as `opts` says; raises if it does not come up within the timeout.
 
     The daemon runs in a session of its own, so a Ctrl-C or SIGTERM sent to our process group
-    reaches only us, and we can still withdraw from the DHT before stopping it.
+    reaches only us, and we can still withdraw from the DHT before stopping it. hivemind leaves a
+    daemon whose start is cancelled running, unowned: a start cut short here (by a timeout, or a
+    cancellation as the command stops) waits for it and stops it.
     """
     bound_stream_frames(MAX_FRAME_BYTES)
     try:
         with _daemon_in_own_session():
-            return await asyncio.wait_for(_create_p2p(opts), opts.startup_timeout + 5)
+            creating = asyncio.ensure_future(_create_p2p(opts))
+            try:
+                return await asyncio.wait_for(asyncio.shield(creating), opts.startup_timeout + 5)
+            except (asyncio.CancelledError, asyncio.TimeoutError):
+                await _stop_when_started(creating)
+                raise
     except P2PDaemonError as e:
         reason = re.sub(r"^Daemon failed to start:\s*(\d{4}/\d\d/\d\d \d\d:\d\d:\d\d )?", "", str(e))
         if "bootstrap peers" in reason:
@@ -83,6 +90,16 @@ async def start_p2p(opts: NetworkOptions) -> P2P:
         raise UserError(f"the libp2p daemon did not start: {reason}") from None
     except asyncio.TimeoutError:
         raise UserError(f"the libp2p daemon did not start within {opts.startup_timeout:g} s") from None
+
+
+async def _stop_when_started(creating: asyncio.Future, timeout: float = 10) -> None:
+    """Stop the daemon that `creating` starts, once it has (it may never: then there is nothing to stop)."""
+    try:
+        p2p = await asyncio.wait_for(asyncio.shield(creating), timeout)
+    except (Exception, asyncio.CancelledError):
+        creating.cancel()
+        return
+    await stop_p2p(p2p)
 
 
 @contextlib.contextmanager
@@ -113,6 +130,25 @@ async def _create_p2p(opts: NetworkOptions) -> P2P:
         startup_timeout=opts.startup_timeout,
         persistent_conn_max_msg_size=opts.max_unary_bytes,
     )
+
+
+async def stop_p2p(p2p: P2P, timeout: float = 10) -> None:
+    """Stop the daemon and wait until it and its subprocess transport are gone.
+
+    hivemind stops reading the daemon's output before it stops the daemon: output left unread pauses the pipe,
+    and then the wait for the daemon never ends, and the open transport, collected after its loop has closed,
+    prints an "Event loop is closed" traceback at exit. Closing the pipe first avoids both; a daemon still
+    there after `timeout` is killed.
+    """
+    transport = getattr(p2p._child, "_transport", None)
+    if transport is not None and (pipe := transport.get_pipe_transport(1)) is not None:
+        pipe.close()
+    try:
+        await asyncio.wait_for(p2p.shutdown(), timeout)
+    except asyncio.TimeoutError:
+        if transport is None:
+            raise
+        transport.close()  # kills the daemon
 
 
 async def start_dht(p2p: P2P, opts: NetworkOptions, client_mode: bool = False,

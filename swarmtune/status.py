@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from swarmtune import errors, records
 from swarmtune.directory import SwarmView, fetch_model_info, fetch_models, fetch_swarm, format_blocks
-from swarmtune.p2p import NetworkOptions, start_dht, start_p2p
+from swarmtune.p2p import NetworkOptions, start_dht, start_p2p, stop_p2p
 from swarmtune.records import ModelInfo, ServerInfo
 from swarmtune.security import Membership
 
@@ -101,7 +101,7 @@ async def read_status(initial_peers: list[str], prefix: str | None, membership: 
     finally:
         if dht is not None:
             await asyncio.wait_for(dht.shutdown(), 5)
-        await p2p.shutdown()
+        await stop_p2p(p2p)
 
 
 def main(argv: list[str] | None = None) -> None:

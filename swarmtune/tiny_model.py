@@ -12,7 +12,7 @@ from importlib import resources
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 
-from swarmtune.models.family import supported_model_types
+from swarmtune.models.registry import supported_model_types
 
 VOCAB_SIZE = 384
 # Tensors transformers initialises to zero: random here, so that a loader dropping them fails the tests.

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from swarmtune.models.family import get_family, present_targets
+from swarmtune.models.family import present_targets
+from swarmtune.models.registry import get_family
 
 
 def target_shapes(config: PretrainedConfig, targets: list[str] | tuple[str, ...] | None = None,

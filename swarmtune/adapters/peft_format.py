@@ -25,7 +25,8 @@ from swarmtune.adapters.lora import ClientLora, target_shapes
 from swarmtune.adapters.prompts import SoftPrompts
 from swarmtune.atomic import write_atomic
 from swarmtune.errors import UserError
-from swarmtune.models.family import Family, get_family
+from swarmtune.models.family import Family
+from swarmtune.models.registry import get_family
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -20,7 +20,7 @@ from swarmtune.client.bans import Bans
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.span_requests import LoraShipments
 from swarmtune.directory import SwarmView, fetch_model_info, fetch_servers
-from swarmtune.p2p import NetworkOptions, start_dht, start_p2p
+from swarmtune.p2p import NetworkOptions, start_dht, start_p2p, stop_p2p
 from swarmtune.security import Membership
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class SwarmConnection:
         """Stop background work, the DHT node and the daemon, then the loop (idempotent)."""
         if self.loop.is_running():
             try:
-                self.run(self._stop(), timeout=20)
+                self.run(self._stop(), timeout=35)
             except Exception as e:
                 logger.debug(f"error while closing the swarm connection: {e}")
             self.loop.call_soon_threadsafe(self.loop.stop)
@@ -151,9 +151,9 @@ class SwarmConnection:
         others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in others:  # view refreshes, pings, streams of closed sessions
             task.cancel()
-        if others:
-            await asyncio.wait(others, timeout=5)
+        if others:  # a daemon still starting is stopped once it has started (start_p2p): give it time
+            await asyncio.wait(others, timeout=15)
         if self.dht is not None:
             await asyncio.wait_for(self.dht.shutdown(), 5)
         if self.p2p is not None:
-            await self.p2p.shutdown()
+            await stop_p2p(self.p2p)

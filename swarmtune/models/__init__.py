@@ -8,8 +8,9 @@ from swarmtune.models.checkpoint import (
     load_span,
     parse_dtype,
 )
-from swarmtune.models.family import Family, get_family, supported_model_types
+from swarmtune.models.family import Family
 from swarmtune.models.kv_cache import SpanKVCache
+from swarmtune.models.registry import get_family, supported_model_types
 from swarmtune.models.span import SpanModel
 
 __all__ = ["CheckpointError", "ClientParts", "Family", "SpanKVCache", "SpanModel", "get_family",

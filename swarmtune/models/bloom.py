@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers.models.bloom import modeling_bloom
 
-from swarmtune.models.family import Family, register
+from swarmtune.models.family import Family
 from swarmtune.models.masks import causal_mask
 
 
@@ -23,7 +23,7 @@ def _layer_norm(config) -> nn.Module:
     return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
 
-BLOOM = register(Family(
+BLOOM = Family(
     model_type="bloom",
     block_class=modeling_bloom.BloomBlock,
     block_prefix="transformer.h.{}.",
@@ -35,4 +35,4 @@ BLOOM = register(Family(
     layer_inputs=layer_inputs,
     lora_targets=("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
                   "mlp.dense_4h_to_h"),
-))
+)

@@ -19,7 +19,8 @@ from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
 from swarmtune.errors import UserError, check_source
 from swarmtune.models import fp8
-from swarmtune.models.family import Family, StateDict, get_family
+from swarmtune.models.family import Family, StateDict
+from swarmtune.models.registry import get_family
 from swarmtune.models.span import SpanModel
 
 INDEX_FILE = "model.safetensors.index.json"

@@ -12,7 +12,7 @@ import torch
 from transformers import PretrainedConfig
 from transformers.models.deepseek_v3 import modeling_deepseek_v3
 
-from swarmtune.models.family import Family, StateDict, register
+from swarmtune.models.family import Family, StateDict
 from swarmtune.models.kv_cache import CacheShape
 from swarmtune.models.rotary import layer_inputs
 
@@ -44,7 +44,7 @@ def block_state(state: StateDict, config: PretrainedConfig) -> StateDict:
     out["mlp.experts.down_proj"] = stacked("down_proj")
     return out
 
-DEEPSEEK_V3 = register(Family(
+DEEPSEEK_V3 = Family(
     model_type="deepseek_v3",
     block_class=modeling_deepseek_v3.DeepseekV3DecoderLayer,
     block_prefix="model.layers.{}.",
@@ -59,4 +59,4 @@ DEEPSEEK_V3 = register(Family(
     cache_shape=cache_shape,
     # the router runs in float32 (transformers' _keep_in_fp32_modules_strict): bf16 scores would pick other experts
     fp32_keys=("mlp.gate.weight", "mlp.gate.e_score_correction_bias"),
-))
+)

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from swarmtune.errors import UserError
 from swarmtune.models.kv_cache import CacheShape
 
 StateDict = dict[str, torch.Tensor]
@@ -75,35 +74,3 @@ def present_targets(block: nn.Module, targets: tuple[str, ...]) -> list[str]:
             return False
         return isinstance(getattr(parent, name, None), nn.Module)
     return [path for path in targets if present(path)]
-
-
-class UnsupportedModel(UserError, ValueError):
-    """The checkpoint's family is not one swarmtune can serve."""
-
-
-_REGISTRY: dict[str, Family] = {}
-
-
-def register(family: Family) -> Family:
-    _REGISTRY[family.model_type] = family
-    return family
-
-
-def supported_model_types() -> list[str]:
-    _load_builtin_families()
-    return sorted(_REGISTRY)
-
-
-def get_family(model_type: str) -> Family:
-    """The family for an HF `model_type`, or a clear error naming the supported ones."""
-    _load_builtin_families()
-    try:
-        return _REGISTRY[model_type]
-    except KeyError:
-        raise UnsupportedModel(
-            f"Unsupported model_type {model_type!r}: swarmtune supports {', '.join(supported_model_types())}"
-        ) from None
-
-
-def _load_builtin_families() -> None:
-    from swarmtune.models import bloom, deepseek, moe, rotary  # noqa: F401  (registers on import)

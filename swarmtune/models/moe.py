@@ -18,7 +18,7 @@ from transformers.models.qwen3_moe import modeling_qwen3_moe
 
 from swarmtune.models import mxfp4
 from swarmtune.models.family import StateDict
-from swarmtune.models.rotary import ATTENTION, MLP, _rotary_family
+from swarmtune.models.rotary import ATTENTION, MLP, rotary_family
 
 SHARED_EXPERTS = ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj")
 _EXPERT_KEY = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
@@ -55,10 +55,10 @@ def _gpt_oss_block_state(state: StateDict, config: PretrainedConfig) -> StateDic
     return mxfp4.dequantize_experts(state, ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
 
 
-QWEN3_MOE = _rotary_family("qwen3_moe", modeling_qwen3_moe, "Qwen3Moe", lora_targets=ATTENTION + MLP,
+QWEN3_MOE = rotary_family("qwen3_moe", modeling_qwen3_moe, "Qwen3Moe", lora_targets=ATTENTION + MLP,
                            convert_block_state=_fused_experts)
-GLM4_MOE = _rotary_family("glm4_moe", modeling_glm4_moe, "Glm4Moe", lora_targets=ATTENTION + MLP + SHARED_EXPERTS,
+GLM4_MOE = rotary_family("glm4_moe", modeling_glm4_moe, "Glm4Moe", lora_targets=ATTENTION + MLP + SHARED_EXPERTS,
                           convert_block_state=_fused_experts,
                           fp32_keys=("mlp.gate.weight", "mlp.gate.e_score_correction_bias"))
-GPT_OSS = _rotary_family("gpt_oss", modeling_gpt_oss, "GptOss", lora_targets=ATTENTION,
+GPT_OSS = rotary_family("gpt_oss", modeling_gpt_oss, "GptOss", lora_targets=ATTENTION,
                          convert_block_state=_gpt_oss_block_state, attn_implementations=("eager",))

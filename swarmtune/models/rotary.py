@@ -17,7 +17,7 @@ from transformers.models.mixtral import modeling_mixtral
 from transformers.models.qwen2 import modeling_qwen2
 from transformers.models.qwen3 import modeling_qwen3
 
-from swarmtune.models.family import Family, StateDict, register
+from swarmtune.models.family import Family, StateDict
 from swarmtune.models.masks import causal_mask
 
 ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
@@ -51,8 +51,9 @@ def layer_inputs(span, hidden: torch.Tensor, attention_mask: torch.Tensor, posit
     return out
 
 
-def _rotary_family(model_type: str, module, prefix: str, **kwargs) -> Family:
-    return register(Family(
+def rotary_family(model_type: str, module, prefix: str, **kwargs) -> Family:
+    """A family of transformers' `{prefix}DecoderLayer` blocks with rotary positions and RMSNorm."""
+    return Family(
         model_type=model_type,
         block_class=getattr(module, f"{prefix}DecoderLayer"),
         block_prefix="model.layers.{}.",
@@ -63,7 +64,7 @@ def _rotary_family(model_type: str, module, prefix: str, **kwargs) -> Family:
         make_position_module=lambda config: getattr(module, f"{prefix}RotaryEmbedding")(config=config),
         layer_inputs=layer_inputs,
         **kwargs,
-    ))
+    )
 
 
 def _mixtral_block_state(state: StateDict, config: PretrainedConfig) -> StateDict:
@@ -82,9 +83,9 @@ def _mixtral_block_state(state: StateDict, config: PretrainedConfig) -> StateDic
     return out
 
 
-LLAMA = _rotary_family("llama", modeling_llama, "Llama", lora_targets=ATTENTION + MLP)
-MISTRAL = _rotary_family("mistral", modeling_mistral, "Mistral", lora_targets=ATTENTION + MLP)
-QWEN2 = _rotary_family("qwen2", modeling_qwen2, "Qwen2", lora_targets=ATTENTION + MLP)
-QWEN3 = _rotary_family("qwen3", modeling_qwen3, "Qwen3", lora_targets=ATTENTION + MLP)
-MIXTRAL = _rotary_family("mixtral", modeling_mixtral, "Mixtral", lora_targets=ATTENTION,
+LLAMA = rotary_family("llama", modeling_llama, "Llama", lora_targets=ATTENTION + MLP)
+MISTRAL = rotary_family("mistral", modeling_mistral, "Mistral", lora_targets=ATTENTION + MLP)
+QWEN2 = rotary_family("qwen2", modeling_qwen2, "Qwen2", lora_targets=ATTENTION + MLP)
+QWEN3 = rotary_family("qwen3", modeling_qwen3, "Qwen3", lora_targets=ATTENTION + MLP)
+MIXTRAL = rotary_family("mixtral", modeling_mixtral, "Mixtral", lora_targets=ATTENTION,
                          convert_block_state=_mixtral_block_state)

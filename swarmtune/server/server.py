@@ -20,9 +20,9 @@ from swarmtune.adapters.lora import ClientLora
 from swarmtune.directory import fetch_swarm, fetch_unreachable
 from swarmtune.errors import UserError
 from swarmtune.models import load_config, load_span, parse_dtype
-from swarmtune.models.family import get_family
+from swarmtune.models.registry import get_family
 from swarmtune.models.span import SpanModel
-from swarmtune.p2p import NetworkOptions, start_dht, start_p2p, visible_maddrs
+from swarmtune.p2p import NetworkOptions, start_dht, start_p2p, stop_p2p, visible_maddrs
 from swarmtune.records import ModelInfo, ServerInfo
 from swarmtune.security import Identity
 from swarmtune.server import block_selection, compute, cuda, throughput
@@ -424,6 +424,6 @@ class Server:
         if self.dht is not None:
             await asyncio.wait_for(self.dht.shutdown(), 5)
         if self.p2p is not None:
-            await self.p2p.shutdown()
+            await stop_p2p(self.p2p)
         if self.executor is not None:
             self.executor.shutdown()

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from swarmtune.models.family import get_family
+from swarmtune.models.registry import get_family
 from swarmtune.models.span import SpanModel
 from swarmtune.server import quantize as quantize_lib
 
