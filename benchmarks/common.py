@@ -25,7 +25,7 @@ import torch
 from swarmtune import transport, wire
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.model import SwarmForCausalLM
-from swarmtune.swarm import LocalSwarm
+from swarmtune.local_swarm import LocalSwarm
 from swarmtune.tiny_model import make_tiny_model
 
 SEED = 0

@@ -437,7 +437,7 @@ def e2e_section(model: PreTrainedModel, shapes: Shapes, device: torch.device, fo
     from swarmtune.client.config import ClientConfig
     from swarmtune.client.connection import SwarmConnection
     from swarmtune.client.inference import InferenceSession
-    from swarmtune.swarm import LocalSwarm
+    from swarmtune.local_swarm import LocalSwarm
 
     calls = WARMUP + shapes.e2e_steps
     max_length = shapes.context + 1 + shapes.e2e_rounds * calls
@@ -515,7 +515,7 @@ def swarm_section(model: PreTrainedModel, shapes: Shapes, device: torch.device, 
     if importlib.util.find_spec("hivemind") is None:
         return [Row("swarm", "two servers vs in-process", None, note="skipped: hivemind is not installed")]
     from swarmtune.client.model import SwarmForCausalLM
-    from swarmtune.swarm import LocalSwarm
+    from swarmtune.local_swarm import LocalSwarm
 
     s = shapes.swarm
     with torch.device(device):

@@ -51,7 +51,7 @@ from benchmarks.common import (
 )
 from benchmarks.serving import forward_backward_step, freeze
 from swarmtune import transport, wire
-from swarmtune.swarm import LocalSwarm, ManagedProcess, ServerProcess
+from swarmtune.local_swarm import LocalSwarm, ManagedProcess, ServerProcess
 
 SECTION = "hostile"
 MiB = 1 << 20

@@ -30,8 +30,8 @@ from benchmarks.common import (
     timed_figure,
     token_ids,
 )
+from swarmtune.local_swarm import LocalSwarm
 from swarmtune.models import load_span
-from swarmtune.swarm import LocalSwarm
 
 SECTION = "inference"
 HOP_OVERHEAD_TARGET_MS = 1.5

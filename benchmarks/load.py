@@ -68,7 +68,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run(clients: int, seconds: float, out_dir: str) -> dict:
-    from swarmtune.swarm import LocalSwarm
+    from swarmtune.local_swarm import LocalSwarm
     from swarmtune.tiny_model import make_tiny_model
 
     model = make_tiny_model("llama", os.path.join(out_dir, "tiny-llama"))

@@ -54,7 +54,7 @@ from benchmarks.common import (
 from benchmarks.inference import timed_generate
 from benchmarks.serving import forward_step
 from swarmtune import wire
-from swarmtune.swarm import LocalSwarm
+from swarmtune.local_swarm import LocalSwarm
 
 SECTION = "network"
 NETEM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "netem.py")

@@ -41,9 +41,9 @@ from swarmtune.client.config import ClientConfig
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.inference import InferenceSession
 from swarmtune.client.sequential import RemoteSequential
+from swarmtune.local_swarm import LocalSwarm
 from swarmtune.models import checkpoint
 from swarmtune.models.checkpoint import INDEX_FILE
-from swarmtune.swarm import LocalSwarm
 
 GiB = 1 << 30
 RSS_FACTOR = 1.15

@@ -32,7 +32,7 @@ from benchmarks.common import (
 )
 from benchmarks.inference import timed_generate
 from benchmarks.serving import attach_client_lora, freeze
-from swarmtune.swarm import LocalSwarm, ServerProcess
+from swarmtune.local_swarm import LocalSwarm, ServerProcess
 
 SECTION = "recovery"
 

@@ -20,7 +20,7 @@ import tempfile
 import time
 
 from benchmarks.common import Bench, Figure, figures_table, run_section
-from swarmtune.swarm import ManagedProcess
+from swarmtune.local_swarm import ManagedProcess
 
 SECTION = "scaleout"
 BATCH = 4

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM
 
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.client.span_requests import LoraShipments
-from swarmtune.swarm import LocalSwarm
+from swarmtune.local_swarm import LocalSwarm
 from swarmtune.tiny_model import make_tiny_model
 from swarmtune.tuning import dpo
 from swarmtune.tuning.module import LoraSettings, OptimConfig, SwarmLM, TuningConfig

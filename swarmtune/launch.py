@@ -322,7 +322,7 @@ def open_swarm(stack: contextlib.ExitStack, swarm: DictConfig, client_config, mo
                log_dir: str | None, num_blocks: int):
     """`client_config` with the peers of the swarm to use: as configured, the one `swarm up` keeps for this
     model, or an embedded LocalSwarm (of `num_blocks` blocks) whose processes `stack` stops on exit."""
-    from swarmtune.swarm import LocalSwarm, find_running
+    from swarmtune.local_swarm import LocalSwarm, find_running
 
     if client_config.initial_peers:
         return client_config

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
             errors.check_multiaddrs(args.initial_peers, "--initial-peers")
             swarms = [args.initial_peers]
         else:
-            from swarmtune.swarm import running_swarms
+            from swarmtune.local_swarm import running_swarms
 
             swarms = [r["initial_peers"] for r in running_swarms()]
             if not swarms:

@@ -50,7 +50,7 @@ def tiny_llama(tiny_models) -> str:
 @pytest.fixture(scope="session")
 def llama_swarm(tiny_llama):
     """Three servers splitting a 6-block llama unevenly, shared by every test that only reads from it."""
-    from swarmtune.swarm import LocalSwarm
+    from swarmtune.local_swarm import LocalSwarm
 
     # fuzzing sends malformed requests in bursts, each counting for several toward the request rate: here the
     # rate limit stays out of the way (test_limits tests it on a swarm of its own)
@@ -71,7 +71,7 @@ def llama_client(llama_swarm, tiny_llama):
 def bloom_client(tiny_models):
     """A swarm of the paper's family (ALiBi positions) with its client: (model, checkpoint path)."""
     from swarmtune.client.model import SwarmForCausalLM
-    from swarmtune.swarm import LocalSwarm
+    from swarmtune.local_swarm import LocalSwarm
 
     path = tiny_models("bloom")
     with LocalSwarm(path, spans=[(0, 3), (3, 4), (4, 6)]) as swarm:

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.model import SwarmForCausalLM
-from swarmtune.swarm import LocalSwarm
+from swarmtune.local_swarm import LocalSwarm
 from tests.helpers import adapter_path, reference_model
 
 PROMPTS = ["Question: what do bees make? Answer:", "Once upon a time"]

@@ -17,12 +17,12 @@ from swarmtune.client.config import ClientConfig
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.directory import fetch_unreachable
+from swarmtune.local_swarm import LocalSwarm
 from swarmtune.records import ServerInfo
 from swarmtune.server import server as server_module
 from swarmtune.server import throughput
 from swarmtune.server.block_selection import block_throughputs, served_throughputs
 from swarmtune.server.server import Server, ServerConfig
-from swarmtune.swarm import LocalSwarm
 from swarmtune.tiny_model import tiny_config
 from swarmtune.transport import ServerRejected
 from tests.helpers import reference_model

@@ -20,10 +20,10 @@ from swarmtune.client.config import ClientConfig
 from swarmtune.client.inference import InferenceSession
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.client.span_requests import RequestRefused
+from swarmtune.local_swarm import LocalSwarm
 from swarmtune.models import get_family, load_client_parts, load_config, load_span
 from swarmtune.models.checkpoint import INDEX_FILE, open_checkpoint
 from swarmtune.models.fp8 import FP8Error
-from swarmtune.swarm import LocalSwarm
 from swarmtune.tuning.module import LoraSettings, OptimConfig, SwarmLM, TuningConfig
 from tests.helpers import KillAfter, reference_model
 from tests.test_lora_grads import Reference, make_batch, max_diff, randomize

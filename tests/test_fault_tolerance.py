@@ -13,8 +13,8 @@ from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.client.routing import NoServersError
 from swarmtune.client.sequential import RemoteSequential
+from swarmtune.local_swarm import LocalSwarm
 from swarmtune.models import load_client_parts
-from swarmtune.swarm import LocalSwarm
 from swarmtune.tuning import dpo
 from swarmtune.tuning.module import LoraSettings, OptimConfig, SwarmLM, TuningConfig
 from tests.test_dpo import local_dpo, preference_batch

@@ -19,7 +19,7 @@ from swarmtune import transport, wire
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.model import SwarmForCausalLM
-from swarmtune.swarm import LocalSwarm
+from swarmtune.local_swarm import LocalSwarm
 from swarmtune.transport import ServerFailure, ServerRejected
 from tests.helpers import reference_model
 

@@ -16,7 +16,7 @@ from swarmtune.client.config import ClientConfig
 from swarmtune.client.inference import InferenceSession
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.client.span_requests import RequestRefused
-from swarmtune.swarm import LocalSwarm
+from swarmtune.local_swarm import LocalSwarm
 from tests.helpers import KillAfter, reference_model
 
 PROMPT = "The swarm is a group of computers that"

@@ -59,3 +59,40 @@ def test_every_class_name_means_one_thing():
             if isinstance(node, ast.ClassDef):
                 where[node.name].append(str(path.relative_to(PACKAGE)))
     assert not {name: files for name, files in where.items() if len(files) > 1}
+
+
+def module_graph() -> dict[str, set[str]]:
+    """swarmtune module -> the swarmtune modules it imports (a `from package import submodule` names the submodule,
+    not the package)."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        found = imports(path)
+        graph[name] = {m for m in found if m in modules and m != name
+                       and not any(other.startswith(m + ".") and other in modules for other in found)}
+    return graph
+
+
+def test_no_module_imports_itself_back():
+    """No import cycles, function-level imports included: a cycle means two rooms each need the other, which a
+    newcomer cannot read one at a time (and a lazy import hides it until a call in the wrong order)."""
+    graph = module_graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for other in sorted(graph[module]):
+            if state.get(other) == 1:
+                cycles.append(" -> ".join(path[path.index(other):] + [other]))
+            elif other not in state:
+                visit(other, path + [other])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, cycles

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.model import SwarmForCausalLM
-from swarmtune.swarm import LocalSwarm
+from swarmtune.local_swarm import LocalSwarm
 from swarmtune.transport import ServerRejected
 
 SLOWDOWN_BOUND = 3.0  # stated bound: generation under flood takes at most 3x as long as without it

@@ -15,7 +15,7 @@ from swarmtune.adapters.lora import target_shapes
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.client.speculative import DraftLength
-from swarmtune.swarm import LocalSwarm
+from swarmtune.local_swarm import LocalSwarm
 from swarmtune.tiny_model import tiny_config
 from swarmtune.tuning.module import LoraSettings, OptimConfig, SwarmLM, TuningConfig
 from tests.helpers import MOE_FAMILIES, KillAfter, reference_model

@@ -114,7 +114,7 @@ def test_block_bytes_shrink(full):
 
 def test_quantized_servers_announce_and_serve(tiny_llama):
     from swarmtune.client.model import SwarmForCausalLM
-    from swarmtune.swarm import LocalSwarm
+    from swarmtune.local_swarm import LocalSwarm
     from tests.helpers import reference_model
 
     with LocalSwarm(tiny_llama, spans=[(0, 3), (3, 6)], per_server=[{"quant": "int8"}, {"quant": "nf4"}]) as swarm:

@@ -19,9 +19,9 @@ from swarmtune import records, transport, wire
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.directory import fetch_servers
+from swarmtune.local_swarm import LocalSwarm, ProcessFailed
 from swarmtune.p2p import NetworkOptions, start_p2p
 from swarmtune.security import Identity, PeerSignatureValidator, SwarmKeyAuthorizer, generate_swarm_key
-from swarmtune.swarm import LocalSwarm, ProcessFailed
 from swarmtune.transport import ServerRejected
 from tests.helpers import reference_model
 

@@ -30,8 +30,8 @@ from swarmtune.api.limits import uvicorn_config
 from swarmtune.api.text import StopCutter
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.model import SwarmForCausalLM
+from swarmtune.local_swarm import LocalSwarm, ManagedProcess
 from swarmtune.models import load_config
-from swarmtune.swarm import LocalSwarm, ManagedProcess
 from tests.helpers import reference_model
 from tests.test_export import random_lora
 

@@ -207,7 +207,7 @@ def test_new_swarm_server_is_its_own_bootstrap(tiny_llama, tmp_path):
     """`--new-swarm`: the first server needs no bootstrap peer; a second server and a client join through it."""
     import sys
 
-    from swarmtune.swarm import ManagedProcess
+    from swarmtune.local_swarm import ManagedProcess
 
     def server(blocks: str, *extra: str) -> ManagedProcess:
         args = [sys.executable, "-m", "swarmtune.server", "--model", tiny_llama, "--blocks", blocks,

@@ -18,8 +18,8 @@ from swarmtune.client.inference import InferenceSession
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.client.speculative import DraftLength, accept
 from swarmtune.errors import UserError
+from swarmtune.local_swarm import LocalSwarm
 from swarmtune.models import load_client_parts
-from swarmtune.swarm import LocalSwarm
 from swarmtune.tiny_model import make_tiny_model, tiny_config
 from tests.helpers import reference_model
 from tests.test_export import random_lora

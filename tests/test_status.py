@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from swarmtune import records, swarm
+from swarmtune.local_swarm import ManagedProcess
 from swarmtune.records import ModelInfo, ServerInfo
 from swarmtune.status import format_status, uncovered
-from swarmtune.swarm import ManagedProcess
 
 
 def test_the_table_flags_blocks_without_an_online_server():

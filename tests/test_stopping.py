@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from swarmtune.swarm import ManagedProcess
+from swarmtune.local_swarm import ManagedProcess
 
 TAG = "SWARMTUNE_TEST_TAG"
 

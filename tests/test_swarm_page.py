@@ -24,8 +24,8 @@ from swarmtune.client.bans import Bans
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.directory import SwarmView
+from swarmtune.local_swarm import LocalSwarm
 from swarmtune.records import ServerInfo
-from swarmtune.swarm import LocalSwarm
 
 REFRESH_S = 2.0
 MARGIN_S = 3.0  # beyond one refresh: the monitor's round (half a refresh), a failed ping, the browser's fetch

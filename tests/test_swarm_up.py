@@ -8,7 +8,7 @@ import time
 
 import psutil
 
-from swarmtune.swarm import ManagedProcess
+from swarmtune.local_swarm import ManagedProcess
 from tests.helpers import run
 
 

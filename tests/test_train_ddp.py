@@ -18,7 +18,7 @@ from transformers import AutoConfig
 
 from swarmtune import launch
 from swarmtune.adapters.peft_format import ADAPTER_WEIGHTS, load_lora
-from swarmtune.swarm import LocalSwarm
+from swarmtune.local_swarm import LocalSwarm
 from swarmtune.tuning.data import DataConfig, InstructionDataModule, collate
 from swarmtune.tuning.module import OptimConfig, SwarmLM, TuningConfig
 from tests.helpers import adapter_path

@@ -15,8 +15,8 @@ from swarmtune import eval as eval_entry
 from swarmtune import generate, launch, swarm, train
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.errors import UserError
+from swarmtune.local_swarm import LocalSwarm
 from swarmtune.server.server import ServerConfig, check_span
-from swarmtune.swarm import LocalSwarm
 from swarmtune.tuning import loggers
 from tests.helpers import PEERS, Outcome, hydra_context, run
 

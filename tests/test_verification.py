@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.model import SwarmForCausalLM
-from swarmtune.swarm import LocalSwarm
+from swarmtune.local_swarm import LocalSwarm
 from tests.helpers import reference_model
 
 

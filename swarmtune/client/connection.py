@@ -49,8 +49,9 @@ class SwarmConnection:
         self.channels: dict[str, transport.Channel] = {}  # per server: the stream forward/backward requests reuse
         self.lora_shipments = LoraShipments()  # which servers hold which versions of our LoRA
         self._refresher = None
+        self._starting = asyncio.run_coroutine_threadsafe(self._start(), self.loop)
         try:
-            self.run(self._start(), timeout=config.startup_timeout + 10)
+            self._starting.result(config.startup_timeout + 10)
             if num_blocks is None:
                 info = self.run(fetch_model_info(self.dht, prefix), timeout=config.request_timeout)
                 if info is None:
@@ -139,20 +140,23 @@ class SwarmConnection:
         """Stop background work, the DHT node and the daemon, then the loop (idempotent)."""
         if self.loop.is_running():
             try:
-                self.run(self._stop(), timeout=35)
+                self.run(self._stop(), timeout=40)
             except Exception as e:
                 logger.debug(f"error while closing the swarm connection: {e}")
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=5)
 
     async def _stop(self) -> None:
+        if not self._starting.done():  # stopped during the start (Ctrl-C): let it end, so that its daemon has an
+            await asyncio.wait([asyncio.wrap_future(self._starting)], timeout=15)  # owner to stop it (hivemind's
+            # start, cancelled half-way, leaves the daemon running and its pipe open)
         for channel in self.channels.values():
             channel.close()
         others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in others:  # view refreshes, pings, streams of closed sessions
             task.cancel()
-        if others:  # a daemon still starting is stopped once it has started (start_p2p): give it time
-            await asyncio.wait(others, timeout=15)
+        if others:
+            await asyncio.wait(others, timeout=5)
         if self.dht is not None:
             await asyncio.wait_for(self.dht.shutdown(), 5)
         if self.p2p is not None:
