@@ -4,7 +4,6 @@ the bundled preferences, and the exported adapter, loaded with plain PEFT, prefe
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import lightning as L
@@ -95,7 +94,7 @@ def local_dpo(reference: Reference, batch: dict) -> tuple[torch.Tensor, torch.Te
     (for soft prompts: the plain model without them)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     logits = reference(ids, mask, labels).logits[:, -ids.shape[1]:]
-    off = reference.model.disable_adapter() if isinstance(reference.model, PeftModel) else contextlib.nullcontext()
+    off = reference.model.disable_adapter() if isinstance(reference.model, PeftModel) else reference.prompts_off()
     with torch.no_grad(), off:
         ref_logits = reference.model(input_ids=ids, attention_mask=mask).logits
     return plain_dpo(plain_logps(logits, labels), plain_logps(ref_logits, labels), BETA)
@@ -104,7 +103,8 @@ def local_dpo(reference: Reference, batch: dict) -> tuple[torch.Tensor, torch.Te
 @pytest.mark.parametrize("tuning", [
     TuningConfig(lora=LoraSettings(rank=4, alpha=8), objective="dpo"),
     TuningConfig(lora=LoraSettings(enabled=False), prompt=True, prefix_length=3, objective="dpo"),
-], ids=["lora", "prompt"])
+    TuningConfig(lora=LoraSettings(enabled=False), deep_prompt=True, prefix_length=3, objective="dpo"),
+], ids=["lora", "prompt", "deep_prompt"])
 def test_loss_and_gradients_match_local_peft(swarm_lm, tiny_llama, pairs, tuning):
     module = swarm_lm(tuning)
     randomize([p for p in module.parameters() if p.requires_grad], seed=1)
@@ -123,7 +123,9 @@ def test_loss_and_gradients_match_local_peft(swarm_lm, tiny_llama, pairs, tuning
         ours = [p for key in module.lora.keys for p in module.lora.pair(key)]
         theirs = [t for key in module.lora.keys for t in reference.lora_pairs[key]]
     else:
-        ours, theirs = [module.soft_prompts.prompt], [reference.prompt]
+        prompts = module.soft_prompts
+        ours, theirs = [p for p in (prompts.prompt, prompts.deep) if p is not None], \
+            [p for p in (reference.prompt, reference.deep) if p is not None]
     for p, q in zip(ours, theirs):
         assert float(p.grad.abs().max()) > 0 and max_diff(p.grad, q.grad) <= TOL
     assert module.model.lora is module.lora and module.model.soft_prompts is module.soft_prompts  # back on
