@@ -38,7 +38,8 @@ def bootstrap():
 def peer_args(tiny_llama: str, swarm, bootstrap: list[str], run_dir: Path, epochs: int,
               recipe: str = "tiny_local") -> list[str]:
     peers = ",".join(f"'{p}'" for p in swarm.initial_peers)
-    return [f"recipe={recipe}", *COMMON[1:], f"model.path={tiny_llama}", f"swarm.initial_peers=[{peers}]", f"collab.epochs={epochs}",
+    return [f"recipe={recipe}", *COMMON[1:], f"model.path={tiny_llama}", f"swarm.initial_peers=[{peers}]",
+            f"collab.epochs={epochs}",
             "collab.initial_peers=[" + ",".join(f"'{p}'" for p in bootstrap) + "]", f"hydra.run.dir={run_dir}"]
 
 
