@@ -9,7 +9,8 @@ adapter by digest) and without it (every request carries the tensors).
 With --dpo it compares instead a DPO step on `batch` preference pairs (the policy's forward and
 backward over both answers, the reference's forward over both with the adapter off) with an SFT
 step over the chosen answers of the same pairs, through the swarm and locally (PEFT, its adapter
-disabled for the reference). The target is a DPO step within 2.8x an SFT step.
+disabled for the reference), and the swarm's DPO step with the reference's pass run before the
+policy's rather than beside it. The target is a DPO step within 2.8x an SFT step.
 
     python benchmarks/train_throughput.py --hidden 256 --layers 6 --batch 4 --seq 128
     python benchmarks/train_throughput.py --dpo --hidden 256 --layers 6 --batch 4 --seq 128
@@ -82,9 +83,9 @@ def seconds_per_step(step, batches: list[dict], warmup: int) -> float:
     return (time.perf_counter() - start) / len(batches[warmup:])
 
 
-def objective_steps(model, optimizer, beta: float = 0.1, reference=None):
-    """(sft step over the chosen rows, dpo step over all rows); `reference(batch)`: the reference log-probs
-    (default: the swarm's, with the adapter off)."""
+def objective_steps(model, optimizer, beta: float = 0.1, logps=None):
+    """(sft step over the chosen rows, dpo step over all rows); `logps(batch)`: the policy's and the reference's
+    log-probs, in turn (default: swarmtune's DPO step, the reference's pass beside the policy's)."""
     def finish(loss: torch.Tensor) -> None:
         loss.backward()
         optimizer.step()
@@ -95,41 +96,48 @@ def objective_steps(model, optimizer, beta: float = 0.1, reference=None):
         finish(model(**chosen).loss)
 
     def dpo_step(batch: dict) -> None:
-        if reference is None:
-            finish(dpo.step(model, batch, beta)[0])
-            return
-        ref = reference(batch)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        finish(dpo.loss(dpo.sequence_logps(logits, batch["labels"]), ref, beta)[0])
+        finish(dpo.step(model, batch, beta)[0] if logps is None else dpo.loss(*logps(batch), beta)[0])
 
     return sft, dpo_step
 
 
 def compare_objectives(args, path: str, spans: list[tuple[int, int]], tmp: str) -> dict:
-    """Seconds per DPO step and per SFT step over the chosen answers, same pairs, swarm and local."""
+    """Seconds per DPO step and per SFT step over the chosen answers, same pairs, swarm and local; and the swarm's
+    DPO step with its reference's pass before the policy's instead of beside it."""
     batches = preference_batches(args.warmup + args.steps, args.batch, args.seq)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     local = get_peft_model(local, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets))
 
-    def local_reference(batch: dict) -> torch.Tensor:
+    def local_logps(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plain PEFT, as TRL runs it: the reference with the adapter disabled, then the policy, all logits."""
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         with torch.no_grad(), local.disable_adapter():
-            logits = local(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return dpo.sequence_logps(logits, batch["labels"])
+            reference = dpo.sequence_logps(local(input_ids=ids, attention_mask=mask).logits, labels)
+        return dpo.sequence_logps(local(input_ids=ids, attention_mask=mask).logits, labels), reference
 
     local_params = [p for p in local.parameters() if p.requires_grad]
-    steps = {"local": objective_steps(local, torch.optim.AdamW(local_params, lr=1e-4), reference=local_reference)}
+    steps = {"local": objective_steps(local, torch.optim.AdamW(local_params, lr=1e-4), logps=local_logps)}
     runs = {(where, objective): [] for where in ("local", "swarm") for objective in ("sft", "dpo")}
+    runs["swarm", "dpo_in_turn"] = []
     with LocalSwarm(path, spans=spans, log_dir=tmp) as swarm:
         model = SwarmForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
         try:
             tuning = TuningConfig(lora=LoraSettings(rank=args.rank, alpha=2 * args.rank), objective="dpo")
             module = SwarmLM(model, tuning, OptimConfig())
-            steps["swarm"] = objective_steps(model, torch.optim.AdamW(module.lora.parameters(), lr=1e-4))
+            optimizer = torch.optim.AdamW(module.lora.parameters(), lr=1e-4)
+            steps["swarm"] = objective_steps(model, optimizer)
+
+            def in_turn(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+                reference = dpo.reference_logps(model, batch)
+                return dpo.policy_logps(model, batch), reference
+
+            in_turn_step = objective_steps(model, optimizer, logps=in_turn)[1]
             for _ in range(args.rounds):  # interleaved, so load from other processes hits all alike
                 for where, (sft, dpo_step) in steps.items():
                     runs[where, "sft"].append(seconds_per_step(sft, batches, args.warmup))
                     runs[where, "dpo"].append(seconds_per_step(dpo_step, batches, args.warmup))
+                runs["swarm", "dpo_in_turn"].append(seconds_per_step(in_turn_step, batches, args.warmup))
         finally:
             model.close()
     best = {k: min(v) for k, v in runs.items()}
@@ -138,6 +146,7 @@ def compare_objectives(args, path: str, spans: list[tuple[int, int]], tmp: str) 
         "pairs": f"{args.batch} pairs x {args.seq} tokens (half prompt, half answer)", "lora_rank": args.rank,
         **{f"{where}_{objective}_step_s": round(best[where, objective], 4) for where, objective in best},
         "swarm_dpo_vs_sft": round(best["swarm", "dpo"] / best["swarm", "sft"], 3),
+        "swarm_dpo_in_turn_vs_sft": round(best["swarm", "dpo_in_turn"] / best["swarm", "sft"], 3),
         "local_dpo_vs_sft": round(best["local", "dpo"] / best["local", "sft"], 3),
         "all_runs_s": {f"{w}_{o}": [round(x, 4) for x in v] for (w, o), v in runs.items()},
     }

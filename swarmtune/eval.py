@@ -25,6 +25,7 @@ from swarmtune.launch import (
     client_settings,
     config_path,
     open_model,
+    open_tokenizer,
     register_recipes,
     reported,
     run_hydra_app,
@@ -38,7 +39,7 @@ def run(cfg: DictConfig) -> dict:
     """Evaluate as `cfg` says; returns the metrics, also written to ${output_dir}/metrics.json."""
     import torch
 
-    from swarmtune.tuning.data import DataConfig, InstructionDataModule, load_checked
+    from swarmtune.tuning.data import DataConfig, InstructionDataModule, load_checked, use_chat_template
     from swarmtune.tuning.evaluation import (
         EvalConfig,
         GenerationEval,
@@ -57,10 +58,12 @@ def run(cfg: DictConfig) -> dict:
             check_source(source, what)
     raw = load_checked(data_config)
     eval_config = settings(EvalConfig, cfg.eval, "eval")
+    tokenizer = use_chat_template(open_tokenizer(cfg.model), data_config, raw)
     torch.manual_seed(cfg.seed)
     output_dir = cfg.output_dir
     with contextlib.ExitStack() as stack:
-        model, tokenizer = open_model(stack, cfg, os.path.join(output_dir, "swarm"), adapter=cfg.adapter)
+        model, tokenizer = open_model(stack, cfg, os.path.join(output_dir, "swarm"), adapter=cfg.adapter,
+                                      tokenizer=tokenizer)
         model.eval()
         data = InstructionDataModule(data_config, tokenizer, seed=cfg.seed, raw=raw)
         try:

@@ -346,15 +346,23 @@ def open_swarm(stack: contextlib.ExitStack, swarm: DictConfig, client_config, mo
     return dataclasses.replace(client_config, initial_peers=peers, dht_prefix=client_config.dht_prefix or prefix)
 
 
+def open_tokenizer(model: DictConfig):
+    """The tokenizer of `model` (model.tokenizer, or the model's own), read before any swarm starts, so that
+    what the data needs of it (a chat template) is checked first."""
+    from transformers import AutoTokenizer
+
+    if model.tokenizer:
+        errors.check_source(model.tokenizer, "model.tokenizer")
+    return AutoTokenizer.from_pretrained(model.tokenizer or resolve_model(model), revision=model.revision)
+
+
 def open_model(stack: contextlib.ExitStack, cfg: DictConfig, log_dir: str | None, adapter: str | None = None,
-               active_adapter: str | None = None):
+               active_adapter: str | None = None, tokenizer=None):
     """(model, tokenizer) for `cfg.model` on `cfg.swarm`; `stack` closes the model (and any embedded swarm).
 
     Everything that can be checked without the swarm is checked first: the swarm's settings, the
-    model, the adapter.
+    model, the adapter, the tokenizer (`tokenizer`: one read and checked already by `open_tokenizer`).
     """
-    from transformers import AutoTokenizer
-
     from swarmtune.client.model import SwarmForCausalLM
 
     client_config = client_settings(cfg.swarm)
@@ -363,13 +371,14 @@ def open_model(stack: contextlib.ExitStack, cfg: DictConfig, log_dir: str | None
     model_path = resolve_model(cfg.model)
     config = model_config(cfg.model, model_path)
     loaded = load_adapter(adapter, config, cfg.model.revision)
+    if tokenizer is None:
+        tokenizer = open_tokenizer(cfg.model)
     client_config = open_swarm(stack, cfg.swarm, client_config, model_path, log_dir, num_blocks(config))
     model = SwarmForCausalLM.from_pretrained(model_path, client_config=client_config, dtype=cfg.model.dtype,
                                              revision=cfg.model.revision, active_adapter=active_adapter)
     stack.callback(model.close)
     if loaded is not None:
         model.attach_adapter(loaded)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_path, revision=cfg.model.revision)
     return model, tokenizer
 
 

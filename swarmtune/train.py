@@ -27,6 +27,7 @@ from swarmtune.launch import (
     client_settings,
     config_path,
     open_model,
+    open_tokenizer,
     plain,
     register_recipes,
     reported,
@@ -44,7 +45,7 @@ def run(cfg: DictConfig) -> tuple[str, float]:
     from swarmtune.tuning import collab as collab_lib
     from swarmtune.tuning import loggers
     from swarmtune.tuning.checkpoint_io import AtomicCheckpointIO
-    from swarmtune.tuning.data import DataConfig, InstructionDataModule, load_checked
+    from swarmtune.tuning.data import DataConfig, InstructionDataModule, load_checked, use_chat_template
     from swarmtune.tuning.evaluation import EvalConfig, GenerationEval
     from swarmtune.tuning.module import OptimConfig, SwarmLM, TuningConfig
     from swarmtune.tuning.progress import progress_bar
@@ -85,10 +86,11 @@ def run(cfg: DictConfig) -> tuple[str, float]:
     if cfg.model.path:
         errors.check_source(cfg.model.path, "model.path")
     raw = load_checked(data_config)
+    tokenizer = use_chat_template(open_tokenizer(cfg.model), data_config, raw)
     L.seed_everything(cfg.seed, workers=True)
     with contextlib.ExitStack() as stack:
         stack.callback(loggers.finish, logger)
-        model, tokenizer = open_model(stack, cfg, os.path.join(output_dir, "swarm"))
+        model, tokenizer = open_model(stack, cfg, os.path.join(output_dir, "swarm"), tokenizer=tokenizer)
         data = InstructionDataModule(data_config, tokenizer, seed=cfg.seed, raw=raw)
         generation = None
         if cfg.generate_every_n_val:

@@ -35,9 +35,11 @@ def bootstrap():
     dht.shutdown()
 
 
-def peer_args(tiny_llama: str, swarm, bootstrap: list[str], run_dir: Path, epochs: int) -> list[str]:
+def peer_args(tiny_llama: str, swarm, bootstrap: list[str], run_dir: Path, epochs: int,
+              recipe: str = "tiny_local") -> list[str]:
     peers = ",".join(f"'{p}'" for p in swarm.initial_peers)
-    return [*COMMON, f"model.path={tiny_llama}", f"swarm.initial_peers=[{peers}]", f"collab.epochs={epochs}",
+    return [f"recipe={recipe}", *COMMON[1:], f"model.path={tiny_llama}", f"swarm.initial_peers=[{peers}]",
+            f"collab.epochs={epochs}",
             "collab.initial_peers=[" + ",".join(f"'{p}'" for p in bootstrap) + "]", f"hydra.run.dir={run_dir}"]
 
 
@@ -68,6 +70,18 @@ def test_two_peers_train_one_adapter(tiny_llama, llama_swarm, bootstrap, tmp_pat
     outputs = [p.wait(timeout=300) for p in peers]
     assert all("reached 5 of 5" in out for out in outputs)
     assert any("from 2 peers" in out for out in outputs)  # they reached a target batch together
+    assert_same(adapter(outputs[0]), adapter(outputs[1]))
+
+
+def test_two_peers_train_one_adapter_with_dpo(tiny_llama, llama_swarm, bootstrap, tmp_path, train_process):
+    """DPO's steps (a reference pass with the adapter off, then the policy's) count pairs toward the target batch
+    and average as SFT's do."""
+    args = [peer_args(tiny_llama, llama_swarm, bootstrap, tmp_path / name, epochs=3, recipe="tiny_dpo")
+            + ["collab.run_id=dpo-bees"] for name in ("a", "b")]
+    peers = [train_process(a, tmp_path / f"{name}.log") for a, name in zip(args, ("a", "b"))]
+    outputs = [p.wait(timeout=300) for p in peers]
+    assert all("reached 3 of 3" in out for out in outputs)
+    assert any("from 2 peers" in out for out in outputs)
     assert_same(adapter(outputs[0]), adapter(outputs[1]))
 
 

@@ -4,7 +4,6 @@ the bundled preferences, and the exported adapter, loaded with plain PEFT, prefe
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import lightning as L
@@ -95,7 +94,7 @@ def local_dpo(reference: Reference, batch: dict) -> tuple[torch.Tensor, torch.Te
     (for soft prompts: the plain model without them)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     logits = reference(ids, mask, labels).logits[:, -ids.shape[1]:]
-    off = reference.model.disable_adapter() if isinstance(reference.model, PeftModel) else contextlib.nullcontext()
+    off = reference.model.disable_adapter() if isinstance(reference.model, PeftModel) else reference.prompts_off()
     with torch.no_grad(), off:
         ref_logits = reference.model(input_ids=ids, attention_mask=mask).logits
     return plain_dpo(plain_logps(logits, labels), plain_logps(ref_logits, labels), BETA)
@@ -104,7 +103,8 @@ def local_dpo(reference: Reference, batch: dict) -> tuple[torch.Tensor, torch.Te
 @pytest.mark.parametrize("tuning", [
     TuningConfig(lora=LoraSettings(rank=4, alpha=8), objective="dpo"),
     TuningConfig(lora=LoraSettings(enabled=False), prompt=True, prefix_length=3, objective="dpo"),
-], ids=["lora", "prompt"])
+    TuningConfig(lora=LoraSettings(enabled=False), deep_prompt=True, prefix_length=3, objective="dpo"),
+], ids=["lora", "prompt", "deep_prompt"])
 def test_loss_and_gradients_match_local_peft(swarm_lm, tiny_llama, pairs, tuning):
     module = swarm_lm(tuning)
     randomize([p for p in module.parameters() if p.requires_grad], seed=1)
@@ -123,7 +123,9 @@ def test_loss_and_gradients_match_local_peft(swarm_lm, tiny_llama, pairs, tuning
         ours = [p for key in module.lora.keys for p in module.lora.pair(key)]
         theirs = [t for key in module.lora.keys for t in reference.lora_pairs[key]]
     else:
-        ours, theirs = [module.soft_prompts.prompt], [reference.prompt]
+        prompts = module.soft_prompts
+        ours, theirs = [p for p in (prompts.prompt, prompts.deep) if p is not None], \
+            [p for p in (reference.prompt, reference.deep) if p is not None]
     for p, q in zip(ours, theirs):
         assert float(p.grad.abs().max()) > 0 and max_diff(p.grad, q.grad) <= TOL
     assert module.model.lora is module.lora and module.model.soft_prompts is module.soft_prompts  # back on
@@ -145,7 +147,25 @@ def test_the_first_loss_is_ln2_and_the_reference_sends_no_adapter(swarm_lm, pair
     with torch.no_grad():
         policy = dpo.sequence_logps(llama_client(input_ids=batch["input_ids"],
                                                  attention_mask=batch["attention_mask"]).logits, batch["labels"])
-    assert max_diff(policy, reference) <= 1e-6 and (reference < 0).all()
+    # all logits here, the answers' alone in DPO's passes: the same sums, but for float32's rounding
+    assert max_diff(policy, reference) <= 1e-6 * float(reference.abs().max()) and (reference < 0).all()
+
+
+def test_passes_in_turn_equal_passes_beside(swarm_lm, pairs, monkeypatch):
+    """A batch too large for both passes in flight at once runs them in turn, to the same loss and gradients."""
+    module = swarm_lm(TuningConfig(lora=LoraSettings(rank=4, alpha=8), objective="dpo"))
+    randomize(list(module.lora.parameters()), seed=2)
+    batch = next(iter(pairs.val_dataloader()))
+    results = []
+    for limit in (dpo.SERVER_TOKENS_IN_FLIGHT, 0):
+        monkeypatch.setattr(dpo, "SERVER_TOKENS_IN_FLIGHT", limit)
+        loss, _ = dpo.step(module.model, batch, BETA)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in module.lora.parameters()]))
+        module.lora.zero_grad()
+    (beside, grads_beside), (in_turn, grads_in_turn) = results
+    assert abs(beside.item() - math.log(2)) > 1e-3 and max_diff(beside, in_turn) <= 1e-6
+    assert all(max_diff(a, b) <= 1e-6 and float(a.abs().max()) > 0 for a, b in zip(grads_beside, grads_in_turn))
 
 
 def test_training_prefers_chosen_answers_with_plain_peft(llama_client, tiny_llama, pairs, tmp_path):

@@ -7,6 +7,8 @@ positions before every decoder layer by forward pre-hooks.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -80,8 +82,19 @@ class Reference:
                 a.copy_(ours_a)
                 b.copy_(ours_b)
 
+    @contextlib.contextmanager
+    def prompts_off(self):
+        """The plain model: no deep prompts added to the blocks' inputs (nor a prompt, which __call__ adds)."""
+        deep, self.deep = self.deep, None
+        try:
+            yield
+        finally:
+            self.deep = deep
+
     def _deep_hook(self, i: int):
         def hook(layer, args, kwargs):
+            if self.deep is None:
+                return None
             h = args[0] if args else kwargs["hidden_states"]
             h = torch.cat([h[:, :self.length] + self.deep[i], h[:, self.length:]], dim=1)
             if args:

@@ -465,6 +465,35 @@ def test_echo_logprobs_equal_the_local_model(served, tiny_llama):
     assert r.status_code == 400 and "echo" in r.json()["error"]["message"]
 
 
+def test_streamed_echo_sends_the_prompt_first(served):
+    """stream + echo: each choice's first chunk is its prompt (with its logprobs, if asked), then the generated
+    text; joined, the chunks are the whole answer's text and logprobs."""
+    url, engine = served
+    body = {"model": engine.base_name, "prompt": PROMPTS[:2], "echo": True, "temperature": 0, "n": 1}
+    for extra in ({"max_tokens": 5}, {"max_tokens": 5, "logprobs": 1}, {"max_tokens": 0, "logprobs": 1}):
+        whole = httpx.post(f"{url}/v1/completions", timeout=60, json={**body, **extra})
+        assert whole.status_code == 200, whole.text
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={**body, **extra, "stream": True}) as r:
+            assert r.status_code == 200, r.read()
+            events = [line[6:] for line in r.iter_lines() if line]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+        for choice in whole.json()["choices"]:
+            mine = [c for c in chunks if c["index"] == choice["index"]]
+            prompt = PROMPTS[choice["index"]]
+            assert mine[0]["text"] == engine.tokenizer.decode(engine.tokenizer(prompt)["input_ids"],
+                                                              skip_special_tokens=True) and mine[0]["text"]
+            assert "".join(c["text"] for c in mine) == choice["text"]
+            assert mine[-1]["finish_reason"] == choice["finish_reason"]
+            if "logprobs" in extra:
+                streamed = [x for c in mine if c["logprobs"] for x in c["logprobs"]["token_logprobs"]]
+                assert streamed == choice["logprobs"]["token_logprobs"]
+                assert mine[0]["logprobs"]["token_logprobs"][0] is None
+                assert len(mine[0]["logprobs"]["tokens"]) == len(engine.tokenizer(prompt)["input_ids"])
+            else:
+                assert all(c["logprobs"] is None for c in mine)
+
+
 def test_metrics_in_prometheus_format(served):
     url, engine = served
     httpx.post(f"{url}/v1/completions", timeout=60, json={"model": engine.base_name, "prompt": "Bees",

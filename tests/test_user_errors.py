@@ -265,3 +265,16 @@ def test_swarm_up_and_serve_refuse_spans_outside_the_model(tiny_llama, no_swarm,
         cfg = compose("serve", overrides=[f"model.path={tiny_llama}", "swarm.local_spans=[[0,3],[4,8]]"])
     with pytest.raises(UserError, match=r"\[4, 8\] is not a span"), contextlib.ExitStack() as stack:
         launch.open_model(stack, cfg, log_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("recipe,format", [("tiny_chat", "messages"), ("tiny_dpo", "preference")])
+def test_a_missing_chat_template_is_told_before_any_swarm(recipe, format, tmp_path):
+    """Conversations need a chat template: a tokenizer without one is told in a line, before any swarm starts."""
+    from swarmtune.tiny_model import train_tokenizer
+
+    tokenizer = train_tokenizer()
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    assert_told(run("swarmtune.train", f"recipe={recipe}", f"model.tokenizer={tmp_path / 'tokenizer'}",
+                    f"hydra.run.dir={tmp_path}", unset=("SWARMTUNE_INITIAL_PEERS",)),
+                f"data.format={format}", "has no chat template", "data.chat_template=FILE")

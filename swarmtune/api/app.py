@@ -421,27 +421,37 @@ class _Reply:
     def _whole_body(self) -> dict:
         choices = []
         for s in self.streams:
-            prompt = self.prompts[s.index // self.n]
-            text = (self.engine.tokenizer.decode(prompt, skip_special_tokens=True) if self.echo else "") + s.text
-            tokens = [*(s.prompt or []), *s.tokens] if self.echo and s.prompt is not None else s.tokens
-            choices.append(self._choice(s, text, tokens, s.finish))
+            text, tokens = self._echoed(s) if self.echo else ("", [])
+            choices.append(self._choice(s, text + s.text, [*tokens, *s.tokens], s.finish))
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}
+
+    def _echoed(self, stream: _Stream) -> tuple[str, list[Token]]:
+        """The prompt a choice echoes: its text, and its tokens scored (with logprobs: they come, from the
+        batching thread, before any generated token)."""
+        prompt = self.prompts[stream.index // self.n]
+        return self.engine.tokenizer.decode(prompt, skip_special_tokens=True), stream.prompt or []
 
     async def _collect(self, stream: _Stream) -> None:
         while (await stream.next_piece())[2] is None:
             pass
 
     async def events(self, usage: bool) -> AsyncIterator[str]:
-        """SSE: one chunk per choice per new text, then each choice's finish, then [DONE]."""
+        """SSE: one chunk per choice per new text (with echo, the prompt's first, once the first piece of the
+        choice came: its tokens are scored by then), then each choice's finish, then [DONE]."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(stream: _Stream) -> None:
             try:
                 if self.chat:
                     await queue.put(self._chunk(stream, {"role": "assistant", "content": ""}, [], None))
+                echoed = not self.echo
                 while True:
                     text, tokens, finish = await stream.next_piece()
+                    if not echoed:  # decoding a long prompt: off the loop
+                        await queue.put(await asyncio.to_thread(lambda: self._chunk(stream, *self._echoed(stream),
+                                                                                    None)))
+                        echoed = True
                     if text or (tokens and self.logprobs is not None):
                         await queue.put(self._chunk(stream, text, tokens, None))
                     if finish is not None:

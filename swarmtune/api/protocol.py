@@ -86,8 +86,6 @@ class CompletionRequest(_Sampled):
     def _echo(self):
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens: 0 needs echo: true (the prompt's logprobs); else ask for >= 1 token")
-        if self.echo and self.stream:
-            raise ValueError("echo is not supported with stream: ask for the whole completion")
         return self
 
     @field_validator("prompt")

@@ -263,16 +263,28 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def use_chat_template(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer, with the chat template of `cfg.chat_template` if given; one is needed for conversations."""
+def use_chat_template(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
+                      raw: DatasetDict | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer, with the chat template of `cfg.chat_template` if given. Conversations need one (messages
+    rows; preference rows of `raw` given as messages): without it, a UserError saying how to give one, which
+    the entry points raise before any swarm starts."""
     if cfg.chat_template is not None:
         check_file(cfg.chat_template, "data.chat_template")
         with open(cfg.chat_template) as f:
             tokenizer.chat_template = f.read()
-    if cfg.format == "messages" and not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"data.format=messages: the tokenizer of {tokenizer.name_or_path} has no chat template: "
-                        "give one with data.chat_template=FILE (a jinja file)")
+    if not getattr(tokenizer, "chat_template", None) and _conversations(cfg, raw):
+        what = "the rows are conversations, and " if cfg.format == "preference" else ""
+        raise UserError(f"data.format={cfg.format}: {what}the tokenizer of {tokenizer.name_or_path} has no chat "
+                        "template: give one with data.chat_template=FILE (a jinja file)")
     return tokenizer
+
+
+def _conversations(cfg: DataConfig, raw: DatasetDict | None) -> bool:
+    """Whether the rows used need the chat template: messages always; preference pairs given as messages."""
+    if cfg.format != "preference" or raw is None:
+        return cfg.format == "messages"
+    splits = [s for s in dict.fromkeys((cfg.split, cfg.val_split)) if s is not None and s in raw]
+    return any(chat.pair(row).conversational for split in splits for row in raw[split])
 
 
 class InstructionDataModule(L.LightningDataModule):
@@ -281,7 +293,7 @@ class InstructionDataModule(L.LightningDataModule):
         """`seed` decides the held-out validation rows and the order of training rows; `raw`: the dataset,
         loaded already (by `load_checked`)."""
         super().__init__()
-        self.cfg, self.tokenizer, self.seed = cfg, use_chat_template(tokenizer, cfg), seed
+        self.cfg, self.tokenizer, self.seed = cfg, use_chat_template(tokenizer, cfg, raw), seed
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("The tokenizer has neither a pad nor an eos token to pad with")

@@ -3,13 +3,13 @@
 The reference model of DPO is the frozen model itself: on a swarm, the same servers with the
 client's adapter left out of the requests (no LoRA sent, no soft prompts). Its log-probabilities
 come from one more forward pass under no_grad, which keeps nothing for a backward, and nothing
-is copied. Batches hold N pairs as 2N rows, the chosen answers first (see swarmtune.tuning.data).
+is copied; it runs beside the policy's pass, and both compute the LM head over the answers only.
+Batches hold N pairs as 2N rows, the chosen answers first (see swarmtune.tuning.data).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -40,26 +40,46 @@ def loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> tuple[to
                  "rewards_chosen": chosen_rewards.mean(), "rewards_rejected": rejected_rewards.mean()}
 
 
+def answer_columns(labels: torch.Tensor) -> int:
+    """How many last columns hold every labelled token and the one before it: the only logits DPO needs (the
+    prompts before them are context, whose logits the LM head need not compute)."""
+    labelled = (labels[:, 1:] != IGNORE).any(0).nonzero()
+    return labels.shape[1] - (int(labelled[0]) if labelled.numel() else 0)
+
+
 def reference_logps(model: SwarmForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Log-probabilities of the frozen model: the same swarm, the adapter off, nothing kept for a backward."""
-    with torch.no_grad(), adapter_off(model):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return sequence_logps(logits, batch["labels"])
+    """Log-probabilities of the frozen model: the same swarm with the adapter off (no LoRA, no soft prompts sent),
+    nothing kept for a backward. The model is left untouched, so the policy's pass may run meanwhile."""
+    columns = answer_columns(batch["labels"])
+    with torch.no_grad():
+        hidden = model.parts.prepare_hidden(model.parts.embed_tokens(batch["input_ids"]))
+        hidden = model.remote(hidden, batch["attention_mask"], active_adapter=model.active_adapter)
+        return sequence_logps(model.parts.logits(hidden[:, -columns:]), batch["labels"][:, -columns:])
 
 
-@contextlib.contextmanager
-def adapter_off(model: SwarmForCausalLM) -> Iterator[None]:
-    """The client's LoRA and soft prompts left out of the model's requests for a while."""
-    lora, prompts = model.lora, model.soft_prompts
-    model.lora = model.soft_prompts = None
-    try:
-        yield
-    finally:
-        model.lora, model.soft_prompts = lora, prompts
+def policy_logps(model: SwarmForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Log-probabilities of the model with its adapter, for the backward."""
+    columns = answer_columns(batch["labels"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=columns).logits
+    return sequence_logps(logits, batch["labels"][:, -columns:])
+
+
+# Servers admit at most this many tokens of one peer in flight (their default, server.requests.Limits): two
+# passes at once must fit in it, or a server would refuse one of them (and the client ban it for a while).
+SERVER_TOKENS_IN_FLIGHT = 1 << 17
 
 
 def step(model: SwarmForCausalLM, batch: dict[str, torch.Tensor], beta: float) -> tuple[torch.Tensor, dict]:
-    """(loss, metrics) of a batch of pairs: the reference forward first, then the policy's."""
-    reference = reference_logps(model, batch)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return loss(sequence_logps(logits, batch["labels"]), reference, beta)
+    """(loss, metrics) of a batch of pairs. The reference's pass runs in a thread beside the policy's: the two are
+    independent, so the swarm's servers (a pipeline) and the client's own parts work on both at once. A batch
+    too large for both to be in flight at a server runs them in turn."""
+    rows, length = batch["input_ids"].shape
+    prefix = model.soft_prompts.length if model.soft_prompts is not None else 0
+    if 2 * rows * (length + prefix) > SERVER_TOKENS_IN_FLIGHT:
+        reference = reference_logps(model, batch)
+        return loss(policy_logps(model, batch), reference, beta)
+    with ThreadPoolExecutor(1, thread_name_prefix="dpo-reference") as pool:
+        reference = pool.submit(reference_logps, model, batch)
+        policy = policy_logps(model, batch)
+        return loss(policy, reference.result(), beta)
