@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import signal
 
-from swarmtune import errors
+from swarmtune import errors, shutdown
 from swarmtune.p2p import NetworkOptions, start_dht, start_p2p, stop_p2p, visible_maddrs
 from swarmtune.security import Membership
 
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(run(NetworkOptions(host=args.host, port=args.port, identity_path=args.identity,
                                        initial_peers=args.initial_peers, announce_maddrs=args.announce_maddrs,
                                        public=args.public, membership=membership)))
+    shutdown.exit_at_once()
 
 
 if __name__ == "__main__":

@@ -10,9 +10,12 @@ cut short), and the command exits with status 128 + the signal's number.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
+from typing import NoReturn
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -71,3 +74,13 @@ def stopped_by_signals() -> Iterator[None]:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _state.update(held=0, pending=None, stopping=None)
+
+
+def exit_at_once() -> NoReturn:
+    """End a daemon (a server, a DHT peer) that has shut itself down: announcement withdrawn, p2pd stopped, files
+    closed. Python's own teardown, collecting torch's and transformers' objects one by one, would add seconds to
+    every stop (6 s of a 6.3 s stop on a loaded 2-core machine) for nothing."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

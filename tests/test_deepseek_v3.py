@@ -299,6 +299,7 @@ def test_mla_server_admits_its_budget_in_latent_tokens(client, swarm, path):
         session.step(hidden)
 
 
+@pytest.mark.slow  # a third server starts and dies, as in test_moe_families (recovery itself: test_inference_sessions)
 def test_server_killed_mid_generation_recovers_with_the_same_tokens(swarm, path, reference, tokenizer):
     victim = swarm.add_server((0, 6))  # one hop is preferred over two: sessions start on it
     config = ClientConfig(initial_peers=swarm.initial_peers, step_timeout=5.0, ban_base=1.0)

@@ -139,7 +139,7 @@ def test_server_hangs_during_backward(swarm, parts, batch, baseline, victim):
         remote.connection.close()
 
 
-@pytest.mark.parametrize("fault", ["nan", "shape"])
+@pytest.mark.parametrize("fault", ["nan", pytest.param("shape", marks=pytest.mark.slow)])  # a victim each
 def test_bad_outputs_count_as_failures(swarm, parts, batch, baseline, victim, fault):
     victim(fault=fault)
     remote = _client(swarm)
@@ -151,6 +151,7 @@ def test_bad_outputs_count_as_failures(swarm, parts, batch, baseline, victim, fa
         remote.connection.close()
 
 
+@pytest.mark.slow  # a victim and a DPO model of its own; the DPO step on a swarm: test_dpo
 def test_server_killed_in_a_dpo_step(swarm, tiny_llama, victim):
     """The fast server serves both forward passes of a DPO step (the reference's and the policy's), then dies
     before the backward: the replay on the others gives the local PEFT model's loss and LoRA gradients."""

@@ -23,11 +23,16 @@ from swarmtune.tiny_model import tiny_config
 GiB = 1 << 30
 
 
-def test_small_benchmark_runs_on_cpu(tmp_path):
+@pytest.mark.parametrize("sections", [
+    [s for s in gpu_server.SECTIONS if s != "swarm"],  # e2e still serves its blocks from a server process
+    pytest.param(list(gpu_server.SECTIONS), marks=pytest.mark.slow),  # swarm: two swarms (bf16, nf4), a minute
+], ids=["but-swarm", "all"])
+def test_small_benchmark_runs_on_cpu(tmp_path, sections):
     out = tmp_path / "rows.json"
-    assert gpu_server.main(["--small", "--device", "cpu", "--no-enforce", "--json", str(out)]) == 0
+    args = ["--small", "--device", "cpu", "--no-enforce", "--sections", ",".join(sections), "--json", str(out)]
+    assert gpu_server.main(args) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {r["section"] for r in rows} == set(gpu_server.SECTIONS)
+    assert {r["section"] for r in rows} == set(sections)
     assert not [r for r in rows if r["ok"] is False and r["check"]], "a correctness check failed"
     measured = {r["name"]: r for r in rows if r["value"] is not None}
     ours = measured["bf16 decode per block, normal step (SpanModel + SpanKVCache)"]

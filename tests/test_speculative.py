@@ -114,7 +114,9 @@ def _greedy(model, path: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     return model.generate(**args, **kwargs), reference_model(path).generate(**args)
 
 
-@pytest.mark.parametrize("family", ["llama", pytest.param("qwen2", marks=pytest.mark.slow), "bloom"])  # qwen2: a swarm
+# qwen2: a swarm of its own; bloom (ALiBi): three drafts' generations, a minute on a loaded machine (its swarm
+# generates in test_generation and test_serving)
+@pytest.mark.parametrize("family", ["llama", *(pytest.param(f, marks=pytest.mark.slow) for f in ("qwen2", "bloom"))])
 def test_greedy_speculation_gives_the_plain_greedy_tokens(family, request, tmp_path_factory):
     if family == "llama":
         model, path = request.getfixturevalue("client"), request.getfixturevalue("tiny_llama")

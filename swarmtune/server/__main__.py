@@ -9,7 +9,7 @@ import argparse
 import asyncio
 import logging
 
-from swarmtune import errors
+from swarmtune import errors, shutdown
 from swarmtune.p2p import NetworkOptions
 from swarmtune.security import Membership
 from swarmtune.server.faults import Faults
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with errors.reported(args.debug):
         asyncio.run(Server(config_from_args(args)).run())
+    shutdown.exit_at_once()
 
 
 if __name__ == "__main__":
