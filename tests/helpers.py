@@ -37,6 +37,17 @@ def reference_model(path: str):
     return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32).eval()
 
 
+def span_logits(path: str, ids: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """The checkpoint's logits computed span by span, as servers holding `spans` and a client would."""
+    from swarmtune.models import load_client_parts, load_span
+
+    parts = load_client_parts(path)
+    hidden = parts.prepare_hidden(parts.embed_tokens(ids))
+    for start, end in spans:
+        hidden = load_span(path, start, end)(hidden)
+    return parts.logits(hidden)
+
+
 @contextlib.contextmanager
 def hydra_context(groups: tuple[str, ...] | None = None):
     """Hydra's compose API over swarmtune's configs, with the recipes registered (only `groups` of them)."""

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from swarmtune.models import CheckpointError, get_family, load_client_parts, load_config, load_span, parse_dtype
 from swarmtune.models import checkpoint as checkpoint_module
 from swarmtune.models.checkpoint import INDEX_FILE, open_checkpoint
-from tests.helpers import FAMILIES, reference_model
+from tests.helpers import FAMILIES, reference_model, span_logits
 
 TOL = 1e-5
 HUB_ID = "swarmtune-tests/tiny-model"
@@ -68,14 +68,6 @@ def copy_model(path: str, tmp_path) -> str:
     out = str(tmp_path / "copy")
     shutil.copytree(path, out)
     return out
-
-
-def span_logits(path: str, ids: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
-    parts = load_client_parts(path)
-    hidden = parts.prepare_hidden(parts.embed_tokens(ids))
-    for start, end in spans:
-        hidden = load_span(path, start, end)(hidden)
-    return parts.logits(hidden)
 
 
 # --- only the needed shards ---------------------------------------------------------------------------------

@@ -21,11 +21,11 @@ from swarmtune.client.inference import InferenceSession
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.client.span_requests import RequestRefused
 from swarmtune.local_swarm import LocalSwarm
-from swarmtune.models import get_family, load_client_parts, load_config, load_span
+from swarmtune.models import get_family, load_config, load_span
 from swarmtune.models.checkpoint import INDEX_FILE, open_checkpoint
 from swarmtune.models.fp8 import FP8Error
 from swarmtune.tuning.module import LoraSettings, OptimConfig, SwarmLM, TuningConfig
-from tests.helpers import KillAfter, reference_model
+from tests.helpers import KillAfter, reference_model, span_logits
 from tests.test_lora_grads import Reference, make_batch, max_diff, randomize
 from tests.test_serving import _check_against_local
 
@@ -54,14 +54,6 @@ def all_tensors(path: str) -> dict[str, torch.Tensor]:
     with open(os.path.join(path, INDEX_FILE)) as f:
         shards = sorted(set(json.load(f)["weight_map"].values()))
     return {k: v for shard in shards for k, v in load_file(os.path.join(path, shard)).items()}
-
-
-def span_logits(path: str, ids: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
-    parts = load_client_parts(path)
-    hidden = parts.prepare_hidden(parts.embed_tokens(ids))
-    for start, end in spans:
-        hidden = load_span(path, start, end)(hidden)
-    return parts.logits(hidden)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------

@@ -53,14 +53,9 @@ def swarm_lm(llama_client):
     llama_client.soft_prompts = None
 
 
-def pairs_preferred(model_path: str, adapter: str, pairs: InstructionDataModule | None = None,
-                    beta: float = BETA) -> tuple[float, float]:
-    """Reward accuracy and mean margin of `adapter` on the held-out bundled pairs (as training splits them, seed
-    0), with plain PEFT: the policy with the adapter, the reference with it disabled."""
-    if pairs is None:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        pairs = InstructionDataModule(DataConfig(path=PREFERENCE, format="preference", val_fraction=0.1,
-                                                 max_val_samples=16), tokenizer)
+def peft_margins(model_path: str, adapter: str, pairs: InstructionDataModule, beta: float) -> list[float]:
+    """DPO's reward margin of `adapter` on each validation pair, with plain PEFT: the policy with the adapter, the
+    reference with it disabled."""
     model = PeftModel.from_pretrained(reference_model(model_path), adapter).eval()
     margins = []
     with torch.no_grad():
@@ -71,6 +66,18 @@ def pairs_preferred(model_path: str, adapter: str, pairs: InstructionDataModule 
                 reference = plain_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
             chosen, rejected = (beta * (policy - reference)).chunk(2)
             margins += (chosen - rejected).tolist()
+    return margins
+
+
+def pairs_preferred(model_path: str, adapter: str, pairs: InstructionDataModule | None = None,
+                    beta: float = BETA) -> tuple[float, float]:
+    """Reward accuracy and mean margin of `adapter` on the held-out bundled pairs (as training splits them, seed
+    0), with plain PEFT."""
+    if pairs is None:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        pairs = InstructionDataModule(DataConfig(path=PREFERENCE, format="preference", val_fraction=0.1,
+                                                 max_val_samples=16), tokenizer)
+    margins = peft_margins(model_path, adapter, pairs, beta)
     return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
 
 

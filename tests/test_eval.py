@@ -24,7 +24,7 @@ from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.tuning.data import IGNORE, DataConfig, EvalExample, InstructionDataModule
 from swarmtune.tuning.evaluation import SAMPLE_COLUMNS, EvalConfig, exact_match, generate, log_samples, normalize, score
 from tests.helpers import PEERS, RECIPES, adapter_path, hydra_context, reference_model
-from tests.test_dpo import plain_logps
+from tests.test_dpo import peft_margins
 
 
 def peer_list(swarm) -> str:
@@ -172,16 +172,7 @@ def test_eval_entry_point_on_preference_data_matches_plain_peft(tmp_path, tiny_l
         cfg = compose("eval", overrides=["recipe=tiny_dpo", f"model.path={tiny_llama}"])
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     data = InstructionDataModule(DataConfig(**OmegaConf.to_container(cfg.data)), tokenizer)
-    model = PeftModel.from_pretrained(reference_model(tiny_llama), adapter)
-    margins = []
-    with torch.no_grad():
-        for batch in data.eval_dataloader("validation"):
-            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-            policy = plain_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
-            with model.disable_adapter():
-                reference = plain_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
-            chosen, rejected = (0.5 * (policy - reference)).chunk(2)
-            margins += (chosen - rejected).tolist()
+    margins = peft_margins(tiny_llama, adapter, data, beta=0.5)
     assert printed["pairs"] == len(margins) > 0
     assert printed["reward_accuracy"] == sum(m > 0 for m in margins) / len(margins)
     assert math.isclose(printed["reward_margin"], sum(margins) / len(margins), rel_tol=1e-4, abs_tol=1e-5)

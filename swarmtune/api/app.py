@@ -229,34 +229,40 @@ def make_app(engine: Engine, extra_routers: tuple = ()) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         texts = body.prompts()
-        release = engine.admit(request, body.model, len(texts) * body.n)
-        try:
-            prompts = await asyncio.to_thread(lambda: [_encode(engine, p) for p in texts])
+
+        def prepare() -> tuple[list[list[int]], int, int | None]:
             limit = 16 if body.max_tokens is None else body.max_tokens
-            return await _respond(engine, request, release, body, prompts, limit, body.logprobs, chat=False)
-        except BaseException:
-            release()
-            raise
-        finally:
-            if not body.stream:  # a stream's room goes with its response
-                release()
+            return [_encode(engine, p) for p in texts], limit, body.logprobs
+
+        return await _answer(engine, request, body, len(texts) * body.n, prepare, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        release = engine.admit(request, body.model, body.n)
-        try:
-            prompt = await asyncio.to_thread(_chat_prompt, engine, body)
-            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        def prepare() -> tuple[list[list[int]], int, int | None]:
+            prompt = _chat_prompt(engine, body)
             limit = body.limit() or max(1, engine.max_length - len(prompt))
-            return await _respond(engine, request, release, body, [prompt], limit, logprobs, chat=True)
-        except BaseException:
-            release()
-            raise
-        finally:
-            if not body.stream:  # a stream's room goes with its response
-                release()
+            return [prompt], limit, (body.top_logprobs or 0) if body.logprobs else None
+
+        return await _answer(engine, request, body, body.n, prepare, chat=True)
 
     return app
+
+
+async def _answer(engine: Engine, request: Request, body: CompletionRequest | ChatRequest, rows: int,
+                  prepare: Callable[[], tuple[list[list[int]], int, int | None]], chat: bool):
+    """Admit the request (its rows count toward the client's and the server's limits), then tokenize its prompts
+    off the event loop (`prepare`: prompts, token limit, logprobs) and answer. The room is released when the
+    answer is whole, or on any error; a stream's, when the stream ends."""
+    release = engine.admit(request, body.model, rows)
+    try:
+        prompts, limit, logprobs = await asyncio.to_thread(prepare)
+        return await _respond(engine, request, release, body, prompts, limit, logprobs, chat=chat)
+    except BaseException:
+        release()
+        raise
+    finally:
+        if not body.stream:
+            release()
 
 
 def _has_key(request: Request, key: str) -> bool:
