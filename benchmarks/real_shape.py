@@ -37,6 +37,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from benchmarks.gpu_server import CACHE_KWARG, TOLERANCE, Row, check_row, llama_config, table
+from swarmtune import shutdown
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.inference import InferenceSession
@@ -247,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args(argv)
     shapes = Shapes(blocks=args.blocks, servers=args.servers, activation=tuple(args.activation))
-    rows = run(shapes)
+    with shutdown.stopped_by_signals():  # SIGTERM, as Ctrl-C, stops the servers (their own sessions) before we go
+        rows = run(shapes)
     print(table(rows, enforce=True), flush=True)
     if args.json:
         with open(args.json, "w") as f:
