@@ -12,22 +12,19 @@ request, against that request's matmuls.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 logger = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3      # mallopt's parameter number (malloc.h)
-MMAP_THRESHOLD = 1 << 20   # allocations from this size up get their own mapping (a decoding step's are smaller)
+MMAP_THRESHOLD = 1 << 20   # allocations from this size up get their own mapping (a one-row decoding step's are smaller)
 
 
 def return_freed_memory() -> None:
     """Make large allocations their own mappings from now on (glibc only; elsewhere nothing changes)."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt, macOS's libc neither)
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the process runs with
+    except (OSError, AttributeError):  # no mallopt (macOS), or no C library to ask (Windows)
         mallopt = None
     if mallopt is None or mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
         logger.debug("malloc's mmap threshold left as it is: freed host memory may stay with the process")
