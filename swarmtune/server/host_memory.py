@@ -3,9 +3,9 @@
 glibc's malloc serves a large allocation with its own mmap only while it is above a threshold that
 it raises (up to 32 MiB) each time such a block is freed; after that, the activations of a request
 and the random block that the throughput benchmark builds come from the heap, and what is freed
-there mostly stays with the process. A server holding 1.6 GiB of Llama-2-70B weights kept another
-0.27 GiB so after its throughput benchmark and one 2 x 256-token forward. A fixed threshold keeps every large
-tensor in its own mapping, unmapped when freed: one mmap and its page faults per tensor of a
+there mostly stays with the process. A server holding 1.6 GiB of Llama-2-70B weights kept 0.27
+GiB more after its throughput benchmark and one 2 x 256-token forward. A fixed threshold keeps every
+large tensor in its own mapping, unmapped when freed: one mmap and its page faults per tensor of a
 request, against that request's matmuls.
 """
 
