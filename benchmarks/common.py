@@ -13,16 +13,14 @@ import json
 import os
 import platform
 import random
-import signal
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from swarmtune import transport, wire
+from swarmtune import shutdown, transport, wire
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.local_swarm import LocalSwarm
@@ -288,17 +286,11 @@ def parse_args(description: str, default_out: str, argv: list[str] | None = None
     return args
 
 
-def unwind_on_sigterm() -> None:
-    """Make SIGTERM unwind like Ctrl-C, so that servers stop and emulated networks are removed."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-
 def run_section(run: Callable[[Bench], list], table: Callable[[list], str], description: str, name: str,
                 argv: list[str] | None = None) -> None:
     """`python -m benchmarks.<name>`: one section on its own, with run.py's flags, printed as a table."""
     args = parse_args(description, f"benchmarks/results/{name}", argv)
-    unwind_on_sigterm()
-    with single_threaded(), Bench(args.plan, args.out) as bench:
+    with shutdown.stopped_by_signals(), single_threaded(), Bench(args.plan, args.out) as bench:
         print(table(run(bench)))
 
 

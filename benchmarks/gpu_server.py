@@ -56,6 +56,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaModel
 
+from swarmtune import shutdown
 from swarmtune.models import SpanKVCache, SpanModel, get_family
 from swarmtune.server import compute, cuda
 from swarmtune.server.quantize import quantize
@@ -758,9 +759,10 @@ def main(argv: list[str] | None = None) -> int:
                 "offload": offload_section, "swarm": swarm_section}
     rows: list[Row] = []
     found: dict = {}
-    for name in args.sections.split(","):
-        run_guarded(name, lambda fn=sections[name]: fn(model, shapes, device, found), rows)
-        free_memory(device)
+    with shutdown.stopped_by_signals():  # SIGTERM, as Ctrl-C, stops the swarm section's servers before we go
+        for name in args.sections.split(","):
+            run_guarded(name, lambda fn=sections[name]: fn(model, shapes, device, found), rows)
+            free_memory(device)
     print(table(rows, enforce), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -19,6 +19,8 @@ import time
 
 import psutil
 
+from swarmtune import shutdown
+
 HIDDEN = 64
 
 
@@ -132,4 +134,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with shutdown.stopped_by_signals():  # SIGTERM, as Ctrl-C, stops the swarm's servers before we go
+        main()

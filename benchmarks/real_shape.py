@@ -16,7 +16,12 @@ It reports RSS, load time, and decode and forward time per block against transfo
 GiB of memory and 5-10 minutes on 2 cores; `tests/test_real_shape.py` (slow) runs it with one
 block and one server. Exits 1 when a check fails.
 
-    python -m benchmarks.real_shape [--blocks 4] [--servers 2] [--json out.json]
+`--family qwen3_moe` does the same with Qwen3-30B-A3B's MoE blocks as published (hidden 2048, 32
+query and 4 KV heads of 128, 128 routed experts of 768, 8 per token; 1.2 GB each in bf16), 2
+blocks in 2 servers by default: the experts' checkpoint layout (one tensor per expert, fused by
+the server as it loads) and the routing through a real server, beside transformers.
+
+    python -m benchmarks.real_shape [--family llama|qwen3_moe] [--blocks 4] [--servers 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,14 +34,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from unittest import mock
 
 import psutil
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel, Qwen3MoeConfig
 
-from benchmarks.gpu_server import CACHE_KWARG, TOLERANCE, Row, check_row, llama_config, table
+from benchmarks.gpu_server import CACHE_KWARG, TOLERANCE, VOCAB, Row, check_row, llama_config, table
+from swarmtune import shutdown
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.inference import InferenceSession
@@ -53,19 +59,41 @@ RSS_FACTOR = 1.15
 class Shapes:
     """Block shape fields as benchmarks.gpu_server.Shapes names them (its llama_config reads them)."""
 
+    family: str = "llama"
     hidden: int = 8192
     heads: int = 64
     kv_heads: int = 8
     mlp: int = 28672
     blocks: int = 4
     servers: int = 2
-    shard_mb: int = 1000          # shards smaller than a block (1.7 GB), so that blocks straddle them
+    shard_mb: int = 1000          # shards smaller than a block (1.7 GB; qwen3_moe 1.2 GB), so that blocks straddle them
     tokens: int = 32              # forward and backward checks: [1, tokens]
     prompt: int = 16
     decode_steps: int = 16
     activation: tuple[int, int] = (8, 512)  # the large activation streamed through and back
     cache_mb: int = 64            # each server's KV budget
     start_timeout: float = 600.0
+    experts: int = 0              # qwen3_moe: routed experts, each with an MLP of `expert_mlp`, `per_token` used
+    expert_mlp: int = 0
+    per_token: int = 0
+
+
+# Qwen3-30B-A3B's blocks as published (config.json): every block MoE, no shared expert
+QWEN3_MOE = dict(family="qwen3_moe", hidden=2048, heads=32, kv_heads=4, mlp=6144, experts=128, expert_mlp=768,
+                 per_token=8, blocks=2, servers=2)
+
+
+def model_config(s: Shapes) -> PretrainedConfig:
+    if s.family == "llama":
+        return llama_config(s)
+    config = Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=s.hidden, intermediate_size=s.mlp, num_hidden_layers=s.blocks,
+        num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, head_dim=128, num_experts=s.experts,
+        moe_intermediate_size=s.expert_mlp, num_experts_per_tok=s.per_token, norm_topk_prob=True,
+        max_position_embeddings=40960, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config._attn_implementation = "sdpa"
+    return config
 
 
 def spans(s: Shapes) -> list[tuple[int, int]]:
@@ -105,7 +133,7 @@ def run(s: Shapes) -> list[Row]:
     torch.manual_seed(0)
     rows: list[Row] = []
     dtype = torch.bfloat16
-    model, build_s = timed(lambda: AutoModelForCausalLM.from_config(llama_config(s), dtype=dtype))
+    model, build_s = timed(lambda: AutoModelForCausalLM.from_config(model_config(s), dtype=dtype))
     model.eval().requires_grad_(False)
     with tempfile.TemporaryDirectory(prefix="swarmtune-real-shape-") as tmp:
         path, logs = os.path.join(tmp, "model"), os.path.join(tmp, "logs")
@@ -222,7 +250,8 @@ def decode_rows(model: PreTrainedModel, connection: SwarmConnection, s: Shapes) 
             target=f"<= {tol:g}", ok=worst <= tol, check=True),
         Row("decode", "decode step per block, swarm (InferenceSession)", 1e3 * median(ours_s) / s.blocks, "ms",
             1e3 * median(hf_s) / s.blocks, "transformers in-process (DynamicCache)",
-            note="memory-bound: every step reads all weights once"),
+            note="memory-bound: every step reads all weights once" if s.family == "llama" else
+            f"reads the attention and the {s.per_token} experts each token chose, of {s.experts}"),
     ]
 
 
@@ -241,13 +270,17 @@ def activation_rows(connection: SwarmConnection, s: Shapes) -> list[Row]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--blocks", type=int, default=Shapes.blocks)
-    p.add_argument("--servers", type=int, default=Shapes.servers)
+    p.add_argument("--family", choices=("llama", "qwen3_moe"), default="llama")
+    p.add_argument("--blocks", type=int, default=None, help="default: 4 (llama), 2 (qwen3_moe)")
+    p.add_argument("--servers", type=int, default=None, help="default: 2")
     p.add_argument("--activation", type=int, nargs=2, default=Shapes.activation, metavar=("BATCH", "LENGTH"))
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args(argv)
-    shapes = Shapes(blocks=args.blocks, servers=args.servers, activation=tuple(args.activation))
-    rows = run(shapes)
+    base = Shapes(**QWEN3_MOE) if args.family == "qwen3_moe" else Shapes()
+    shapes = replace(base, blocks=args.blocks or base.blocks, servers=args.servers or base.servers,
+                     activation=tuple(args.activation))
+    with shutdown.stopped_by_signals():  # SIGTERM, as Ctrl-C, stops the servers (their own sessions) before we go
+        rows = run(shapes)
     print(table(rows, enforce=True), flush=True)
     if args.json:
         with open(args.json, "w") as f:

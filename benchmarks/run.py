@@ -36,9 +36,9 @@ from benchmarks.common import (  # noqa: E402
     machine,
     parse_args,
     single_threaded,
-    unwind_on_sigterm,
     write_json,
 )
+from swarmtune import shutdown  # noqa: E402
 
 # recovery after network: it kills servers of the run's loopback swarms, which the network section's loopback row
 # reuses; hostile starts swarms of its own
@@ -137,7 +137,11 @@ def _load(load: tuple[float, ...]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__, "benchmarks/results", argv)
-    unwind_on_sigterm()
+    with shutdown.stopped_by_signals():  # SIGTERM, as Ctrl-C, stops the swarms and removes emulated networks
+        return run_all(args)
+
+
+def run_all(args) -> int:
     began, load_before = time.monotonic(), os.getloadavg()
     results: dict[str, list[Figure]] = {}
     errors: dict[str, str] = {}

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from benchmarks.common import Bench, Figure, figures_table, median, parse_args, single_threaded, unwind_on_sigterm
+from benchmarks.common import Bench, Figure, figures_table, median, parse_args, single_threaded
+from swarmtune import shutdown
 
 SECTION = "serve"
 SCENARIOS = {"smoke": (1, 4), "quick": (1, 4, 16), "full": (1, 4, 16)}
@@ -219,8 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.run import plot_panels
 
     args = parse_args(__doc__, f"benchmarks/results/{SECTION}", argv)
-    unwind_on_sigterm()
-    with single_threaded(), Bench(args.plan, args.out) as bench:
+    with shutdown.stopped_by_signals(), single_threaded(), Bench(args.plan, args.out) as bench:
         figures = run(bench)
     print(figures_table(figures))
     plot_panels(panels(figures), os.path.join(args.out, f"plot_{SECTION}.png"),

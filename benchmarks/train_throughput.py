@@ -28,6 +28,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from swarmtune import shutdown
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.client.span_requests import LoraShipments
 from swarmtune.local_swarm import LocalSwarm
@@ -223,4 +224,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with shutdown.stopped_by_signals():  # SIGTERM, as Ctrl-C, stops the swarm's servers before we go
+        main()

@@ -223,6 +223,20 @@ def test_fused_expert_checkpoint_loads(tiny_models, tmp_path, family):
     assert (span_logits(out, ids, [(0, 1), (1, 6)]) - expected).abs().max().item() <= TOL
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mappings from /proc")
+@pytest.mark.parametrize("family, mapped", [("llama", True), ("qwen3_moe", False)])
+def test_a_block_with_converted_tensors_keeps_no_shard_mapped(tiny_models, tmp_path, family, mapped):
+    """Tensors kept as read are views of their shard's mapping (the weights themselves, not a copy); a block
+    whose experts were fused holds no view, else the mapping would keep the experts' source pages in the
+    server's RSS beside the fused copy."""
+    path = copy_model(tiny_models(family), tmp_path)  # a copy that nothing else in this process maps
+    span = load_span(path, 0, 1)
+    with open("/proc/self/maps") as f:
+        maps = f.read()
+    del span  # alive until the mappings were read
+    assert (os.path.realpath(path) in maps) == mapped
+
+
 def write_mxfp4_checkpoint(path: str, out: str, scales: tuple[int, int] = (117, 124)) -> None:
     """gpt-oss as openai publishes it: random MXFP4 experts (`*_blocks` codes, `*_scales` exponents drawn
     from `scales`), other tensors as they are, in two shards with an index."""

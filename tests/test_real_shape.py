@@ -7,9 +7,7 @@ import pytest
 
 from benchmarks import real_shape
 
-# Failed after the merge of stop 36 (not yet traced: MLA cache shapes, the 64 KiB unary limit or the decode lane
-# cost are the suspects); kept running so CI shows XFAIL or XPASS until it is fixed.
-pytestmark = [pytest.mark.slow, pytest.mark.xfail(strict=False, reason="fails since stop 36, not yet traced")]
+pytestmark = pytest.mark.slow
 
 
 def test_a_real_shaped_block_is_served_exactly_and_without_a_second_copy():

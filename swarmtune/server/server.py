@@ -25,7 +25,7 @@ from swarmtune.models.span import SpanModel
 from swarmtune.p2p import NetworkOptions, start_dht, start_p2p, stop_p2p, visible_maddrs
 from swarmtune.records import ModelInfo, ServerInfo
 from swarmtune.security import Identity
-from swarmtune.server import block_selection, compute, cuda, throughput
+from swarmtune.server import block_selection, compute, cuda, host_memory, throughput
 from swarmtune.server.executor import PriorityExecutor
 from swarmtune.server.handler import BlockServicer, HandlerConfig
 from swarmtune.server.hosted_adapters import read_hosted
@@ -99,6 +99,7 @@ class Server:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         cuda.configure(cfg.device)
+        host_memory.return_freed_memory()  # before the benchmark's random block
         self.model_config = load_config(cfg.model, cfg.attn_implementation, cfg.revision)
         check_span(cfg, self.model_config.num_hidden_layers)
         self.sizes = block_selection.relative_sizes(throughput.block_sizes(self.model_config))
