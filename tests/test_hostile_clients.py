@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import subprocess
 import sys
 import threading
@@ -179,9 +180,9 @@ def test_sessions_are_charged_for_their_prompts_and_adapter(llama_swarm, llama_c
 def strict_swarm(tiny_llama):
     """One server for all blocks whose streams may stay idle for 3 s at most, forward graphs 2 s; one peer's
     requests may hold 4 MiB, all peers' 8 MiB; 1 MiB of KV memory, and sessions idle for 1 s may be evicted for
-    another peer."""
+    another peer; 64 MiB of working memory for requests' activations."""
     with LocalSwarm(tiny_llama, spans=[(0, 6)], session_timeout=3, activation_cache_ttl=2, max_message_mb=4,
-                    max_receiving_mb=8, cache_mb=1, evict_idle_after=1) as swarm:
+                    max_receiving_mb=8, cache_mb=1, evict_idle_after=1, working_memory_mb=64) as swarm:
         yield swarm
 
 
@@ -269,6 +270,36 @@ def test_a_kept_graph_is_counted_at_what_it_holds(tiny_llama):
     assert 0.6 * grown <= charged <= 1.4 * grown, (charged, grown)
 
 
+WORKING_MEMORY = """
+import gc, resource, sys, psutil, torch
+from swarmtune.models import load_span
+from swarmtune.server import compute, working_memory
+torch.set_num_threads(1)
+span = load_span(sys.argv[1], 0, 6, torch.float32, "cpu", "sdpa")
+hidden = torch.randn(1, int(sys.argv[3]), span.config.hidden_size)
+compute.forward(span, hidden[:, :8], None, None, None, None)  # the runtime's own first-call allocations
+gc.collect()
+before = max(psutil.Process().memory_info().rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+if sys.argv[2] == "forward":
+    compute.forward(span, hidden, None, None, None, None)
+else:
+    compute.backward(span, hidden, None, None, None, None, torch.randn_like(hidden))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(working_memory.estimate(span, sys.argv[2], 1, hidden.shape[1], hidden.shape[1]), peak - before)
+"""
+
+
+@pytest.mark.parametrize("kind, length", [("forward", 4096), ("backward", 2048)])
+def test_working_memory_estimates_bound_what_requests_hold(tiny_llama, kind, length):
+    """What a request is charged bounds its peak memory (a fresh process's peak RSS, at lengths where it stands
+    clear of the allocator's noise), without overstating it more than three times."""
+    out = subprocess.run([sys.executable, "-c", WORKING_MEMORY, tiny_llama, kind, str(length)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    charged, peak = (int(x) for x in out.stdout.split())
+    assert peak <= charged <= 3 * peak, (charged, peak)
+
+
 def test_an_oversized_frame_is_refused_on_its_length_prefix(strict_server):
     """A frame that announces 600 MiB: the server hangs up after reading its 8-byte prefix, not after 600 MiB
     (nor at its session timeout), and goes on serving."""
@@ -350,6 +381,31 @@ def test_large_messages_never_travel_as_unary_calls(strict_server):
     assert after.get("rejected", 0) == before.get("rejected", 0) and after.get("forward") == before.get("forward")
     _, tensors = conn.run(transport.call(conn.p2p, server.peer_id, "forward", message, 20), timeout=30)
     assert tensors["hidden"].shape == (1, 512, HIDDEN)
+
+
+@pytest.mark.parametrize("method", ["forward", "backward"])
+def test_a_request_whose_activations_exceed_the_working_memory_is_refused(strict_server, method):
+    """1x4096 tokens need well over the server's 64 MiB of working memory (attention's [length x positions]
+    masks alone are 128 MiB): refused before they run, as the client's error naming the longest request that
+    fits, which then goes through; the budget holds nothing once they are answered."""
+    conn, server = strict_server
+
+    def send(length: int) -> dict:
+        hidden = torch.randn(1, length, HIDDEN)
+        tensors = {"hidden": hidden, "grad_output": torch.randn_like(hidden)} if method == "backward" else {}
+        data = wire.pack({"start": 0, "end": 6}, {"hidden": hidden, **tensors})
+        return conn.run(transport.call(conn.p2p, server.peer_id, method, data, 30, stream=True), timeout=40)[1]
+
+    before = info(conn, server.peer_id)["stats"].get(method, 0)
+    with pytest.raises(ServerRejected, match="working memory") as refused:
+        send(4096)
+    assert not refused.value.retry and info(conn, server.peer_id)["stats"].get(method, 0) == before
+    longest = int(re.search(r"send at most 1x(\d+) tokens", refused.value.reason).group(1))
+    assert 256 <= longest < 4096
+    assert next(iter(send(longest).values())).shape == (1, longest, HIDDEN)
+    after = info(conn, server.peer_id)
+    assert after["working_bytes"] == 0 and after["working_bytes_max"] == 64 << 20
+    assert after["stats"][method] == before + 1
 
 
 def test_one_peer_cannot_buffer_more_than_one_message_across_streams(strict_server, another_peer):

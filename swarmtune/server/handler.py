@@ -25,7 +25,7 @@ from swarmtune import transport, wire
 from swarmtune.adapters.lora import ClientLora
 from swarmtune.models.span import SpanModel
 from swarmtune.security import Membership
-from swarmtune.server import compute, cuda
+from swarmtune.server import compute, cuda, working_memory
 from swarmtune.server.executor import BACKWARD, FORWARD, INFERENCE, PriorityExecutor
 from swarmtune.server.faults import Faults
 from swarmtune.server.graphs import KeptGraphs
@@ -76,6 +76,7 @@ class HandlerConfig:
     graph_ttl: float = 120.0          # seconds a kept graph waits for its backward
     evict_idle_after: float = 1.0     # a session idle this long may be evicted for a peer that waits for memory
     cuda_graphs: bool = True          # plain single-token steps replay a CUDA graph (CUDA devices only)
+    working_bytes: int | None = None  # activations of the requests computing at once (None: working_memory.auto_bytes)
 
 
 def _response(meta: dict, tensors: dict | None = None) -> bytes:
@@ -212,10 +213,10 @@ class BlockServicer(ServicerBase):
             self.stats["refusals_held"] += 1
         return _error(str(error), retry)
 
-    async def _compute(self, peer: str, tokens: int, context: int, priority: int, fn, *args):
+    async def _compute(self, peer: str, tokens: int, context: int, priority: int, memory: int, fn, *args):
         """Run `fn` on the compute thread, within the peer's budget of tokens in flight, charged to the peer's
         fair share of compute and to its request rate by its cost: `tokens` new tokens, each attending to
-        `context` positions."""
+        `context` positions; holding `memory` bytes of working memory (`working_memory.admit`) while it runs."""
         if self.tokens_in_flight[peer] + tokens > self.limits.max_tokens_in_flight_per_peer:
             raise PeerOverLimit(f"this peer already has {self.tokens_in_flight[peer]} tokens in flight "
                                 f"(limit {self.limits.max_tokens_in_flight_per_peer})")
@@ -223,7 +224,7 @@ class BlockServicer(ServicerBase):
         self.rates.charge(peer, cost / COST_PER_REQUEST)  # admitted already: what it costs delays the next
         self.tokens_in_flight[peer] += tokens
         try:
-            return await self.executor.submit(priority, fn, *args, peer=peer, cost=cost)
+            return await self.executor.submit(priority, fn, *args, peer=peer, cost=cost, memory=memory)
         finally:
             self.tokens_in_flight[peer] -= tokens
             if not self.tokens_in_flight[peer]:
@@ -265,25 +266,28 @@ class BlockServicer(ServicerBase):
         span, (batch, length) = self.subspan(req.start, req.end), req.hidden.shape[:2]
         args = (span, req.hidden, req.attention_mask, req.position_ids, req.deep_prompts, lora, seed)
         if req.keep is not None and self.graphs.wanted(compute.graph_bytes(span, req.hidden)):
-            graph, out = await self._compute(peer, batch * length, length, FORWARD, _forward_keeping, *args)
+            memory = self.executor.memory.admit(span, working_memory.KEEPING, batch, length, 0, "a forward")
+            graph, out = await self._compute(peer, batch * length, length, FORWARD, memory, _forward_keeping, *args)
             self.graphs.put((peer, req.keep, req.start, req.end), graph)
         else:
-            out = await self._compute(peer, batch * length, length, FORWARD, compute.forward, *args)
+            memory = self.executor.memory.admit(span, working_memory.FORWARD, batch, length, 0, "a forward")
+            out = await self._compute(peer, batch * length, length, FORWARD, memory, compute.forward, *args)
         self.stats["forward"] += 1
         return _response({"ok": True}, {"hidden": self.config.faults.corrupt(out)})
 
     async def _backward(self, meta: dict, tensors: dict, peer: str) -> bytes:
         req, lora, seed = self._parse(meta, tensors, peer, backward=True)
         await self.config.faults.wait()
-        batch, length = req.hidden.shape[:2]
+        span, (batch, length) = self.subspan(req.start, req.end), req.hidden.shape[:2]
         graph = self.graphs.take((peer, req.keep, req.start, req.end)) if req.keep is not None else None
         if graph is not None and torch.equal(graph.received, req.hidden):  # the forward we kept: no recompute
             self.stats["backward_from_kept_graph"] += 1
-            grads = await self._compute(peer, batch * length, length, BACKWARD, compute.backward_through, graph,
-                                        req.grad_output)
+            memory = self.executor.memory.admit(span, working_memory.GRADIENTS, batch, length, 0, "a backward")
+            grads = await self._compute(peer, batch * length, length, BACKWARD, memory, compute.backward_through,
+                                        graph, req.grad_output)
         else:
-            grads = await self._compute(peer, batch * length, length, BACKWARD, compute.backward,
-                                        self.subspan(req.start, req.end),
+            memory = self.executor.memory.admit(span, working_memory.BACKWARD, batch, length, 0, "a backward")
+            grads = await self._compute(peer, batch * length, length, BACKWARD, memory, compute.backward, span,
                                         req.hidden, req.attention_mask, req.position_ids, req.deep_prompts, lora,
                                         req.grad_output, seed)
         grad_hidden, grad_deep, grad_lora = grads
@@ -347,7 +351,8 @@ class BlockServicer(ServicerBase):
             return runtime_pb2.ExpertResponse(metadata=await self._refused(peer, e))
         meta = dict(self.info, cache_bytes_free=self.budget.free, active_sessions=len(self.sessions),
                     graph_bytes_kept=self.graphs.nbytes, receiving_bytes=self.receiving.used,
-                    evictions=self.budget.evictions, stats=dict(self.stats))
+                    evictions=self.budget.evictions, working_bytes=self.executor.memory.used,
+                    working_bytes_max=self.executor.memory.max_bytes, stats=dict(self.stats))
         return runtime_pb2.ExpertResponse(metadata=_response(meta))
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -630,10 +635,12 @@ class BlockServicer(ServicerBase):
         mask = check_mask(tensors.get("attention_mask"), batch, length)
         pos = check_positions(tensors.get("position_ids"), batch, length, MAX_POSITION)
         edits = _cache_edits(meta, tensors, batch)
+        memory = self.executor.memory.admit(self.subspan(*session.blocks), working_memory.FORWARD, batch, length,
+                                            session.length, "an inference step")
         await self.config.faults.wait()
         out = self.config.faults.corrupt(
-            await self._compute(peer, batch * length, session.length + length, INFERENCE, session.step, hidden, mask,
-                                pos, edits))
+            await self._compute(peer, batch * length, session.length + length, INFERENCE, memory, session.step,
+                                hidden, mask, pos, edits))
         self.stats["inference_steps"] += 1
         target = meta.get("push_to")
         if (isinstance(target, dict) and isinstance(target.get("peer"), str) and isinstance(target.get("key"), str)
