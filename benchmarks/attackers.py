@@ -428,8 +428,8 @@ async def short_lane(attack: Attack) -> None:
 
 
 async def working_memory(attack: Attack) -> None:
-    """Forwards of 1 x `--tokens` (the server's max tokens), refused for their working memory; then forwards and
-    backwards of the longest length the refusal names, as fast as they are answered."""
+    """A forward and a backward of 1 x `--tokens` (the server's max tokens), each refused for its working memory;
+    then forwards and backwards of the longest lengths the refusals name, as fast as they are answered."""
     args = attack.args
 
     def message(length: int, backward: bool) -> bytes:
@@ -437,14 +437,17 @@ async def working_memory(attack: Attack) -> None:
         return wire.pack({"start": args.start, "end": args.end},
                          {"hidden": hidden, **({"grad_output": torch.randn_like(hidden)} if backward else {})})
 
-    longest = args.tokens
-    try:
-        await transport.call(attack.p2p, attack.peer_id, "forward", message(longest, False), CALL_TIMEOUT)
-    except transport.ServerFailure as e:
-        attack.answered(e.reason)
-        found = re.search(r"send at most 1x(\d+) tokens", e.reason)
-        longest = int(found.group(1)) if found else longest
-    requests = [message(longest, False), message(longest, True)]
+    async def longest(method: str) -> int:
+        try:
+            await transport.call(attack.p2p, attack.peer_id, method, message(args.tokens, method == "backward"),
+                                 CALL_TIMEOUT)
+            return args.tokens
+        except transport.ServerFailure as e:
+            attack.answered(e.reason)
+            found = re.search(r"send at most 1x(\d+) tokens", e.reason)
+            return int(found.group(1)) if found else args.tokens
+
+    requests = [message(await longest("forward"), False), message(await longest("backward"), True)]
 
     async def loop(attack: Attack, i: int) -> None:
         while attack.running():

@@ -481,10 +481,12 @@ def run_swarm(bench: Bench, keys: tuple[str, ...]) -> list[Figure]:
     quiet = start.peak_rss
     figures = class_figures(NO_ATTACK, f"{NO_ATTACK}, start" + (" vs end of run" if end else ""), start, end or start,
                             "end of run" if end else "itself", bound, window, quiet)
-    for attack, out in outcomes:
-        figures += class_figures(attack.key, attack.title, out, base, "no attack", bound, window, quiet)
     for f in figures:
         f.details["server_options"] = options
+    for attack, out in outcomes:
+        for f in class_figures(attack.key, attack.title, out, base, "no attack", bound, window, quiet):
+            f.details["server_options"] = {**options, **dict(attack.server)}
+            figures.append(f)
     return figures
 
 
