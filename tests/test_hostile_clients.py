@@ -487,17 +487,15 @@ def test_a_peer_over_its_share_loses_its_oldest_active_session_to_a_waiting_one(
     per_token = (free - info(conn, server.peer_id)["cache_bytes_free"]) / 100
     conn.loop.call_soon_threadsafe(probe.close)
     wait_until(lambda: info(conn, server.peer_id)["cache_bytes_free"] == free, "the probe was not freed")
-    hogs = []
-    for _ in range(2):
-        time.sleep(1.1)  # each open counts toward the rate by its reservation (almost half a second's worth)
-        hogs.append(open_session(conn, server.peer_id, {"start": 0, "end": 6, "batch_size": 1,
-                                                        "max_length": int(0.45 * free / per_token)}))
+    hog_meta = {"start": 0, "end": 6, "batch_size": 1, "max_length": int(0.45 * free / per_token)}
+    time.sleep(1.1)  # each open counts toward the rate by its reservation (almost half a second's worth)
+    hogs = [open_session(conn, server.peer_id, hog_meta)]
     stop, refusals = threading.Event(), []
     step = wire.pack({"type": "step", "step": 0}, {"hidden": torch.randn(1, 1, HIDDEN)})
 
-    def keep_stepping() -> None:
+    def keep_stepping() -> None:  # from the first open on: a hog idle for the session timeout (3 s) is closed
         while not stop.wait(0.3):
-            for hog in hogs:
+            for hog in list(hogs):
                 if not hog.closed:
                     try:
                         conn.run(hog.exchange(step, 20), timeout=30)
@@ -507,6 +505,8 @@ def test_a_peer_over_its_share_loses_its_oldest_active_session_to_a_waiting_one(
     stepping = threading.Thread(target=keep_stepping, daemon=True)
     stepping.start()
     try:
+        time.sleep(1.1)
+        hogs.append(open_session(conn, server.peer_id, hog_meta))
         time.sleep(1.0)
         began = time.monotonic()
         mine = open_session(legit, server.peer_id, {"start": 0, "end": 6, "max_length": int(0.4 * free / per_token),
@@ -516,8 +516,7 @@ def test_a_peer_over_its_share_loses_its_oldest_active_session_to_a_waiting_one(
         assert out["hidden"].shape == (1, 1, HIDDEN)
         wait_until(lambda: refusals, "the evicted session's step was not refused")
         assert info(conn, server.peer_id)["evictions"] >= 1
-        # the refusal names the eviction (run after other tests, the stream has been seen to break instead)
-        assert all("evicted" in e.reason and e.retry for e in refusals if isinstance(e, ServerRejected)), refusals
+        assert all(isinstance(e, ServerRejected) and "evicted" in e.reason and e.retry for e in refusals), refusals
         assert hogs[0].closed and not hogs[1].closed  # the oldest went; the newer one goes on
         legit.loop.call_soon_threadsafe(mine.close)
     finally:
@@ -526,6 +525,17 @@ def test_a_peer_over_its_share_loses_its_oldest_active_session_to_a_waiting_one(
         for hog in hogs:
             conn.loop.call_soon_threadsafe(hog.close)
     wait_until(lambda: info(conn, server.peer_id)["cache_bytes_free"] == free, "the KV budget did not come back")
+
+
+def test_a_session_closed_for_idling_says_so_to_a_step_sent_after(strict_server):
+    """The server closes a session idle past its timeout (3 s); a step the client sends a moment later gets
+    that reason, not a broken stream (closing at once made the daemon drop the reply)."""
+    conn, server = strict_server
+    stream = open_session(conn, server.peer_id, {"start": 0, "end": 6, "max_length": 8, "batch_size": 1})
+    time.sleep(3.5)
+    step = wire.pack({"type": "step", "step": 0}, {"hidden": torch.randn(1, 1, HIDDEN)})
+    with pytest.raises(ServerRejected, match="session idle for more than 3 s"):
+        conn.run(stream.exchange(step, 20), timeout=30)
 
 
 def test_a_kept_graph_with_lora_is_not_charged_for_the_frozen_weights(tiny_llama):

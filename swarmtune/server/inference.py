@@ -89,6 +89,7 @@ class InferenceSessions:
                 intake.release()
         except asyncio.TimeoutError:
             yield frame(error_reply(intake.timed_out(f"session idle for more than {timeout:.0f} s"), retry=True))
+            await drain(requests)  # a step the client sends meanwhile would make the daemon drop this reply
         except (RequestError, wire.WireError) as e:
             yield frame(await self.gate.refused(peer, e))
             await drain(requests)
