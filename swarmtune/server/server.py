@@ -105,7 +105,7 @@ class Server:
         self.speed = throughput.get_throughput(self.model_config, parse_dtype(cfg.dtype), cfg.device, cfg.quant,
                                                cfg.throughput_cache)
 
-    def working_memory(self) -> working_memory.WorkingMemory:
+    def working_budget(self) -> working_memory.WorkingMemory:
         """The budget for requests' activations: --working-memory-mb, else its share of free memory, measured
         before any block loads."""
         nbytes = self.config.handler.working_bytes
@@ -157,7 +157,7 @@ class Server:
     async def run(self) -> None:
         cfg = self.config
         self.prepare()
-        self.executor = PriorityExecutor(memory=self.working_memory())
+        self.executor = PriorityExecutor(memory=self.working_budget())
         # the daemon's identity key also signs our DHT records, so load (or create) it here
         identity = Identity.load_or_create(cfg.network.identity_path)
         network = dataclasses.replace(cfg.network, identity_path=identity.path,

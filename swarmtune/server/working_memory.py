@@ -4,7 +4,7 @@ A request's activations live only while it runs, but grow with its length: one 1
 tiny test llama raised a server's RSS by 1.4 GB, mostly attention's [length x positions] masks and
 scores, and a backward keeps every block's activations at once. So each computation's working memory is
 estimated from the model family's shapes before it runs (`estimate`: an upper bound, checked against
-measured peaks in tests/test_server_budgets.py) and reserved from a server-wide budget while it runs,
+measured peaks in tests/test_hostile_clients.py) and reserved from a server-wide budget while it runs,
 charged to its peer.
 
 The compute threads run one request per lane (server.executor): the short lane, for cheap requests, runs
@@ -28,6 +28,7 @@ from transformers import PretrainedConfig
 
 from swarmtune.models.span import SpanModel
 from swarmtune.server.requests import RequestError
+from swarmtune.server.throughput import MEMORY_FRACTION
 
 SHORT_PART = 8  # the short lane runs within 1/SHORT_PART of the budget, the long lane within the rest
 MASK_BYTES = 12  # per (query, key) pair and batch row: the boolean mask, its float form and their temporaries
@@ -87,7 +88,6 @@ def estimate(span: SpanModel, kind: str, batch: int, length: int, context: int) 
 
 def auto_bytes(free_before_loading: int) -> int:
     """The default budget: what the blocks and KV cache leave of the device's free memory (throughput's share)."""
-    from swarmtune.server.throughput import MEMORY_FRACTION
     return int(free_before_loading * (1 - MEMORY_FRACTION))
 
 
