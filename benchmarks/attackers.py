@@ -424,6 +424,38 @@ async def short_lane(attack: Attack) -> None:
     await workers(attack, attack.args.workers, loop)
 
 
+# ---- 14. working memory: the longest forwards and backwards the server takes, after one it refuses ----------
+
+
+async def working_memory(attack: Attack) -> None:
+    """A forward and a backward of 1 x `--tokens` (the server's max tokens), each refused for its working memory;
+    then forwards and backwards of the longest lengths the refusals name, as fast as they are answered."""
+    args = attack.args
+
+    def message(length: int, backward: bool) -> bytes:
+        hidden = torch.randn(1, length, args.hidden)
+        return wire.pack({"start": args.start, "end": args.end},
+                         {"hidden": hidden, **({"grad_output": torch.randn_like(hidden)} if backward else {})})
+
+    async def longest(method: str) -> int:
+        try:
+            await transport.call(attack.p2p, attack.peer_id, method, message(args.tokens, method == "backward"),
+                                 CALL_TIMEOUT)
+            return args.tokens
+        except transport.ServerFailure as e:
+            attack.answered(e.reason)
+            found = re.search(r"send at most 1x(\d+) tokens", e.reason)
+            return int(found.group(1)) if found else args.tokens
+
+    requests = [message(await longest("forward"), False), message(await longest("backward"), True)]
+
+    async def loop(attack: Attack, i: int) -> None:
+        while attack.running():
+            await attack.call("backward" if i % 2 else "forward", requests[i % 2])
+
+    await workers(attack, args.workers, loop)
+
+
 # ---- 13. info flood -----------------------------------------------------------------------------------
 
 
@@ -441,7 +473,7 @@ KINDS: dict[str, Callable[[Attack], Awaitable[None]]] = {
     "flood": flood, "idle": idle, "trickle": trickle, "kv_hog": kv_hog, "long_seq": long_seq,
     "headers": headers, "push": push, "rejected_open": rejected_open, "inject": inject,
     "kv_hog_active": kv_hog_active, "unary_flood": unary_flood, "open_churn": open_churn,
-    "short_lane": short_lane, "info_flood": info_flood}
+    "short_lane": short_lane, "info_flood": info_flood, "working_memory": working_memory}
 
 
 # ---- the process ---------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ steps (gradient w.r.t. the input embeddings, 2x32) through the swarm, both for t
 Baseline: the same run with no attacker, at the start and again at the end of the section.
 
 Targets, per class (reported, not asserted): the legitimate clients' p99 step latency within 3x
-of the no-attack p99, and no errors; the server's peak RSS (VmHWM) within model bytes + KV, graph
-and message budgets + 300 MiB; the free KV budget and kept-graph bytes back to where they were once
+of the no-attack p99, and no errors; the server's peak RSS (VmHWM) within model bytes + KV, graph,
+message and working-memory budgets + 300 MiB; the free KV budget and kept-graph bytes back to where they were once
 the attackers are gone; the server alive throughout.
 
 The HTTP endpoint (`python -m swarmtune.serve`) has classes of its own (`HTTP_ATTACKS`, below): the
@@ -67,19 +67,21 @@ JOIN_SLACK = 60.0           # a legitimate step started before the window closed
 
 # What every server of this section is given; small enough that the memory check means something.
 SERVER = {"cache_mb": 32, "activation_cache_mb": 32, "activation_cache_ttl": 20, "max_message_mb": 16,
-          "max_receiving_mb": 32, "max_tokens": 2048, "max_length": 2048, "max_batch": 64, "session_timeout": 30,
-          "throughput": 1.0}
+          "max_receiving_mb": 32, "working_memory_mb": 64, "max_tokens": 2048, "max_length": 2048, "max_batch": 64,
+          "session_timeout": 30, "throughput": 1.0}
 # Legitimate clients wait at most this long for a server (the default, 60 s, would outlast the window).
 CLIENT = {"retry_budget": 20.0, "request_timeout": 30.0}
 
 
 @dataclass(frozen=True)
 class Attack:
-    """One class of attack: `attackers` lists (kind in benchmarks.attackers, workers) per attacker process."""
+    """One class of attack: `attackers` lists (kind in benchmarks.attackers, workers) per attacker process;
+    `server`, options of its server that differ from SERVER."""
 
     key: str
     title: str
     attackers: tuple[tuple[str, int], ...]
+    server: tuple[tuple[str, object], ...] = ()
 
 
 ATTACKS = (
@@ -96,6 +98,8 @@ ATTACKS = (
     Attack("open_churn", "open churn", (("open_churn", 8),) * 2),
     Attack("short_lane", "short-lane flood", (("short_lane", 8),)),
     Attack("info", "info flood", (("info_flood", 32),) * 2),
+    Attack("working_memory", "long forwards and backwards", (("working_memory", 4),) * 2,
+           server=(("max_tokens", 16384),)),  # the default: one forward at it held 1.4 GB of activations
 )
 NO_ATTACK = "no attack"
 
@@ -126,7 +130,8 @@ def rss_bound(quiet_peak: int, options: dict) -> int:
     """The server as it peaks with no attacker (its runtime and model), plus the KV, graph and receive budgets,
     plus the allowance: what it may hold under attack. (The runtime alone, torch, transformers and hivemind,
     takes about 400 MiB before any model, so "model bytes + budgets + 300 MiB" cannot be met by anyone.)"""
-    budgets = options["cache_mb"] + options["activation_cache_mb"] + options["max_receiving_mb"]
+    budgets = (options["cache_mb"] + options["activation_cache_mb"] + options["max_receiving_mb"]
+               + options["working_memory_mb"])
     return int(quiet_peak + budgets * MiB + RSS_ALLOWANCE)
 
 
@@ -469,16 +474,19 @@ def run_swarm(bench: Bench, keys: tuple[str, ...]) -> list[Figure]:
     attacks = [a for a in ATTACKS if not keys or a.key in keys]
     start = run_once(bench, path, None, options, window, "no-attack-start")
     bound = rss_bound(start.peak_rss, options)
-    outcomes = [(attack, attacked(bench, path, attack, options, window)) for attack in attacks]
+    outcomes = [(attack, attacked(bench, path, attack, {**options, **dict(attack.server)}, window))
+                for attack in attacks]
     end = run_once(bench, path, None, options, window, "no-attack-end") if plan.hostile_rebaseline else None
     base = pooled(start, end) if end else start
     quiet = start.peak_rss
     figures = class_figures(NO_ATTACK, f"{NO_ATTACK}, start" + (" vs end of run" if end else ""), start, end or start,
                             "end of run" if end else "itself", bound, window, quiet)
-    for attack, out in outcomes:
-        figures += class_figures(attack.key, attack.title, out, base, "no attack", bound, window, quiet)
     for f in figures:
         f.details["server_options"] = options
+    for attack, out in outcomes:
+        for f in class_figures(attack.key, attack.title, out, base, "no attack", bound, window, quiet):
+            f.details["server_options"] = {**options, **dict(attack.server)}
+            figures.append(f)
     return figures
 
 

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from swarmtune.server.executor import BACKWARD, FORWARD, INFERENCE, SHORT_COST, PriorityExecutor
+from swarmtune.server.working_memory import WorkingMemory
 
 
 def run_queued(jobs: list[tuple[int, str, float]]) -> list[str]:
@@ -97,3 +98,27 @@ def test_a_cancelled_request_leaves_the_queue_and_a_running_one_is_waited_for():
     finally:
         executor.shutdown()
     assert ran == ["later"]
+
+
+def test_working_memory_is_held_while_a_request_runs_and_released_on_every_path():
+    """Reserved when the request starts (not while queued), released when it ends, raising or not; a request
+    larger than the short lane's part of the budget runs in the long lane, however cheap."""
+    memory = WorkingMemory(800)
+    executor, seen = PriorityExecutor(memory=memory), []
+
+    def fail():
+        seen.append((threading.current_thread().name, memory.used, dict(memory.by_peer)))
+        raise ValueError("boom")
+
+    async def main():
+        await executor.submit(FORWARD, lambda: seen.append((threading.current_thread().name, memory.used)),
+                              peer="a", cost=1.0, memory=100)
+        with pytest.raises(ValueError, match="boom"):
+            await executor.submit(FORWARD, fail, peer="b", cost=1.0, memory=700)
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 10))
+    finally:
+        executor.shutdown()
+    assert seen == [("compute-short", 100), ("compute-long", 700, {"b": 700})]
+    assert memory.used == 0 and memory.by_peer == {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import subprocess
 import sys
 import threading
@@ -179,9 +180,9 @@ def test_sessions_are_charged_for_their_prompts_and_adapter(llama_swarm, llama_c
 def strict_swarm(tiny_llama):
     """One server for all blocks whose streams may stay idle for 3 s at most, forward graphs 2 s; one peer's
     requests may hold 4 MiB, all peers' 8 MiB; 1 MiB of KV memory, and sessions idle for 1 s may be evicted for
-    another peer."""
+    another peer; 64 MiB of working memory for requests' activations."""
     with LocalSwarm(tiny_llama, spans=[(0, 6)], session_timeout=3, activation_cache_ttl=2, max_message_mb=4,
-                    max_receiving_mb=8, cache_mb=1, evict_idle_after=1) as swarm:
+                    max_receiving_mb=8, cache_mb=1, evict_idle_after=1, working_memory_mb=64) as swarm:
         yield swarm
 
 
@@ -269,6 +270,42 @@ def test_a_kept_graph_is_counted_at_what_it_holds(tiny_llama):
     assert 0.6 * grown <= charged <= 1.4 * grown, (charged, grown)
 
 
+WORKING_MEMORY = """
+import gc, sys, torch
+from swarmtune.models import load_span
+from swarmtune.server import compute, working_memory
+
+def peak() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmHWM"))
+
+torch.set_num_threads(1)
+span = load_span(sys.argv[1], 0, 6, torch.float32, "cpu", "sdpa")
+hidden = torch.randn(1, int(sys.argv[3]), span.config.hidden_size)
+compute.forward(span, hidden[:, :8], None, None, None, None)  # the runtime's own first-call allocations
+gc.collect()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak starts again from what the process holds now
+before = peak()
+if sys.argv[2] == "forward":
+    compute.forward(span, hidden, None, None, None, None)
+else:
+    compute.backward(span, hidden, None, None, None, None, torch.randn_like(hidden))
+print(working_memory.estimate(span, sys.argv[2], 1, hidden.shape[1], hidden.shape[1]), peak() - before)
+"""
+
+
+@pytest.mark.parametrize("kind, length", [("forward", 4096), ("backward", 2048)])
+def test_working_memory_estimates_bound_what_requests_hold(tiny_llama, kind, length):
+    """What a request is charged bounds its peak memory (a fresh process's peak RSS, at lengths where it stands
+    clear of the allocator's noise), without overstating it more than three times."""
+    out = subprocess.run([sys.executable, "-c", WORKING_MEMORY, tiny_llama, kind, str(length)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    charged, peak = (int(x) for x in out.stdout.split())
+    assert peak <= charged <= 3 * peak, (charged, peak)
+
+
 def test_an_oversized_frame_is_refused_on_its_length_prefix(strict_server):
     """A frame that announces 600 MiB: the server hangs up after reading its 8-byte prefix, not after 600 MiB
     (nor at its session timeout), and goes on serving."""
@@ -352,6 +389,31 @@ def test_large_messages_never_travel_as_unary_calls(strict_server):
     assert tensors["hidden"].shape == (1, 512, HIDDEN)
 
 
+@pytest.mark.parametrize("method", ["forward", "backward"])
+def test_a_request_whose_activations_exceed_the_working_memory_is_refused(strict_server, method):
+    """1x4096 tokens need well over the server's 64 MiB of working memory (attention's [length x positions]
+    masks alone are 128 MiB): refused before they run, as the client's error naming the longest request that
+    fits, which then goes through; the budget holds nothing once they are answered."""
+    conn, server = strict_server
+
+    def send(length: int) -> dict:
+        hidden = torch.randn(1, length, HIDDEN)
+        tensors = {"hidden": hidden, "grad_output": torch.randn_like(hidden)} if method == "backward" else {}
+        data = wire.pack({"start": 0, "end": 6}, {"hidden": hidden, **tensors})
+        return conn.run(transport.call(conn.p2p, server.peer_id, method, data, 30, stream=True), timeout=40)[1]
+
+    before = info(conn, server.peer_id)["stats"].get(method, 0)
+    with pytest.raises(ServerRejected, match="working memory") as refused:
+        send(4096)
+    assert not refused.value.retry and info(conn, server.peer_id)["stats"].get(method, 0) == before
+    longest = int(re.search(r"send at most 1x(\d+) tokens", refused.value.reason).group(1))
+    assert 256 <= longest < 4096
+    assert next(iter(send(longest).values())).shape == (1, longest, HIDDEN)
+    after = info(conn, server.peer_id)
+    assert after["working_bytes"] == 0 and after["working_bytes_max"] == 64 << 20
+    assert after["stats"][method] == before + 1
+
+
 def test_one_peer_cannot_buffer_more_than_one_message_across_streams(strict_server, another_peer):
     """Streams that never finish their message: the peer's second stream waits, unread and unanswered, while the
     two would hold more than one message's worth (4 MiB and its framing); another peer's forward goes through
@@ -421,21 +483,20 @@ def test_a_peer_over_its_share_loses_its_oldest_active_session_to_a_waiting_one(
     (conn, server), legit = strict_server, another_peer
     wait_until(lambda: info(conn, server.peer_id)["active_sessions"] == 0, "earlier sessions did not close")
     free = info(conn, server.peer_id)["cache_bytes_free"]
+    time.sleep(1.1)  # the opens of earlier tests counted toward this peer's rate (a second's worth at most)
     probe = open_session(conn, server.peer_id, {"start": 0, "end": 6, "max_length": 100, "batch_size": 1})
     per_token = (free - info(conn, server.peer_id)["cache_bytes_free"]) / 100
     conn.loop.call_soon_threadsafe(probe.close)
     wait_until(lambda: info(conn, server.peer_id)["cache_bytes_free"] == free, "the probe was not freed")
-    hogs = []
-    for _ in range(2):
-        time.sleep(1.1)  # each open counts toward the rate by its reservation (almost half a second's worth)
-        hogs.append(open_session(conn, server.peer_id, {"start": 0, "end": 6, "batch_size": 1,
-                                                        "max_length": int(0.45 * free / per_token)}))
+    hog_meta = {"start": 0, "end": 6, "batch_size": 1, "max_length": int(0.45 * free / per_token)}
+    time.sleep(1.1)  # each open counts toward the rate by its reservation (almost half a second's worth)
+    hogs = [open_session(conn, server.peer_id, hog_meta)]
     stop, refusals = threading.Event(), []
     step = wire.pack({"type": "step", "step": 0}, {"hidden": torch.randn(1, 1, HIDDEN)})
 
-    def keep_stepping() -> None:
+    def keep_stepping() -> None:  # from the first open on: a hog idle for the session timeout (3 s) is closed
         while not stop.wait(0.3):
-            for hog in hogs:
+            for hog in list(hogs):
                 if not hog.closed:
                     try:
                         conn.run(hog.exchange(step, 20), timeout=30)
@@ -445,6 +506,8 @@ def test_a_peer_over_its_share_loses_its_oldest_active_session_to_a_waiting_one(
     stepping = threading.Thread(target=keep_stepping, daemon=True)
     stepping.start()
     try:
+        time.sleep(1.1)
+        hogs.append(open_session(conn, server.peer_id, hog_meta))
         time.sleep(1.0)
         began = time.monotonic()
         mine = open_session(legit, server.peer_id, {"start": 0, "end": 6, "max_length": int(0.4 * free / per_token),
@@ -454,8 +517,7 @@ def test_a_peer_over_its_share_loses_its_oldest_active_session_to_a_waiting_one(
         assert out["hidden"].shape == (1, 1, HIDDEN)
         wait_until(lambda: refusals, "the evicted session's step was not refused")
         assert info(conn, server.peer_id)["evictions"] >= 1
-        # the refusal names the eviction (run after other tests, the stream has been seen to break instead)
-        assert all("evicted" in e.reason and e.retry for e in refusals if isinstance(e, ServerRejected)), refusals
+        assert all(isinstance(e, ServerRejected) and "evicted" in e.reason and e.retry for e in refusals), refusals
         assert hogs[0].closed and not hogs[1].closed  # the oldest went; the newer one goes on
         legit.loop.call_soon_threadsafe(mine.close)
     finally:
@@ -464,6 +526,17 @@ def test_a_peer_over_its_share_loses_its_oldest_active_session_to_a_waiting_one(
         for hog in hogs:
             conn.loop.call_soon_threadsafe(hog.close)
     wait_until(lambda: info(conn, server.peer_id)["cache_bytes_free"] == free, "the KV budget did not come back")
+
+
+def test_a_session_closed_for_idling_says_so_to_a_step_sent_after(strict_server):
+    """The server closes a session idle past its timeout (3 s); a step the client sends a moment later gets
+    that reason, not a broken stream (closing at once made the daemon drop the reply)."""
+    conn, server = strict_server
+    stream = open_session(conn, server.peer_id, {"start": 0, "end": 6, "max_length": 8, "batch_size": 1})
+    time.sleep(3.5)
+    step = wire.pack({"type": "step", "step": 0}, {"hidden": torch.randn(1, 1, HIDDEN)})
+    with pytest.raises(ServerRejected, match="session idle for more than 3 s"):
+        conn.run(stream.exchange(step, 20), timeout=30)
 
 
 def test_a_kept_graph_with_lora_is_not_charged_for_the_frozen_weights(tiny_llama):

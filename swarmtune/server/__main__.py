@@ -13,7 +13,7 @@ from swarmtune import errors, shutdown
 from swarmtune.p2p import NetworkOptions
 from swarmtune.security import Membership
 from swarmtune.server.faults import Faults
-from swarmtune.server.handler import HandlerConfig
+from swarmtune.server.handler_config import HandlerConfig
 from swarmtune.server.hosted_adapters import parse_spec
 from swarmtune.server.quantize import QUANT_TYPES
 from swarmtune.server.requests import Limits
@@ -41,8 +41,8 @@ def parse_num_blocks(text: str) -> int | str:
     return int(text)
 
 
-def parse_cache_mb(text: str) -> float | str:
-    """A size in MiB, or "auto" (what free memory allows once the blocks are loaded)."""
+def parse_mib(text: str) -> float | str:
+    """A size in MiB, or "auto" (what free memory allows)."""
     if text == "auto":
         return text
     try:
@@ -50,7 +50,7 @@ def parse_cache_mb(text: str) -> float | str:
     except ValueError:
         value = 0.0
     if not value > 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"--cache-mb must be a positive number of MiB or 'auto', got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a positive number of MiB or 'auto', got {text!r}")
     return value
 
 
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None)
     p.add_argument("--attn-implementation", default=ServerConfig.attn_implementation, choices=["sdpa", "eager"])
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--cache-mb", type=parse_cache_mb, default=ServerConfig.cache_bytes / MiB,
+    p.add_argument("--cache-mb", type=parse_mib, default=ServerConfig.cache_bytes / MiB,
                    help="KV cache budget in MiB ('auto': most of the memory left free by the blocks; with "
                         "--num-blocks auto, the blocks then leave room for a cache of a few thousand tokens each)")
     p.add_argument("--update-period", type=float, default=ServerConfig.update_period,
@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=HandlerConfig.cuda_graphs,
                    help="replay plain single-token inference steps from CUDA graphs (CUDA devices only; "
                         "never with --quant int8; --no-cuda-graphs runs every step normally)")
+    p.add_argument("--working-memory-mb", type=parse_mib, default="auto",
+                   help="activations of the requests computing at once; a request needing more than its share "
+                        "is refused, naming the longest that fits ('auto': the part of the device's free memory, "
+                        "measured at start, that blocks and KV cache leave: 20%% of it)")
     p.add_argument("--activation-cache-ttl", type=float, default=HandlerConfig.graph_ttl,
                    help="seconds a kept forward graph waits for its backward before it is dropped")
     p.add_argument("--session-timeout", type=float, default=HandlerConfig.session_timeout,
@@ -167,7 +171,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                     requests_per_second_per_peer=args.max_requests_per_second, refusal_delay=args.refusal_delay)
     handler = HandlerConfig(limits=limits, session_timeout=args.session_timeout, faults=faults,
                             graph_bytes=int(args.activation_cache_mb * MiB), graph_ttl=args.activation_cache_ttl,
-                            evict_idle_after=args.evict_idle_after, cuda_graphs=args.cuda_graphs)
+                            evict_idle_after=args.evict_idle_after, cuda_graphs=args.cuda_graphs,
+                            working_bytes=None if args.working_memory_mb == "auto"
+                            else int(args.working_memory_mb * MiB))
     return ServerConfig(
         model=args.model, blocks=args.blocks, num_blocks=None if args.num_blocks == "auto" else args.num_blocks,
         balance_period=args.balance_period, poll_period=args.poll_period, throughput_cache=args.throughput_cache,

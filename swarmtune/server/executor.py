@@ -7,6 +7,9 @@ hundred tokens, small training batches) have a lane of their own and never wait 
 turns in the other. Within a lane, among requests of the same priority, the peer served least so
 far goes next (start-time fair queuing over each request's cost), so one peer's queue of requests
 waits behind its own work, not in front of others'.
+
+Each request's working memory (server.working_memory) is reserved when it starts and released when it
+ends: a short request runs in the short lane only if it fits that lane's part of the budget.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from swarmtune.server.working_memory import WorkingMemory
+
 INFERENCE, FORWARD, BACKWARD = 0, 1, 2
 # In the callers' cost unit (server.handler: tokens x attended positions): a decoding step of 64 rows at 3,000
 # positions, or a 200-token prompt. No more: each such request holds the lane while it runs, and a peer keeping
@@ -28,7 +33,8 @@ SHORT_COST = 256.0
 class _Lane:
     """One compute thread and its queues: priority -> peer -> requests."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, memory: WorkingMemory):
+        self._memory = memory
         self._changed = threading.Condition()
         self._queues: dict[int, dict[str, collections.deque]] = collections.defaultdict(dict)
         self._served: dict[str, float] = {}  # peer -> the cost served to it, on the clock below
@@ -88,11 +94,14 @@ class _Lane:
                 job = self._next()
             if job is None:
                 return
-            fn, args, loop, future, _ = job
+            fn, args, loop, future, peer, memory, _ = job
+            self._memory.reserve(peer, memory)
             try:
                 result, error = fn(*args), None
             except BaseException as e:  # delivered to the awaiting handler, which replies with it
                 result, error = None, e
+            finally:
+                self._memory.release(peer, memory)
             loop.call_soon_threadsafe(_resolve, future, result, error)
 
     def shutdown(self) -> None:
@@ -103,16 +112,20 @@ class _Lane:
 
 
 class PriorityExecutor:
-    def __init__(self, name: str = "compute"):
-        self._short, self._long = _Lane(f"{name}-short"), _Lane(f"{name}-long")
+    def __init__(self, name: str = "compute", memory: WorkingMemory | None = None):
+        self.memory = memory or WorkingMemory(1 << 62)  # None: unbounded (an executor used alone)
+        self._short, self._long = _Lane(f"{name}-short", self.memory), _Lane(f"{name}-long", self.memory)
 
-    async def submit(self, priority: int, fn: Callable[..., Any], *args, peer: str = "", cost: float = 1.0) -> Any:
+    async def submit(self, priority: int, fn: Callable[..., Any], *args, peer: str = "", cost: float = 1.0,
+                     memory: int = 0) -> Any:
         """`fn(*args)` on a compute thread; `cost` (any unit, the same for every request, SHORT_COST's for
-        the lane) is what the request takes from `peer`'s fair share."""
+        the lane) is what the request takes from `peer`'s fair share; `memory`, the working memory it holds
+        while it runs (within its lane's part of the budget: the caller checked it fits the long lane's)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        lane = self._short if cost <= SHORT_COST else self._long
-        job = (fn, args, loop, future, cost)
+        short = cost <= SHORT_COST and memory <= self.memory.lane_bytes(short=True)
+        lane = self._short if short else self._long
+        job = (fn, args, loop, future, peer, memory, cost)
         lane.put(priority, peer, job)
         try:
             return await asyncio.shield(future)

@@ -25,9 +25,10 @@ from swarmtune.models.span import SpanModel
 from swarmtune.p2p import NetworkOptions, start_dht, start_p2p, stop_p2p, visible_maddrs
 from swarmtune.records import ModelInfo, ServerInfo
 from swarmtune.security import Identity
-from swarmtune.server import block_selection, compute, cuda, host_memory, throughput
+from swarmtune.server import block_selection, compute, cuda, host_memory, throughput, working_memory
 from swarmtune.server.executor import PriorityExecutor
-from swarmtune.server.handler import BlockServicer, HandlerConfig
+from swarmtune.server.handler import BlockServicer
+from swarmtune.server.handler_config import HandlerConfig
 from swarmtune.server.hosted_adapters import read_hosted
 from swarmtune.server.lora import wrap_targets
 from swarmtune.server.quantize import quantize
@@ -106,6 +107,15 @@ class Server:
         self.speed = throughput.get_throughput(self.model_config, parse_dtype(cfg.dtype), cfg.device, cfg.quant,
                                                cfg.throughput_cache)
 
+    def working_budget(self) -> working_memory.WorkingMemory:
+        """The budget for requests' activations: --working-memory-mb, else its share of free memory, measured
+        before any block loads."""
+        nbytes = self.config.handler.working_bytes
+        if nbytes is None:
+            nbytes = working_memory.auto_bytes(throughput.free_bytes(self.config.device))
+            logger.info(f"working memory budget: {nbytes >> 20} MiB (auto)")
+        return working_memory.WorkingMemory(nbytes)
+
     def load(self, start: int, end: int) -> SpanModel:
         cfg = self.config
         device = "cpu" if cfg.quant != "none" else cfg.device  # bitsandbytes quantizes on the move to the device
@@ -149,7 +159,7 @@ class Server:
     async def run(self) -> None:
         cfg = self.config
         self.prepare()
-        self.executor = PriorityExecutor()
+        self.executor = PriorityExecutor(memory=self.working_budget())
         # the daemon's identity key also signs our DHT records, so load (or create) it here
         identity = Identity.load_or_create(cfg.network.identity_path)
         network = dataclasses.replace(cfg.network, identity_path=identity.path,

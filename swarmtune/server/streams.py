@@ -5,7 +5,8 @@ before anything could charge them to a peer: a few hundred streams that never fi
 then hold gigabytes that no budget sees. Read on demand, a stream holds at most the frame its
 handler is taking (charged to its peer before it is read), and a peer that sends faster than it is
 served is held back by the transport's flow control. The frames on the wire are hivemind's, so
-clients call these RPCs as any other.
+clients call these RPCs as any other. Also here: reading a whole message of a stream, frame by frame as
+its peer's budget allows, and answering it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 
 from swarmtune import wire
+from swarmtune.server.receiving import Intake
 
 logger = logging.getLogger(__name__)
 MAX_FRAME_BYTES = wire.CHUNK_BYTES + (64 << 10)  # swarmtune's own frames, with room for their framing
@@ -92,3 +94,50 @@ class Frames:
         if request is None:
             raise StopAsyncIteration
         return request
+
+
+async def read_message(frames: Frames, reassembler: wire.Reassembler, admission: Callable[[str], None],
+                       intake: Intake) -> bytes | None:
+    """The next whole message from a stream of frames. Each frame is charged to the peer's `intake` before it is
+    read, and `admission` checks the membership token of the first frame before another is read (both raise
+    to refuse). None: the stream ended between messages."""
+    first = True
+    try:
+        while (request := await frames.next(intake.reserve)) is not None:
+            if first:
+                admission(request.uid)
+                first = False
+            data = reassembler.add(request.metadata)
+            if data is not None:
+                return data
+        return None
+    except BaseException:
+        # the exception's traceback keeps this frame (and asyncio's wait_for makes that a reference cycle,
+        # freed only by a full garbage collection): let go of the message's bytes now
+        reassembler.reset()
+        request = None  # noqa: F841
+        raise
+
+
+async def drain(frames: Frames, timeout: float = 2.0, max_frames: int = 8) -> None:
+    """Read what the client still sends until it hangs up, which it does once it has our reply. Closing our end
+    while the client's is open makes the daemon reset the stream, and a reset drops whatever the client's daemon
+    has not yet read, our reply included. A client that goes on sending, or never hangs up, is cut off."""
+    async def until_hang_up():
+        for _ in range(max_frames + 2):  # its frames, its end-of-stream marker, then the hang-up
+            await frames.next()
+            if frames.hung_up:
+                return
+
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(until_hang_up(), timeout)
+
+
+def frame(message: bytes) -> runtime_pb2.ExpertResponse:
+    """A short message (a status or an error) as one stream frame."""
+    return runtime_pb2.ExpertResponse(metadata=wire.frames(message)[0])
+
+
+def replies(message: bytes) -> list[runtime_pb2.ExpertResponse]:
+    """A message of any size as stream frames."""
+    return [runtime_pb2.ExpertResponse(metadata=f) for f in wire.frames(message)]
