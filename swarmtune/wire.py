@@ -39,7 +39,7 @@ def pack(meta: dict, tensors: dict[str, torch.Tensor] | None = None) -> bytes:
             raise WireError(f"tensor {name!r} has unsupported dtype {t.dtype}")
         t = t.detach().contiguous().cpu()
         specs.append([name, _NAMES[t.dtype], list(t.shape)])
-        buffers.append(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        buffers.append(t.reshape(-1).view(torch.uint8).numpy())  # a view: join below is the only copy
     header = msgpack.packb({"meta": meta, "tensors": specs}, use_bin_type=True)
     return b"".join([len(header).to_bytes(4, "little"), header, *buffers])
 
@@ -116,7 +116,8 @@ def _check_spec(spec) -> tuple[str, torch.dtype, list[int]]:
 
 def frames(data: bytes, chunk_bytes: int = CHUNK_BYTES) -> list[bytes]:
     """Cut a message into RPC-sized frames; each starts with 1 if more frames follow, else 0."""
-    parts = [data[i:i + chunk_bytes] for i in range(0, len(data), chunk_bytes)] or [b""]
+    view = memoryview(data)  # slices of a view: each frame is copied once, by the marker's concatenation
+    parts = [view[i:i + chunk_bytes] for i in range(0, len(data), chunk_bytes)] or [b""]
     return [(b"\x01" if i < len(parts) - 1 else b"\x00") + part for i, part in enumerate(parts)]
 
 

@@ -7,10 +7,13 @@ import random
 import time
 from collections import Counter
 
+import torch
+
 from swarmtune.client.bans import Bans
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.connection import SwarmConnection
 from swarmtune.client.routing import inference_route, training_route
+from swarmtune.client.span_requests import all_finite
 from swarmtune.directory import SwarmView
 from swarmtune.records import ServerInfo
 
@@ -113,3 +116,15 @@ def test_failed_server_stays_out_until_it_announces_again():
     assert not bans.banned("peer")          # callers without records see the timed ban only
     bans.forgive("peer")
     assert not bans.banned("peer", 100.0)
+
+
+def test_all_finite_finds_nan_and_infinities_anywhere():
+    """The client's check of servers' outputs, as cheap as one min/max pass: it must still see one bad value."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        good = torch.randn(2, 3, 64).to(dtype)
+        assert all_finite(good) and all_finite(good[:0])
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            for index in (0, 100, good.numel() - 1):
+                t = good.clone()
+                t.view(-1)[index] = bad
+                assert not all_finite(t), (dtype, bad, index)

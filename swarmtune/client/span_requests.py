@@ -120,9 +120,18 @@ def check_output(peer_id: str, t: torch.Tensor | None, shape: torch.Size, name: 
         raise ServerFailure(peer_id, f"reply lacks '{name}'")
     if t.shape != shape:
         raise ServerFailure(peer_id, f"'{name}' has shape {list(t.shape)}, expected {list(shape)}")
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise ServerFailure(peer_id, f"'{name}' contains NaN or infinite values")
     return t
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether `t` holds no NaN or infinity: its extremes are finite (NaN propagates into them). One read of `t`
+    and no full-size mask, where `isfinite(t).all()` costs ~8x more (a wide activation: ms per hop)."""
+    if t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def wait_for_route(route: Callable[[], T], refresh: Callable[[], None], deadline: float, model: str,
