@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -174,3 +175,14 @@ def _connect(address: str, port: int, timeout: float = 10.0) -> socket.socket:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_forward_parts_smoke_run(tmp_path):
+    """The per-part forward breakdown (issue 40) runs end to end on a small model and prints its table and ratio."""
+    proc = run("benchmarks.forward_parts", "--layers", "2", "--hidden", "64", "--repeats", "1",
+               "--out", str(tmp_path), timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ratio = re.search(r"in-process / swarm = ([0-9.]+)", proc.stdout)
+    assert ratio and float(ratio[1]) > 0, proc.stdout[-2000:]
+    assert all(part in proc.stdout for part in ("embeddings", "LM head", "loss", "whole forward")), proc.stdout
