@@ -190,7 +190,17 @@ async def kv_hog(attack: Attack) -> None:
         stream.close()
 
 
-async def _info(attack: Attack) -> dict:
+async def _info(attack: Attack, tries: int = 20) -> dict:
+    """The server's info; a refusal for this peer's rate (its opens are charged their reservations) is waited out."""
+    for _ in range(tries - 1):
+        try:
+            meta, _ = await transport.call(attack.p2p, attack.peer_id, "info", wire.pack({}), CALL_TIMEOUT)
+            return meta
+        except transport.ServerRejected as e:
+            if "rate limit" not in e.reason:
+                raise
+            attack.answered(e.reason)
+            await asyncio.sleep(0.5)
     meta, _ = await transport.call(attack.p2p, attack.peer_id, "info", wire.pack({}), CALL_TIMEOUT)
     return meta
 
