@@ -128,8 +128,8 @@ def test_a_large_header_counts_as_many_requests(peer):
 
 
 def test_info_counts_toward_the_rate(swarm):
-    """Info calls count toward the peer's rate (as INFO_COST requests each): a peer calling it far past the rate
-    (50/s here) is refused for its rate, with retry."""
+    """Info calls are requests like others: a peer calling it far past the rate (50/s here) is refused for its
+    rate, with retry."""
     import asyncio
 
     from swarmtune import transport, wire

@@ -78,11 +78,10 @@ class Gate:
             self.stats["refused_outsiders"] += 1
             raise RequestError(f"peer {peer} is not a member of this private swarm")
 
-    def check_rate(self, peer: str, cost: float = 1.0) -> None:
-        """Count a request (`cost` requests' worth) toward the peer's rate, or refuse it."""
-        if not self.rates.admit(peer, cost):
+    def check_rate(self, peer: str) -> None:
+        if not self.rates.admit(peer):
             raise PeerOverLimit(f"rate limit: more than {self.limits.requests_per_second_per_peer:g} requests/s "
-                                f"from this peer" + (f" (this one counts as {cost:g})" if cost != 1 else ""))
+                                f"from this peer")
 
     def message_check(self, peer: str, member: bool = True) -> Callable[[str], None]:
         """What a stream checks on the first frame of each message, before it reads any more of it: the
