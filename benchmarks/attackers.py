@@ -29,7 +29,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from swarmtune import transport, wire
-from swarmtune.p2p import NetworkOptions, start_p2p
+from swarmtune.p2p import NetworkOptions, start_p2p, stop_p2p
 
 CALL_TIMEOUT = 10.0
 GO_TIMEOUT = 120.0   # the benchmark creates the go file well within this, or has given up on us
@@ -530,8 +530,7 @@ async def main_async(args: argparse.Namespace) -> None:
         await asyncio.wait_for(reporter, 5)
         print_stats(attack)
     finally:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(p2p.shutdown(), 10)
+        await stop_p2p(p2p)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -20,7 +20,7 @@ from swarmtune.client.config import ClientConfig
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.directory import fetch_servers
 from swarmtune.local_swarm import LocalSwarm, ProcessFailed
-from swarmtune.p2p import NetworkOptions, start_p2p
+from swarmtune.p2p import NetworkOptions, start_p2p, stop_p2p
 from swarmtune.security import Identity, PeerSignatureValidator, SwarmKeyAuthorizer, generate_swarm_key
 from swarmtune.transport import ServerRejected
 from tests.helpers import reference_model
@@ -116,7 +116,7 @@ def test_forged_announcement_is_ignored(llama_swarm, llama_client, loop):
         assert servers[victim.peer_id].throughput < 1e6
     finally:
         loop.run(node.shutdown())
-        loop.run(p2p.shutdown())
+        loop.run(stop_p2p(p2p))
 
 
 # ---- private swarms -----------------------------------------------------------------------------------
@@ -146,7 +146,7 @@ def _outsider_call(loop, swarm, token: str = "") -> None:
             data = wire.pack({"start": 0, "end": 1}, {"hidden": torch.randn(1, 2, 64)})
             return await transport.call(p2p, swarm.servers[0].peer_id, "forward", data, 20, token=token)
         finally:
-            await p2p.shutdown()
+            await stop_p2p(p2p)
 
     with pytest.raises(ServerRejected, match="not a member"):
         loop.run(call())
@@ -174,7 +174,7 @@ def _outsider_first_frame(loop, swarm) -> dict:
             return wire.unpack(wire.Reassembler().add(reply.metadata))[0]
         finally:
             hold.set()
-            await p2p.shutdown()
+            await stop_p2p(p2p)
 
     return loop.run(call())
 
