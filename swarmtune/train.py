@@ -76,7 +76,7 @@ def run(cfg: DictConfig) -> tuple[str, float]:
                                       **checkpoint)
         callbacks = [checkpoints, progress_bar()]
         if collab.enabled:
-            callbacks.append(collab_lib.CollabProgress(collab.epochs))
+            callbacks.append(collab_lib.CollabProgress(collab.epochs, collab.averaging_timeout))
         trainer = L.Trainer(**trainer_args, default_root_dir=output_dir, logger=logger or False,
                             callbacks=callbacks, plugins=[AtomicCheckpointIO()])
     except Exception as e:  # Lightning's own words on a bad argument

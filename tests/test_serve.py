@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from swarmtune import launch, serve
 from swarmtune.adapters import peft_format
 from swarmtune.api.limits import uvicorn_config
+from swarmtune.api.protocol import APIError
 from swarmtune.api.text import StopCutter
 from swarmtune.client.config import ClientConfig
 from swarmtune.client.model import SwarmForCausalLM
@@ -310,10 +311,34 @@ def test_hung_up_requests_leave_the_batch_and_clients_are_bounded(guarded):
                 whole.result()
         long_stream.__exit__(None, None, None)  # hangs up mid-stream
     idle(engine)
+    # two sequences hung up on (per_client): this client waits for them to age out, the other does not
+    again = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+    assert again.status_code == 429 and "hung up on 2 sequences" in again.json()["error"]["message"], again.text
+    legit(url, name)
+    engine.admission.hangups.clear()  # rather than wait 10 s
     too_many = httpx.post(f"{url}/v1/completions", json={**body, "n": 3}, timeout=30)
     assert too_many.status_code == 400 and "at most 2" in too_many.json()["error"]["message"]
     too_long = httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 400, "n": 2}, timeout=30)
     assert too_long.status_code == 400 and "600" in too_long.json()["error"]["message"]
+
+
+def test_admission_counts_hang_ups_for_a_while(monkeypatch):
+    """A client's sequences hung up on count against it for HANGUP_WINDOW_S; those it finished never do."""
+    from swarmtune.api import limits
+
+    now = [100.0]
+    monkeypatch.setattr(limits.time, "monotonic", lambda: now[0])
+    admission = limits.Admission(per_client=3, total=8)
+    admission.take("a", 3)(0)  # finished: no charge
+    admission.take("a", 2)(2)
+    admission.take("a", 3)(1)  # three hung up on: the next is refused, another client's is not
+    with pytest.raises(APIError) as refused:
+        admission.take("a", 1)
+    assert refused.value.status == 429 and "hung up on 3" in refused.value.message
+    admission.take("b", 3)(0)
+    now[0] += limits.HANGUP_WINDOW_S + 0.1
+    admission.take("a", 3)(0)
+    assert admission.in_flight == 0 and not admission.by_client and not admission.hangups
 
 
 def test_stop_bombs_are_refused_and_stop_matching_holds_back_little(guarded):

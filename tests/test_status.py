@@ -82,7 +82,7 @@ FAKE_CLAIMS = """
 import asyncio, dataclasses, sys
 from hivemind.utils import get_dht_time
 from swarmtune import records
-from swarmtune.p2p import NetworkOptions, start_dht, start_p2p
+from swarmtune.p2p import NetworkOptions, start_dht, start_p2p, stop_p2p
 from swarmtune.records import ModelInfo
 from swarmtune.security import Identity
 
@@ -96,7 +96,7 @@ async def claim(initial_peers, prefix):
                                   expiration_time=get_dht_time() + 30, subkeys=[identity.peer_id] * 2)
     assert all(stored.values()), stored
     await dht.shutdown()
-    await p2p.shutdown()
+    await stop_p2p(p2p)
 
 for _ in range(4):
     asyncio.run(claim(sys.argv[2:], sys.argv[1]))
@@ -123,7 +123,7 @@ FAKE_SERVERS = """
 import asyncio, sys
 from hivemind.utils import get_dht_time
 from swarmtune import records
-from swarmtune.p2p import NetworkOptions, start_dht, start_p2p
+from swarmtune.p2p import NetworkOptions, start_dht, start_p2p, stop_p2p
 from swarmtune.records import ModelInfo, ServerInfo
 from swarmtune.security import Identity
 
@@ -147,7 +147,7 @@ async def main():
     await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, sys.stdin.read), 120)
     for p2p, dht in fakes:
         await dht.shutdown()
-        await p2p.shutdown()
+        await stop_p2p(p2p)
 
 asyncio.run(main())
 """

@@ -83,7 +83,7 @@ class Engine:
             raise APIError(503, str(NoServersError(missing, self.base_name)), type="service_unavailable",
                            code="no_coverage")
 
-    def admit(self, request: Request, name: str, sequences: int) -> Callable[[], None]:
+    def admit(self, request: Request, name: str, sequences: int) -> Callable[[int], None]:
         """Before any work: the model exists and is covered, the request is within its limits, and its client's
         and the server's sequences in flight leave room for it (else 429). Returns the release of that room."""
         self.batcher(name)
@@ -320,7 +320,7 @@ def _chat_prompt(engine: Engine, body: ChatRequest) -> list[int]:
     return _encode(engine, tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-async def _respond(engine: Engine, request: Request, release: Callable[[], None], body, prompts: list[list[int]],
+async def _respond(engine: Engine, request: Request, release: Callable[[int], None], body, prompts: list[list[int]],
                    limit: int, logprobs: int | None, chat: bool):
     """Submit the request's sequences; its answer whole (the client gone: its rows freed) or as events."""
     tokens = sum(len(p) + limit for p in prompts) * body.n
@@ -349,7 +349,7 @@ async def _respond(engine: Engine, request: Request, release: Callable[[], None]
         for seq in sequences:
             seq.cancel()
         engine.replies.discard(reply)
-        release()
+        release(sum(s.finish is None for s in streams) if reply.hung_up else 0)
 
     try:
         for seq in sequences:
@@ -398,6 +398,7 @@ class _Reply:
         self.chat = kind == "chat.completion"
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self.hung_up = False  # its client went away before the answer was whole
 
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.prompts) * self.n
@@ -411,6 +412,7 @@ class _Reply:
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():
+                self.hung_up = True
                 return Response(status_code=499)  # nobody reads it
             work.result()
         except NoServersError as e:
@@ -469,6 +471,7 @@ class _Reply:
                 await queue.put(None)
 
         tasks = [asyncio.create_task(pump(s)) for s in self.streams]
+        self.hung_up = True  # until the last event is out: the client may go at any of them
         try:
             running = len(tasks)
             while running:
@@ -485,6 +488,7 @@ class _Reply:
             if usage:
                 yield f"data: {json.dumps(self._envelope([], usage=self.usage()))}\n\n"
             yield "data: [DONE]\n\n"
+            self.hung_up = False
         finally:  # the client went away, or we are done: free the rows
             for seq in self.sequences:
                 seq.cancel()

@@ -10,11 +10,16 @@
   against the whole server before any work: beyond either bound, a 429 with Retry-After, held back
   for that long (`hold`), so that a client retrying at once costs the server one refusal a second per
   connection rather than as many as it can send (each costs the event loop a request's parsing).
+- Sequences a client hangs up on before they finish are work done for nobody: a client that left
+  `per_client` of them in the last `HANGUP_WINDOW_S` gets 429s until the oldest ages out. Streams opened
+  and dropped at once would otherwise keep the batch busy with prefills nobody reads (on CPUs a row is
+  not free: every client's steps slow down). A client that reads its answers never meets this.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import time
 from collections.abc import Callable
@@ -25,6 +30,8 @@ from swarmtune.api.protocol import APIError
 
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait: sequences finish and free rows every step
 MAX_HELD = 1024    # 429s held back at once (beyond: answered at once)
+HANGUP_WINDOW_S = 10.0  # how long a sequence hung up on counts against its client
+MAX_CLIENTS_TRACKED = 4096  # clients with hang-ups on record before the stale ones are swept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +64,14 @@ class Admission:
         self.by_client: dict[str, int] = {}
         self.in_flight = 0
         self.held = 0
+        self.hangups: dict[str, collections.deque[float]] = {}  # when each client's last hang-ups were
 
-    def take(self, client: str, cost: int) -> Callable[[], None]:
-        """Charge `cost` sequences to `client`, or raise a 429; returns the (idempotent) release."""
+    def take(self, client: str, cost: int) -> Callable[[int], None]:
+        """Charge `cost` sequences to `client`, or raise a 429; returns the (idempotent) release, which is told
+        how many of them the client hung up on."""
+        if self._recent_hangups(client) >= self.per_client:
+            raise busy(f"this client hung up on {self.per_client} sequences in the last {HANGUP_WINDOW_S:g} s "
+                       "before they finished: read the answers you ask for")
         held = self.by_client.get(client, 0)
         if held + cost > self.per_client:
             raise busy(f"this client already has {held} sequences running or queued (at most {self.per_client}): "
@@ -71,7 +83,7 @@ class Admission:
         self.in_flight += cost
         released = False
 
-        def release() -> None:
+        def release(hung_up: int = 0) -> None:
             nonlocal released
             if released:
                 return
@@ -82,8 +94,27 @@ class Admission:
                 self.by_client[client] = left
             else:
                 del self.by_client[client]
+            if hung_up:
+                self._note_hangups(client, min(hung_up, cost))
 
         return release
+
+    def _recent_hangups(self, client: str) -> int:
+        times = self.hangups.get(client)
+        if times is None:
+            return 0
+        while times and times[0] < time.monotonic() - HANGUP_WINDOW_S:
+            times.popleft()
+        if not times:
+            del self.hangups[client]
+        return len(times)
+
+    def _note_hangups(self, client: str, count: int) -> None:
+        if client not in self.hangups and len(self.hangups) >= MAX_CLIENTS_TRACKED:
+            for stale in list(self.hangups):
+                self._recent_hangups(stale)
+        times = self.hangups.setdefault(client, collections.deque(maxlen=self.per_client))
+        times.extend([time.monotonic()] * count)
 
     async def hold(self) -> None:
         """Wait out a refusal's Retry-After before it goes out (at most MAX_HELD at once)."""

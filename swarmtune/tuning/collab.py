@@ -95,16 +95,32 @@ def wrap_optimizer(cfg: CollabConfig, dht, param_groups: list[dict], make_optimi
         matchmaking_time=cfg.matchmaking_time, averaging_timeout=cfg.averaging_timeout,
         delay_state_averaging=False,  # a peer that stops holds the averaged state, not one about to change
         average_opt_statistics=statistics,
+        # hivemind refreshes its view of the others' progress as seldom as every 10 s: a peer that looked while
+        # the others had not yet reported stepped alone and stayed an epoch apart from them to the end
+        tracker_opts=dict(max_refresh_period=cfg.matchmaking_time),
         verbose=True)
     optimizer.defaults = optimizer.opt.defaults  # what Lightning checks an optimizer for; hivemind leaves it unset
     return optimizer
 
 
-class CollabProgress(L.Callback):
-    """Logs the collaboration epoch, says when it changes, and stops this peer at `epochs`."""
+def average_final_state(optimizer, timeout: float) -> int:
+    """One more round of state averaging among the peers that reached the last epoch; returns the group's size.
 
-    def __init__(self, epochs: int):
+    A round of the last epoch can fail for one peer (an overloaded machine, a slow link) and nothing after it
+    brings that peer back: this round makes the peers that finish together hold one adapter."""
+    averager = optimizer.state_averager
+    control = averager.schedule_step(gather=optimizer.local_epoch, timeout=timeout)
+    averager.step(averaging_round=True, averaging_control=control, averaging_opts=dict(timeout=timeout))
+    return len(control.result()) if control.done() and not control.cancelled() and not control.exception() else 1
+
+
+class CollabProgress(L.Callback):
+    """Logs the collaboration epoch, says when it changes, and stops this peer at `epochs`, once the peers
+    that got there with it hold one state."""
+
+    def __init__(self, epochs: int, averaging_timeout: float):
         self.epochs = epochs
+        self.averaging_timeout = averaging_timeout
         self.seen: int | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx) -> None:
@@ -118,3 +134,10 @@ class CollabProgress(L.Callback):
             self.seen = epoch
         if epoch >= self.epochs:
             trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        optimizer = trainer.optimizers[0]
+        if optimizer.local_epoch < self.epochs or optimizer.tracker.global_progress.num_peers <= 1:
+            return  # stopped early (or alone): nothing to agree on
+        peers = average_final_state(optimizer, self.averaging_timeout)
+        print(f"Collaboration: final state averaged with {peers} peers", flush=True)
