@@ -37,6 +37,7 @@ class ServerInfo:
     dtype: str = "float32"
     quant: str = "none"
     cache_tokens_left: int = 0
+    tokens_in_flight: int = 0        # tokens of one peer's requests it admits at once (0: not said)
     adapters: tuple[str, ...] = ()
     version: str = ""
     addrs: tuple[str, ...] = ()      # multiaddrs clients may dial directly
@@ -75,6 +76,7 @@ class ServerInfo:
                 capacity=_capacity(record.get("capacity", 0.0)),
                 dtype=str(record["dtype"]), quant=str(record["quant"]),
                 cache_tokens_left=_int(record["cache_tokens_left"]),
+                tokens_in_flight=_int(record.get("tokens_in_flight", 0)),
                 adapters=tuple(str(a) for a in record.get("adapters", ())),
                 version=str(record.get("version", "")),
                 addrs=tuple(str(a) for a in record.get("addrs", ())),

@@ -142,6 +142,7 @@ class Server:
             inference_rps=self.speed.inference / (end - start),
             dtype=str(parse_dtype(self.config.dtype)).replace("torch.", ""), quant=self.config.quant,
             cache_tokens_left=int(cache_tokens), adapters=tuple(servicer.hosted_adapters) if servicer else (),
+            tokens_in_flight=self.config.handler.limits.max_tokens_in_flight_per_peer,
             version=__version__, addrs=tuple(self.maddrs),
         )
 

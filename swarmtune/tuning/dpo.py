@@ -65,18 +65,21 @@ def policy_logps(model: SwarmForCausalLM, batch: dict[str, torch.Tensor]) -> tor
     return sequence_logps(logits, batch["labels"][:, -columns:])
 
 
-# Servers admit at most this many tokens of one peer in flight (their default, server.requests.Limits): two
-# passes at once must fit in it, or a server would refuse one of them (and the client ban it for a while).
-SERVER_TOKENS_IN_FLIGHT = 1 << 17
+def tokens_in_flight(model: SwarmForCausalLM) -> int:
+    """The fewest tokens of one peer in flight that a server of the swarm admits, as they announce it (0: none
+    said so yet). Two passes at once beyond it would have a server refuse one (and the client ban it a while)."""
+    return min((s.tokens_in_flight for s in model.connection.view.servers.values() if s.tokens_in_flight),
+               default=0)
 
 
 def step(model: SwarmForCausalLM, batch: dict[str, torch.Tensor], beta: float) -> tuple[torch.Tensor, dict]:
     """(loss, metrics) of a batch of pairs. The reference's pass runs in a thread beside the policy's: the two are
     independent, so the swarm's servers (a pipeline) and the client's own parts work on both at once. A batch
-    too large for both to be in flight at a server runs them in turn."""
+    too large for both to be in flight at a server (or before any server said how many it admits) runs them
+    in turn."""
     rows, length = batch["input_ids"].shape
     prefix = model.soft_prompts.length if model.soft_prompts is not None else 0
-    if 2 * rows * (length + prefix) > SERVER_TOKENS_IN_FLIGHT:
+    if 2 * rows * (length + prefix) > tokens_in_flight(model):
         reference = reference_logps(model, batch)
         return loss(policy_logps(model, batch), reference, beta)
     with ThreadPoolExecutor(1, thread_name_prefix="dpo-reference") as pool:
