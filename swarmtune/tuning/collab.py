@@ -96,8 +96,9 @@ def wrap_optimizer(cfg: CollabConfig, dht, param_groups: list[dict], make_optimi
         delay_state_averaging=False,  # a peer that stops holds the averaged state, not one about to change
         average_opt_statistics=statistics,
         # hivemind refreshes its view of the others' progress as seldom as every 10 s: a peer that looked while
-        # the others had not yet reported stepped alone and stayed an epoch apart from them to the end
-        tracker_opts=dict(max_refresh_period=cfg.matchmaking_time),
+        # the others had not yet reported stepped alone and stayed an epoch apart from them to the end. At
+        # least once per matchmaking window, the view is fresh enough to gather with them
+        tracker_opts=dict(max_refresh_period=min(cfg.matchmaking_time, 10.0)),
         verbose=True)
     optimizer.defaults = optimizer.opt.defaults  # what Lightning checks an optimizer for; hivemind leaves it unset
     return optimizer
