@@ -175,3 +175,23 @@ def test_chained_server_killed_mid_generation(tiny_llama, tokenizer, expected):
             assert sum(_server_state(model, s.peer_id)["stats"].get("pushes_received", 0) for s in alive) > 0
         finally:
             model.close()
+
+
+def test_truncating_past_a_sliding_blocks_window_is_the_clients_error(tiny_models):
+    """A gpt-oss session (sliding blocks keep window - 1 + ROLLBACK_TOKENS tokens) that has moved on rolls back
+    ROLLBACK_TOKENS, and a request to go further back is refused as the client's error, its cache unchanged."""
+    from swarmtune.models import load_span
+    from swarmtune.models.kv_cache import ROLLBACK_TOKENS
+    from swarmtune.server.requests import RequestError
+    from swarmtune.server.sessions import CacheEdits, Lease, ServerSession
+
+    span = load_span(tiny_models("gpt_oss"), 0, 2)
+    session = ServerSession(span, 1, 100, None, None, Lease("peer", 0, None))
+    hidden = torch.randn(1, 60, span.config.hidden_size)
+    session.step(hidden, None, None)
+    back = 60 - ROLLBACK_TOKENS
+    with pytest.raises(RequestError, match="shortest"):
+        session.step(hidden[:, :1], None, None, CacheEdits(truncate=back - 1))
+    assert session.length == 60
+    session.step(hidden[:, back:back + 1], None, None, CacheEdits(truncate=back))
+    assert session.length == back + 1

@@ -22,6 +22,7 @@ from swarmtune.models import (
     load_span,
     supported_model_types,
 )
+from swarmtune.models.kv_cache import ROLLBACK_TOKENS
 from tests.helpers import FAMILIES, reference_model
 
 TOL = 1e-5
@@ -202,3 +203,58 @@ def test_glm4_moe_router_stays_fp32_in_half_precision(tiny_models):
     hidden = torch.randn(1, 5, span.config.hidden_size, generator=torch.Generator().manual_seed(3))
     expected = load_span(path, 0, 3)(hidden)
     assert (span(hidden.bfloat16()).float() - expected).abs().max().item() <= 0.05 * expected.abs().max().item()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["gpt_oss", pytest.param("mistral", marks=pytest.mark.slow)])
+def test_sliding_blocks_keep_only_their_window_and_decode_exactly(tiny_models, family: str):
+    """A decode far past the sliding window (gpt-oss: alternate layers of window 4; mistral: every layer, 8) equals
+    transformers' generate step by step while each sliding block keeps window - 1 + ROLLBACK_TOKENS tokens, and
+    is charged that; a rollback of ROLLBACK_TOKENS re-run as one multi-token step gives the same logits, and
+    a longer one is refused."""
+    path = tiny_models(family)
+    m = Loaded(path, reference_model(path), load_client_parts(path), [load_span(path, s, e) for s, e in SPANS],
+               torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(4)), torch.ones(2, 12).long())
+    m.mask[1, :3] = 0  # left padding
+    window = m.reference.config.sliding_window
+    kept = window - 1 + ROLLBACK_TOKENS
+    new_tokens = kept + 4 - m.ids.shape[1]  # the window moves on for the last 4 steps
+    out = m.reference.generate(input_ids=m.ids, attention_mask=m.mask, max_new_tokens=new_tokens, do_sample=False,
+                               output_logits=True, return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
+    max_length = m.ids.shape[1] + new_tokens
+    caches = [span.make_cache(2, max_length) for span in m.spans]
+    per_token = get_family(family).cache_shape(m.reference.config).nbytes_per_token(torch.float32)
+    windows = [window for span in m.spans for window in span.windows]
+    assert None not in windows if family == "mistral" else windows[:2] == [window, None]  # gpt-oss alternates
+    for span, cache in zip(m.spans, caches):
+        sliding = sum(window is not None for window in span.windows)
+        expected = 2 * per_token * ((span.num_blocks - sliding) * max_length + sliding * kept)
+        assert cache.nbytes == span.make_cache_nbytes(2, max_length) == expected
+        assert span.make_cache_nbytes(2, 10 * max_length) - expected == (span.num_blocks - sliding) * 2 * per_token \
+            * 9 * max_length  # a longer session costs more only in its full-attention blocks
+
+    step_ids, mask, positions = m.ids, m.mask, generate_positions(m.mask)
+    for step in range(new_tokens):
+        logits = run_spans(m, step_ids, caches, attention_mask=mask, position_ids=positions)[:, -1]
+        assert (logits - out.logits[step]).abs().max().item() <= TOL, f"step {step}"
+        step_ids = logits.argmax(-1, keepdim=True)
+        assert torch.equal(step_ids[:, 0], out.sequences[:, m.ids.shape[1] + step])
+        mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+        positions = positions[:, -1:] + 1
+    length = max_length - 1
+    for span, cache in zip(m.spans, caches):
+        assert cache.length == length
+        assert {cache.kept(i) for i in range(span.start, span.end)} <= {kept, length}
+        assert cache.shortest_truncation == (length - ROLLBACK_TOKENS if any(span.windows) else 0)
+
+    back = length - ROLLBACK_TOKENS  # as speculative decoding drops rejected drafts, then verifies them anew
+    for cache in caches:
+        cache.truncate(back)
+    tokens = out.sequences[:, back:length]
+    replayed = run_spans(m, tokens, caches, attention_mask=mask[:, :length],
+                         position_ids=generate_positions(mask[:, :length])[:, back:])
+    first = max(back, m.ids.shape[1] - 1)  # the first column whose logits generate returned
+    expected = torch.stack(out.logits[first - m.ids.shape[1] + 1:], dim=1)
+    assert (replayed[:, first - back:] - expected).abs().max().item() <= TOL
+    with pytest.raises(ValueError, match="shortest"):
+        caches[0].truncate(back - 1)

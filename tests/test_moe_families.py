@@ -5,17 +5,21 @@ speculative generation, a LoRA step, and generation that survives a server kille
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from swarmtune import transport, wire
 from swarmtune.adapters.lora import target_shapes
 from swarmtune.client.config import ClientConfig
+from swarmtune.client.inference import InferenceSession
 from swarmtune.client.model import SwarmForCausalLM
 from swarmtune.client.speculative import DraftLength
 from swarmtune.local_swarm import LocalSwarm
+from swarmtune.models.kv_cache import ROLLBACK_TOKENS
 from swarmtune.tiny_model import tiny_config
 from swarmtune.tuning.module import LoraSettings, OptimConfig, SwarmLM, TuningConfig
 from tests.helpers import MOE_FAMILIES, KillAfter, reference_model
@@ -143,6 +147,42 @@ def test_lora_targets_follow_each_blocks_kind():
     qwen = tiny_config("qwen3_moe")  # block 1 is dense (mlp_only_layers)
     assert {k for k in target_shapes(qwen) if ".mlp." in k} == {f"1.mlp.{p}" for p in ("gate_proj", "up_proj",
                                                                                      "down_proj")}
+
+
+@pytest.mark.parametrize("moe", ["gpt_oss"], indirect=True)
+def test_gpt_oss_servers_keep_only_the_sliding_window(moe: Moe, tiny_models):
+    """A prompt longer than the window and a decode far past what a sliding block keeps (window - 1 +
+    ROLLBACK_TOKENS): greedy and speculative generation (every round's drafts rolled back) equal local
+    transformers, and a session is charged its full blocks' max_length and its sliding blocks' window only."""
+    config = moe.reference.config
+    kept = config.sliding_window - 1 + ROLLBACK_TOKENS
+    prompt = torch.randint(3, 300, (1, 2 * config.sliding_window), generator=torch.Generator().manual_seed(5))
+    kwargs = dict(input_ids=prompt, max_new_tokens=kept + 8, min_new_tokens=kept + 8, do_sample=False)
+    expected = moe.reference.generate(**kwargs)
+    assert torch.equal(moe.model.generate(**kwargs), expected)
+    moe.model.draft_length = DraftLength(min_tokens=4, initial=4, max_tokens=4)
+    try:
+        assert torch.equal(moe.model.generate(**kwargs, assistant_model=reference_model(tiny_models("llama", 2))),
+                           expected)
+        assert moe.model.draft_length.drafted_total > moe.model.draft_length.accepted_total
+    finally:
+        moe.model.draft_length = None
+
+    server, (start, end) = moe.swarm.servers[0], (0, 3)  # blocks 0 and 2 slide, block 1 attends to everything
+    per_token = 2 * config.num_key_value_heads * config.head_dim * 4
+    conn = moe.model.connection
+
+    def info() -> dict:
+        meta, _ = conn.run(transport.call(conn.p2p, server.peer_id, "info", wire.pack({}), 10), timeout=15)
+        return meta
+
+    deadline = time.monotonic() + 10  # the generations' sessions close asynchronously
+    while (before := info())["active_sessions"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert before["active_sessions"] == 0
+    with InferenceSession(conn, max_length=1000, batch_size=1, start=start, end=end) as session:
+        session.step(torch.randn(1, 2, config.hidden_size))
+        assert before["cache_bytes_free"] - info()["cache_bytes_free"] == per_token * (1000 + 2 * kept)
 
 
 @pytest.mark.slow  # a third server starts and dies: about a minute on a loaded machine

@@ -42,6 +42,8 @@ class Family:
     attn_implementations: tuple[str, ...] = ("sdpa", "eager")
     # What one block's attention caches per token: the KV cache's size and the server's budgets follow it.
     cache_shape: Callable[[PretrainedConfig], CacheShape] = lambda config: gqa_cache_shape(config)
+    # The sliding window of a block by its index (None: full attention); its cache keeps only what the window needs.
+    layer_window: Callable[[PretrainedConfig, int], int | None] = lambda config, layer_idx: None
     # Block tensors (key suffixes) kept in float32 whatever the serving dtype, as transformers keeps them.
     fp32_keys: tuple[str, ...] = ()
     final_norm_class: Callable[[PretrainedConfig], nn.Module] = None  # type: ignore[assignment]

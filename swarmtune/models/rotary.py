@@ -39,14 +39,17 @@ def layer_inputs(span, hidden: torch.Tensor, attention_mask: torch.Tensor, posit
                  cache) -> list[dict]:
     with _ROTARY_LOCK:
         position_embeddings = span.position_module(hidden, position_ids)
-    masks: dict[int | None, torch.Tensor] = {}
+    masks: dict[tuple[int | None, int], torch.Tensor] = {}
     boolean = span.config._attn_implementation == "sdpa"
+    new = hidden.shape[1]
     out = []
     for layer_idx in range(span.start, span.end):
         window = _layer_window(span.config, layer_idx)
-        if window not in masks:
-            masks[window] = causal_mask(attention_mask, hidden.shape[1], hidden.dtype, window, boolean)
-        out.append(dict(attention_mask=masks[window], position_ids=position_ids,
+        # the keys the layer attends over: those its cache kept (a sliding layer: its window's) and the new ones
+        keys = (cache.kept(layer_idx) if cache is not None else 0) + new
+        if (window, keys) not in masks:
+            masks[window, keys] = causal_mask(attention_mask[:, -keys:], new, hidden.dtype, window, boolean)
+        out.append(dict(attention_mask=masks[window, keys], position_ids=position_ids,
                         position_embeddings=position_embeddings, cache=cache))
     return out
 
@@ -63,6 +66,7 @@ def rotary_family(model_type: str, module, prefix: str, **kwargs) -> Family:
                                                                            eps=config.rms_norm_eps),
         make_position_module=lambda config: getattr(module, f"{prefix}RotaryEmbedding")(config=config),
         layer_inputs=layer_inputs,
+        layer_window=_layer_window,
         **kwargs,
     )
 

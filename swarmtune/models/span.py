@@ -70,15 +70,29 @@ class SpanModel(nn.Module):
             cache.advance(length)
         return hidden
 
+    @property
+    def windows(self) -> list[int | None]:
+        """Each block's sliding window (None: full attention)."""
+        return [self.family.layer_window(self.config, i) for i in range(self.start, self.end)]
+
     def make_cache_nbytes(self, batch_size: int, max_length: int) -> int:
         """Bytes of `make_cache(batch_size, max_length)`: what the server's KV budget charges for it."""
-        return SpanKVCache.nbytes_for(self.num_blocks, batch_size, max_length, self.family.cache_shape(self.config),
-                                      self.compute_dtype)
+        return SpanKVCache.nbytes_for(batch_size, max_length, self.family.cache_shape(self.config),
+                                      self.compute_dtype, self.windows)
+
+    def cache_tokens_for(self, nbytes: int, limit: int) -> int:
+        """The longest session (one row, at most `limit` tokens) whose cache fits in `nbytes`: a sliding block's
+        share stops growing at its window, so this is not `nbytes` over the bytes of one token."""
+        low, high = 0, limit
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if self.make_cache_nbytes(1, mid) <= nbytes else (low, mid - 1)
+        return low
 
     def make_cache(self, batch_size: int, max_length: int) -> SpanKVCache:
         device = next(self.blocks.parameters()).device
         return SpanKVCache(self.start, self.end, batch_size, max_length, self.family.cache_shape(self.config),
-                           self.compute_dtype, device)
+                           self.compute_dtype, device, self.windows)
 
 
 def add_deep_prompt(hidden: torch.Tensor, prompt: torch.Tensor, past: int) -> torch.Tensor:

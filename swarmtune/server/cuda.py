@@ -40,7 +40,7 @@ def supports_static_step(span: SpanModel) -> bool:
     """Whether `span` can run StaticStep: rotary families without sliding windows or experts."""
     config = span.config
     return (span.family.layer_inputs is rotary.layer_inputs and getattr(config, "num_local_experts", None) is None
-            and all(rotary._layer_window(config, i) is None for i in range(span.start, span.end)))
+            and all(window is None for window in span.windows))
 
 
 MIN_WINDOW = 256  # the shortest attention window a fixed-shape step is captured for
@@ -112,7 +112,7 @@ class StaticStep:
     def __init__(self, span: SpanModel, cache: SpanKVCache, use_graph: bool = False):
         if not supports_static_step(span):
             raise ValueError(f"{span.config.model_type} spans with sliding windows or experts have no static step")
-        device = cache.keys.device
+        device = cache.device
         batch = cache.batch_size
         self.span, self.cache = span, cache
         self.use_graph = use_graph and device.type == "cuda"

@@ -32,6 +32,7 @@ from swarmtune.server.handler_config import HandlerConfig
 from swarmtune.server.hosted_adapters import read_hosted
 from swarmtune.server.lora import wrap_targets
 from swarmtune.server.quantize import quantize
+from swarmtune.server.served import MAX_POSITION
 from swarmtune.server.sessions import CacheBudget
 from swarmtune.version import __version__
 
@@ -134,7 +135,7 @@ class Server:
         start, end = self.blocks
         servicer = self.servicer
         served = (servicer.span.start, servicer.span.end) if servicer and state == "online" else self.blocks
-        cache_tokens = servicer.budget.free // max(1, servicer.span.make_cache_nbytes(1, 1)) if servicer else 0
+        cache_tokens = servicer.span.cache_tokens_for(servicer.budget.free, MAX_POSITION) if servicer else 0
         return ServerInfo(
             peer_id=str(self.p2p.peer_id), start=served[0], end=served[1], state=state,
             target=None if served == self.blocks else self.blocks, pinned=self.config.blocks is not None,

@@ -210,7 +210,7 @@ class ServerSession:
         self.blocks = span.start, span.end
         self.max_length = max_length
         self.cache = span.make_cache(batch_size, max_length)
-        self.device = self.cache.keys.device
+        self.device = self.cache.device
         self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)
         self.lora = lora
         self.deep_prompts = deep_prompts.to(self.device, span.compute_dtype) if deep_prompts is not None else None
@@ -267,8 +267,10 @@ class ServerSession:
             self.cache.reorder(edits.reorder)
             self.mask = self.mask[edits.reorder.to(self.device)]
         if edits.truncate is not None:
-            if not 0 <= edits.truncate <= self.length:
-                raise RequestError(f"'truncate' must lie in [0, {self.length}], the session's length")
+            shortest = self.cache.shortest_truncation  # sliding blocks keep only so much beyond their window
+            if not shortest <= edits.truncate <= self.length:
+                raise RequestError(f"'truncate' must lie in [{shortest}, {self.length}]: the session's length, and "
+                                   f"the shortest its sliding-window blocks can go back to")
             if edits.keep is not None:
                 if not bool(((edits.keep >= 0) & (edits.keep <= edits.truncate)).all()):
                     raise RequestError("'keep' must lie in [0, truncate]")
