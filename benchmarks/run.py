@@ -4,7 +4,8 @@
 
 Writes results.json, results.md (Markdown tables) and plot_*.png to DIR (default
 benchmarks/results/). Sections: inference (steps/s, time to first token, per-hop overhead),
-serving (forward and forward+backward tokens/s, LoRA training step vs PEFT), network (loopback
+serving (forward and forward+backward tokens/s, LoRA training step vs PEFT), step (a decode step's
+time hop by hop, from timestamps, and issue 40's three loopback ratios to in-process), network (loopback
 and, in full mode, the paper's three settings emulated in network namespaces, each beside the
 design's bound), speculative (plain against speculative greedy tokens/s with drafts agreeing ~50/80/95%,
 on loopback and at 100 ms RTT), recovery (a server killed mid-generation and mid-training step), scaleout
@@ -27,7 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks import hostile, inference, network, recovery, scaleout, serve, serving, speculative  # noqa: E402
+from benchmarks import hostile, inference, network, recovery, scaleout, serve, serving, speculative, step  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     Bench,
     Figure,
@@ -43,10 +44,11 @@ from swarmtune import shutdown  # noqa: E402
 # recovery after network: it kills servers of the run's loopback swarms, which the network section's loopback row
 # reuses; hostile starts swarms of its own
 SECTIONS: dict[str, Callable[[Bench], list[Figure]]] = {
-    "inference": inference.run, "serving": serving.run, "serve": serve.run, "network": network.run,
+    "inference": inference.run, "serving": serving.run, "step": step.run, "serve": serve.run, "network": network.run,
     "speculative": speculative.run, "recovery": recovery.run, "scaleout": scaleout.run, "hostile": hostile.run}
 TABLES: dict[str, Callable[[list[Figure]], str]] = {"network": network.network_table, "hostile": hostile.hostile_table,
-                                                    "speculative": speculative.speculative_table}
+                                                    "speculative": speculative.speculative_table,
+                                                    "step": step.step_table}
 
 
 def command(plan: Plan, out: str) -> str:

@@ -108,12 +108,14 @@ class MessageStream:
         self._responses: AsyncIterator | None = None
         self._reassembler = wire.Reassembler()
         self.closed = False
+        self.sent_ns = self.received_ns = 0  # when the last frame went to the daemon, the last reply came whole
 
     async def _requests(self):
         while True:
             frame = await self._outbox.get()
             if frame is None:
                 return
+            self.sent_ns = time.perf_counter_ns()
             yield runtime_pb2.ExpertRequest(uid=self.token, metadata=frame)
 
     async def send(self, data: bytes) -> None:
@@ -178,6 +180,7 @@ class MessageStream:
         async for response in self._responses:
             message = self._reassembler.add(response.metadata)
             if message is not None:
+                self.received_ns = time.perf_counter_ns()
                 return _decode(self.peer_id, message)
         raise ConnectionError("the server closed the session")
 

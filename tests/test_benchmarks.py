@@ -21,6 +21,7 @@ import pytest
 from benchmarks.attackers import header_bombs
 from benchmarks.hostile import p99
 from benchmarks.network import bound, window_round_trips
+from benchmarks.step import HOP_PARTS, RETURN, hop_parts
 from scripts import netem
 from swarmtune import wire
 from tests.helpers import run
@@ -37,7 +38,7 @@ def test_smoke_run_writes_sane_results(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert not results["errors"]
     figures = results["figures"]
-    assert {f["section"] for f in figures} == {"inference", "serving", "network", "speculative", "recovery",
+    assert {f["section"] for f in figures} == {"inference", "serving", "step", "network", "speculative", "recovery",
                                                   "scaleout", "hostile", "serve"}
     for f in figures:
         assert math.isfinite(f["swarm"]) and f["swarm"] >= 0, f
@@ -52,14 +53,50 @@ def test_smoke_run_writes_sane_results(tmp_path):
     speculative = [f for f in figures if f["section"] == "speculative"]  # it raises if its tokens are not plain's
     assert [f["details"]["agreement"] for f in speculative] == [0.5, 0.8, 0.95]
     assert all(1 <= f["details"]["tokens_per_round"] <= 9 for f in speculative), speculative
+    check_step([f for f in figures if f["section"] == "step"])
     died = next(f for f in figures if f["name"] == "generation step in which a server died")
     assert "tokens identical to local: yes" in died["note"]
     check_hostile([f for f in figures if f["section"] == "hostile"])
     table = (out / "results.md").read_text()
     assert "| figure | swarm | baseline (same run) |" in table and "python -m benchmarks.run --smoke" in table
     assert "| class | attackers sent | generation step p50 / p99 ms (no attack) |" in table
-    for section in ("inference", "serving", "network", "speculative", "recovery", "hostile", "serve"):
+    assert "| decode step part | ms (median; per hop, but the return) | share |" in table
+    for section in ("inference", "serving", "step", "network", "speculative", "recovery", "hostile", "serve"):
         assert (out / f"plot_{section}.png").stat().st_size > 1000
+
+
+def check_step(figures: list[dict]) -> None:
+    """The breakdown's parts add up to its step, and the three ratios have their in-process baselines."""
+    parts = {f["details"]["part"]: f for f in figures if "part" in f["details"]}
+    assert set(parts) == {*HOP_PARTS, RETURN, "step"}
+    hops = 3
+    total = sum(f["swarm"] * (1 if part == RETURN else hops) for part, f in parts.items() if part != "step")
+    assert total == pytest.approx(parts["step"]["swarm"], rel=0.5)  # medians of parts vs the median of sums
+    assert parts["compute"]["swarm"] > 0 and parts["step"]["details"]["echo_ms"] > 0
+    names = {f["name"]: f for f in figures}
+    for name in ("single-token step through 3 spans, batch 1", "inference steps/s, batch 1",
+                 "forward tokens/s, batch 1x16, full model"):
+        assert names[name]["baseline"] > 0, name
+    assert "per-hop overhead per step" in names
+
+
+def test_hop_parts_add_up_to_the_step():
+    class Stream:
+        def __init__(self, sent, received):
+            self.sent_ns, self.received_ns = sent, received
+
+    class Span:
+        def __init__(self, sent, trace, received):
+            self.stream, self.trace = Stream(sent, received), trace
+
+    class Session:
+        spans = [Span(10, [20, 21, 25, 40, 41], 50), Span(55, [60, 62, 63, 70, 72], 80)]
+
+    hops = hop_parts(Session(), 0, 100)
+    assert [hop["compute"] for hop in hops] == [15e-9, 7e-9]
+    assert hops[0]["client Python"] == 10e-9 and hops[1]["client Python"] == 5e-9   # after the first reply
+    assert hops[0]["p2pd out"] == 10e-9 and hops[0]["p2pd back"] == 9e-9 and hops[1][RETURN] == 20e-9
+    assert sum(sum(hop.values()) for hop in hops) == pytest.approx(100e-9)
 
 
 def check_hostile(figures: list[dict]) -> None:

@@ -195,3 +195,31 @@ def test_truncating_past_a_sliding_blocks_window_is_the_clients_error(tiny_model
     assert session.length == 60
     session.step(hidden[:, back:back + 1], None, None, CacheEdits(truncate=back))
     assert session.length == back + 1
+
+
+def test_traced_steps_report_ordered_stamps(swarm, tiny_llama):
+    """A session that asks for traces gets, per hop, stamps in the order the server took them, all between the
+    client's own stamps of the step (one clock on one machine), and the same outputs as without them."""
+    config = ClientConfig(initial_peers=swarm.initial_peers, step_timeout=5.0, chaining=False)
+    model = SwarmForCausalLM.from_pretrained(tiny_llama, client_config=config)
+    token, outs = torch.randn(1, 1, model.config.hidden_size), []
+    try:
+        for trace in (False, True):
+            with model.open_session(max_length=8) as session:
+                session.trace = trace
+                began = time.perf_counter_ns()
+                outs.append(session.step(token))
+                ended = time.perf_counter_ns()
+                if not trace:
+                    assert all(span.trace is None for span in session.spans)
+                    continue
+                previous = began
+                for span in session.spans:
+                    stamps = [span.stream.sent_ns, *span.trace, span.stream.received_ns]
+                    assert len(stamps) == 7 and previous <= stamps[0], stamps
+                    assert stamps == sorted(stamps), stamps
+                    previous = stamps[-1]
+                assert previous <= ended
+    finally:
+        model.close()
+    assert torch.equal(outs[0], outs[1])

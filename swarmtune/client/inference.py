@@ -93,6 +93,7 @@ class _SpanSession:
         self.session_id = secrets.token_hex(16)  # names this session to the previous server's pushes
         self.push_key = secrets.token_hex(16)  # what authorises them: given only to that server, anew if it changes
         self.awaiting = False  # a chained step was sent whose reply is still unread
+        self.trace: list[int] | None = None  # the server's timestamps of the last step, when the session traces
 
     def open(self) -> None:
         s, timeout = self.session, self.session.config.connect_timeout
@@ -145,6 +146,8 @@ class _SpanSession:
             tensors["hidden"] = hidden
         if self.edits.truncate is not None:
             meta = {**meta, "truncate": self.edits.truncate}
+        if self.session.trace:
+            meta = {**meta, "trace": True}
         data = wire.pack(meta, tensors)
         self.session.bytes_sent += len(data)
         return data
@@ -230,6 +233,7 @@ class InferenceSession:
         self.mismatches = 0
         self._failures, self._refusals = 0, Refusals()
         self.closed = False
+        self.trace = False  # servers note when each step arrived, computed and replied (benchmarks.step)
 
     # ---- public API ------------------------------------------------------------------------------
 
@@ -307,7 +311,8 @@ class InferenceSession:
         for span in self.spans:
             try:
                 data = span.message({"step": self.steps}, mask, position_ids, outputs[-1] if outputs else h)
-                _, reply = await span.stream.exchange(data, self.config.step_timeout)
+                meta, reply = await span.stream.exchange(data, self.config.step_timeout)
+                span.trace = meta.get("trace")
                 outputs.append(span.output(reply, h))
             except ServerFailure as e:
                 return outputs, e

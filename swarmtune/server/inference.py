@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -82,7 +82,7 @@ class InferenceSessions:
                 data = await asyncio.wait_for(read_message(requests, reassembler, admit_step, intake), timeout)
                 if data is None:
                     return
-                reply = await self._step(session, data, peer)
+                reply = await self._step(session, data, peer, time.perf_counter_ns())
                 del data
                 for response in replies(reply):
                     yield response
@@ -155,9 +155,10 @@ class InferenceSessions:
         self.sessions.add(session)
         return session
 
-    async def _step(self, session: ServerSession, data: bytes, peer: str) -> bytes:
+    async def _step(self, session: ServerSession, data: bytes, peer: str, received_ns: int) -> bytes:
         """One step. Its hidden states come in the message, or (chaining) pushed by the previous server;
-        the output goes back to the client and, when asked, on to the next server."""
+        the output goes back to the client and, when asked, on to the next server. `received_ns`: when the
+        message was read whole (time.perf_counter_ns), for a step that asks for its trace."""
         if not self.served.serves(*session.blocks):
             raise ServerBusy(f"this server no longer serves blocks {session.blocks[0]}:{session.blocks[1]} (it "
                              f"moved): open the session on another server")
@@ -167,15 +168,16 @@ class InferenceSessions:
                              "KV memory while other peers waited for some; open a new one (elsewhere, or later)")
         session.lease.idle_since = None
         try:
-            return await self._run_step(session, data, peer)
+            return await self._run_step(session, data, peer, received_ns)
         finally:
             session.lease.idle_since = time.monotonic()
             if session.lease.evicted:  # during the step: its cache goes now
                 session.free()
 
-    async def _run_step(self, session: ServerSession, data: bytes, peer: str) -> bytes:
+    async def _run_step(self, session: ServerSession, data: bytes, peer: str, received_ns: int) -> bytes:
         served, faults = self.served, self.config.faults
         meta, tensors = await self.gate.decode(data, peer)
+        trace = [received_ns, time.perf_counter_ns()] if meta.get("trace") is True else None
         hidden = tensors.get("hidden")
         key = push_key(meta)
         if key is not None and session.id is not None:  # the chain changed: another server pushes now
@@ -196,11 +198,28 @@ class InferenceSessions:
         memory = self.gate.executor.memory.admit(served.subspan(*session.blocks), working_memory.FORWARD, batch,
                                                  length, session.length, "an inference step")
         await faults.wait()
+        step = session.step if trace is None else _traced(session.step, trace)
         out = faults.corrupt(await self.gate.compute(peer, batch * length, session.length + length, INFERENCE, memory,
-                                                     session.step, hidden, mask, pos, edits))
+                                                     step, hidden, mask, pos, edits))
         self.stats["inference_steps"] += 1
         self.pushes.send_on(meta.get("push_to"), meta.get("step"), out)
-        return wire.pack({"ok": True, "step": meta.get("step"), "length": session.length}, {"hidden": out})
+        reply = {"ok": True, "step": meta.get("step"), "length": session.length}
+        if trace is not None:
+            reply["trace"] = [*trace, time.perf_counter_ns()]
+        return wire.pack(reply, {"hidden": out})
+
+
+def _traced(fn: Callable[..., torch.Tensor], trace: list[int]) -> Callable[..., torch.Tensor]:
+    """`fn`, noting in `trace` when it starts and ends on the compute thread: a step asked for its trace
+    (received, decoded, compute began, compute ended, reply ready; the clock of time.perf_counter_ns), so that a
+    benchmark on the same machine can tell where a step's time goes."""
+    def run(*args) -> torch.Tensor:
+        trace.append(time.perf_counter_ns())
+        try:
+            return fn(*args)
+        finally:
+            trace.append(time.perf_counter_ns())
+    return run
 
 
 def _cache_edits(meta: dict, tensors: dict, batch: int) -> CacheEdits | None:
