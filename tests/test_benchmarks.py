@@ -60,7 +60,7 @@ def test_smoke_run_writes_sane_results(tmp_path):
     table = (out / "results.md").read_text()
     assert "| figure | swarm | baseline (same run) |" in table and "python -m benchmarks.run --smoke" in table
     assert "| class | attackers sent | generation step p50 / p99 ms (no attack) |" in table
-    assert "| decode step part | ms (median; per hop, but the return) | share |" in table
+    assert "| decode step part | ms (mean; per hop, but the return) | share, median |" in table
     for section in ("inference", "serving", "step", "network", "speculative", "recovery", "hostile", "serve"):
         assert (out / f"plot_{section}.png").stat().st_size > 1000
 
@@ -71,7 +71,7 @@ def check_step(figures: list[dict]) -> None:
     assert set(parts) == {*HOP_PARTS, RETURN, "step"}
     hops = 3
     total = sum(f["swarm"] * (1 if part == RETURN else hops) for part, f in parts.items() if part != "step")
-    assert total == pytest.approx(parts["step"]["swarm"], rel=0.5)  # medians of parts vs the median of sums
+    assert total == pytest.approx(parts["step"]["swarm"], rel=1e-6)  # means add up
     assert parts["compute"]["swarm"] > 0 and parts["step"]["details"]["echo_ms"] > 0
     names = {f["name"]: f for f in figures}
     for name in ("single-token step through 3 spans, batch 1", "inference steps/s, batch 1",
