@@ -1,5 +1,5 @@
-"""The compute threads: inference before training, within a priority the peer served least goes next, and short
-requests have a lane of their own."""
+"""The compute threads: the peer served least goes next, inference before training among peers served alike and
+within a peer, and short requests have a lane of their own."""
 
 from __future__ import annotations
 
@@ -49,6 +49,13 @@ def test_costly_requests_count_for_more():
 def test_inference_goes_first_whoever_queued_training():
     order = run_queued([(BACKWARD, "a", 1.0), (FORWARD, "a", 1.0), (INFERENCE, "b", 1.0)])
     assert order == ["b2", "a1", "a0"]
+
+
+def test_a_peer_stepping_back_to_back_does_not_hold_back_others_training():
+    """Priority does not cross peers: b's queue of inference steps, worth more than a's training request, lets that
+    request run after b's first step, not after all of them."""
+    order = run_queued([(INFERENCE, "b", 10.0)] * 5 + [(FORWARD, "a", 20.0), (INFERENCE, "b", 10.0)])
+    assert order[:2] == ["b0", "a5"] and sorted(order[2:]) == ["b1", "b2", "b3", "b4", "b6"]
 
 
 def test_a_short_request_does_not_wait_behind_a_long_one():
