@@ -41,9 +41,17 @@ def test_a_peer_with_a_long_queue_does_not_starve_another():
 
 def test_costly_requests_count_for_more():
     """b's cheap requests run while a's one costly request is worth several of them."""
-    order = run_queued([(FORWARD, "a", 10.0), (FORWARD, "a", 10.0), (FORWARD, "b", 3.0), (FORWARD, "b", 3.0),
-                        (FORWARD, "b", 3.0)])
+    order = run_queued([(FORWARD, "a", 1000.0), (FORWARD, "a", 1000.0), (FORWARD, "b", 300.0), (FORWARD, "b", 300.0),
+                        (FORWARD, "b", 300.0)])
     assert order == ["a0", "b2", "b3", "b4", "a1"]
+
+
+def test_every_request_costs_something():
+    """A request of cost 1 (a one-token decoding step) is charged REQUEST_COST more, as long as it takes: a's
+    queue of them lets b's second request of cost 64 (a 2x32 training forward) run after one more of them, not
+    after all (64 would be worth as much)."""
+    order = run_queued([(FORWARD, "a", 1.0)] * 8 + [(FORWARD, "b", 64.0)] * 2)
+    assert order[:4] == ["a0", "b8", "a1", "b9"]
 
 
 def test_inference_goes_first_whoever_queued_training():

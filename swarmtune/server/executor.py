@@ -4,10 +4,10 @@ Blocks share one device; running requests one at a time per lane keeps memory pr
 cannot be paused once it runs, so short requests (cost up to SHORT_COST: decoding steps, prompts of a
 couple of hundred tokens, small training batches) have a lane of their own and never wait behind a long
 one; long requests take turns in the other. Within a lane the peer served least so far goes next
-(start-time fair queuing over each request's cost), whatever its request's priority, so one peer's queue
-waits behind its own work, not in front of others'; a peer's own requests, and peers served alike, go by
-priority: inference steps before training. (Priority across peers let one peer stepping sessions back to
-back hold every other peer's training back for seconds.)
+(start-time fair queuing over each request's cost, plus REQUEST_COST), whatever its request's priority,
+so one peer's queue waits behind its own work, not in front of others'; a peer's own requests, and peers
+served alike, go by priority: inference steps before training. (Priority across peers let one peer
+stepping sessions back to back hold every other peer's training back for seconds.)
 
 Each request's working memory (server.working_memory) is reserved when it starts and released when it
 ends: a short request runs in the short lane only if it fits that lane's part of the budget.
@@ -29,6 +29,11 @@ INFERENCE, FORWARD, BACKWARD = 0, 1, 2
 # positions, or a 200-token prompt. No more: each such request holds the lane while it runs, and a peer keeping
 # several in flight would make every decoding step wait for one of them.
 SHORT_COST = 256.0
+# What every request costs its peer's fair share on top of its own cost (the same unit): a decoding step reads every
+# weight as a prompt of dozens of tokens does, and its fixed work (Python, hand-offs, the cache) is per request. Without
+# it, a peer stepping sessions of one token back to back was served 66 steps for each 2x32 training forward of
+# another, each step taking nearly as long.
+REQUEST_COST = 64.0
 
 
 class _Lane:
@@ -75,7 +80,7 @@ class _Lane:
                 queues = self._queues[priority]
                 job = queues[peer].popleft()
                 self._clock = self._served[peer]
-                self._served[peer] += job[-1]
+                self._served[peer] += job[-1] + REQUEST_COST
                 if not queues[peer]:
                     del queues[peer]
                 if len(self._served) > 64 + 2 * sum(len(q) for q in self._queues.values()):
