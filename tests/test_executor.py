@@ -41,8 +41,8 @@ def test_a_peer_with_a_long_queue_does_not_starve_another():
 
 def test_costly_requests_count_for_more():
     """b's cheap requests run while a's one costly request is worth several of them."""
-    order = run_queued([(FORWARD, "a", 1000.0), (FORWARD, "a", 1000.0), (FORWARD, "b", 300.0), (FORWARD, "b", 300.0),
-                        (FORWARD, "b", 300.0)])
+    order = run_queued([(FORWARD, "a", 250.0), (FORWARD, "a", 250.0), (FORWARD, "b", 10.0), (FORWARD, "b", 10.0),
+                        (FORWARD, "b", 10.0)])  # each + REQUEST_COST: 314 against 74
     assert order == ["a0", "b2", "b3", "b4", "a1"]
 
 

@@ -72,9 +72,10 @@ class _Lane:
 
     def _next(self):
         """The next request (the caller holds the lock), or None when stopping: the peer served least goes next,
-        with its most urgent request; between peers served alike, the more urgent request."""
+        with its most urgent request; between peers served alike, the more urgent request, then the one queued
+        first."""
         while not self._stopping:
-            waiting = {(peer, priority) for priority, queues in self._queues.items() for peer in queues}
+            waiting = [(peer, priority) for priority in sorted(self._queues) for peer in self._queues[priority]]
             if waiting:
                 peer, priority = min(waiting, key=lambda w: (self._served[w[0]], w[1]))
                 queues = self._queues[priority]
