@@ -33,11 +33,12 @@ class ServerFailure(RuntimeError):
 
 
 class ServerRejected(ServerFailure):
-    """The server answered with an error reply; `retry` says whether another server (or later) may succeed."""
+    """The server answered with an error reply; `retry` says whether another server (or later) may succeed, `wait`
+    (refusals for the caller's own request rate) after how many seconds this server would take it."""
 
-    def __init__(self, peer_id: str, reason: str, retry: bool = True):
+    def __init__(self, peer_id: str, reason: str, retry: bool = True, wait: float | None = None):
         super().__init__(peer_id, reason)
-        self.retry = retry
+        self.retry, self.wait = retry, wait
 
 
 def _handle(method: str) -> str:
@@ -50,7 +51,9 @@ def _decode(peer_id: str, data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
     except wire.WireError as e:
         raise ServerFailure(peer_id, f"unreadable reply: {e}") from None
     if "error" in meta:
-        raise ServerRejected(peer_id, str(meta["error"]), bool(meta.get("retry", True)))
+        wait = meta.get("wait")
+        raise ServerRejected(peer_id, str(meta["error"]), bool(meta.get("retry", True)),
+                             float(wait) if isinstance(wait, (int, float)) and wait >= 0 else None)
     return meta, tensors
 
 

@@ -1,5 +1,5 @@
-"""The compute threads: inference before training, within a priority the peer served least goes next, and short
-requests have a lane of their own."""
+"""The compute threads: the peer served least goes next, inference before training among peers served alike and
+within a peer, and short requests have a lane of their own."""
 
 from __future__ import annotations
 
@@ -41,14 +41,29 @@ def test_a_peer_with_a_long_queue_does_not_starve_another():
 
 def test_costly_requests_count_for_more():
     """b's cheap requests run while a's one costly request is worth several of them."""
-    order = run_queued([(FORWARD, "a", 10.0), (FORWARD, "a", 10.0), (FORWARD, "b", 3.0), (FORWARD, "b", 3.0),
-                        (FORWARD, "b", 3.0)])
+    order = run_queued([(FORWARD, "a", 250.0), (FORWARD, "a", 250.0), (FORWARD, "b", 10.0), (FORWARD, "b", 10.0),
+                        (FORWARD, "b", 10.0)])  # each + REQUEST_COST: 314 against 74
     assert order == ["a0", "b2", "b3", "b4", "a1"]
+
+
+def test_every_request_costs_something():
+    """A request of cost 1 (a one-token decoding step) is charged REQUEST_COST more, as long as it takes: a's
+    queue of them lets b's second request of cost 64 (a 2x32 training forward) run after one more of them, not
+    after all (64 would be worth as much)."""
+    order = run_queued([(FORWARD, "a", 1.0)] * 8 + [(FORWARD, "b", 64.0)] * 2)
+    assert order[:4] == ["a0", "b8", "a1", "b9"]
 
 
 def test_inference_goes_first_whoever_queued_training():
     order = run_queued([(BACKWARD, "a", 1.0), (FORWARD, "a", 1.0), (INFERENCE, "b", 1.0)])
     assert order == ["b2", "a1", "a0"]
+
+
+def test_a_peer_stepping_back_to_back_does_not_hold_back_others_training():
+    """Priority does not cross peers: b's queue of inference steps, worth more than a's training request, lets that
+    request run after b's first step, not after all of them."""
+    order = run_queued([(INFERENCE, "b", 10.0)] * 5 + [(FORWARD, "a", 20.0), (INFERENCE, "b", 10.0)])
+    assert order[:2] == ["b0", "a5"] and sorted(order[2:]) == ["b1", "b2", "b3", "b4", "b6"]
 
 
 def test_a_short_request_does_not_wait_behind_a_long_one():

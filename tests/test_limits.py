@@ -128,8 +128,8 @@ def test_a_large_header_counts_as_many_requests(peer):
 
 
 def test_info_counts_toward_the_rate(swarm):
-    """Info calls are requests like others: a peer calling it far past the rate (50/s here) is refused for its
-    rate, with retry."""
+    """Info calls count toward the peer's rate (as INFO_COST requests each): a peer calling it far past the rate
+    (50/s here) is refused for its rate, with retry."""
     import asyncio
 
     from swarmtune import transport, wire
@@ -219,6 +219,61 @@ def test_opening_a_session_counts_toward_the_rate_by_its_reservation(swarm):
         open_close(1, length)  # nothing else between the two opens: info calls count toward the rate too
         with pytest.raises(ServerRejected, match="rate limit: a session of") as raised:
             open_close(1, length)
-        assert raised.value.retry
+        # how long until the peer has its 25 requests, from when the refusal went out (held a second: paid by then)
+        assert raised.value.retry and raised.value.wait is not None and 0 <= raised.value.wait <= 1.0
     finally:
         conn.close()
+
+
+def test_a_client_waits_out_its_own_rate_and_keeps_its_server(swarm, tiny_llama):
+    """A session of 90% of the KV budget counts as 46 requests (50/s here), admitted into debt once the peer has 25
+    left. After a client's own pings (3 info calls, 10 requests each) its open is refused for its rate, saying how
+    long to wait, and the client waits that out on the same server; the session's first step, at once after the
+    open, waits for the peer's rate rather than be refused (which ended the session); a second such session at
+    once is waited for too. The server is never banned (it was, until it announced itself again: the client
+    found no server)."""
+    from transformers import AutoConfig
+
+    from swarmtune import transport, wire
+    from swarmtune.client.connection import SwarmConnection
+    from swarmtune.client.inference import InferenceSession
+
+    config = AutoConfig.from_pretrained(tiny_llama)
+    per_token = 6 * 2 * config.num_key_value_heads * config.head_dim * 4  # 6 blocks' keys and values, fp32
+    conn = SwarmConnection(ClientConfig(initial_peers=swarm.initial_peers, retry_budget=10), swarm.dht_prefix, 6)
+    server = swarm.servers[0].peer_id
+
+    def info() -> dict:
+        return conn.run(transport.call(conn.p2p, server, "info", wire.pack({}), 10, token=conn.token), timeout=15)[0]
+
+    try:
+        time.sleep(1.1)  # the connection's first pings have refilled: a full bucket
+        length = int(0.9 * min(info()["cache_bytes_free"] for _ in range(3)) / per_token)
+        for _ in range(2):
+            with InferenceSession(conn, max_length=length, batch_size=1, start=0, end=6) as session:
+                for step in range(3):
+                    assert session.step(torch.randn(1, 4 if step == 0 else 1, 64)).isfinite().all()
+        assert not conn.bans.until and not session.recoveries
+    finally:
+        conn.close()
+
+
+def test_a_server_that_always_claims_our_rate_is_banned_in_the_end():
+    """A refusal for the client's own rate is waited out, the server kept, only MAX_WAITS times in a row: a server
+    that says so forever is banned as any failing one. A request served starts the count over."""
+    from swarmtune.client.bans import MAX_WAITS, Bans
+    from swarmtune.client.routing import Hop
+    from swarmtune.client.span_requests import ban_failed
+    from swarmtune.records import ServerInfo
+
+    bans, hop = Bans(), Hop(ServerInfo(peer_id="p", start=0, end=6, expires=time.time() + 60), 0, 6)
+    refusal = ServerRejected("p", "rate limit", retry=True, wait=0.01)
+    for _ in range(MAX_WAITS):
+        ban_failed(bans, hop, refusal, "a test")
+        assert not bans.banned("p")
+    bans.served("p")
+    for _ in range(MAX_WAITS):
+        ban_failed(bans, hop, refusal, "a test")
+    assert not bans.banned("p")
+    ban_failed(bans, hop, refusal, "a test")
+    assert bans.banned("p")

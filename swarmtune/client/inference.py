@@ -433,6 +433,7 @@ class InferenceSession:
                         other.close()
                     self.ban(hop, e)
                     break
+                connection.bans.served(hop.peer_id)
                 opened.append(span)
             else:
                 for span in opened:

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 UNKNOWN_DIGEST = "unknown LoRA digest"  # what a server answers when it no longer holds a LoRA version
 MAX_VOTERS = 3
+MAX_RATE_WAIT = 2.0  # seconds a client waits on a server's word for its own rate (a server's debts last about 1 s)
 
 
 class RequestRefused(RuntimeError):
@@ -151,6 +152,14 @@ def wait_for_route(route: Callable[[], T], refresh: Callable[[], None], deadline
 
 
 def ban_failed(bans: Bans, hop: Hop, error: ServerFailure, what: str) -> None:
+    """Ban the failed server; one that refused for our own request rate (saying how long to wait) is waited for
+    instead, and stays usable: our own bursts (an open charged its reservation, then its first step, or info
+    pings) are not its fault."""
+    wait = getattr(error, "wait", None)
+    if wait is not None and bans.excuse(hop.peer_id):
+        logger.info(f"server {hop.peer_id} refused {what} for our request rate; waiting {wait:.2f} s")
+        time.sleep(min(wait, MAX_RATE_WAIT))
+        return
     duration = bans.ban(hop.peer_id, hop.server.expires)
     logger.warning(f"server {hop.peer_id} failed on blocks {hop.start}:{hop.end} during {what} ({error.reason}); "
                    f"banned for {duration:.0f} s")

@@ -23,7 +23,7 @@ from swarmtune.security import Membership
 from swarmtune.server.executor import BACKWARD, PriorityExecutor
 from swarmtune.server.rate_limit import RateLimiter, Tarpit
 from swarmtune.server.receiving import Intake, ReceiveBudget
-from swarmtune.server.requests import Limits, PeerOverLimit, RequestError, need
+from swarmtune.server.requests import Limits, PeerOverLimit, RateLimited, RequestError, need
 from swarmtune.server.streams import frame
 
 logger = logging.getLogger(__name__)
@@ -33,12 +33,14 @@ COST_PER_REQUEST = 64   # compute (tokens x (1 + positions / ATTENTION_SCALE)) t
 OPEN_SECONDS = 1.0      # reserving the whole KV budget counts as this many seconds of the peer's request rate
 SMALL_HEADER = 256      # arrays and maps in a header parsed on the event loop: any request but one that ships LoRA
 CONTAINERS_PER_REQUEST = 64  # a larger header counts as one request per this many (parsing costs)
+MAX_PACE = 2.0          # seconds a session's step may wait for its peer's rate (a debt is at most 1 s's worth)
 
 Handler = Callable[[dict, dict, str], Awaitable[bytes]]  # (meta, tensors, peer) -> reply
 
 
-def error_reply(message: str, retry: bool = False) -> bytes:
-    return wire.pack({"error": message, "retry": retry})
+def error_reply(message: str, retry: bool = False, wait: float | None = None) -> bytes:
+    """An error reply; `wait`: the seconds after which the same request from the same peer would fit its rate."""
+    return wire.pack({"error": message, "retry": retry} | ({} if wait is None else {"wait": round(wait, 3)}))
 
 
 class Gate:
@@ -67,9 +69,9 @@ class Gate:
             return wire.unpack(data, self.limits.max_message_bytes)
         cost = containers / CONTAINERS_PER_REQUEST
         if not self.rates.admit(peer, cost):
-            raise PeerOverLimit(f"rate limit: a header of up to {containers} arrays and maps counts as {cost:.0f} "
-                                f"requests, more than this peer has left of its "
-                                f"{self.limits.requests_per_second_per_peer:g} requests/s")
+            raise RateLimited(f"rate limit: a header of up to {containers} arrays and maps counts as {cost:.0f} "
+                              f"requests, more than this peer has left of its "
+                              f"{self.limits.requests_per_second_per_peer:g} requests/s", cost)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._parser, wire.unpack, data, self.limits.max_message_bytes)
 
@@ -78,10 +80,11 @@ class Gate:
             self.stats["refused_outsiders"] += 1
             raise RequestError(f"peer {peer} is not a member of this private swarm")
 
-    def check_rate(self, peer: str) -> None:
-        if not self.rates.admit(peer):
-            raise PeerOverLimit(f"rate limit: more than {self.limits.requests_per_second_per_peer:g} requests/s "
-                                f"from this peer")
+    def check_rate(self, peer: str, cost: float = 1.0) -> None:
+        """Count a request (`cost` requests' worth) toward the peer's rate, or refuse it."""
+        if not self.rates.admit(peer, cost):
+            raise RateLimited(f"rate limit: more than {self.limits.requests_per_second_per_peer:g} requests/s "
+                              f"from this peer" + (f" (this one counts as {cost:g})" if cost != 1 else ""), cost)
 
     def message_check(self, peer: str, member: bool = True) -> Callable[[str], None]:
         """What a stream checks on the first frame of each message, before it reads any more of it: the
@@ -95,14 +98,23 @@ class Gate:
     async def refused(self, peer: str, error: RequestError | wire.WireError) -> bytes:
         """The error reply to a refused request. A malformed one (the client's fault, not a busy server) counts
         REFUSAL_WEIGHT times toward the peer's request rate: refusing costs the server too, and honest clients
-        rarely send one. One for the peer's own excess goes out after the tarpit's delay."""
+        rarely send one. One for the peer's own excess goes out after the tarpit's delay; one for its rate says
+        how long the peer has to wait from then on (its client waits, rather than take this server for a faulty
+        one)."""
         self.stats["rejected"] += 1
         retry = getattr(error, "retry", False)
         if not retry:
             self.rates.charge(peer, REFUSAL_WEIGHT - 1)
         elif isinstance(error, PeerOverLimit) and await self.tarpit.hold(peer):
             self.stats["refusals_held"] += 1
-        return error_reply(str(error), retry)
+        wait = self.rates.wait(peer, error.cost) if isinstance(error, RateLimited) else None
+        return error_reply(str(error), retry, wait)
+
+    async def pace(self, peer: str) -> None:
+        """Wait until the peer's rate admits one more request. A session's next step waits here, unread, rather
+        than be refused (which would end the session): an open is charged its reservation into debt (up to a
+        second's worth), and the session's own first step follows at once."""
+        await asyncio.sleep(min(self.rates.wait(peer), MAX_PACE))
 
     async def guarded(self, handler: Handler, data: bytes, peer: str, token: str | None) -> bytes:
         """Decode, check the caller, run `handler(meta, tensors, peer)`; every failure becomes an error reply.
@@ -152,9 +164,9 @@ class Gate:
         is as limited as any other flood."""
         cost = 1 + OPEN_SECONDS * self.limits.requests_per_second_per_peer * nbytes / max(1, kv_budget)
         if not self.rates.admit(peer, cost):
-            raise PeerOverLimit(f"rate limit: a session of {nbytes} bytes of KV memory counts as {cost:.0f} "
-                                f"requests, more than this peer has left of its "
-                                f"{self.limits.requests_per_second_per_peer:g} requests/s")
+            raise RateLimited(f"rate limit: a session of {nbytes} bytes of KV memory counts as {cost:.0f} "
+                              f"requests, more than this peer has left of its "
+                              f"{self.limits.requests_per_second_per_peer:g} requests/s", cost)
 
     async def compute(self, peer: str, tokens: int, context: int, priority: int, memory: int, fn, *args):
         """Run `fn` on the compute thread, within the peer's budget of tokens in flight, charged to the peer's

@@ -1,12 +1,13 @@
-"""The compute threads of a server: two lanes, each fed by priority and, within a priority, fairly across peers.
+"""The compute threads of a server: two lanes, each fed fairly across peers and, within a peer, by priority.
 
-Blocks share one device; running requests one at a time per lane keeps memory predictable and
-lets interactive inference steps jump ahead of queued training work. A request cannot be paused
-once it runs, so short requests (cost up to SHORT_COST: decoding steps, prompts of a couple of
-hundred tokens, small training batches) have a lane of their own and never wait behind a long one; long requests take
-turns in the other. Within a lane, among requests of the same priority, the peer served least so
-far goes next (start-time fair queuing over each request's cost), so one peer's queue of requests
-waits behind its own work, not in front of others'.
+Blocks share one device; running requests one at a time per lane keeps memory predictable. A request
+cannot be paused once it runs, so short requests (cost up to SHORT_COST: decoding steps, prompts of a
+couple of hundred tokens, small training batches) have a lane of their own and never wait behind a long
+one; long requests take turns in the other. Within a lane the peer served least so far goes next
+(start-time fair queuing over each request's cost, plus REQUEST_COST), whatever its request's priority,
+so one peer's queue waits behind its own work, not in front of others'; a peer's own requests, and peers
+served alike, go by priority: inference steps before training. (Priority across peers let one peer
+stepping sessions back to back hold every other peer's training back for seconds.)
 
 Each request's working memory (server.working_memory) is reserved when it starts and released when it
 ends: a short request runs in the short lane only if it fits that lane's part of the budget.
@@ -28,6 +29,11 @@ INFERENCE, FORWARD, BACKWARD = 0, 1, 2
 # positions, or a 200-token prompt. No more: each such request holds the lane while it runs, and a peer keeping
 # several in flight would make every decoding step wait for one of them.
 SHORT_COST = 256.0
+# What every request costs its peer's fair share on top of its own cost (the same unit): a decoding step reads every
+# weight as a prompt of dozens of tokens does, and its fixed work (Python, hand-offs, the cache) is per request. Without
+# it, a peer stepping sessions of one token back to back was served 66 steps for each 2x32 training forward of
+# another, each step taking nearly as long.
+REQUEST_COST = 64.0
 
 
 class _Lane:
@@ -65,14 +71,17 @@ class _Lane:
             return True
 
     def _next(self):
-        """The next request (the caller holds the lock), or None when stopping."""
+        """The next request (the caller holds the lock), or None when stopping: the peer served least goes next,
+        with its most urgent request; between peers served alike, the more urgent request, then the one queued
+        first."""
         while not self._stopping:
-            for priority in sorted(p for p, queues in self._queues.items() if queues):
+            waiting = [(peer, priority) for priority in sorted(self._queues) for peer in self._queues[priority]]
+            if waiting:
+                peer, priority = min(waiting, key=lambda w: (self._served[w[0]], w[1]))
                 queues = self._queues[priority]
-                peer = min(queues, key=self._served.__getitem__)
                 job = queues[peer].popleft()
                 self._clock = self._served[peer]
-                self._served[peer] += job[-1]
+                self._served[peer] += job[-1] + REQUEST_COST
                 if not queues[peer]:
                     del queues[peer]
                 if len(self._served) > 64 + 2 * sum(len(q) for q in self._queues.values()):

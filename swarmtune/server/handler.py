@@ -36,6 +36,8 @@ from swarmtune.server.served import Served
 from swarmtune.server.sessions import CacheBudget
 from swarmtune.server.streams import Frames, serve_on_demand
 
+INFO_COST = 10  # requests an info call counts as, toward its peer's rate
+
 
 class BlockServicer(ServicerBase):
     """Serves blocks [span.start, span.end) of one model."""
@@ -103,12 +105,13 @@ class BlockServicer(ServicerBase):
     # ---- unary RPCs -------------------------------------------------------------------------------
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        """The server's state; a request like any other toward the peer's rate (clients ping with it)."""
+        """The server's state. It counts INFO_COST requests toward the peer's rate: clients ping with it a few times a
+        minute, and its answer (the whole state, packed) costs the event loop more than most refusals."""
         peer, gate = str(context.remote_id), self.gate
         if not gate.membership.admits(peer, request.uid):
             return runtime_pb2.ExpertResponse(metadata=error_reply("not a member of this private swarm"))
         try:
-            gate.check_rate(peer)
+            gate.check_rate(peer, INFO_COST)
         except PeerOverLimit as e:
             return runtime_pb2.ExpertResponse(metadata=await gate.refused(peer, e))
         memory = gate.executor.memory

@@ -79,6 +79,7 @@ class InferenceSessions:
             intake.release()
             yield frame(wire.pack({"ok": True, "opened": True}))
             while True:
+                await self.gate.pace(peer)
                 data = await asyncio.wait_for(read_message(requests, reassembler, admit_step, intake), timeout)
                 if data is None:
                     return

@@ -33,6 +33,10 @@ class RateLimiter:
         bucket[0] = max(bucket[0] - cost, -self.rate)
         return True
 
+    def wait(self, peer: str, cost: float = 1.0) -> float:
+        """Seconds until `admit(peer, cost)` would succeed, if nothing else is taken meanwhile."""
+        return max(0.0, (min(cost, self.rate / 2) - self._refilled(peer)[0]) / self.rate)
+
     def charge(self, peer: str, tokens: float) -> None:
         """Charge `tokens` more to the peer, into debt of at most one second's worth."""
         bucket = self._refilled(peer)

@@ -33,6 +33,16 @@ class PeerOverLimit(ServerBusy):
     be held back a while (rate_limit.Tarpit), so that a flooder waiting for its answers slows down."""
 
 
+class RateLimited(PeerOverLimit):
+    """The peer is over its request rate: a request of `cost` would fit once its bucket has refilled. Its refusal
+    tells the client how long that is, so that an honest client waits and asks again instead of taking this
+    server for a faulty one."""
+
+    def __init__(self, message: str, cost: float = 1.0):
+        super().__init__(message)
+        self.cost = cost
+
+
 @dataclass
 class Limits:
     max_batch: int = 64
