@@ -242,13 +242,15 @@ def _fork_server(args: list[str], env: dict | None) -> ForkServer | None:
         return None
     key = tuple(sorted((k, v) for k, v in env.items() if k not in _IMPORTS_IGNORE))
     with _fork_lock:
-        server = _fork_servers.get(key)
-        if server is None or not server.alive:
-            if not _fork_servers:
+        forker = _fork_servers.get(key)
+        if forker is None or not forker.alive:
+            if forker is not None:
+                forker.close()  # it died: reaped here, a fresh one takes its place
+            elif not _fork_servers:
                 atexit.register(close_fork_servers)
             log = os.path.join(tempfile.mkdtemp(prefix="swarmtune-forkserver-"), "forkserver.log")
-            server = _fork_servers[key] = ForkServer(env, log)
-        return server
+            forker = _fork_servers[key] = ForkServer(env, log)
+        return forker
 
 
 def close_fork_servers() -> None:
