@@ -86,7 +86,7 @@ def _stub_server(blocks: tuple[int, int], others: list[ServerInfo], num_blocks: 
     async def withdraw(p2p):
         pass
 
-    span = SimpleNamespace(start=blocks[0], end=blocks[1], make_cache_nbytes=lambda *a: 1)
+    span = SimpleNamespace(start=blocks[0], end=blocks[1], cache_tokens_for=lambda *a: 0)
     server.servicer = SimpleNamespace(span=span, budget=SimpleNamespace(free=0), hosted_adapters=(),
                                       remove_p2p_handlers=withdraw)
 
