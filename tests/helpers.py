@@ -135,6 +135,16 @@ def run(module: str, *args: str, env: dict | None = None, unset: tuple[str, ...]
         return Outcome(proc.returncode, err.read(), out.read(), started, seconds)
 
 
+def wait_until_seen(client, peer_id: str, timeout: float = 30.0) -> None:
+    """Until `client`'s view of the swarm holds the server `peer_id` (a server just started may not be found by
+    a client's first lookup on busy cores: its sessions would then start elsewhere)."""
+    deadline = time.monotonic() + timeout
+    while peer_id not in client.connection.view.servers:
+        assert time.monotonic() < deadline, f"the client never saw {peer_id} in {timeout:.0f} s"
+        time.sleep(0.2)
+        client.connection.refresh()
+
+
 class KillAfter(BaseStreamer):
     """A generate streamer that SIGKILLs `server` once `tokens` pieces were streamed (mid-generation)."""
 

@@ -25,7 +25,7 @@ from swarmtune.models import get_family, load_config, load_span
 from swarmtune.models.checkpoint import INDEX_FILE, open_checkpoint
 from swarmtune.models.fp8 import FP8Error
 from swarmtune.tuning.module import LoraSettings, OptimConfig, SwarmLM, TuningConfig
-from tests.helpers import KillAfter, reference_model, span_logits
+from tests.helpers import KillAfter, reference_model, span_logits, wait_until_seen
 from tests.test_lora_grads import Reference, make_batch, max_diff, randomize
 from tests.test_serving import _check_against_local
 
@@ -295,8 +295,9 @@ def test_mla_server_admits_its_budget_in_latent_tokens(client, swarm, path):
 def test_server_killed_mid_generation_recovers_with_the_same_tokens(swarm, path, reference, tokenizer):
     victim = swarm.add_server((0, 6))  # one hop is preferred over two: sessions start on it
     config = ClientConfig(initial_peers=swarm.initial_peers, step_timeout=5.0, ban_base=1.0)
-    model = SwarmForCausalLM.from_pretrained(path, client_config=config)  # a new client sees the victim at once
+    model = SwarmForCausalLM.from_pretrained(path, client_config=config)
     try:
+        wait_until_seen(model, victim.peer_id)
         inputs = tokenizer([PROMPT], return_tensors="pt")
         expected = reference.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False)
         with model.inference_session(max_length=64) as session:

@@ -22,7 +22,7 @@ from swarmtune.local_swarm import LocalSwarm
 from swarmtune.models.kv_cache import ROLLBACK_TOKENS
 from swarmtune.tiny_model import tiny_config
 from swarmtune.tuning.module import LoraSettings, OptimConfig, SwarmLM, TuningConfig
-from tests.helpers import MOE_FAMILIES, KillAfter, reference_model
+from tests.helpers import MOE_FAMILIES, KillAfter, reference_model, wait_until_seen
 
 TOL = 1e-5
 PROMPT = torch.tensor([[45, 99, 7]])  # shorter than gpt-oss's tiny window (4): decoding itself crosses it
@@ -196,6 +196,7 @@ def test_server_killed_mid_generation_recovers_same_tokens(moe: Moe):
     config = ClientConfig(initial_peers=moe.swarm.initial_peers, step_timeout=5.0, ban_base=1.0)
     client = SwarmForCausalLM.from_pretrained(moe.path, client_config=config)
     try:
+        wait_until_seen(client, victim.peer_id)
         with client.inference_session(max_length=32) as session:
             out = client.generate(**kwargs, streamer=KillAfter(victim, 5))
             assert len(session.recoveries) == 1
