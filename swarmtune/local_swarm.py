@@ -8,7 +8,6 @@ entry points find them.
 
 from __future__ import annotations
 
-import atexit
 import collections
 import contextlib
 import hashlib
@@ -25,7 +24,6 @@ from collections.abc import Sequence
 import psutil
 
 from swarmtune import records, shutdown
-from swarmtune.forkserver import MODULES, ForkServer
 
 
 class ProcessFailed(RuntimeError):
@@ -35,17 +33,13 @@ class ProcessFailed(RuntimeError):
 class ManagedProcess:
     """A child process whose stdout is logged to a file and scanned for marker lines."""
 
-    def __init__(self, args: list[str], log_path: str, env: dict | None = None, fork: bool = False):
+    def __init__(self, args: list[str], log_path: str, env: dict | None = None):
         self.log_path = log_path
         self.lines: collections.deque[str] = collections.deque(maxlen=200)
         self.markers: dict[str, list[str]] = collections.defaultdict(list)
         self._changed = threading.Condition()
-        forker = _fork_server(args, env) if fork else None
-        if forker is not None:
-            self.proc = forker.spawn(args[2], args[3:], env)
-        else:
-            self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                         env=env, start_new_session=True)
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=env, start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -123,9 +117,8 @@ class ManagedProcess:
 
 
 class ServerProcess(ManagedProcess):
-    def __init__(self, span: tuple[int, int] | None, args: list[str], log_path: str, env: dict | None = None,
-                 fork: bool = False):
-        super().__init__(args, log_path, env, fork)
+    def __init__(self, span: tuple[int, int] | None, args: list[str], log_path: str, env: dict | None = None):
+        super().__init__(args, log_path, env)
         self.span = span
         self.peer_id: str | None = None
         self.maddrs: list[str] = []
@@ -142,15 +135,11 @@ class LocalSwarm:
     (a command prefix such as ``["ip", "netns", "exec", NS]``) place it elsewhere, as the
     network-emulation benchmarks do.
     `dht_options` become options of the bootstrap peer (e.g. ``swarm_key=PATH`` for a private swarm).
-    ``fork`` (default: FORK, which the tests set) forks the processes from a fork server that imported their
-    modules once (swarmtune/forkserver.py), where nothing else differs: no ``wrap``.
     """
 
     def __init__(self, model: str, spans: Sequence[tuple[int, int] | None], dht_prefix: str | None = None,
                  start_timeout: float = 180.0, log_dir: str | None = None,
-                 per_server: Sequence[dict] | None = None, dht_options: dict | None = None, fork: bool | None = None,
-                 **server_options):
-        self.fork = FORK if fork is None else fork
+                 per_server: Sequence[dict] | None = None, dht_options: dict | None = None, **server_options):
         self.model, self.spans = model, [None if s is None else tuple(s) for s in spans]
         self.dht_prefix = dht_prefix or records.dht_prefix(model)
         self.start_timeout = start_timeout
@@ -178,7 +167,7 @@ class LocalSwarm:
         args = [sys.executable, "-m", "swarmtune.dht", "--host", self.server_options.get("host", "127.0.0.1"),
                 *_flags(self.dht_options)]
         with shutdown.held():  # a signal now would stop us before close() knows of the process
-            self.bootstrap = ManagedProcess(args, os.path.join(self.log_dir, "dht.log"), _env(), self.fork)
+            self.bootstrap = ManagedProcess(args, os.path.join(self.log_dir, "dht.log"), _env())
         self.initial_peers = self.bootstrap.wait_marker("MADDR", self.start_timeout, "the bootstrap DHT peer")
         pending = [self._launch(span, extra) for span, extra in zip(self.spans, self.per_server)]
         for server in pending:
@@ -192,7 +181,6 @@ class LocalSwarm:
 
     def _launch(self, span: tuple[int, int] | None, extra: dict) -> ServerProcess:
         options = {"host": "127.0.0.1", **self.server_options, **extra}
-        fork = self.fork and "wrap" not in options
         args = [*options.pop("wrap", ()), sys.executable, "-m", "swarmtune.server", "--model", self.model,
                 "--dht-prefix", self.dht_prefix, "--initial-peers", *self.initial_peers]
         if span is not None:
@@ -202,7 +190,7 @@ class LocalSwarm:
         log = os.path.join(self.log_dir, f"server-{len(self.servers)}-{span[0]}-{span[1]}.log" if span
                            else f"server-{len(self.servers)}.log")
         with shutdown.held():
-            server = ServerProcess(span, args, log, _env(), fork)
+            server = ServerProcess(span, args, log, _env())
             self.servers.append(server)
         return server
 
@@ -224,41 +212,6 @@ class LocalSwarm:
             server.stop()
         if self.bootstrap is not None:
             self.bootstrap.stop()
-
-
-# Whether LocalSwarms fork their processes from a fork server by default (the tests set it: a test session
-# starts about a hundred swarm processes, each ~6.5 s of CPU in imports when started afresh).
-FORK = False
-_fork_servers: dict[tuple, ForkServer] = {}
-_IMPORTS_IGNORE = {"PYTEST_CURRENT_TEST"}  # changes with every test, read by no import: no reason for another
-_fork_lock = threading.Lock()
-
-
-def _fork_server(args: list[str], env: dict | None) -> ForkServer | None:
-    """The running fork server for `python -m MODULE` with this environment (started on first use: a child's
-    environment is its own, but its imports ran in the fork server's), or None where a fork would differ from
-    that command (another interpreter, a prefix, another module)."""
-    if env is None or args[:2] != [sys.executable, "-m"] or len(args) < 3 or args[2] not in MODULES:
-        return None
-    key = tuple(sorted((k, v) for k, v in env.items() if k not in _IMPORTS_IGNORE))
-    with _fork_lock:
-        forker = _fork_servers.get(key)
-        if forker is None or not forker.alive:
-            if forker is not None:
-                forker.close()  # it died: reaped here, a fresh one takes its place
-            elif not _fork_servers:
-                atexit.register(close_fork_servers)
-            log = os.path.join(tempfile.mkdtemp(prefix="swarmtune-forkserver-"), "forkserver.log")
-            forker = _fork_servers[key] = ForkServer(env, log)
-        return forker
-
-
-def close_fork_servers() -> None:
-    """Stop the fork servers (not their children: each swarm stops its own processes)."""
-    with _fork_lock:
-        for server in _fork_servers.values():
-            server.close()
-        _fork_servers.clear()
 
 
 def _flags(options: dict) -> list[str]:

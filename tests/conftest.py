@@ -22,21 +22,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from swarmtune import local_swarm  # noqa: E402
 from swarmtune.tiny_model import make_tiny_model  # noqa: E402
 from tests.helpers import TrainProcess  # noqa: E402
-
-# The tests' swarms fork their processes from a fork server that imported torch, transformers and hivemind once:
-# ~6.5 s of CPU less per process (a hundred per session). Entry points the tests run as commands start theirs
-# as users' do, and tests/test_forkserver.py checks the forked child against the command line.
-# SWARMTUNE_TEST_FORK=0 starts every process afresh (to compare, or to rule the fork server out).
-local_swarm.FORK = os.environ.get("SWARMTUNE_TEST_FORK", "1") != "0"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _fork_servers():
-    yield
-    local_swarm.close_fork_servers()
 
 
 @pytest.fixture(scope="session")
